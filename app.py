@@ -1,0 +1,163 @@
+"""Application factory. There is no module-level app: wsgi.py calls create_app()."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, jsonify, render_template, request
+from flask_login import current_user
+from flask_wtf.csrf import CSRFError
+
+from config import BASE_DIR, INSTANCE_DIR, Config
+from events.live import Hub, MemoryBus, RedisBus
+from extensions import csrf, db, login_manager, migrate, sock
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; object-src 'none'; base-uri 'self'; "
+    "form-action 'self'"
+)
+
+
+@dataclass
+class LiveState:
+    bus: Any
+    hub: Hub
+
+
+def create_app(config: object | None = None) -> Flask:
+    app = Flask(
+        __name__,
+        instance_path=str(INSTANCE_DIR),
+        template_folder=str(BASE_DIR / "templates"),
+        static_folder=str(BASE_DIR / "static"),
+    )
+    app.config.from_object(config if config is not None else Config())
+    app.config["EMBEDDED"] = not app.config.get("REDIS_URL")
+    if not app.config.get("SECRET_KEY"):
+        from config import ConfigError
+
+        raise ConfigError("SECRET_KEY is required")
+    logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"))
+
+    import models  # noqa: F401 - register every table with the metadata
+
+    db.init_app(app)
+    migrate.init_app(
+        app, db, directory=str(BASE_DIR / "migrations"), render_as_batch=True, compare_type=True
+    )
+    sock.init_app(app)
+    csrf.init_app(app)
+    login_manager.init_app(app)
+    login_manager.login_view = "accounts.login"
+    login_manager.login_message_category = "info"
+
+    from events import outbox
+
+    outbox.install()
+    _init_live(app)
+
+    from tasks.broker import init_broker
+
+    init_broker(app)
+    _register_blueprints(app)
+    _register_cli(app)
+    _register_hooks(app)
+    return app
+
+
+def _init_live(app: Flask) -> None:
+    maxlen = app.config["LIVE_STREAM_MAXLEN"]
+    if app.config.get("REDIS_URL"):
+        bus: Any = RedisBus(
+            app.config["REDIS_URL"], prefix=app.config["REDIS_PREFIX"] + "live:", maxlen=maxlen
+        )
+    else:
+        bus = MemoryBus(maxlen=maxlen)
+    app.extensions["switchboard.live"] = LiveState(bus=bus, hub=Hub(bus))
+
+
+def _register_blueprints(app: Flask) -> None:
+    from blueprints.accounts import bp as accounts_bp
+    from blueprints.chats import bp as chats_bp
+    from blueprints.dashboard import bp as dashboard_bp
+    from blueprints.devices import bp as devices_bp
+    from blueprints.live import register_live_routes
+    from blueprints.projects import bp as projects_bp
+
+    for bp in (accounts_bp, dashboard_bp, chats_bp, devices_bp, projects_bp):
+        app.register_blueprint(bp)
+    register_live_routes(app)
+
+
+def _register_cli(app: Flask) -> None:
+    from blueprints.accounts.cli import demo_cli, users_cli
+    from events.cli import events_cli
+
+    app.cli.add_command(users_cli)
+    app.cli.add_command(demo_cli)
+    app.cli.add_command(events_cli)
+
+
+def _register_hooks(app: Flask) -> None:
+    from models.accounts import User
+
+    @login_manager.user_loader
+    def load_user(user_id: str) -> User | None:
+        try:
+            user = db.session.get(User, int(user_id))
+        except (TypeError, ValueError):
+            return None
+        return user if user is not None and user.is_active else None
+
+    @app.before_request
+    def start_embedded_worker() -> None:
+        # Embedded mode runs its worker threads in the serving process, started on the
+        # first request so `flask db upgrade` and other commands never start them.
+        state = app.extensions["switchboard.tasks"]
+        if state.embedded and app.config["START_EMBEDDED_WORKER"] and state.worker is None:
+            state.start_embedded_worker()
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
+
+    @app.context_processor
+    def inject_globals() -> dict[str, Any]:
+        return {"current_user": current_user, "embedded_mode": app.config["EMBEDDED"]}
+
+    def wants_json() -> bool:
+        return request.path.startswith("/api/") or request.path == "/healthz"
+
+    @app.errorhandler(CSRFError)
+    def csrf_error(error: CSRFError):
+        if wants_json():
+            return jsonify(error="csrf_failed", message=error.description), 400
+        return render_template("error.html", code=400, message=error.description), 400
+
+    @app.errorhandler(404)
+    def not_found(error):
+        if wants_json():
+            return jsonify(error="not_found", message="Not found."), 404
+        return render_template("error.html", code=404, message="That page does not exist."), 404
+
+    @app.errorhandler(403)
+    def forbidden(error):
+        if wants_json():
+            return jsonify(error="forbidden", message="Not allowed."), 403
+        return render_template("error.html", code=403, message="You may not do that."), 403
+
+    @app.errorhandler(500)
+    def server_error(error):
+        db.session.rollback()
+        if wants_json():
+            return jsonify(error="server_error", message="Something went wrong."), 500
+        return render_template(
+            "error.html", code=500, message="Something went wrong on our side. Try again."
+        ), 500

@@ -1,0 +1,5 @@
+from flask import Blueprint
+
+bp = Blueprint("chats", __name__, url_prefix="/chats")
+
+from blueprints.chats import routes  # noqa: E402,F401

@@ -1,0 +1,79 @@
+from flask import current_app, jsonify
+from flask_login import current_user, login_required
+from sqlalchemy import select, text
+
+from blueprints import int_arg, render
+from blueprints.dashboard import bp
+from extensions import db
+from services import feed
+from services.live import render_fragment, sign_topics, snapshot
+
+
+@bp.get("/")
+@login_required
+def home():
+    page_size = current_app.config["FEED_PAGE_SIZE"]
+    before = int_arg("before")
+    items = feed.latest(current_user.tenant_id, before=before, limit=page_size)
+    return render(
+        "dashboard/home.html",
+        "dashboard/_feed_page.html",
+        items=items,
+        page_size=page_size,
+        live_token=sign_topics(current_user, ["feed"]),
+    )
+
+
+@snapshot("feed")
+def feed_snapshot(tenant_id: int, user) -> str:
+    page_size = current_app.config["FEED_PAGE_SIZE"]
+    items = feed.latest(tenant_id, limit=page_size)
+    return render_fragment("dashboard/_feed_snapshot.html", items=items, page_size=page_size)
+
+
+@bp.get("/healthz")
+def healthz():
+    checks: dict[str, dict] = {}
+    try:
+        db.session.execute(text("SELECT 1"))
+        checks["database"] = {"ok": True, "backend": db.engine.dialect.name}
+    except Exception as exc:  # noqa: BLE001 - report, don't raise
+        db.session.rollback()
+        checks["database"] = {"ok": False, "error": type(exc).__name__}
+    state = current_app.extensions["switchboard.tasks"]
+    try:
+        if state.embedded:
+            checks["broker"] = {"ok": True, "backend": "stub", "worker": state.worker is not None}
+        else:
+            state.broker.client.ping()
+            checks["broker"] = {"ok": True, "backend": "redis"}
+    except Exception as exc:  # noqa: BLE001
+        checks["broker"] = {"ok": False, "error": type(exc).__name__}
+    live = current_app.extensions["switchboard.live"]
+    try:
+        live.bus.ping()
+        checks["live_bus"] = {
+            "ok": True,
+            "backend": "memory" if state.embedded else "redis",
+            "subscribers": live.hub.subscriber_count(),
+        }
+    except Exception as exc:  # noqa: BLE001
+        checks["live_bus"] = {"ok": False, "error": type(exc).__name__}
+    ok = all(check["ok"] for check in checks.values())
+    return jsonify(status="ok" if ok else "degraded", checks=checks), 200 if ok else 503
+
+
+@bp.get("/notifications")
+@login_required
+def notifications():
+    from flask import current_app as app
+
+    from blueprints import keyset_page
+    from models.notifications import Notification
+
+    stmt = select(Notification).where(
+        Notification.recipient_id == current_user.id,
+        Notification.tenant_id == current_user.tenant_id,
+    )
+    rows, next_before = keyset_page(stmt, Notification.id, app.config["LIST_PAGE_SIZE"])
+    return render("dashboard/notifications.html", notifications=rows, next_before=next_before)

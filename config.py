@@ -1,0 +1,167 @@
+"""Configuration read from the environment (and a `.env` file when present).
+
+Every knob here is documented in the README's Configuration table with its default.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+BASE_DIR = Path(__file__).resolve().parent
+INSTANCE_DIR = Path(os.environ.get("SWITCHBOARD_INSTANCE", BASE_DIR / "instance"))
+
+load_dotenv(BASE_DIR / ".env")
+
+
+class ConfigError(RuntimeError):
+    """Start-up refused because the configuration is unsafe or incomplete."""
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    value = os.environ.get(name)
+    return value if value not in (None, "") else default
+
+
+def _int(name: str, default: int) -> int:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from exc
+
+
+def _float(name: str, default: float) -> float:
+    raw = _env(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = _env(name)
+    if raw is None:
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _embedded_secret_key() -> str:
+    """Generate a secret key once for embedded mode and keep it under instance/."""
+    INSTANCE_DIR.mkdir(parents=True, exist_ok=True)
+    path = INSTANCE_DIR / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    key = secrets.token_hex(32)
+    path.write_text(key)
+    path.chmod(0o600)
+    return key
+
+
+class Config:
+    """Runtime configuration. Instantiated at app creation so the environment is read then."""
+
+    def __init__(self) -> None:
+        self.REDIS_URL = _env("REDIS_URL")
+        self.DATABASE_URL = _env("DATABASE_URL")
+        self.EMBEDDED = self.REDIS_URL is None
+        self.DEBUG = _bool("FLASK_DEBUG", False)
+
+        if self.DATABASE_URL:
+            url = self.DATABASE_URL
+            # Heroku-style URLs and bare postgresql:// both mean psycopg 3 here.
+            if url.startswith("postgres://"):
+                url = "postgresql://" + url[len("postgres://") :]
+            if url.startswith("postgresql://"):
+                url = "postgresql+psycopg://" + url[len("postgresql://") :]
+            self.SQLALCHEMY_DATABASE_URI = url
+        else:
+            INSTANCE_DIR.mkdir(parents=True, exist_ok=True)
+            self.SQLALCHEMY_DATABASE_URI = f"sqlite:///{INSTANCE_DIR / 'switchboard.db'}"
+
+        secret = _env("SECRET_KEY")
+        if secret is None:
+            if not self.EMBEDDED:
+                raise ConfigError(
+                    "SECRET_KEY is not set. Production mode (REDIS_URL is set) refuses to start "
+                    "without one: export SECRET_KEY=$(python -c 'import secrets; "
+                    "print(secrets.token_hex(32))')"
+                )
+            secret = _embedded_secret_key()
+        self.SECRET_KEY = secret
+
+        self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+        self.SESSION_COOKIE_HTTPONLY = True
+        self.SESSION_COOKIE_SAMESITE = "Lax"
+        self.SESSION_COOKIE_SECURE = _bool(
+            "SESSION_COOKIE_SECURE", not self.DEBUG and not self.EMBEDDED
+        )
+        self.REMEMBER_COOKIE_SECURE = self.SESSION_COOKIE_SECURE
+        self.REMEMBER_COOKIE_HTTPONLY = True
+        self.WTF_CSRF_TIME_LIMIT = None  # token lives as long as the session
+        self.WTF_CSRF_HEADERS = ["X-CSRFToken"]
+
+        # The assistant (used by the chats issue); empty means clearly labelled fallbacks.
+        self.OPENAI_API_KEY = _env("OPENAI_API_KEY")
+        self.OPENAI_BASE_URL = _env("OPENAI_BASE_URL")
+        self.OPENAI_MODEL = _env("OPENAI_MODEL", "gpt-4o-mini")
+
+        # Keys in Redis: Dramatiq queues live under DRAMATIQ_NAMESPACE, everything else
+        # (live streams, scheduler locks, rate limits) under REDIS_PREFIX.
+        self.DRAMATIQ_NAMESPACE = _env("DRAMATIQ_NAMESPACE", "switchboard")
+        self.REDIS_PREFIX = _env("REDIS_PREFIX", "sb:")
+        self.DRAMATIQ_PROMETHEUS = _bool("DRAMATIQ_PROMETHEUS", False)
+        # Base URL used to render links in fragments built by workers.
+        self.PUBLIC_URL = _env("PUBLIC_URL", "http://127.0.0.1:5000/")
+
+        # The spine.
+        self.EVENTS_RELAY_INTERVAL = _float("EVENTS_RELAY_INTERVAL", 5.0)
+        self.EVENTS_REDELIVER_AFTER = _float("EVENTS_REDELIVER_AFTER", 120.0)
+        self.EVENTS_RELAY_BATCH = _int("EVENTS_RELAY_BATCH", 500)
+        self.WORKER_THREADS = _int("WORKER_THREADS", 4)
+        # Embedded mode runs Dramatiq worker threads inside the web process; `flask` CLI
+        # commands never start them (their events wait for the web process's relay).
+        self.START_EMBEDDED_WORKER = _bool("START_EMBEDDED_WORKER", True)
+
+        # Live updates.
+        self.LIVE_STREAM_MAXLEN = _int("LIVE_STREAM_MAXLEN", 1000)
+        self.LIVE_COALESCE_MS = _int("LIVE_COALESCE_MS", 100)
+        self.LIVE_PING_SECONDS = _int("LIVE_PING_SECONDS", 25)
+        self.LIVE_TOKEN_MAX_AGE = _int("LIVE_TOKEN_MAX_AGE", 12 * 3600)
+        self.SOCK_SERVER_OPTIONS = {"ping_interval": self.LIVE_PING_SECONDS}
+        # Extra origins allowed to open the console's /ws/live (comma separated); the
+        # console's own origin is always allowed.
+        self.LIVE_ALLOWED_ORIGINS = [
+            o.strip() for o in (_env("LIVE_ALLOWED_ORIGINS", "") or "").split(",") if o.strip()
+        ]
+
+        self.FEED_PAGE_SIZE = _int("FEED_PAGE_SIZE", 50)
+        self.LIST_PAGE_SIZE = _int("LIST_PAGE_SIZE", 25)
+
+        self.DEMO_EMAIL = _env("DEMO_EMAIL", "admin@demo.example")
+        self.DEMO_PASSWORD = _env("DEMO_PASSWORD", "switchboard-demo")
+
+        self.TESTING = False
+
+
+class TestConfig(Config):
+    """Configuration for the test-suite: in-memory-free temp SQLite unless overridden."""
+
+    def __init__(self, **overrides: object) -> None:
+        os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
+        super().__init__()
+        self.TESTING = True
+        self.SESSION_COOKIE_SECURE = False
+        self.REMEMBER_COOKIE_SECURE = False
+        self.START_EMBEDDED_WORKER = False
+        self.EVENTS_RELAY_INTERVAL = 0.2
+        self.LIVE_COALESCE_MS = 20
+        for key, value in overrides.items():
+            setattr(self, key, value)

@@ -1,0 +1,10 @@
+"""The spine: outbox writer, handler registry, dispatcher, relay and live bus.
+
+A change committed to the database becomes an outbox row in the same transaction; after
+commit the row is sent to Dramatiq; handlers run idempotently and publish live fragments.
+"""
+
+from events.outbox import emit, on_commit
+from events.registry import Event, handler, periodic, registry, task
+
+__all__ = ["Event", "emit", "handler", "on_commit", "periodic", "registry", "task"]

@@ -1,0 +1,179 @@
+"""Hand committed outbox rows to Dramatiq, and the relay that delivers what is left behind.
+
+A row is *claimed* (pending → dispatched) by one UPDATE … RETURNING before its messages are
+sent, so the after-commit path and any number of relays never send the same row twice in
+the normal course; a failed send puts it back to pending. A row that was sent but whose
+handlers have not all recorded a result after EVENTS_REDELIVER_AFTER seconds (a lost message,
+a Redis restart, a killed embedded worker) is sent again to the missing handlers only.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+
+from flask import Flask
+from sqlalchemy import and_, func, select, update
+
+from events.registry import registry
+from extensions import db
+from models.base import utcnow
+from models.events import OutboxEvent, ProcessedEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RelayReport:
+    sent: int = 0
+    redelivered: int = 0
+    completed: int = 0
+    failed_sends: int = 0
+
+
+def _state(app: Flask):
+    return app.extensions["switchboard.tasks"]
+
+
+def _send(app: Flask, rows: Iterable[tuple[int, str]], only: dict[int, set[str]] | None = None):
+    """Send one message per (event, handler). Returns (sent ids, failed ids, handler-less ids)."""
+    state = _state(app)
+    sent, failed, empty = [], [], []
+    for event_pk, topic in rows:
+        names = registry.handler_names_for(topic)
+        if only is not None:
+            names = tuple(n for n in names if n in only.get(event_pk, set()))
+        if not names:
+            empty.append(event_pk)
+            continue
+        try:
+            for name in names:
+                state.actors[name].send(event_pk)
+        except Exception as exc:  # noqa: BLE001 - broker unreachable: the row waits
+            log.warning("could not send event %s to the broker: %s", event_pk, exc)
+            failed.append(event_pk)
+            continue
+        sent.append(event_pk)
+    return sent, failed, empty
+
+
+def _claim(conn, condition, limit: int | None = None) -> list[tuple[int, str]]:
+    table = OutboxEvent.__table__
+    ids = select(table.c.id).where(condition).order_by(table.c.id)
+    if limit:
+        ids = ids.limit(limit)
+    if conn.dialect.name == "postgresql":
+        ids = ids.with_for_update(skip_locked=True)
+    stmt = (
+        update(table)
+        .where(table.c.id.in_(ids.scalar_subquery()))
+        .values(status="dispatched", dispatched_at=utcnow(), attempts=table.c.attempts + 1)
+        .returning(table.c.id, table.c.topic)
+    )
+    return [(row.id, row.topic) for row in conn.execute(stmt)]
+
+
+def _mark(conn, ids: Sequence[int], status: str) -> None:
+    if ids:
+        table = OutboxEvent.__table__
+        conn.execute(update(table).where(table.c.id.in_(ids)).values(status=status))
+
+
+def dispatch_new(app: Flask, event_ids: Sequence[uuid.UUID]) -> None:
+    """Called right after a commit with the ids of the events it wrote."""
+    state = _state(app)
+    if not state.can_dispatch_now():
+        return  # embedded CLI process: the web process's relay delivers them
+    table = OutboxEvent.__table__
+    with db.engine.begin() as conn:
+        rows = _claim(
+            conn, and_(table.c.event_id.in_(list(event_ids)), table.c.status == "pending")
+        )
+    if not rows:
+        return
+    sent, failed, empty = _send(app, rows)
+    if failed or empty:
+        with db.engine.begin() as conn:
+            _mark(conn, failed, "pending")
+            _mark(conn, empty, "done")
+
+
+def relay(app: Flask, *, limit: int | None = None, min_age_seconds: float = 1.0) -> RelayReport:
+    """Send pending rows, redeliver stale ones, mark finished ones done. Safe to run anywhere."""
+    report = RelayReport()
+    limit = limit or app.config["EVENTS_RELAY_BATCH"]
+    table = OutboxEvent.__table__
+    now = utcnow()
+
+    # 1. Pending rows old enough that their own commit's dispatch is not still under way.
+    with db.engine.begin() as conn:
+        rows = _claim(
+            conn,
+            and_(
+                table.c.status == "pending",
+                table.c.created_at <= now - timedelta(seconds=min_age_seconds),
+            ),
+            limit,
+        )
+    if rows:
+        sent, failed, empty = _send(app, rows)
+        report.sent += len(sent)
+        report.failed_sends += len(failed)
+        with db.engine.begin() as conn:
+            _mark(conn, failed, "pending")
+            _mark(conn, empty, "done")
+        report.completed += len(empty)
+
+    # 2. Dispatched rows: done when every handler has a result; else redeliver when stale.
+    redeliver_after = timedelta(seconds=app.config["EVENTS_REDELIVER_AFTER"])
+    processed = ProcessedEvent.__table__
+    with db.engine.begin() as conn:
+        candidates = conn.execute(
+            select(table.c.id, table.c.topic, table.c.dispatched_at)
+            .where(table.c.status == "dispatched")
+            .order_by(table.c.id)
+            .limit(limit)
+        ).all()
+        if not candidates:
+            return report
+        done_by: dict[int, set[str]] = {}
+        for event_pk, name in conn.execute(
+            select(processed.c.event_id, processed.c.handler).where(
+                processed.c.event_id.in_([c.id for c in candidates])
+            )
+        ):
+            done_by.setdefault(event_pk, set()).add(name)
+        finished, stale = [], []
+        for cand in candidates:
+            missing = set(registry.handler_names_for(cand.topic)) - done_by.get(cand.id, set())
+            if not missing:
+                finished.append(cand.id)
+            elif cand.dispatched_at is None or cand.dispatched_at <= now - redeliver_after:
+                stale.append((cand.id, cand.topic, missing))
+        _mark(conn, finished, "done")
+        report.completed += len(finished)
+        if stale:
+            stale_ids = [s[0] for s in stale]
+            conn.execute(
+                update(table)
+                .where(table.c.id.in_(stale_ids))
+                .values(dispatched_at=now, attempts=table.c.attempts + 1)
+            )
+    if stale:
+        only = {s[0]: s[2] for s in stale}
+        sent, failed, _ = _send(app, [(s[0], s[1]) for s in stale], only=only)
+        report.redelivered += len(sent)
+        report.failed_sends += len(failed)
+    return report
+
+
+def pending_count() -> int:
+    return (
+        db.session.scalar(
+            select(func.count()).select_from(OutboxEvent).where(OutboxEvent.status == "pending")
+        )
+        or 0
+    )

@@ -1,0 +1,204 @@
+"""Session listeners that turn committed changes into outbox rows, in the same transaction.
+
+- `after_flush` writes one row per created / updated / deleted `Tracked` instance, with the
+  changed fields as old→new pairs, through the flush's own connection (so a rolled-back
+  transaction or savepoint takes its rows with it).
+- `emit()` adds an explicit domain event (e.g. `device.offline`) to the current session.
+- `after_commit` hands the new event ids to the dispatcher and runs `on_commit` callbacks.
+"""
+
+from __future__ import annotations
+
+import decimal
+import enum
+import logging
+import uuid
+from collections.abc import Callable
+from datetime import date, datetime
+from typing import Any
+
+from flask import current_app, has_app_context, has_request_context
+from sqlalchemy import event as sa_event
+from sqlalchemy import inspect
+from sqlalchemy.orm import Session
+
+from models.base import Tracked, utcnow
+from models.events import OutboxEvent
+
+log = logging.getLogger(__name__)
+
+EVENT_IDS = "sb_outbox_event_ids"
+AFTER_COMMIT = "sb_after_commit"
+
+
+def to_primitive(value: Any) -> Any:
+    """JSON-safe copy of a column value."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, decimal.Decimal):
+        return float(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): to_primitive(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [to_primitive(v) for v in value]
+    return str(value)
+
+
+def _actor_user_id() -> int | None:
+    if not has_request_context():
+        return None
+    from flask_login import current_user
+
+    try:
+        if current_user and current_user.is_authenticated:
+            return int(current_user.get_id())
+    except Exception:  # noqa: BLE001 - an event must never fail for want of an actor
+        return None
+    return None
+
+
+def _column_keys(obj: Tracked) -> list[str]:
+    mapper = inspect(obj).mapper
+    return [
+        attr.key
+        for attr in mapper.column_attrs
+        if attr.key not in obj.__event_exclude__ and attr.key != "updated_at"
+    ]
+
+
+def _snapshot(obj: Tracked) -> dict[str, Any]:
+    return {key: to_primitive(getattr(obj, key)) for key in _column_keys(obj)}
+
+
+def _changes(obj: Tracked) -> dict[str, list[Any]]:
+    state = inspect(obj)
+    changed: dict[str, list[Any]] = {}
+    for key in _column_keys(obj):
+        history = state.attrs[key].history
+        if not history.has_changes():
+            continue
+        old = history.deleted[0] if history.deleted else None
+        new = history.added[0] if history.added else None
+        if old == new:
+            continue
+        changed[key] = [to_primitive(old), to_primitive(new)]
+    return changed
+
+
+def _row(obj: Tracked, action: str, payload: dict[str, Any], actor: int | None) -> dict:
+    return {
+        "event_id": uuid.uuid4(),
+        "topic": f"{obj.__entity__}.{action}",
+        "entity": obj.__entity__,
+        "entity_id": getattr(obj, "id", None),
+        "tenant_id": getattr(obj, "tenant_id", None),
+        "actor_user_id": actor,
+        "payload": payload,
+        "status": "pending",
+        "attempts": 0,
+        "created_at": utcnow(),
+    }
+
+
+def _after_flush(session: Session, flush_context: Any) -> None:
+    rows: list[dict] = []
+    actor = _actor_user_id()
+    for obj in session.new:
+        if isinstance(obj, Tracked):
+            payload = {"label": obj.feed_label(), "fields": _snapshot(obj)}
+            rows.append(_row(obj, "created", payload, actor))
+    for obj in session.dirty:
+        if isinstance(obj, Tracked) and session.is_modified(obj, include_collections=False):
+            changes = _changes(obj)
+            if changes:
+                payload = {"label": obj.feed_label(), "changes": changes}
+                rows.append(_row(obj, "updated", payload, actor))
+    for obj in session.deleted:
+        if isinstance(obj, Tracked):
+            payload = {"label": obj.feed_label(), "fields": _snapshot(obj)}
+            rows.append(_row(obj, "deleted", payload, actor))
+    if not rows:
+        return
+    session.connection().execute(OutboxEvent.__table__.insert(), rows)
+    session.info.setdefault(EVENT_IDS, []).extend(row["event_id"] for row in rows)
+
+
+def emit(
+    topic: str,
+    *,
+    tenant_id: int | None,
+    payload: dict[str, Any] | None = None,
+    entity: str | None = None,
+    entity_id: int | None = None,
+    session: Session | None = None,
+) -> uuid.UUID:
+    """Add an explicit domain event to the current transaction; it is sent after commit."""
+    from extensions import db
+
+    session = session or db.session()
+    row = OutboxEvent(
+        event_id=uuid.uuid4(),
+        topic=topic,
+        entity=entity,
+        entity_id=entity_id,
+        tenant_id=tenant_id,
+        actor_user_id=_actor_user_id(),
+        payload=to_primitive(payload or {}),
+        status="pending",
+        attempts=0,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.info.setdefault(EVENT_IDS, []).append(row.event_id)
+    return row.event_id
+
+
+def on_commit(fn: Callable[[], None], session: Session | None = None) -> None:
+    """Run `fn` after the current transaction commits (never if it rolls back)."""
+    from extensions import db
+
+    session = session or db.session()
+    session.info.setdefault(AFTER_COMMIT, []).append(fn)
+
+
+def _after_commit(session: Session) -> None:
+    event_ids = session.info.pop(EVENT_IDS, None)
+    callbacks = session.info.pop(AFTER_COMMIT, None)
+    if event_ids and has_app_context():
+        from events.dispatch import dispatch_new
+
+        try:
+            dispatch_new(current_app._get_current_object(), event_ids)
+        except Exception:  # noqa: BLE001 - the commit stands; the relay delivers later
+            log.exception("dispatch after commit failed; events stay pending for the relay")
+    for fn in callbacks or ():
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - one failed callback must not stop the others
+            log.exception("on_commit callback failed")
+
+
+def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
+    if previous_transaction.parent is None:
+        session.info.pop(EVENT_IDS, None)
+        session.info.pop(AFTER_COMMIT, None)
+
+
+_installed = False
+
+
+def install() -> None:
+    """Attach the listeners to every ORM Session (once per process)."""
+    global _installed
+    if _installed:
+        return
+    sa_event.listen(Session, "after_flush", _after_flush)
+    sa_event.listen(Session, "after_commit", _after_commit)
+    sa_event.listen(Session, "after_soft_rollback", _after_soft_rollback)
+    _installed = True

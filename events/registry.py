@@ -1,0 +1,139 @@
+"""One registry of what runs on the spine: event handlers, plain tasks and periodic jobs.
+
+Modules declare handlers next to the domain they serve with `@handler("topic", ...)`. Nothing
+here touches a broker: tasks/broker.py turns every registration into a Dramatiq actor bound to
+the app's broker, so tests can build several apps (embedded and Redis) in one process.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Event:
+    """An outbox row as handlers see it: primitives only, never ORM objects."""
+
+    id: int
+    event_id: uuid.UUID
+    topic: str
+    entity: str | None
+    entity_id: int | None
+    tenant_id: int | None
+    actor_user_id: int | None
+    payload: dict[str, Any]
+    created_at: datetime
+
+    @property
+    def action(self) -> str:
+        return self.topic.rsplit(".", 1)[-1]
+
+    @classmethod
+    def from_row(cls, row: Any) -> Event:
+        return cls(
+            id=row.id,
+            event_id=row.event_id,
+            topic=row.topic,
+            entity=row.entity,
+            entity_id=row.entity_id,
+            tenant_id=row.tenant_id,
+            actor_user_id=row.actor_user_id,
+            payload=dict(row.payload or {}),
+            created_at=row.created_at,
+        )
+
+
+@dataclass
+class HandlerSpec:
+    name: str
+    fn: Callable[[Event], None]
+    topics: tuple[str, ...]
+    queue: str = "events"
+    max_retries: int = 5
+    time_limit_ms: int = 60_000
+    min_backoff_ms: int = 200
+    max_backoff_ms: int = 60_000
+
+    def matches(self, topic: str) -> bool:
+        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.topics)
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    fn: Callable[..., Any]
+    queue: str = "default"
+    max_retries: int = 3
+    time_limit_ms: int = 60_000
+    min_backoff_ms: int = 500
+    max_backoff_ms: int = 60_000
+
+
+@dataclass
+class PeriodicSpec:
+    name: str
+    fn: Callable[[], Any]
+    # A number of seconds, or the name of a config key holding one.
+    every: float | str = 60.0
+
+
+@dataclass
+class Registry:
+    handlers: dict[str, HandlerSpec] = field(default_factory=dict)
+    tasks: dict[str, TaskSpec] = field(default_factory=dict)
+    periodic: dict[str, PeriodicSpec] = field(default_factory=dict)
+
+    def add_handler(self, spec: HandlerSpec) -> None:
+        if spec.name in self.handlers and self.handlers[spec.name].fn is not spec.fn:
+            raise ValueError(f"two handlers are named {spec.name!r}")
+        self.handlers[spec.name] = spec
+        self.handler_names_for.cache_clear()
+
+    @lru_cache(maxsize=4096)  # noqa: B019 - the registry lives as long as the process
+    def handler_names_for(self, topic: str) -> tuple[str, ...]:
+        return tuple(name for name, spec in self.handlers.items() if spec.matches(topic))
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+registry = Registry()
+
+
+def handler(*topics: str, name: str | None = None, **options: Any):
+    """Register `fn(event)` for topics (exact names or shell-style patterns like `device.*`)."""
+
+    def decorate(fn: Callable[[Event], None]) -> Callable[[Event], None]:
+        spec = HandlerSpec(name=name or fn.__name__, fn=fn, topics=tuple(topics), **options)
+        registry.add_handler(spec)
+        return fn
+
+    return decorate
+
+
+def task(name: str | None = None, **options: Any):
+    """Register a plain background task; send it with `tasks.broker.send(name, *args)`."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        spec = TaskSpec(name=name or fn.__name__, fn=fn, **options)
+        registry.tasks[spec.name] = spec
+        return fn
+
+    return decorate
+
+
+def periodic(every: float | str, name: str | None = None):
+    """Register a job the scheduler runs every `every` seconds (or config key)."""
+
+    def decorate(fn: Callable[[], Any]) -> Callable[[], Any]:
+        spec = PeriodicSpec(name=name or fn.__name__, fn=fn, every=every)
+        registry.periodic[spec.name] = spec
+        return fn
+
+    return decorate

@@ -1,0 +1,132 @@
+"""Chats domain: agents (assistant configurations), chats and their messages."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    Uuid,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from extensions import db
+from models.base import Timestamps, Tracked, UTCDateTime, tenant_fk, utcnow
+
+CHAT_STATUSES = ("active", "completed", "archived")
+SENDERS = ("visitor", "assistant", "operator", "system")
+CONTENT_TYPES = ("text", "image", "file", "audio")
+
+
+class Agent(Tracked, Timestamps, db.Model):
+    __tablename__ = "agents"
+    __entity__ = "agent"
+    __table_args__ = (
+        CheckConstraint("temperature >= 0 AND temperature <= 2", name="temperature_range"),
+        CheckConstraint("max_tokens > 0", name="max_tokens_positive"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk()
+    name: Mapped[str] = mapped_column(String(120))
+    provider: Mapped[str] = mapped_column(String(32), default="openai")
+    model: Mapped[str] = mapped_column(String(120), default="gpt-4o-mini")
+    temperature: Mapped[float] = mapped_column(Float, default=0.7)
+    max_tokens: Mapped[int] = mapped_column(Integer, default=1000)
+    system_prompt: Mapped[str] = mapped_column(Text, default="You are a helpful assistant.")
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Chat(Tracked, Timestamps, db.Model):
+    __tablename__ = "chats"
+    __entity__ = "chat"
+    __table_args__ = (
+        CheckConstraint("status IN ('active', 'completed', 'archived')", name="status_valid"),
+        CheckConstraint(
+            "satisfaction IS NULL OR (satisfaction >= 1 AND satisfaction <= 5)",
+            name="satisfaction_range",
+        ),
+        CheckConstraint("message_count >= 0", name="message_count_nonnegative"),
+        Index("ix_chats_tenant_status_activity", "tenant_id", "status", "last_activity"),
+        Index("ix_chats_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    public_id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True, default=uuid.uuid4)
+    tenant_id: Mapped[int] = tenant_fk()
+    user_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    visitor_id: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    agent_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("agents.id", ondelete="SET NULL"), index=True
+    )
+    session_id: Mapped[Optional[str]] = mapped_column(String(64), index=True)
+    title: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    agent_settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    context: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    last_activity: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    message_count: Mapped[int] = mapped_column(Integer, default=0)
+    satisfaction: Mapped[Optional[int]] = mapped_column(Integer)
+    summary: Mapped[Optional[str]] = mapped_column(Text)
+    archived_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+
+    agent: Mapped[Optional[Agent]] = relationship()
+    messages: Mapped[list[Message]] = relationship(
+        back_populates="chat", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    def feed_label(self) -> str:
+        return self.title or f"Chat {str(self.public_id)[:8]}"
+
+
+class Message(Tracked, db.Model):
+    __tablename__ = "messages"
+    __entity__ = "message"
+    __table_args__ = (
+        CheckConstraint(
+            "sender IN ('visitor', 'assistant', 'operator', 'system')", name="sender_valid"
+        ),
+        CheckConstraint(
+            "content_type IN ('text', 'image', 'file', 'audio')", name="content_type_valid"
+        ),
+        Index("ix_messages_chat_created", "chat_id", "created_at", "id"),
+        Index("ix_messages_tenant_sentiment", "tenant_id", "sentiment_label"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk()
+    chat_id: Mapped[int] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
+    content: Mapped[str] = mapped_column(Text)
+    content_type: Mapped[str] = mapped_column(String(16), default="text")
+    sender: Mapped[str] = mapped_column(String(16))
+    in_response_to_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL")
+    )
+    sentiment_label: Mapped[Optional[str]] = mapped_column(String(16))
+    sentiment_score: Mapped[Optional[float]] = mapped_column(Float)
+    prompt_tokens: Mapped[Optional[int]] = mapped_column(Integer)
+    completion_tokens: Mapped[Optional[int]] = mapped_column(Integer)
+    total_tokens: Mapped[Optional[int]] = mapped_column(Integer)
+    processing_ms: Mapped[Optional[int]] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    chat: Mapped[Chat] = relationship(back_populates="messages")
+
+    def feed_label(self) -> str:
+        text = " ".join(self.content.split())
+        return f"{self.sender}: {text[:80]}" + ("…" if len(text) > 80 else "")

@@ -1,0 +1,137 @@
+"""Devices domain: manufacturers, locations, devices, their activity log and sync runs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Optional
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from extensions import db
+from models.base import Timestamps, Tracked, UTCDateTime, tenant_fk, utcnow
+
+DEVICE_KINDS = ("receiver", "transmitter")
+ACTIVITY_STATUSES = ("success", "warning", "error")
+
+
+class Manufacturer(Timestamps, db.Model):
+    """A manufacturer service (e.g. `shure`, `simulator`); shared by all tenants."""
+
+    __tablename__ = "manufacturers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(120))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Location(Tracked, Timestamps, db.Model):
+    __tablename__ = "locations"
+    __entity__ = "location"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk()
+    name: Mapped[str] = mapped_column(String(120))
+    alert_on_offline: Mapped[bool] = mapped_column(Boolean, default=False)
+    maintenance_mode: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Device(Tracked, Timestamps, db.Model):
+    __tablename__ = "devices"
+    __entity__ = "device"
+    # api_device_id is unique per manufacturer *within a tenant*: two tenants may own
+    # receivers that report the same serial-style id, and neither may see the other's.
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "manufacturer_id", "api_device_id"),
+        CheckConstraint("kind IN ('receiver', 'transmitter')", name="kind_valid"),
+        Index("ix_devices_tenant_location_name", "tenant_id", "location_id", "name", "id"),
+        Index("ix_devices_tenant_online", "tenant_id", "is_online"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk(index=False)
+    manufacturer_id: Mapped[int] = mapped_column(
+        ForeignKey("manufacturers.id", ondelete="RESTRICT"), index=True
+    )
+    api_device_id: Mapped[str] = mapped_column(String(120))
+    kind: Mapped[str] = mapped_column(String(16), default="receiver")
+    name: Mapped[str] = mapped_column(String(120))
+    model: Mapped[str] = mapped_column(String(120), default="")
+    ip_address: Mapped[Optional[str]] = mapped_column(String(64))
+    port: Mapped[Optional[int]] = mapped_column(Integer)
+    firmware: Mapped[str] = mapped_column(String(64), default="")
+    location_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("locations.id", ondelete="SET NULL"), index=True
+    )
+    is_online: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    maintenance_mode: Mapped[bool] = mapped_column(Boolean, default=False)
+    missed_polls: Mapped[int] = mapped_column(Integer, default=0)
+    # Battery bars / run time, RF and audio levels, frequency, channel name.
+    state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    manufacturer: Mapped[Manufacturer] = relationship()
+    location: Mapped[Optional[Location]] = relationship()
+
+
+class ActivityLog(db.Model):
+    """What happened to a device or a service, newest first on every page that shows it."""
+
+    __tablename__ = "activity_logs"
+    __table_args__ = (
+        CheckConstraint("status IN ('success', 'warning', 'error')", name="status_valid"),
+        Index("ix_activity_logs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_activity_logs_tenant_type_created", "tenant_id", "activity_type", "created_at"),
+        Index("ix_activity_logs_device_created", "device_id", "created_at", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk(index=False)
+    activity_type: Mapped[str] = mapped_column(String(48))
+    operation: Mapped[str] = mapped_column(String(48), default="")
+    status: Mapped[str] = mapped_column(String(16), default="success")
+    summary: Mapped[str] = mapped_column(String(500))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    device_id: Mapped[Optional[int]] = mapped_column(ForeignKey("devices.id", ondelete="SET NULL"))
+    service_code: Mapped[Optional[str]] = mapped_column(String(32), index=True)
+    event_id: Mapped[Optional[int]] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    device: Mapped[Optional[Device]] = relationship()
+
+
+class ServiceSyncLog(db.Model):
+    """One sync run of a manufacturer service for a tenant, written from start to finish."""
+
+    __tablename__ = "service_sync_logs"
+    __table_args__ = (
+        CheckConstraint(
+            "status IN ('running', 'success', 'partial', 'failed')", name="status_valid"
+        ),
+        Index("ix_service_sync_logs_tenant_started", "tenant_id", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk(index=False)
+    service_code: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    device_count: Mapped[int] = mapped_column(Integer, default=0)
+    online_count: Mapped[int] = mapped_column(Integer, default=0)
+    error_count: Mapped[int] = mapped_column(Integer, default=0)
+    duration_seconds: Mapped[Optional[float]] = mapped_column(Float)
+    error_message: Mapped[Optional[str]] = mapped_column(Text)

@@ -1,0 +1,192 @@
+"""Demo data for `flask demo load` (idempotent: running it twice adds nothing)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy import select
+
+from extensions import db
+from models.accounts import Tenant, User
+from models.base import utcnow
+from models.chats import Agent, Chat, Message
+from models.devices import Device, Location, Manufacturer
+from models.projects import GeneratedProject, Project, ProjectFile
+from services.accounts import create_user, get_or_create_tenant
+
+DEMO_TENANT = "Demo"
+
+DEMO_CHATS = [
+    (
+        "Shipping question",
+        [
+            ("visitor", "Hi! When will my order ship?"),
+            ("assistant", "Orders ship within two working days."),
+        ],
+    ),
+    (
+        "Microphone keeps cutting out",
+        [
+            ("visitor", "My receiver drops every few minutes."),
+            ("assistant", "Let's check the RF levels together."),
+        ],
+    ),
+    ("Thanks!", [("visitor", "That fixed it, thank you so much!")]),
+]
+
+DEMO_DEVICES = [
+    ("ULXD4-STAGE-1", "Stage left receiver", "ULXD4"),
+    ("ULXD4-STAGE-2", "Stage right receiver", "ULXD4"),
+    ("QLXD4-FOH-1", "Front of house receiver", "QLXD4"),
+    ("AD4D-BAND-1", "Band rack receiver", "AD4D"),
+]
+
+
+@dataclass
+class DemoResult:
+    created: list[str] = field(default_factory=list)
+    email: str = ""
+    password: str = ""
+
+    def describe(self) -> str:
+        what = ", ".join(self.created) if self.created else "nothing new (already loaded)"
+        return f"Demo data: {what}.\nLog in as {self.email} / {self.password}"
+
+
+def _manufacturer(code: str, name: str) -> Manufacturer:
+    found = db.session.scalar(select(Manufacturer).where(Manufacturer.code == code))
+    if found is None:
+        found = Manufacturer(code=code, name=name)
+        db.session.add(found)
+        db.session.flush()
+    return found
+
+
+def load_demo() -> DemoResult:
+    cfg = current_app.config
+    result = DemoResult(email=cfg["DEMO_EMAIL"], password=cfg["DEMO_PASSWORD"])
+    tenant = db.session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT))
+    if tenant is None:
+        tenant = get_or_create_tenant(DEMO_TENANT)
+        result.created.append("tenant")
+    if db.session.scalar(select(User).where(User.email == cfg["DEMO_EMAIL"])) is None:
+        create_user(
+            cfg["DEMO_EMAIL"], cfg["DEMO_PASSWORD"], tenant, role="admin", name="Demo Admin"
+        )
+        result.created.append("admin login")
+
+    agent = db.session.scalar(
+        select(Agent).where(Agent.tenant_id == tenant.id, Agent.is_default.is_(True))
+    )
+    if agent is None:
+        agent = Agent(
+            tenant_id=tenant.id,
+            name="Support assistant",
+            is_default=True,
+            model=cfg["OPENAI_MODEL"],
+            system_prompt="You are the friendly support assistant of Demo Ltd.",
+        )
+        db.session.add(agent)
+        db.session.flush()
+        result.created.append("default agent")
+
+    existing_titles = set(db.session.scalars(select(Chat.title).where(Chat.tenant_id == tenant.id)))
+    now = utcnow()
+    for index, (title, lines) in enumerate(DEMO_CHATS):
+        if title in existing_titles:
+            continue
+        started = now - timedelta(hours=3 * (len(DEMO_CHATS) - index))
+        chat = Chat(
+            tenant_id=tenant.id,
+            agent_id=agent.id,
+            title=title,
+            visitor_id=f"demo-{index}",
+            last_activity=started,
+            message_count=len(lines),
+        )
+        db.session.add(chat)
+        db.session.flush()
+        for offset, (sender, text) in enumerate(lines):
+            db.session.add(
+                Message(
+                    tenant_id=tenant.id,
+                    chat_id=chat.id,
+                    sender=sender,
+                    content=text,
+                    created_at=started + timedelta(minutes=offset),
+                )
+            )
+        result.created.append(f"chat {title!r}")
+
+    simulator = _manufacturer("simulator", "Shure protocol simulator")
+    _manufacturer("shure", "Shure")
+    location = db.session.scalar(
+        select(Location).where(Location.tenant_id == tenant.id, Location.name == "Main stage")
+    )
+    if location is None:
+        location = Location(tenant_id=tenant.id, name="Main stage", alert_on_offline=True)
+        db.session.add(location)
+        db.session.flush()
+        result.created.append("location")
+    known = set(
+        db.session.scalars(select(Device.api_device_id).where(Device.tenant_id == tenant.id))
+    )
+    for api_id, name, model in DEMO_DEVICES:
+        if api_id in known:
+            continue
+        db.session.add(
+            Device(
+                tenant_id=tenant.id,
+                manufacturer_id=simulator.id,
+                api_device_id=api_id,
+                name=name,
+                model=model,
+                location_id=location.id,
+                state={"battery_bars": 5},
+            )
+        )
+        result.created.append(f"device {name!r}")
+
+    project = db.session.scalar(
+        select(Project).where(Project.tenant_id == tenant.id, Project.name == "Starter API")
+    )
+    if project is None:
+        project = Project(
+            tenant_id=tenant.id,
+            name="Starter API",
+            description="A small Flask service generated as a demo.",
+        )
+        db.session.add(project)
+        db.session.flush()
+        files = {
+            "README.md": "# Starter API\n\nRun `flask run`.\n",
+            "app.py": "from flask import Flask\n\napp = Flask(__name__)\n\n\n"
+            "@app.get('/')\ndef index():\n    return {'ok': True}\n",
+        }
+        generation = GeneratedProject(
+            tenant_id=tenant.id,
+            project_id=project.id,
+            status="completed",
+            prompt="A minimal Flask API with one endpoint",
+            total_files=len(files),
+            total_size=sum(len(c.encode()) for c in files.values()),
+            started_at=now,
+            completed_at=now,
+        )
+        db.session.add(generation)
+        db.session.flush()
+        for path, content in files.items():
+            db.session.add(
+                ProjectFile(
+                    tenant_id=tenant.id,
+                    generated_project_id=generation.id,
+                    path=path,
+                    content=content,
+                    file_size=len(content.encode()),
+                )
+            )
+        result.created.append("project")
+    db.session.flush()
+    return result

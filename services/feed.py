@@ -1,0 +1,72 @@
+"""The activity feed: the tenant's events, newest first, described for people."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+
+from extensions import db
+from models.events import OutboxEvent
+
+ACTION_WORDS = {"created": "created", "updated": "updated", "deleted": "deleted"}
+MAX_CHANGES_SHOWN = 4
+
+
+@dataclass(frozen=True)
+class FeedItem:
+    id: int
+    topic: str
+    entity: str
+    action: str
+    label: str
+    detail: str
+    created_at: datetime
+
+
+def _describe_changes(changes: dict) -> str:
+    parts = []
+    for field_name, pair in list(changes.items())[:MAX_CHANGES_SHOWN]:
+        old, new = (pair + [None, None])[:2] if isinstance(pair, list) else (None, pair)
+        if isinstance(old, dict | list) or isinstance(new, dict | list):
+            parts.append(f"{field_name} changed")
+        else:
+            parts.append(f"{field_name}: {_short(old)} → {_short(new)}")
+    more = len(changes) - MAX_CHANGES_SHOWN
+    if more > 0:
+        parts.append(f"+{more} more")
+    return "; ".join(parts)
+
+
+def _short(value: object) -> str:
+    text = "—" if value is None else str(value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def describe(row: OutboxEvent) -> FeedItem:
+    payload = row.payload or {}
+    entity, _, action = row.topic.rpartition(".")
+    label = str(payload.get("label") or payload.get("summary") or f"{entity} #{row.entity_id}")
+    detail = ""
+    if isinstance(payload.get("changes"), dict):
+        detail = _describe_changes(payload["changes"])
+    elif payload.get("detail"):
+        detail = str(payload["detail"])
+    return FeedItem(
+        id=row.id,
+        topic=row.topic,
+        entity=(entity or row.topic).replace("_", " "),
+        action=ACTION_WORDS.get(action, action.replace("_", " ")),
+        label=label[:200],
+        detail=detail[:300],
+        created_at=row.created_at,
+    )
+
+
+def latest(tenant_id: int, *, before: int | None = None, limit: int = 50) -> list[FeedItem]:
+    stmt = select(OutboxEvent).where(OutboxEvent.tenant_id == tenant_id)
+    if before is not None:
+        stmt = stmt.where(OutboxEvent.id < before)
+    stmt = stmt.order_by(OutboxEvent.id.desc()).limit(limit)
+    return [describe(row) for row in db.session.scalars(stmt)]

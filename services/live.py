@@ -1,0 +1,102 @@
+"""Tenant-scoped live topics: naming, signing, publishing and snapshots.
+
+A page is rendered with a signed token naming the exact topics it may subscribe to; /ws/live
+accepts only a token signed by this server, for the logged-in user it was made for, naming
+topics of that user's tenant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flask import current_app, has_request_context, render_template
+from itsdangerous import BadSignature, URLSafeTimedSerializer
+
+from events.live import encode
+from events.outbox import on_commit
+
+SnapshotFn = Callable[[int, Any], str]
+_snapshots: dict[str, SnapshotFn] = {}
+
+
+def tenant_topic(tenant_id: int, name: str) -> str:
+    return f"t{tenant_id}:{name}"
+
+
+def user_topic(tenant_id: int, user_id: int, name: str) -> str:
+    return f"t{tenant_id}:u{user_id}:{name}"
+
+
+def _serializer() -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt="live-topics")
+
+
+def sign_topics(user: Any, names: Iterable[str]) -> str:
+    topics = [tenant_topic(user.tenant_id, n) for n in names]
+    return _serializer().dumps({"u": int(user.id), "t": topics})
+
+
+def verify_topics(token: str, user: Any) -> list[str] | None:
+    """The topics the token grants to this user, or None if it grants nothing."""
+    try:
+        data = _serializer().loads(token, max_age=current_app.config["LIVE_TOKEN_MAX_AGE"])
+    except BadSignature:
+        return None
+    if not isinstance(data, dict) or data.get("u") != int(user.id):
+        return None
+    topics = data.get("t")
+    prefix = f"t{user.tenant_id}:"
+    if not isinstance(topics, list) or not topics:
+        return None
+    if not all(isinstance(t, str) and t.startswith(prefix) for t in topics):
+        return None
+    return topics
+
+
+def bus():
+    return current_app.extensions["switchboard.live"].bus
+
+
+def hub():
+    return current_app.extensions["switchboard.live"].hub
+
+
+def publish(topic: str, key: str, *, html: str | None = None, json_data: Any = None) -> str:
+    return bus().publish(topic, encode(key, html=html, json_data=json_data))
+
+
+def publish_after_commit(topic: str, key: str, *, html: str | None = None, json_data: Any = None):
+    app = current_app._get_current_object()
+
+    def _send() -> None:
+        with app.app_context():
+            publish(topic, key, html=html, json_data=json_data)
+
+    on_commit(_send)
+
+
+def render_fragment(template: str, **context: Any) -> str:
+    """Render a partial from a worker too (url_for needs a request context)."""
+    if has_request_context():
+        return render_template(template, **context)
+    app = current_app._get_current_object()
+    with app.test_request_context(base_url=app.config.get("PUBLIC_URL") or "http://localhost/"):
+        return render_template(template, **context)
+
+
+def snapshot(name: str):
+    """Register the renderer of a topic's snapshot: fn(tenant_id, user) -> OOB html."""
+
+    def decorate(fn: SnapshotFn) -> SnapshotFn:
+        _snapshots[name] = fn
+        return fn
+
+    return decorate
+
+
+def render_snapshot(topic: str, user: Any) -> str:
+    # "t12:feed" → "feed"; "t12:u3:bell" → "bell"
+    name = topic.split(":")[-1]
+    fn = _snapshots.get(name)
+    return fn(user.tenant_id, user) if fn else ""

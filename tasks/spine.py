@@ -1,0 +1,13 @@
+"""Spine housekeeping: the periodic relay of pending and stale outbox rows."""
+
+from __future__ import annotations
+
+from flask import current_app
+
+from events.dispatch import relay
+from events.registry import periodic
+
+
+@periodic("EVENTS_RELAY_INTERVAL", name="relay_events")
+def relay_events() -> None:
+    relay(current_app._get_current_object())
