@@ -94,11 +94,13 @@ def _register_blueprints(app: Flask) -> None:
 
 def _register_cli(app: Flask) -> None:
     from blueprints.accounts.cli import demo_cli, users_cli
+    from blueprints.dashboard.cli import serve_command
     from events.cli import events_cli
 
     app.cli.add_command(users_cli)
     app.cli.add_command(demo_cli)
     app.cli.add_command(events_cli)
+    app.cli.add_command(serve_command)
 
 
 def _register_hooks(app: Flask) -> None:

@@ -190,6 +190,20 @@ def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
         session.info.pop(AFTER_COMMIT, None)
 
 
+def _keep_old_value(target, value, oldvalue, initiator):
+    return value
+
+
+def _mapper_configured(mapper, class_) -> None:
+    # Load the old value when a tracked column is set, even after a commit expired it, so
+    # "updated" events always carry old→new pairs.
+    if issubclass(class_, Tracked):
+        for attr in mapper.column_attrs:
+            sa_event.listen(
+                getattr(class_, attr.key), "set", _keep_old_value, active_history=True, retval=True
+            )
+
+
 _installed = False
 
 
@@ -198,6 +212,9 @@ def install() -> None:
     global _installed
     if _installed:
         return
+    from sqlalchemy.orm import Mapper
+
+    sa_event.listen(Mapper, "mapper_configured", _mapper_configured)
     sa_event.listen(Session, "after_flush", _after_flush)
     sa_event.listen(Session, "after_commit", _after_commit)
     sa_event.listen(Session, "after_soft_rollback", _after_soft_rollback)

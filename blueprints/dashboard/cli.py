@@ -1,0 +1,26 @@
+"""`flask serve`: the embedded-mode server used by `make run`."""
+
+from __future__ import annotations
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+
+@click.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@with_appcontext
+def serve_command(host: str, port: int) -> None:
+    """Serve the console with its worker threads in this process (embedded mode)."""
+    from werkzeug.serving import run_simple
+
+    app = current_app._get_current_object()
+    state = app.extensions["switchboard.tasks"]
+    if state.embedded:
+        state.start_embedded_worker()
+    else:
+        click.echo("Production mode: run `dramatiq tasks.worker` for the worker processes.")
+    click.echo(f"Switchboard on http://{host}:{port}/")
+    click.echo(f"Log in as {app.config['DEMO_EMAIL']} / {app.config['DEMO_PASSWORD']}")
+    run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)

@@ -1,0 +1,83 @@
+"""The outbox: committed changes become events in the same transaction, nothing else does."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from models.chats import Agent
+from models.events import OutboxEvent
+
+
+def _events(db):
+    db.session.expire_all()
+    return db.session.scalars(select(OutboxEvent).order_by(OutboxEvent.id)).all()
+
+
+def test_create_update_delete_become_events_with_field_changes(db, factory):
+    tenant = factory.tenant()
+    agent = Agent(tenant_id=tenant.id, name="Helper", temperature=0.5)
+    db.session.add(agent)
+    db.session.commit()
+    agent.temperature = 0.9
+    agent.name = "Helper 2"
+    db.session.commit()
+    db.session.delete(agent)
+    db.session.commit()
+
+    events = [e for e in _events(db) if e.entity == "agent"]
+    assert [e.topic for e in events] == ["agent.created", "agent.updated", "agent.deleted"]
+    created, updated, deleted = events
+    assert created.tenant_id == tenant.id
+    assert created.payload["fields"]["name"] == "Helper"
+    assert updated.payload["changes"] == {"name": ["Helper", "Helper 2"], "temperature": [0.5, 0.9]}
+    assert deleted.payload["fields"]["name"] == "Helper 2"
+    assert all(e.status == "pending" for e in events)  # no worker here: they wait
+
+
+def test_update_without_real_change_emits_nothing(db, factory):
+    tenant = factory.tenant()
+    agent = Agent(tenant_id=tenant.id, name="Same")
+    db.session.add(agent)
+    db.session.commit()
+    before = len(_events(db))
+    agent.name = "Same"
+    db.session.commit()
+    assert len(_events(db)) == before
+
+
+def test_rollback_emits_nothing(db, factory):
+    tenant = factory.tenant()
+    before = len(_events(db))
+    db.session.add(Agent(tenant_id=tenant.id, name="Never"))
+    db.session.flush()  # the outbox row is written...
+    db.session.rollback()  # ...and goes with the transaction
+    assert len(_events(db)) == before
+
+
+def test_savepoint_rollback_drops_only_its_events(db, factory):
+    from events import emit
+
+    tenant = factory.tenant()
+    before = {e.id for e in _events(db)}
+    db.session.add(Agent(tenant_id=tenant.id, name="Kept"))
+    emit("test.kept", tenant_id=tenant.id, payload={"n": 1})
+    savepoint = db.session.begin_nested()
+    db.session.add(Agent(tenant_id=tenant.id, name="Dropped"))
+    emit("test.dropped", tenant_id=tenant.id)
+    db.session.flush()
+    savepoint.rollback()
+    db.session.commit()
+
+    new = [e for e in _events(db) if e.id not in before]
+    assert sorted(e.topic for e in new) == ["agent.created", "test.kept"]
+    assert [e.payload["fields"]["name"] for e in new if e.topic == "agent.created"] == ["Kept"]
+
+
+def test_explicit_event_is_written_with_the_change(db, factory):
+    from events import emit
+
+    tenant = factory.tenant()
+    emit("device.offline", tenant_id=tenant.id, entity="device", entity_id=7, payload={"x": 1})
+    db.session.commit()
+    event = _events(db)[-1]
+    assert (event.topic, event.entity_id, event.payload) == ("device.offline", 7, {"x": 1})
