@@ -126,6 +126,10 @@ class Config:
         self.EVENTS_REDELIVER_AFTER = _float("EVENTS_REDELIVER_AFTER", 120.0)
         self.EVENTS_RELAY_BATCH = _int("EVENTS_RELAY_BATCH", 500)
         self.WORKER_THREADS = _int("WORKER_THREADS", 4)
+        # More modules whose import registers handlers/tasks (comma separated), e.g. plugins.
+        self.EXTRA_ACTOR_MODULES = tuple(
+            m.strip() for m in (_env("EXTRA_ACTOR_MODULES", "") or "").split(",") if m.strip()
+        )
         # Embedded mode runs Dramatiq worker threads inside the web process; `flask` CLI
         # commands never start them (their events wait for the web process's relay).
         self.START_EMBEDDED_WORKER = _bool("START_EMBEDDED_WORKER", True)

@@ -38,8 +38,10 @@ class Browserless:
     def open_socket(self, ws_path: str, origin: str | None = None) -> websocket.WebSocket:
         cookie = "; ".join(f"{c.name}={c.value}" for c in self.http.cookies)
         ws = websocket.WebSocket()
+        if not ws_path.startswith(("ws://", "wss://")):
+            ws_path = self.base_url.replace("http://", "ws://") + ws_path
         ws.connect(
-            self.base_url.replace("http://", "ws://") + ws_path,
+            ws_path,
             cookie=cookie,
             origin=origin or self.base_url,
             timeout=5,
