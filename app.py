@@ -21,6 +21,10 @@ CONTENT_SECURITY_POLICY = (
 )
 
 
+# Topics every logged-in page subscribes to (see services/live.py topic_for).
+BASE_LIVE_TOPICS: list[str] = []
+
+
 @dataclass
 class LiveState:
     bus: Any
@@ -41,6 +45,11 @@ def create_app(config: object | None = None) -> Flask:
 
         raise ConfigError("SECRET_KEY is required")
     logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"))
+    hops = app.config.get("PROXY_FIX_HOPS", 0)
+    if hops:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
 
     import models  # noqa: F401 - register every table with the metadata
 
@@ -132,7 +141,18 @@ def _register_hooks(app: Flask) -> None:
 
     @app.context_processor
     def inject_globals() -> dict[str, Any]:
-        return {"current_user": current_user, "embedded_mode": app.config["EMBEDDED"]}
+        from services.live import sign_topics
+
+        def live_token(names) -> str:
+            # Every page listens to the user's own topics; pages add theirs via live_topics.
+            topics = [*BASE_LIVE_TOPICS, *(names or ())]
+            return sign_topics(current_user, topics) if topics else ""
+
+        return {
+            "current_user": current_user,
+            "embedded_mode": app.config["EMBEDDED"],
+            "live_token": live_token,
+        }
 
     def wants_json() -> bool:
         return request.path.startswith("/api/") or request.path == "/healthz"

@@ -97,6 +97,8 @@ class Config:
             secret = _embedded_secret_key()
         self.SECRET_KEY = secret
 
+        # Number of reverse proxies in front of the app whose X-Forwarded-* to trust.
+        self.PROXY_FIX_HOPS = _int("PROXY_FIX_HOPS", 0)
         self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
         self.SESSION_COOKIE_HTTPONLY = True
         self.SESSION_COOKIE_SAMESITE = "Lax"

@@ -39,7 +39,7 @@ def _state(app: Flask):
 
 
 def _send(app: Flask, rows: Iterable[tuple[int, str]], only: dict[int, set[str]] | None = None):
-    """Send one message per (event, handler). Returns (sent ids, failed ids, handler-less ids)."""
+    """Send one message per (event, handler group). Returns (sent, failed, handler-less) ids."""
     state = _state(app)
     sent, failed, empty = [], [], []
     for event_pk, topic in rows:
@@ -50,14 +50,18 @@ def _send(app: Flask, rows: Iterable[tuple[int, str]], only: dict[int, set[str]]
             empty.append(event_pk)
             continue
         try:
-            for name in names:
-                state.actors[name].send(event_pk)
+            for group in registry.groups_for(names):
+                state.actors[group_actor_name(group)].send(event_pk)
         except Exception as exc:  # noqa: BLE001 - broker unreachable: the row waits
             log.warning("could not send event %s to the broker: %s", event_pk, exc)
             failed.append(event_pk)
             continue
         sent.append(event_pk)
     return sent, failed, empty
+
+
+def group_actor_name(group: str) -> str:
+    return f"spine_{group}"
 
 
 def _claim(conn, condition, limit: int | None = None) -> list[tuple[int, str]]:

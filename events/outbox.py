@@ -63,6 +63,14 @@ def _actor_user_id() -> int | None:
     return None
 
 
+def _actor_ip() -> str | None:
+    if not has_request_context():
+        return None
+    from flask import request
+
+    return (request.remote_addr or "")[:64] or None
+
+
 def _column_keys(obj: Tracked) -> list[str]:
     mapper = inspect(obj).mapper
     return [
@@ -99,6 +107,7 @@ def _row(obj: Tracked, action: str, payload: dict[str, Any], actor: int | None) 
         "entity_id": getattr(obj, "id", None),
         "tenant_id": getattr(obj, "tenant_id", None),
         "actor_user_id": actor,
+        "actor_ip": _actor_ip(),
         "payload": payload,
         "status": "pending",
         "attempts": 0,
@@ -149,6 +158,7 @@ def emit(
         entity_id=entity_id,
         tenant_id=tenant_id,
         actor_user_id=_actor_user_id(),
+        actor_ip=_actor_ip(),
         payload=to_primitive(payload or {}),
         status="pending",
         attempts=0,

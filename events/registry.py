@@ -27,6 +27,7 @@ class Event:
     entity_id: int | None
     tenant_id: int | None
     actor_user_id: int | None
+    actor_ip: str | None
     payload: dict[str, Any]
     created_at: datetime
 
@@ -44,6 +45,7 @@ class Event:
             entity_id=row.entity_id,
             tenant_id=row.tenant_id,
             actor_user_id=row.actor_user_id,
+            actor_ip=row.actor_ip,
             payload=dict(row.payload or {}),
             created_at=row.created_at,
         )
@@ -51,6 +53,9 @@ class Event:
 
 @dataclass
 class HandlerSpec:
+    """A handler of events. Handlers sharing a `queue` run in one message per event, one after
+    the other, each in its own transaction with its own idempotency record."""
+
     name: str
     fn: Callable[[Event], None]
     topics: tuple[str, ...]
@@ -98,6 +103,13 @@ class Registry:
     @lru_cache(maxsize=4096)  # noqa: B019 - the registry lives as long as the process
     def handler_names_for(self, topic: str) -> tuple[str, ...]:
         return tuple(name for name, spec in self.handlers.items() if spec.matches(topic))
+
+    def groups_for(self, names: tuple[str, ...] | set[str]) -> list[str]:
+        """The queues (one actor each) that run these handlers, in a stable order."""
+        return sorted({self.handlers[name].queue for name in names})
+
+    def group_members(self, group: str) -> list[HandlerSpec]:
+        return [spec for spec in self.handlers.values() if spec.queue == group]
 
     def __hash__(self) -> int:
         return id(self)

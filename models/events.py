@@ -49,6 +49,7 @@ class OutboxEvent(db.Model):
     entity_id: Mapped[Optional[int]] = mapped_column(BigInteger)
     tenant_id: Mapped[Optional[int]] = mapped_column(Integer)
     actor_user_id: Mapped[Optional[int]] = mapped_column(Integer)
+    actor_ip: Mapped[Optional[str]] = mapped_column(String(64))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     attempts: Mapped[int] = mapped_column(Integer, default=0)

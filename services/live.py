@@ -32,8 +32,15 @@ def _serializer() -> URLSafeTimedSerializer:
     return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt="live-topics")
 
 
+def topic_for(user: Any, name: str) -> str:
+    """ "feed" → the tenant's feed topic; "user:bell" → this user's own bell topic."""
+    if name.startswith("user:"):
+        return user_topic(user.tenant_id, user.id, name[len("user:") :])
+    return tenant_topic(user.tenant_id, name)
+
+
 def sign_topics(user: Any, names: Iterable[str]) -> str:
-    topics = [tenant_topic(user.tenant_id, n) for n in names]
+    topics = [topic_for(user, n) for n in names]
     return _serializer().dumps({"u": int(user.id), "t": topics})
 
 
@@ -49,8 +56,13 @@ def verify_topics(token: str, user: Any) -> list[str] | None:
     prefix = f"t{user.tenant_id}:"
     if not isinstance(topics, list) or not topics:
         return None
-    if not all(isinstance(t, str) and t.startswith(prefix) for t in topics):
-        return None
+    for topic in topics:
+        if not isinstance(topic, str) or not topic.startswith(prefix):
+            return None
+        parts = topic.split(":")
+        # A user-scoped topic ("t1:u7:bell") belongs to that user alone.
+        if len(parts) > 2 and parts[1] != f"u{user.id}":
+            return None
     return topics
 
 

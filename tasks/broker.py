@@ -18,8 +18,10 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage, Middleware
 from flask import Flask, current_app
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from events.dispatch import group_actor_name
 from events.registry import Event, HandlerSpec, PeriodicSpec, TaskSpec, registry
 from extensions import db
 
@@ -71,7 +73,47 @@ class SchedulerMiddleware(Middleware):
             self.scheduler.stop()
 
 
-def _run_handler(spec: HandlerSpec, event_pk: int) -> None:
+def _run_one(spec: HandlerSpec, event: Event, retries: int) -> bool:
+    """Run one handler in its own transaction. True when it has a result (ok or gave up)."""
+    from models.events import ProcessedEvent
+
+    session = db.session
+    session.add(ProcessedEvent(event_id=event.id, handler=spec.name, status="ok"))
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        return True  # handled meanwhile by another delivery: a duplicate changes nothing
+    try:
+        spec.fn(event)
+        session.commit()
+        return True
+    except Exception as exc:
+        session.rollback()
+        if retries < spec.max_retries:
+            log.warning(
+                "handler %s failed on event %s (try %s): %r", spec.name, event.id, retries + 1, exc
+            )
+            return False
+        log.exception("handler %s gave up on event %s", spec.name, event.id)
+        session.add(
+            ProcessedEvent(
+                event_id=event.id, handler=spec.name, status="failed", error=repr(exc)[:2000]
+            )
+        )
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+        return True
+
+
+class HandlersFailed(Exception):
+    """Some handlers of a group failed and will be retried with the message."""
+
+
+def _run_group(group: str, event_pk: int) -> None:
+    """Run every handler of `group` that wants this event and has no result yet."""
     from models.events import OutboxEvent, ProcessedEvent
 
     session = db.session
@@ -79,38 +121,29 @@ def _run_handler(spec: HandlerSpec, event_pk: int) -> None:
     if row is None:
         return  # pruned, or from a rolled-back transaction
     event = Event.from_row(row)
-    session.add(ProcessedEvent(event_id=event_pk, handler=spec.name, status="ok"))
-    try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        return  # already handled: a redelivery changes nothing
-    try:
-        spec.fn(event)
-        session.commit()
-    except Exception as exc:
-        session.rollback()
-        message = CurrentMessage.get_current_message()
-        retries = message.options.get("retries", 0) if message else spec.max_retries
-        if retries < spec.max_retries:
-            raise
-        log.exception("handler %s gave up on event %s", spec.name, event_pk)
-        session.add(
-            ProcessedEvent(
-                event_id=event_pk, handler=spec.name, status="failed", error=repr(exc)[:2000]
-            )
-        )
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()
+    wanted = [
+        registry.handlers[name]
+        for name in registry.handler_names_for(event.topic)
+        if registry.handlers[name].queue == group
+    ]
+    done = set(
+        session.scalars(select(ProcessedEvent.handler).where(ProcessedEvent.event_id == event_pk))
+    )
+    session.commit()  # end the read transaction; each handler gets its own
+    message = CurrentMessage.get_current_message()
+    retries = message.options.get("retries", 0) if message else 0
+    failed = [
+        spec.name for spec in wanted if spec.name not in done and not _run_one(spec, event, retries)
+    ]
+    if failed:
+        raise HandlersFailed(f"event {event_pk}: {', '.join(failed)} will be retried")
 
 
-def _handler_fn(spec: HandlerSpec) -> Callable[[int], None]:
+def _group_fn(group: str) -> Callable[[int], None]:
     def run(event_pk: int) -> None:
-        _run_handler(spec, event_pk)
+        _run_group(group, event_pk)
 
-    run.__name__ = f"handle_{spec.name}"
+    run.__name__ = f"spine_{group}"
     return run
 
 
@@ -263,9 +296,19 @@ def init_broker(app: Flask) -> TaskState:
         importlib.import_module(module)
 
     state = TaskState(app=app, broker=broker)
-    for spec in registry.handlers.values():
-        state.actors[spec.name] = _actor(
-            broker, f"h_{spec.name}", _handler_fn(spec), spec.queue, spec
+    for group in sorted({spec.queue for spec in registry.handlers.values()}):
+        members = registry.group_members(group)
+        group_spec = TaskSpec(
+            name=group_actor_name(group),
+            fn=_group_fn(group),
+            queue=group,
+            max_retries=max(m.max_retries for m in members),
+            time_limit_ms=min(sum(m.time_limit_ms for m in members), 600_000),
+            min_backoff_ms=min(m.min_backoff_ms for m in members),
+            max_backoff_ms=max(m.max_backoff_ms for m in members),
+        )
+        state.actors[group_spec.name] = _actor(
+            broker, group_spec.name, group_spec.fn, group, group_spec
         )
     for spec in registry.tasks.values():
         state.actors[spec.name] = _actor(broker, f"t_{spec.name}", _task_fn(spec), spec.queue, spec)

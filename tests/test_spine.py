@@ -39,7 +39,7 @@ def test_duplicate_delivery_changes_nothing(app, db, worker, factory):
     db.session.commit()
     drain(app)
     event_pk = db.session.scalar(select(OutboxEvent.id).where(OutboxEvent.topic == "test.counted"))
-    actor = app.extensions["switchboard.tasks"].actors["test_counter"]
+    actor = app.extensions["switchboard.tasks"].actors["spine_events"]
     for _ in range(3):
         actor.send(event_pk)  # redeliveries, as after a worker crash
     drain(app)
@@ -115,12 +115,6 @@ def test_failing_handler_gives_up_and_is_recorded(app, db, worker, factory):
     spec = HandlerSpec(name="test_explode", fn=explode, topics=("test.explode",), max_retries=0)
     registry.add_handler(spec)
     try:
-        from tasks.broker import _actor, _handler_fn
-
-        state = app.extensions["switchboard.tasks"]
-        state.actors["test_explode"] = _actor(
-            state.broker, "h_test_explode", _handler_fn(spec), spec.queue, spec
-        )
         tenant = factory.tenant()
         emit("test.explode", tenant_id=tenant.id)
         db.session.commit()

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 05:35:26.242233
+Create Date: 2026-11-23 05:40:46.132749
 
 """
 from alembic import op
@@ -39,6 +39,7 @@ def upgrade():
     sa.Column('entity_id', sa.BigInteger(), nullable=True),
     sa.Column('tenant_id', sa.Integer(), nullable=True),
     sa.Column('actor_user_id', sa.Integer(), nullable=True),
+    sa.Column('actor_ip', sa.String(length=64), nullable=True),
     sa.Column('payload', sa.JSON(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
