@@ -90,13 +90,27 @@ def _init_live(app: Flask) -> None:
 
 def _register_blueprints(app: Flask) -> None:
     from blueprints.accounts import bp as accounts_bp
+    from blueprints.audit import bp as audit_bp
     from blueprints.chats import bp as chats_bp
     from blueprints.dashboard import bp as dashboard_bp
     from blueprints.devices import bp as devices_bp
     from blueprints.live import register_live_routes
+    from blueprints.metrics import bp as metrics_bp
+    from blueprints.notifications import bp as notifications_bp
     from blueprints.projects import bp as projects_bp
+    from blueprints.webhooks import bp as webhooks_bp
 
-    for bp in (accounts_bp, dashboard_bp, chats_bp, devices_bp, projects_bp):
+    for bp in (
+        accounts_bp,
+        dashboard_bp,
+        chats_bp,
+        devices_bp,
+        projects_bp,
+        notifications_bp,
+        webhooks_bp,
+        metrics_bp,
+        audit_bp,
+    ):
         app.register_blueprint(bp)
     register_live_routes(app)
 

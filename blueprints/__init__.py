@@ -31,6 +31,22 @@ def render(page: str, partial: str | None = None, **context: Any):
     return response
 
 
+def admin_required(view):
+    """Login and the admin role; anyone else gets 403."""
+    from functools import wraps
+
+    from flask_login import login_required
+
+    @wraps(view)
+    @login_required
+    def wrapped(*args, **kwargs):
+        if not current_user.is_admin:
+            abort(403)
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
 def scoped(stmt: Select, model: Any) -> Select:
     """Restrict a select to the current user's tenant."""
     return stmt.where(model.tenant_id == current_user.tenant_id)

@@ -1,5 +1,6 @@
 """Typed SQLAlchemy 2 models, one module per domain. Importing this package registers them all."""
 
+from models import metrics, webhooks  # noqa: F401 - register their tables
 from models.accounts import Tenant, User
 from models.audit import AuditLog
 from models.chats import Agent, Chat, Message

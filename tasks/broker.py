@@ -28,7 +28,14 @@ from extensions import db
 log = logging.getLogger(__name__)
 
 # Modules whose import registers handlers, tasks and periodic jobs.
-ACTOR_MODULES = ("tasks.spine", "tasks.live")
+ACTOR_MODULES = (
+    "tasks.spine",
+    "tasks.live",
+    "tasks.notifications",
+    "tasks.webhooks",
+    "tasks.metrics",
+    "tasks.audit",
+)
 
 
 class AppContextMiddleware(Middleware):

@@ -1,6 +1,6 @@
 from flask import current_app, jsonify
 from flask_login import current_user, login_required
-from sqlalchemy import select, text
+from sqlalchemy import text
 
 from blueprints import int_arg, render
 from blueprints.dashboard import bp
@@ -62,18 +62,3 @@ def healthz():
     ok = all(check["ok"] for check in checks.values())
     return jsonify(status="ok" if ok else "degraded", checks=checks), 200 if ok else 503
 
-
-@bp.get("/notifications")
-@login_required
-def notifications():
-    from flask import current_app as app
-
-    from blueprints import keyset_page
-    from models.notifications import Notification
-
-    stmt = select(Notification).where(
-        Notification.recipient_id == current_user.id,
-        Notification.tenant_id == current_user.tenant_id,
-    )
-    rows, next_before = keyset_page(stmt, Notification.id, app.config["LIST_PAGE_SIZE"])
-    return render("dashboard/notifications.html", notifications=rows, next_before=next_before)

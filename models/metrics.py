@@ -1,0 +1,1 @@
+"""Metric counters kept in the database (issue 3)."""

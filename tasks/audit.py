@@ -1,0 +1,1 @@
+"""Handlers and tasks for audit (issue 3)."""

@@ -1,0 +1,1 @@
+"""Handlers and tasks for metrics (issue 3)."""

@@ -1,0 +1,1 @@
+"""Handlers and tasks for notifications (issue 3)."""

@@ -1,0 +1,1 @@
+"""Handlers and tasks for webhooks (issue 3)."""
