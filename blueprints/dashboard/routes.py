@@ -61,4 +61,3 @@ def healthz():
         checks["live_bus"] = {"ok": False, "error": type(exc).__name__}
     ok = all(check["ok"] for check in checks.values())
     return jsonify(status="ok" if ok else "degraded", checks=checks), 200 if ok else 503
-
