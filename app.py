@@ -86,6 +86,9 @@ def _init_live(app: Flask) -> None:
     else:
         bus = MemoryBus(maxlen=maxlen)
     app.extensions["switchboard.live"] = LiveState(bus=bus, hub=Hub(bus))
+    from services.kv import init_kv
+
+    init_kv(app)
 
 
 def _register_blueprints(app: Flask) -> None:
@@ -152,6 +155,10 @@ def _register_hooks(app: Flask) -> None:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
         return response
+
+    from services.rendering import markdown_to_safe_html
+
+    app.jinja_env.filters["markdown"] = markdown_to_safe_html
 
     @app.context_processor
     def inject_globals() -> dict[str, Any]:

@@ -141,12 +141,28 @@ class Config:
         self.LIVE_COALESCE_MS = _int("LIVE_COALESCE_MS", 100)
         self.LIVE_PING_SECONDS = _int("LIVE_PING_SECONDS", 25)
         self.LIVE_TOKEN_MAX_AGE = _int("LIVE_TOKEN_MAX_AGE", 12 * 3600)
-        self.SOCK_SERVER_OPTIONS = {"ping_interval": self.LIVE_PING_SECONDS}
+        # Frames larger than this close the socket (1009) instead of being buffered.
+        self.SOCK_SERVER_OPTIONS = {
+            "ping_interval": self.LIVE_PING_SECONDS,
+            "max_message_size": _int("WS_MAX_MESSAGE_BYTES", 64 * 1024),
+        }
         # Extra origins allowed to open the console's /ws/live (comma separated); the
         # console's own origin is always allowed.
         self.LIVE_ALLOWED_ORIGINS = [
             o.strip() for o in (_env("LIVE_ALLOWED_ORIGINS", "") or "").split(",") if o.strip()
         ]
+
+        # Chats: the widget socket, replies and archiving.
+        self.CHAT_RATE_LIMIT_PER_MINUTE = _int("CHAT_RATE_LIMIT_PER_MINUTE", 10)
+        self.CHAT_MAX_MESSAGE_LENGTH = _int("CHAT_MAX_MESSAGE_LENGTH", 2000)
+        self.CHAT_HISTORY_MESSAGES = _int("CHAT_HISTORY_MESSAGES", 50)
+        self.CHAT_RESPONSE_TIMEOUT = _float("CHAT_RESPONSE_TIMEOUT", 30.0)
+        self.CHAT_SESSION_EXPIRY_HOURS = _float("CHAT_SESSION_EXPIRY_HOURS", 24.0)
+        self.CHAT_INACTIVITY_HOURS = _float("CHAT_INACTIVITY_HOURS", 24.0)
+        self.CHAT_ARCHIVE_INTERVAL = _float("CHAT_ARCHIVE_INTERVAL", 300.0)
+        # vader (default, offline) or llm (the configured model; falls back to VADER).
+        self.SENTIMENT_BACKEND = _env("SENTIMENT_BACKEND", "vader")
+        self.SENTIMENT_THRESHOLD = _float("SENTIMENT_THRESHOLD", 0.05)
 
         self.FEED_PAGE_SIZE = _int("FEED_PAGE_SIZE", 50)
         self.LIST_PAGE_SIZE = _int("LIST_PAGE_SIZE", 25)

@@ -35,6 +35,7 @@ ACTOR_MODULES = (
     "tasks.webhooks",
     "tasks.metrics",
     "tasks.audit",
+    "tasks.chats",
 )
 
 

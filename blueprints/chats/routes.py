@@ -1,26 +1,256 @@
-from flask import current_app
-from flask_login import login_required
-from sqlalchemy import select
+from datetime import datetime, time, timedelta
+from urllib.parse import urlsplit
 
-from blueprints import get_owned_or_404, keyset_page, render, scoped
+from flask import abort, current_app, flash, redirect, request, url_for
+from flask_login import current_user, login_required
+from sqlalchemy import exists, select, update
+
+from blueprints import admin_required, get_owned_or_404, is_partial_request, keyset_page, render
 from blueprints.chats import bp
+from blueprints.chats.forms import AgentForm, OperatorReplyForm, WidgetSettingsForm
 from extensions import db
-from models.chats import Chat, Message
+from models.accounts import Tenant, new_widget_key
+from models.chats import CHAT_STATUSES, Agent, Chat, Message
+from services import chats
+from services.live import render_fragment, snapshot
+
+SENTIMENTS = ("positive", "neutral", "negative")
+
+
+def _date_arg(name: str):
+    raw = request.args.get(name, "")
+    if not raw:
+        return None
+    try:
+        return datetime.strptime(raw, "%Y-%m-%d").date()
+    except ValueError:
+        abort(400)
+
+
+def _filtered_chats():
+    args = request.args
+    stmt = select(Chat).where(Chat.tenant_id == current_user.tenant_id)
+    filters: dict[str, str] = {}
+    if args.get("status") in CHAT_STATUSES:
+        stmt = stmt.where(Chat.status == args["status"])
+        filters["status"] = args["status"]
+    if args.get("sentiment") in SENTIMENTS:
+        stmt = stmt.where(
+            exists().where(Message.chat_id == Chat.id, Message.sentiment_label == args["sentiment"])
+        )
+        filters["sentiment"] = args["sentiment"]
+    if args.get("agent", "").isdigit():
+        stmt = stmt.where(Chat.agent_id == int(args["agent"]))
+        filters["agent"] = args["agent"]
+    start, end = _date_arg("from"), _date_arg("to")
+    if start:
+        stmt = stmt.where(Chat.created_at >= datetime.combine(start, time.min))
+        filters["from"] = start.isoformat()
+    if end:
+        stmt = stmt.where(Chat.created_at < datetime.combine(end + timedelta(days=1), time.min))
+        filters["to"] = end.isoformat()
+    q = args.get("q", "").strip()[:200]
+    if q:
+        pattern = "%" + q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        stmt = stmt.where(
+            exists().where(Message.chat_id == Chat.id, Message.content.ilike(pattern, escape="\\"))
+        )
+        filters["q"] = q
+    return stmt, filters
+
+
+def _agents():
+    return db.session.scalars(
+        select(Agent).where(Agent.tenant_id == current_user.tenant_id).order_by(Agent.name)
+    ).all()
 
 
 @bp.get("/")
 @login_required
 def index():
-    stmt = scoped(select(Chat), Chat)
-    chats, next_before = keyset_page(stmt, Chat.id, current_app.config["LIST_PAGE_SIZE"])
-    return render("chats/index.html", "chats/_rows.html", chats=chats, next_before=next_before)
+    stmt, filters = _filtered_chats()
+    rows, next_before = keyset_page(stmt, Chat.id, current_app.config["LIST_PAGE_SIZE"])
+    return render(
+        "chats/index.html",
+        "chats/_rows.html",
+        chats=rows,
+        next_before=next_before,
+        filters=filters,
+        agents=_agents(),
+        statuses=CHAT_STATUSES,
+        sentiments=SENTIMENTS,
+        live_topics=["chats"],
+    )
+
+
+def _conversation(chat: Chat):
+    return chats.recent_messages(chat.id, 200)
 
 
 @bp.get("/<int:chat_id>")
 @login_required
 def detail(chat_id: int):
     chat = get_owned_or_404(Chat, chat_id)
-    messages = db.session.scalars(
-        select(Message).where(Message.chat_id == chat.id).order_by(Message.created_at, Message.id)
-    ).all()
-    return render("chats/detail.html", chat=chat, messages=messages)
+    return render(
+        "chats/detail.html",
+        chat=chat,
+        messages=_conversation(chat),
+        form=OperatorReplyForm(),
+        agents=_agents(),
+        live_topics=[f"chat:{chat.id}"],
+    )
+
+
+@snapshot("chat")
+def chat_snapshot(tenant_id: int, user, chat_id: str = "") -> str:
+    chat = db.session.get(Chat, int(chat_id)) if chat_id.isdigit() else None
+    if chat is None or chat.tenant_id != tenant_id:
+        return ""
+    return render_fragment(
+        "chats/_conversation.html", chat=chat, messages=_conversation(chat), oob=True
+    ) + render_fragment("chats/_header.html", chat=chat, oob=True)
+
+
+@snapshot("chats")
+def chats_snapshot(tenant_id: int, user) -> str:
+    return ""  # rows are pushed one by one; the list itself is rendered with the page
+
+
+def _back_to(chat: Chat):
+    if is_partial_request():
+        return "", 204
+    return redirect(url_for("chats.detail", chat_id=chat.id), code=303)
+
+
+@bp.post("/<int:chat_id>/reply")
+@login_required
+def reply(chat_id: int):
+    chat = get_owned_or_404(Chat, chat_id)
+    form = OperatorReplyForm()
+    if not form.validate_on_submit():
+        flash("Write a reply first (at most 4000 characters).", "error")
+        return _back_to(chat)
+    if chat.status == "archived":
+        flash("This chat is archived.", "error")
+        return _back_to(chat)
+    chats.add_message(chat, "operator", form.content.data.strip())
+    db.session.commit()
+    return _back_to(chat)
+
+
+@bp.post("/<int:chat_id>/takeover")
+@login_required
+def takeover(chat_id: int):
+    chat = get_owned_or_404(Chat, chat_id)
+    on = request.form.get("on") == "1"
+    chats.set_takeover(chat, on)
+    db.session.commit()
+    flash("You have taken over this chat." if on else "The assistant answers again.", "info")
+    return _back_to(chat)
+
+
+@bp.post("/<int:chat_id>/complete")
+@login_required
+def complete(chat_id: int):
+    chat = get_owned_or_404(Chat, chat_id)
+    chats.complete_chat(chat)
+    db.session.commit()
+    return _back_to(chat)
+
+
+@bp.post("/<int:chat_id>/agent")
+@login_required
+def change_agent(chat_id: int):
+    chat = get_owned_or_404(Chat, chat_id)
+    agent_id = request.form.get("agent_id", "")
+    agent = db.session.get(Agent, int(agent_id)) if agent_id.isdigit() else None
+    if agent is None or agent.tenant_id != current_user.tenant_id:
+        abort(404)
+    chats.change_agent(chat, agent)
+    db.session.commit()
+    return _back_to(chat)
+
+
+# ------------------------------------------------------------------ agents
+
+
+@bp.get("/agents")
+@login_required
+def agents():
+    return render("chats/agents.html", agents=_agents())
+
+
+def _save_agent(agent: Agent, form: AgentForm) -> None:
+    form.populate_obj(agent)
+    agent.tenant_id = current_user.tenant_id
+    db.session.add(agent)
+    db.session.flush()
+    if agent.is_default:
+        db.session.execute(
+            update(Agent)
+            .where(Agent.tenant_id == agent.tenant_id, Agent.id != agent.id)
+            .values(is_default=False)
+        )
+
+
+@bp.route("/agents/new", methods=["GET", "POST"])
+@admin_required
+def new_agent():
+    form = AgentForm()
+    if form.validate_on_submit():
+        _save_agent(Agent(), form)
+        db.session.commit()
+        flash("Agent created.", "info")
+        return redirect(url_for("chats.agents"), code=303)
+    return render("chats/agent_form.html", form=form, agent=None)
+
+
+@bp.route("/agents/<int:agent_id>", methods=["GET", "POST"])
+@admin_required
+def edit_agent(agent_id: int):
+    agent = get_owned_or_404(Agent, agent_id)
+    form = AgentForm(obj=agent)
+    if form.validate_on_submit():
+        _save_agent(agent, form)
+        db.session.commit()
+        flash("Agent saved.", "info")
+        return redirect(url_for("chats.agents"), code=303)
+    return render("chats/agent_form.html", form=form, agent=agent)
+
+
+# ------------------------------------------------------------------ widget settings
+
+
+def _valid_origin(line: str) -> bool:
+    parts = urlsplit(line)
+    return parts.scheme in ("http", "https") and bool(parts.netloc) and not parts.path.strip("/")
+
+
+@bp.route("/settings", methods=["GET", "POST"])
+@admin_required
+def settings():
+    tenant = db.session.get(Tenant, current_user.tenant_id)
+    form = WidgetSettingsForm(obj=tenant)
+    if form.validate_on_submit():
+        lines = [ln.strip().rstrip("/") for ln in (form.allowed_origins.data or "").splitlines()]
+        lines = [ln for ln in lines if ln]
+        bad = [ln for ln in lines if not _valid_origin(ln)]
+        if bad:
+            form.allowed_origins.errors = [f"Not an origin: {bad[0]} (use scheme://host[:port])"]
+        else:
+            tenant.allowed_origins = "\n".join(dict.fromkeys(lines))
+            db.session.commit()
+            flash("Widget settings saved.", "info")
+            return redirect(url_for("chats.settings"), code=303)
+    snippet_src = url_for("static", filename="widget.js", _external=True)
+    return render("chats/settings.html", form=form, tenant=tenant, snippet_src=snippet_src)
+
+
+@bp.post("/settings/rotate-key")
+@admin_required
+def rotate_widget_key():
+    tenant = db.session.get(Tenant, current_user.tenant_id)
+    tenant.widget_key = new_widget_key()
+    db.session.commit()
+    flash("New widget key issued; update the snippet on your site.", "info")
+    return redirect(url_for("chats.settings"), code=303)

@@ -87,21 +87,13 @@ def register_live_routes(app: Flask) -> None:
                         break
                     batch.pop(frame.key, None)
                     batch[frame.key] = frame
+                # Pages swap HTML; JSON-only frames (for the chat widget) are not for them.
                 html = "".join(f.html for f in batch.values() if f.html)
                 if html:
                     ws.send(html)
-                for frame in batch.values():
-                    if frame.json is not None:
-                        ws.send(frame.json if isinstance(frame.json, str) else _dumps(frame.json))
                 _drain_incoming(ws)
         except ConnectionClosed:
             pass
         finally:
             subscription.close()
             db.session.remove()
-
-
-def _dumps(data) -> str:
-    import json
-
-    return json.dumps(data, separators=(",", ":"))

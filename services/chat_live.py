@@ -1,0 +1,138 @@
+"""Live frames for chats. One topic per chat carries both renderings of each frame: JSON for
+the widget (`/ws/chat`) and out-of-band HTML for the console (`/ws/live`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from markupsafe import escape
+
+from models.chats import Chat, Message
+from services.chats import chat_topic
+from services.live import publish, render_fragment, tenant_topic
+from services.rendering import markdown_to_safe_html
+
+HTML_REFRESH_SECONDS = 0.1
+
+
+def reply_id_for(visitor_message_id: int) -> str:
+    return f"r{visitor_message_id}"
+
+
+def message_json(message: Message) -> dict[str, Any]:
+    if message.sender == "visitor":
+        html = str(escape(message.content)).replace("\n", "<br>")
+    else:
+        html = str(markdown_to_safe_html(message.content))
+    return {
+        "id": message.id,
+        "sender": message.sender,
+        "html": html,
+        "created_at": message.created_at.isoformat(),
+        "in_response_to": message.in_response_to_id,
+    }
+
+
+def _message_html(message: Message) -> str:
+    return render_fragment("chats/_message.html", m=message)
+
+
+def publish_message(message: Message, *, updated: bool = False) -> None:
+    topic = chat_topic(message.tenant_id, message.chat_id)
+    if updated:
+        html = render_fragment("chats/_message_push.html", m=message, replace=True)
+        publish(topic, f"message-{message.id}", html=html)
+        return
+    html = render_fragment("chats/_message_push.html", m=message, replace=False)
+    publish(
+        topic,
+        f"message-{message.id}",
+        html=html,
+        json_data={"type": "message", "message": message_json(message)},
+    )
+
+
+def publish_chat_row(chat: Chat, *, created: bool = False) -> None:
+    html = render_fragment("chats/_row_push.html", chat=chat, created=created)
+    publish(tenant_topic(chat.tenant_id, "chats"), f"chat-row-{chat.id}", html=html)
+    # The chat's own page refreshes its header (status, satisfaction, summary).
+    header = render_fragment("chats/_header.html", chat=chat, oob=True)
+    publish(chat_topic(chat.tenant_id, chat.id), f"chat-header-{chat.id}", html=header)
+
+
+class ReplyStream:
+    """Publishes one assistant reply: typing, numbered deltas, done."""
+
+    def __init__(self, tenant_id: int, chat_id: int, reply_id: str) -> None:
+        self.topic = chat_topic(tenant_id, chat_id)
+        self.chat_id = chat_id
+        self.reply_id = reply_id
+        self.seq = 0
+        self.text: list[str] = []
+        self._last_html = 0.0
+
+    def _slot(self, inner: str) -> str:
+        return f'<div id="chat-{self.chat_id}-streaming" hx-swap-oob="innerHTML">{inner}</div>'
+
+    def start(self) -> None:
+        publish(
+            self.topic,
+            f"typing-{self.reply_id}",
+            html=self._slot('<p class="typing">Assistant is typing…</p>'),
+            json_data={"type": "typing", "from": "assistant", "reply_id": self.reply_id},
+        )
+
+    def delta(self, text: str) -> None:
+        self.seq += 1
+        self.text.append(text)
+        html = None
+        now = time.monotonic()
+        if now - self._last_html >= HTML_REFRESH_SECONDS:
+            # The console shows the text so far (coalesced per socket); the widget appends.
+            self._last_html = now
+            body = escape("".join(self.text))
+            html = self._slot(f'<div class="msg msg-assistant streaming">{body}</div>')
+        publish(
+            self.topic,
+            f"delta-{self.reply_id}-{self.seq}",
+            html=html,
+            json_data={"type": "delta", "reply_id": self.reply_id, "seq": self.seq, "text": text},
+        )
+
+    def done(
+        self,
+        message: Message | None,
+        *,
+        usage: dict | None,
+        cancelled: bool = False,
+        error_code: str | None = None,
+    ) -> None:
+        html = self._slot("")
+        if message is not None:
+            html += render_fragment("chats/_message_push.html", m=message, replace=False)
+        publish(
+            self.topic,
+            f"done-{self.reply_id}",
+            html=html,
+            json_data={
+                "type": "done",
+                "reply_id": self.reply_id,
+                "seq": self.seq,
+                "message": message_json(message) if message is not None else None,
+                "usage": usage,
+                "cancelled": cancelled,
+            },
+        )
+        if error_code:
+            publish(
+                self.topic,
+                f"error-{self.reply_id}",
+                json_data={
+                    "type": "error",
+                    "code": error_code,
+                    "message": "The assistant is unavailable right now; a person will follow "
+                    "up on your message.",
+                    "reply_id": self.reply_id,
+                },
+            )

@@ -1,0 +1,366 @@
+"""Chats: sessions, messages, replies, sentiment, escalation and archiving.
+
+Functions take ids or models, flush, and raise ChatError with a code and a human message;
+the caller (a socket handler, a route, an actor) owns the commit.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import func, select, update
+
+from events import emit
+from extensions import db
+from models.base import utcnow
+from models.chats import Agent, Chat, Message
+from services.sentiment import NEGATIVE, POSITIVE, Sentiment
+
+DEFAULT_SETTINGS = {
+    "auto_response": True,
+    "sentiment_analysis": True,
+    "notifications": True,
+    "human_takeover": False,
+}
+TONE_FOR_SENTIMENT = {NEGATIVE: "empathetic", POSITIVE: "friendly"}
+
+
+class ChatError(ValueError):
+    def __init__(self, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def chat_topic(tenant_id: int, chat_id: int) -> str:
+    return f"t{tenant_id}:chat:{chat_id}"
+
+
+def default_agent(tenant_id: int) -> Agent | None:
+    return db.session.scalar(
+        select(Agent)
+        .where(Agent.tenant_id == tenant_id, Agent.is_active.is_(True))
+        .order_by(Agent.is_default.desc(), Agent.id)
+        .limit(1)
+    )
+
+
+def agent_settings_for(agent: Agent | None) -> dict[str, Any]:
+    if agent is None:
+        return {}
+    return {
+        "temperature": agent.temperature,
+        "max_tokens": agent.max_tokens,
+        "provider": agent.provider,
+    }
+
+
+def start_chat(
+    tenant_id: int,
+    *,
+    visitor_id: str | None = None,
+    user_id: int | None = None,
+    session_id: str | None = None,
+    title: str = "",
+) -> Chat:
+    """A new chat with default settings and the tenant's default agent."""
+    agent = default_agent(tenant_id)
+    chat = Chat(
+        tenant_id=tenant_id,
+        visitor_id=visitor_id,
+        user_id=user_id,
+        session_id=session_id,
+        agent_id=agent.id if agent else None,
+        title=title,
+        status="active",
+        is_active=True,
+        settings={**DEFAULT_SETTINGS, **agent_settings_for(agent)},
+        agent_settings={},
+        context={},
+        last_activity=utcnow(),
+        message_count=0,
+    )
+    db.session.add(chat)
+    db.session.flush()
+    return chat
+
+
+def change_agent(chat: Chat, agent: Agent) -> None:
+    if agent.tenant_id != chat.tenant_id:
+        raise ChatError("not_found", "No such agent.")
+    chat.agent_id = agent.id
+    chat.settings = {**(chat.settings or {}), **agent_settings_for(agent)}
+
+
+def find_resumable(
+    tenant_id: int, public_id: str, *, visitor_id: str | None, user_id: int | None
+) -> Chat | None:
+    """The caller's own chat, if it has not expired. A chat id alone never grants access."""
+    import uuid
+
+    try:
+        key = uuid.UUID(str(public_id))
+    except ValueError:
+        return None
+    chat = db.session.scalar(select(Chat).where(Chat.public_id == key, Chat.tenant_id == tenant_id))
+    if chat is None:
+        return None
+    owns = (user_id is not None and chat.user_id == user_id) or (
+        visitor_id is not None and chat.visitor_id == visitor_id
+    )
+    if not owns or chat.status == "archived":
+        return None
+    expiry = timedelta(hours=current_app.config.get("CHAT_SESSION_EXPIRY_HOURS", 24))
+    if chat.last_activity and chat.last_activity < utcnow() - expiry:
+        return None
+    return chat
+
+
+def clean_visitor_text(content: Any) -> str:
+    if not isinstance(content, str) or not content.strip():
+        raise ChatError("empty_message", "Type a message before sending.")
+    limit = current_app.config.get("CHAT_MAX_MESSAGE_LENGTH", 2000)
+    if len(content) > limit:
+        raise ChatError(
+            "message_too_long",
+            f"Messages can be at most {limit} characters (this one has {len(content)}).",
+            limit=limit,
+        )
+    return content.strip()
+
+
+def add_message(
+    chat: Chat,
+    sender: str,
+    content: str,
+    *,
+    in_response_to_id: int | None = None,
+    usage: dict | None = None,
+    processing_ms: int | None = None,
+) -> Message:
+    """Save a message and bump the chat's activity and count in SQL (no lost updates)."""
+    now = utcnow()
+    usage = usage or {}
+    message = Message(
+        tenant_id=chat.tenant_id,
+        chat_id=chat.id,
+        sender=sender,
+        content=content,
+        content_type="text",
+        in_response_to_id=in_response_to_id,
+        prompt_tokens=usage.get("prompt_tokens"),
+        completion_tokens=usage.get("completion_tokens"),
+        total_tokens=usage.get("total_tokens"),
+        processing_ms=processing_ms,
+        created_at=now,
+    )
+    db.session.add(message)
+    db.session.flush()
+    values: dict[str, Any] = {"last_activity": now, "message_count": Chat.message_count + 1}
+    if not chat.title and sender == "visitor":
+        values["title"] = _title_from(content)
+    db.session.execute(
+        update(Chat).where(Chat.id == chat.id).values(**values),
+        execution_options={"synchronize_session": False},
+    )
+    db.session.expire(chat, ["last_activity", "message_count", "title"])
+    return message
+
+
+def _title_from(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 60 else line[:59] + "…"
+
+
+def recent_messages(chat_id: int, limit: int) -> list[Message]:
+    rows = db.session.scalars(
+        select(Message)
+        .where(Message.chat_id == chat_id)
+        .order_by(Message.created_at.desc(), Message.id.desc())
+        .limit(limit)
+    ).all()
+    return list(reversed(rows))
+
+
+def messages_before(chat_id: int, before_id: int, limit: int) -> list[Message]:
+    rows = db.session.scalars(
+        select(Message)
+        .where(Message.chat_id == chat_id, Message.id < before_id)
+        .order_by(Message.id.desc())
+        .limit(limit)
+    ).all()
+    return list(reversed(rows))
+
+
+def should_auto_reply(chat: Chat) -> bool:
+    settings = chat.settings or {}
+    if not settings.get("auto_response", True) or settings.get("human_takeover"):
+        return False
+    if chat.status != "active":
+        return False
+    agent = db.session.get(Agent, chat.agent_id) if chat.agent_id else None
+    return agent is not None and agent.is_active
+
+
+def set_takeover(chat: Chat, on: bool) -> None:
+    chat.settings = {**(chat.settings or {}), "human_takeover": bool(on)}
+
+
+def complete_chat(chat: Chat) -> None:
+    if chat.status == "active":
+        chat.status = "completed"
+        chat.is_active = False
+        emit(
+            "chat.completed",
+            tenant_id=chat.tenant_id,
+            entity="chat",
+            entity_id=chat.id,
+            payload={"label": chat.feed_label()},
+        )
+
+
+def rate_chat(chat: Chat, score: Any) -> None:
+    if not isinstance(score, int) or isinstance(score, bool) or not 1 <= score <= 5:
+        raise ChatError("invalid_rating", "A rating is a whole number from 1 to 5.")
+    chat.satisfaction = score
+
+
+def apply_sentiment(message: Message, sentiment: Sentiment) -> None:
+    """Store the sentiment, emit message.analyzed, escalate and adjust the tone."""
+    message.sentiment_label = sentiment.label
+    message.sentiment_score = sentiment.score
+    chat = db.session.get(Chat, message.chat_id)
+    excerpt = message.content[:200]
+    emit(
+        "message.analyzed",
+        tenant_id=message.tenant_id,
+        entity="message",
+        entity_id=message.id,
+        payload={
+            "chat_id": message.chat_id,
+            "label": f"{sentiment.label} ({sentiment.score:+.2f})",
+            "sentiment": sentiment.label,
+            "score": sentiment.score,
+            "backend": sentiment.backend,
+        },
+    )
+    if sentiment.label == NEGATIVE:
+        emit(
+            "escalation.triggered",
+            tenant_id=message.tenant_id,
+            entity="chat",
+            entity_id=message.chat_id,
+            payload={
+                "label": f"Negative message in {chat.feed_label() if chat else 'a chat'}",
+                "reason": "negative_sentiment",
+                "message_id": message.id,
+                "score": sentiment.score,
+                "excerpt": excerpt,
+            },
+        )
+    tone = TONE_FOR_SENTIMENT.get(sentiment.label)
+    if chat is not None and tone and (chat.agent_settings or {}).get("tone") != tone:
+        style = "supportive" if tone == "empathetic" else "enthusiastic"
+        chat.agent_settings = {**(chat.agent_settings or {}), "tone": tone, "response_style": style}
+
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_WORD = re.compile(r"[a-zA-ZÀ-ÿ']{3,}")
+_STOP = set(
+    "the and for you your are was with that this have has not but can will what when how "
+    "hi hello thanks thank please there they them then than just about into from our".split()
+)
+
+
+def extractive_summary(messages: list[Message], max_sentences: int = 3) -> str:
+    """The most representative sentences of the conversation, in their original order."""
+    sentences: list[tuple[int, str, str]] = []
+    for message in messages:
+        for sentence in _SENTENCE.split(" ".join(message.content.split())):
+            if len(sentence) >= 8:
+                sentences.append((len(sentences), message.sender, sentence))
+    if not sentences:
+        return "No conversation to summarise."
+    freq = Counter(
+        w.lower() for _, _, s in sentences for w in _WORD.findall(s) if w.lower() not in _STOP
+    )
+
+    def score(item: tuple[int, str, str]) -> float:
+        words = [w.lower() for w in _WORD.findall(item[2]) if w.lower() not in _STOP]
+        return sum(freq[w] for w in words) / (len(words) + 1) + (0.5 if item[1] == "visitor" else 0)
+
+    best = sorted(sorted(sentences, key=score, reverse=True)[:max_sentences])
+    return " ".join(f"{sender.capitalize()}: {text}" for _, sender, text in best)[:1000]
+
+
+def summarise(chat: Chat) -> str:
+    from services.assistant import complete
+
+    messages = recent_messages(chat.id, 200)
+    if not messages:
+        return "No messages were exchanged."
+    transcript = "\n".join(f"{m.sender}: {m.content}" for m in messages)[-12000:]
+    llm = complete(
+        [
+            {
+                "role": "system",
+                "content": "Summarise this customer conversation in at most three sentences: "
+                "the visitor's need, what was done, and what is still open.",
+            },
+            {"role": "user", "content": transcript},
+        ]
+    )
+    return llm or extractive_summary(messages)
+
+
+def archive_chat(chat: Chat) -> None:
+    if chat.status == "archived":
+        return
+    chat.summary = summarise(chat)
+    chat.status = "archived"
+    chat.is_active = False
+    chat.archived_at = utcnow()
+    emit(
+        "chat.archived",
+        tenant_id=chat.tenant_id,
+        entity="chat",
+        entity_id=chat.id,
+        payload={"label": chat.feed_label(), "summary": chat.summary[:300]},
+    )
+
+
+@dataclass
+class ArchiveCandidates:
+    ids: list[int]
+    cutoff: datetime
+
+
+def archive_candidates(now: datetime | None = None, limit: int = 500) -> ArchiveCandidates:
+    """Completed chats, and active ones idle longer than CHAT_INACTIVITY_HOURS."""
+    now = now or utcnow()
+    cutoff = now - timedelta(hours=current_app.config.get("CHAT_INACTIVITY_HOURS", 24))
+    ids = db.session.scalars(
+        select(Chat.id)
+        .where(
+            (Chat.status == "completed")
+            | ((Chat.status == "active") & (Chat.last_activity < cutoff))
+        )
+        .order_by(Chat.id)
+        .limit(limit)
+    ).all()
+    return ArchiveCandidates(list(ids), cutoff)
+
+
+def message_counts(chat_ids: list[int]) -> dict[int, int]:
+    rows = db.session.execute(
+        select(Message.chat_id, func.count())
+        .where(Message.chat_id.in_(chat_ids))
+        .group_by(Message.chat_id)
+    )
+    return dict(rows.all())

@@ -1,0 +1,174 @@
+"""Chat handlers and actors: sentiment, auto-replies (streamed), live frames, archiving."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from flask import current_app
+from sqlalchemy import select
+
+from events import on_commit
+from events.registry import Event, handler, periodic, task
+from extensions import db
+from models.chats import Agent, Chat, Message
+from services import chat_live, chats
+from services.assistant import (
+    NOT_CONFIGURED_REPLY,
+    UNAVAILABLE_REPLY,
+    build_messages,
+    is_configured,
+    stream_reply,
+)
+from services.kv import kv
+from services.notifications import notification_rule
+from services.sentiment import analyse
+
+log = logging.getLogger(__name__)
+
+notification_rule(
+    "escalation.triggered",
+    type="escalation",
+    recipients="tenant_admins",
+    title=lambda e: "A visitor is unhappy",
+    body=lambda e: e.payload.get("excerpt", ""),
+    link=lambda e: f"/chats/{e.entity_id}",
+    subject=lambda e: f"chat:{e.entity_id}",
+)
+
+
+def _visitor_message(event: Event) -> Message | None:
+    if (event.payload.get("fields") or {}).get("sender") != "visitor":
+        return None
+    return db.session.get(Message, event.entity_id)
+
+
+@handler("message.created", name="chat_sentiment", queue="chats", max_retries=3)
+def analyse_sentiment(event: Event) -> None:
+    message = _visitor_message(event)
+    if message is None or message.sentiment_label is not None:
+        return
+    chat = db.session.get(Chat, message.chat_id)
+    if chat is not None and not (chat.settings or {}).get("sentiment_analysis", True):
+        return
+    chats.apply_sentiment(message, analyse(message.content))
+
+
+@handler("message.created", name="chat_auto_reply", queue="chats", max_retries=3)
+def start_auto_reply(event: Event) -> None:
+    message = _visitor_message(event)
+    if message is None:
+        return
+    chat = db.session.get(Chat, message.chat_id)
+    if chat is None or not chats.should_auto_reply(chat):
+        return
+    app = current_app._get_current_object()
+    on_commit(lambda: app.extensions["switchboard.tasks"].send("generate_reply", message.id))
+
+
+@handler("message.created", "message.updated", name="chat_live_messages", queue="chats")
+def publish_message(event: Event) -> None:
+    """Visitor, operator and system messages (and sentiment badges) reach both sides live.
+    Assistant replies arrive through the reply stream's own `done` frame instead."""
+    message = db.session.get(Message, event.entity_id)
+    if message is None:
+        return
+    if event.action == "created" and message.sender == "assistant" and message.in_response_to_id:
+        return
+    chat_live.publish_message(message, updated=event.action == "updated")
+
+
+@handler(
+    "chat.created",
+    "chat.updated",
+    "chat.archived",
+    "chat.completed",
+    name="chat_live_rows",
+    queue="chats",
+)
+def publish_chat_row(event: Event) -> None:
+    chat = db.session.get(Chat, event.entity_id)
+    if chat is not None:
+        chat_live.publish_chat_row(chat, created=event.action == "created")
+
+
+def cancel_key(reply_id: str) -> str:
+    return f"cancel:{reply_id}"
+
+
+@task(name="generate_reply", queue="assistant", max_retries=0, time_limit_ms=120_000)
+def generate_reply(message_id: int) -> None:
+    """Stream the assistant's reply to a visitor message, then save it (idempotent)."""
+    cfg = current_app.config
+    message = db.session.get(Message, message_id)
+    if message is None:
+        return
+    already = db.session.scalar(
+        select(Message.id).where(
+            Message.in_response_to_id == message.id, Message.sender == "assistant"
+        )
+    )
+    chat = db.session.get(Chat, message.chat_id)
+    if already is not None or chat is None or not chats.should_auto_reply(chat):
+        return
+    agent = db.session.get(Agent, chat.agent_id)
+    reply_id = chat_live.reply_id_for(message.id)
+    history = [
+        (m.sender, m.content)
+        for m in chats.recent_messages(chat.id, cfg.get("CHAT_HISTORY_MESSAGES", 50))
+    ]
+    tone = (chat.agent_settings or {}).get("tone")
+    settings = chat.settings or {}
+    db.session.commit()  # no transaction held open while the model talks
+
+    stream = chat_live.ReplyStream(chat.tenant_id, chat.id, reply_id)
+    stream.start()
+    if not is_configured():
+        result_text, failed, usage, cancelled, ms = NOT_CONFIGURED_REPLY, True, None, False, 0
+        stream.delta(result_text)
+        error_code = None  # not an outage: the fallback says plainly why
+    else:
+        started = time.monotonic()
+        result = stream_reply(
+            model=agent.model if agent else cfg["OPENAI_MODEL"],
+            temperature=float(settings.get("temperature", agent.temperature if agent else 0.7)),
+            max_tokens=int(settings.get("max_tokens", agent.max_tokens if agent else 1000)),
+            messages=build_messages(agent.system_prompt if agent else "", tone, history),
+            budget_seconds=cfg.get("CHAT_RESPONSE_TIMEOUT", 30),
+            on_delta=stream.delta,
+            should_cancel=lambda: kv().has_flag(cancel_key(reply_id)),
+        )
+        cancelled, usage, ms = result.cancelled, result.usage, result.processing_ms
+        failed = result.failed and not result.cancelled
+        result_text = result.content
+        error_code = None
+        if failed:
+            log.warning("assistant failed for message %s: %s", message_id, result.error)
+            if not result.content:
+                result_text = UNAVAILABLE_REPLY
+                stream.delta(result_text)
+            error_code = "assistant_unavailable"
+        ms = ms or int((time.monotonic() - started) * 1000)
+    chat = db.session.get(Chat, message.chat_id)
+    saved = None
+    if result_text:
+        saved = chats.add_message(
+            chat,
+            "assistant",
+            result_text,
+            in_response_to_id=message.id,
+            usage=usage,
+            processing_ms=ms,
+        )
+    db.session.commit()
+    stream.done(saved, usage=usage, cancelled=cancelled, error_code=error_code)
+
+
+@periodic("CHAT_ARCHIVE_INTERVAL", name="archive_inactive_chats")
+def archive_inactive_chats() -> None:
+    candidates = chats.archive_candidates()
+    for chat_id in candidates.ids:
+        chat = db.session.get(Chat, chat_id)
+        if chat is not None:
+            chats.archive_chat(chat)
+            db.session.commit()

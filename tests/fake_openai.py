@@ -1,0 +1,165 @@
+"""A local OpenAI-compatible chat-completions server for tests and benchmarks.
+
+It streams a scripted reply as server-sent events exactly like the real API (one
+`chat.completion.chunk` per token, a final chunk with usage, then `data: [DONE]`), can fail
+the first N requests with a status code, can stall, and records every request and whether
+the client went away mid-stream (so a test can prove a cancel stopped the upstream call).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass
+class Script:
+    reply: str = "Hello! How can I help you today?"
+    chunk_delay: float = 0.0
+    fail_first: int = 0
+    fail_status: int = 500
+    stall_seconds: float = 0.0  # wait this long before the first byte
+    # Structured JSON responses for non-streaming calls (e.g. sentiment or summaries).
+    json_reply: str | None = None
+
+
+@dataclass
+class Record:
+    body: dict[str, Any]
+    chunks_sent: int = 0
+    client_gone: bool = False
+    finished: bool = False
+
+
+@dataclass
+class FakeOpenAI:
+    script: Script = field(default_factory=Script)
+    records: list[Record] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+    _failures: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> FakeOpenAI:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                record = Record(body=body)
+                with fake._lock:
+                    fake.records.append(record)
+                    fail = fake._failures < fake.script.fail_first
+                    if fail:
+                        fake._failures += 1
+                if fail:
+                    self._json(fake.script.fail_status, {"error": {"message": "scripted failure"}})
+                    return
+                if fake.script.stall_seconds:
+                    time.sleep(fake.script.stall_seconds)
+                if body.get("stream"):
+                    self._stream(record, body)
+                else:
+                    content = fake.script.json_reply or fake.script.reply
+                    self._json(200, _completion(body, content))
+                    record.finished = True
+
+            def _json(self, status: int, data: dict) -> None:
+                payload = json.dumps(data).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def _stream(self, record: Record, body: dict) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Cache-Control", "no-cache")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                tokens = _tokens(fake.script.reply)
+                try:
+                    for index, token in enumerate(tokens):
+                        delta = {"content": token}
+                        if index == 0:
+                            delta["role"] = "assistant"
+                        self._event(_chunk(body, delta))
+                        record.chunks_sent += 1
+                        if fake.script.chunk_delay:
+                            time.sleep(fake.script.chunk_delay)
+                    usage = {
+                        "prompt_tokens": 12,
+                        "completion_tokens": len(tokens),
+                        "total_tokens": 12 + len(tokens),
+                    }
+                    self._event(_chunk(body, {}, finish="stop", usage=usage))
+                    self.wfile.write(b"data: [DONE]\n\n")
+                    self.wfile.flush()
+                    record.finished = True
+                except (BrokenPipeError, ConnectionResetError):
+                    record.client_gone = True
+                self.close_connection = True
+
+            def _event(self, data: dict) -> None:
+                self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+                self.wfile.flush()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def _tokens(text: str) -> list[str]:
+    words = text.split(" ")
+    return [w if i == 0 else " " + w for i, w in enumerate(words)]
+
+
+def _chunk(body: dict, delta: dict, finish: str | None = None, usage: dict | None = None) -> dict:
+    data = {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": body.get("model", "fake"),
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    if usage is not None:
+        data["usage"] = usage
+    return data
+
+
+def _completion(body: dict, content: str) -> dict:
+    return {
+        "id": "chatcmpl-fake",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "fake"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }

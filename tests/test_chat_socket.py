@@ -1,0 +1,306 @@
+"""The widget protocol over a real /ws/chat socket against a local OpenAI-compatible server."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import websocket
+from sqlalchemy import select
+
+from models.accounts import Tenant
+from models.chats import Agent, Chat, Message
+from tests.chat_client import ChatClient
+from tests.conftest import drain
+from tests.fake_openai import FakeOpenAI, Script
+
+SITE = "http://shop.example"
+
+
+@pytest.fixture
+def upstream(app):
+    fake = FakeOpenAI(Script()).start()
+    app.config.update(OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="test-key")
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def tenant(app, factory):
+    from extensions import db
+
+    t = factory.tenant("Shop")
+    with app.app_context():
+        row = db.session.get(Tenant, t.id)
+        row.allowed_origins = SITE
+        db.session.add(
+            Agent(
+                tenant_id=t.id,
+                name="Helper",
+                model="fake-model",
+                is_default=True,
+                system_prompt="You help shoppers.",
+            )
+        )
+        db.session.commit()
+        db.session.refresh(row)
+        db.session.expunge(row)
+    return row
+
+
+@pytest.fixture
+def connect(live_server, tenant):
+    clients: list[ChatClient] = []
+
+    def open_client(visitor: str | None = None, origin: str = SITE) -> ChatClient:
+        client = ChatClient(live_server.url, tenant.widget_key, origin, visitor=visitor)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for client in clients:
+        client.close()
+
+
+def _db(app):
+    from extensions import db
+
+    return db
+
+
+def test_streamed_reply_arrives_in_order_and_is_saved(app, worker, upstream, connect):
+    upstream.script.reply = "Orders ship within two working days from our warehouse."
+    client = connect()
+    session = client.send("session_init") or client.expect("session")
+    assert session["messages"] == [] and session["status"] == "active"
+    client.send("message", content="When will my order ship?")
+    ack = client.expect("message")
+    assert ack["message"]["sender"] == "visitor"
+    deltas, done = client.collect_reply()
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(d["text"] for d in deltas) == upstream.script.reply
+    assert done["message"]["sender"] == "assistant" and not done["cancelled"]
+    assert done["usage"]["completion_tokens"] == len(deltas)
+
+    with app.app_context():
+        db = _db(app)
+        reply = db.session.get(Message, done["message"]["id"])
+        assert reply.content == upstream.script.reply
+        assert reply.in_response_to_id == ack["message"]["id"]
+        assert reply.total_tokens and reply.processing_ms is not None
+        chat = db.session.scalars(select(Chat)).one()
+        assert chat.message_count == 2
+    # The model saw the agent's system prompt, model and the visitor's message.
+    sent = upstream.records[-1].body
+    assert sent["model"] == "fake-model" and sent["stream"] is True
+    assert sent["messages"][0] == {"role": "system", "content": "You help shoppers."}
+    assert sent["messages"][-1] == {"role": "user", "content": "When will my order ship?"}
+
+
+def test_cancel_stops_the_upstream_call(app, worker, upstream, connect):
+    upstream.script.reply = " ".join(f"word{i}" for i in range(200))
+    upstream.script.chunk_delay = 0.02
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Tell me everything")
+    client.expect("delta")
+    client.send("cancel")
+    deltas, done = client.collect_reply()
+    assert done["cancelled"] is True
+    deadline = time.monotonic() + 5
+    while not upstream.records[-1].client_gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = upstream.records[-1]
+    assert record.client_gone and not record.finished  # the model call itself was stopped
+    assert record.chunks_sent < 200
+    with app.app_context():
+        saved = _db(app).session.get(Message, done["message"]["id"])
+        assert 0 < len(saved.content) < len(upstream.script.reply)
+
+
+def test_reconnect_resumes_without_duplicates_or_gaps(app, worker, upstream, connect):
+    upstream.script.reply = " ".join(f"t{i}" for i in range(60))
+    upstream.script.chunk_delay = 0.03
+    first = connect()
+    token = first.welcome["visitor_token"]
+    first.send("session_init")
+    chat_id = first.expect("session")["chat_id"]
+    first.send("message", content="Stream please")
+    seen = [first.expect("delta") for _ in range(5)]
+    reply_id = seen[-1]["reply_id"]
+    first.close()  # the visitor's connection drops mid-stream
+
+    again = connect(visitor=token)
+    again.send("session_init", chat_id=chat_id, resume={reply_id: seen[-1]["seq"]})
+    assert again.expect("session")["chat_id"] == chat_id
+    rest, done = again.collect_reply()
+    seqs = [d["seq"] for d in seen] + [d["seq"] for d in rest]
+    if rest:
+        assert seqs == list(range(1, len(seqs) + 1))
+        text = "".join(d["text"] for d in seen + rest)
+        assert text == upstream.script.reply
+    assert done["message"]["html"].startswith("<p>t0 t1")
+
+    # Another tab of the same visitor, joining without a position, gets the whole reply.
+    other = connect(visitor=token)
+    other.send("session_init", chat_id=chat_id)
+    session = other.expect("session")
+    texts = [m["html"] for m in session["messages"]]
+    assert any("t59" in html for html in texts)
+    with app.app_context():
+        assert (
+            _db(app).session.scalar(select(Message.content).where(Message.sender == "assistant"))
+            == upstream.script.reply
+        )
+
+
+def test_reply_completes_and_is_saved_when_the_visitor_leaves(app, worker, upstream, connect):
+    upstream.script.chunk_delay = 0.02
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Hello?")
+    client.expect("message")
+    client.close()
+    drain(app)
+    with app.app_context():
+        reply = _db(app).session.scalar(select(Message).where(Message.sender == "assistant"))
+        assert reply is not None and reply.content == upstream.script.reply
+
+
+def test_rate_limit_gives_retry_after(app, connect):
+    app.config["CHAT_RATE_LIMIT_PER_MINUTE"] = 10
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    for n in range(10):
+        client.send("message", content=f"message {n}")
+        client.expect("message")
+    client.send("message", content="one too many")
+    error = client.expect("error")
+    assert error["code"] == "rate_limited"
+    assert 1 <= error["retry_after"] <= 60
+    with app.app_context():
+        contents = _db(app).session.scalars(select(Message.content)).all()
+        assert "one too many" not in contents and len(contents) == 10
+
+
+def test_bad_frames_get_clear_errors(connect):
+    client = connect()
+    client.send("message", content="too early")
+    assert client.expect("error")["code"] == "no_session"
+    client.send_raw("{not json")
+    assert client.expect("error")["code"] == "invalid_json"
+    client.send_raw(b"\x00\x01binary")
+    assert client.expect("error")["code"] == "invalid_json"
+    client.send_raw("[1, 2]")
+    assert client.expect("error")["code"] == "invalid_json"
+    client.send("teleport")
+    assert client.expect("error")["code"] == "unknown_type"
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="   ")
+    assert client.expect("error")["code"] == "empty_message"
+    client.send("message", content="x" * 2001)
+    error = client.expect("error")
+    assert error["code"] == "message_too_long" and "2000" in error["message"]
+    client.send("rate", score=9)
+    assert client.expect("error")["code"] == "invalid_rating"
+    client.send("rate", score=4)
+    assert client.expect("rated")["score"] == 4
+
+
+def _close_code(ws) -> int | None:
+    try:
+        opcode, data = ws.recv_data(control_frame=True)
+    finally:
+        ws.shutdown()
+    if opcode == websocket.ABNF.OPCODE_CLOSE and len(data) >= 2:
+        return int.from_bytes(data[:2], "big")
+    return None
+
+
+def test_origin_not_allowed_and_unknown_key_are_refused(live_server, tenant):
+    base = live_server.url.replace("http://", "ws://")
+    ws = websocket.WebSocket()
+    ws.connect(f"{base}/ws/chat?key={tenant.widget_key}", origin="http://evil.example", timeout=5)
+    assert _close_code(ws) == 1008
+    ws = websocket.WebSocket()
+    ws.connect(f"{base}/ws/chat?key=wk_nope", origin=SITE, timeout=5)
+    assert _close_code(ws) == 1008
+
+
+def test_someone_elses_chat_id_opens_a_new_chat(app, connect):
+    owner = connect()
+    owner.send("session_init")
+    chat_id = owner.expect("session")["chat_id"]
+    owner.send("message", content="private words")
+    owner.expect("message")
+    stranger = connect()  # another visitor who learnt the chat id
+    stranger.send("session_init", chat_id=chat_id)
+    session = stranger.expect("session")
+    assert session["chat_id"] != chat_id and session["messages"] == []
+
+
+def test_model_html_is_sanitised_everywhere(app, worker, upstream, connect, factory):
+    upstream.script.reply = '<script>alert("x")</script> **bold** <img src=x onerror=alert(1)>'
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="<b>hi</b><script>alert(2)</script>")
+    visitor = client.expect("message")["message"]
+    assert "<script" not in visitor["html"] and "&lt;script&gt;" in visitor["html"]
+    _, done = client.collect_reply()
+    html = done["message"]["html"]
+    assert "<script" not in html and "onerror=" not in html.replace("onerror=alert", "")
+    assert "<strong>bold</strong>" in html and "&lt;script&gt;" in html
+
+    from tests.conftest import login
+
+    with app.app_context():
+        chat = _db(app).session.scalars(select(Chat)).one()
+        tenant_id = chat.tenant_id
+        chat_pk = chat.id
+    from models.accounts import Tenant as TenantModel
+
+    with app.app_context():
+        tenant_row = _db(app).session.get(TenantModel, tenant_id)
+    operator = factory.user(tenant_row, role="agent")
+    web = app.test_client()
+    login(web, operator)
+    page = web.get(f"/chats/{chat_pk}").get_data(as_text=True)
+    assert "<script>alert" not in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;" in page or "&lt;script&gt;" in page
+    assert "<img" not in page
+
+
+def test_provider_errors_are_retried_then_fall_back(app, worker, upstream, connect):
+    upstream.script.fail_first = 2
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Hello")
+    deltas, done = client.collect_reply()
+    assert "".join(d["text"] for d in deltas) == upstream.script.reply  # third try worked
+    assert len(upstream.records) == 3
+
+    upstream.script.fail_first = 10_000  # now it never recovers
+    app.config["CHAT_RESPONSE_TIMEOUT"] = 1.5
+    client.send("message", content="Still there?")
+    deltas, done = client.collect_reply()
+    assert "unavailable" in done["message"]["html"]
+    assert client.expect("error")["code"] == "assistant_unavailable"
+    with app.app_context():
+        texts = _db(app).session.scalars(select(Message.content)).all()
+        assert "Still there?" in texts  # the visitor's message was saved first
+
+
+def test_without_a_provider_the_fallback_says_so(app, worker, connect):
+    app.config.update(OPENAI_BASE_URL=None, OPENAI_API_KEY=None)
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Anyone?")
+    _, done = client.collect_reply()
+    assert "not connected to a language model" in done["message"]["html"]
