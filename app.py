@@ -54,6 +54,7 @@ def create_app(config: object | None = None) -> Flask:
     import models  # noqa: F401 - register every table with the metadata
 
     db.init_app(app)
+    _sqlite_pragmas()
     migrate.init_app(
         app, db, directory=str(BASE_DIR / "migrations"), render_as_batch=True, compare_type=True
     )
@@ -75,6 +76,29 @@ def create_app(config: object | None = None) -> Flask:
     _register_cli(app)
     _register_hooks(app)
     return app
+
+
+def _sqlite_pragmas() -> None:
+    """SQLite enforces foreign keys (ON DELETE CASCADE) only when asked, per connection;
+    WAL lets the embedded worker threads write while pages read."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if getattr(_sqlite_pragmas, "installed", False):
+        return
+
+    @event.listens_for(Engine, "connect")
+    def _on_connect(dbapi_connection, connection_record):
+        import sqlite3
+
+        if isinstance(dbapi_connection, sqlite3.Connection):
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA busy_timeout=10000")
+            cursor.close()
+
+    _sqlite_pragmas.installed = True
 
 
 def _init_live(app: Flask) -> None:
@@ -127,6 +151,15 @@ def _register_cli(app: Flask) -> None:
     app.cli.add_command(demo_cli)
     app.cli.add_command(events_cli)
     app.cli.add_command(serve_command)
+
+    import click
+
+    from blueprints.chats.cli_ops import COMMANDS as chat_commands
+
+    chats_group = click.Group("chats", help="Chats: maintenance, exports and reports.")
+    for command in chat_commands:
+        chats_group.add_command(command)
+    app.cli.add_command(chats_group)
 
 
 def _register_hooks(app: Flask) -> None:

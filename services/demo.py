@@ -15,6 +15,7 @@ from models.chats import Agent, Chat, Message
 from models.devices import Device, Location, Manufacturer
 from models.projects import GeneratedProject, Project, ProjectFile
 from services.accounts import create_user, get_or_create_tenant
+from services.chats import DEFAULT_SETTINGS, agent_settings_for
 
 DEMO_TENANT = "Demo"
 
@@ -105,6 +106,7 @@ def load_demo() -> DemoResult:
             visitor_id=f"demo-{index}",
             last_activity=started,
             message_count=len(lines),
+            settings={**DEFAULT_SETTINGS, **agent_settings_for(agent)},
         )
         db.session.add(chat)
         db.session.flush()

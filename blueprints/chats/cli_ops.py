@@ -1,0 +1,168 @@
+"""`flask chats …` maintenance commands (added to the `chats` command group in app.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from datetime import timedelta
+
+import click
+from flask.cli import with_appcontext
+from sqlalchemy import delete, func, select, update
+
+from events.outbox import to_primitive
+from extensions import db
+from models.base import utcnow
+from models.chats import Chat, Message
+from services import chats as chat_service
+
+
+def _find_chat(ref: str) -> Chat | None:
+    if ref.isdigit():
+        return db.session.get(Chat, int(ref))
+    try:
+        key = uuid.UUID(ref)
+    except ValueError:
+        return None
+    return db.session.scalar(select(Chat).where(Chat.public_id == key))
+
+
+@click.command("cleanup")
+@click.option("--days", default=365, show_default=True, type=click.IntRange(min=1))
+@click.option("--dry-run", is_flag=True, help="Only count what would be deleted.")
+@with_appcontext
+def cleanup_command(days: int, dry_run: bool) -> None:
+    """Delete archived and completed chats with no activity for DAYS days."""
+    cutoff = utcnow() - timedelta(days=days)
+    ids = db.session.scalars(
+        select(Chat.id)
+        .where(Chat.status.in_(("archived", "completed")), Chat.last_activity < cutoff)
+        .order_by(Chat.id)
+    ).all()
+    messages = (
+        db.session.scalar(select(func.count()).select_from(Message).where(Message.chat_id.in_(ids)))
+        if ids
+        else 0
+    )
+    if dry_run:
+        click.echo(f"Would delete {len(ids)} chats and {messages} messages older than {days} days.")
+        return
+    with click.progressbar(range(0, len(ids), 200), label="Deleting chats") as batches:
+        for start in batches:
+            batch = ids[start : start + 200]
+            for chat in db.session.scalars(select(Chat).where(Chat.id.in_(batch))):
+                db.session.delete(chat)  # through the ORM: each deletion is an event
+            db.session.commit()
+    click.echo(f"Deleted {len(ids)} chats and {messages} messages.")
+
+
+@click.command("validate")
+@click.option("--fix", is_flag=True, help="Repair what can be repaired.")
+@with_appcontext
+def validate_command(fix: bool) -> None:
+    """Find chats without messages, message_count drift and orphaned messages."""
+    counts = dict(
+        db.session.execute(select(Message.chat_id, func.count()).group_by(Message.chat_id)).all()
+    )
+    empty, drift = [], []
+    rows = db.session.execute(select(Chat.id, Chat.message_count, Chat.status)).all()
+    with click.progressbar(rows, label="Checking chats") as progress:
+        for chat_id, recorded, status in progress:
+            actual = counts.get(chat_id, 0)
+            if actual == 0 and status != "active":
+                empty.append(chat_id)
+            if recorded != actual:
+                drift.append((chat_id, recorded, actual))
+    orphans = db.session.scalars(
+        select(Message.id)
+        .outerjoin(Chat, Chat.id == Message.chat_id)
+        .where((Chat.id.is_(None)) | (Chat.tenant_id != Message.tenant_id))
+    ).all()
+    click.echo(f"Chats without messages (not active): {len(empty)}")
+    click.echo(f"Chats whose message_count is wrong: {len(drift)}")
+    for chat_id, recorded, actual in drift[:20]:
+        click.echo(f"  chat {chat_id}: says {recorded}, has {actual}")
+    click.echo(f"Orphaned messages: {len(orphans)}")
+    if not fix:
+        if empty or drift or orphans:
+            click.echo("Run with --fix to repair.")
+        return
+    for chat_id, _, actual in drift:
+        db.session.execute(update(Chat).where(Chat.id == chat_id).values(message_count=actual))
+    if orphans:
+        db.session.execute(delete(Message).where(Message.id.in_(orphans)))
+    for chat in db.session.scalars(select(Chat).where(Chat.id.in_(empty))):
+        db.session.delete(chat)
+    db.session.commit()
+    click.echo(
+        f"Fixed: {len(drift)} counts, deleted {len(orphans)} orphans and {len(empty)} empty chats."
+    )
+
+
+@click.command("anonymize")
+@click.option("--user-id", required=True, type=int)
+@with_appcontext
+def anonymize_command(user_id: int) -> None:
+    """Remove a user's identity and words from their chats (their messages are redacted)."""
+    chat_ids = db.session.scalars(select(Chat.id).where(Chat.user_id == user_id)).all()
+    if not chat_ids:
+        raise click.ClickException(f"No chats belong to user {user_id}.")
+    with click.progressbar(chat_ids, label="Anonymising chats") as progress:
+        for chat_id in progress:
+            chat = db.session.get(Chat, chat_id)
+            for message in db.session.scalars(
+                select(Message).where(Message.chat_id == chat_id, Message.sender == "visitor")
+            ):
+                message.content = "[removed]"
+                message.sentiment_label = message.sentiment_score = None
+            chat.user_id = None
+            chat.visitor_id = "anon-" + uuid.uuid4().hex[:12]
+            chat.context = {}
+            chat.title = "Anonymised chat"
+            db.session.commit()
+    click.echo(f"Anonymised {len(chat_ids)} chats of user {user_id}.")
+
+
+@click.command("archive-inactive")
+@with_appcontext
+def archive_inactive_command() -> None:
+    """Archive (and summarise) completed chats and chats idle past CHAT_INACTIVITY_HOURS."""
+    candidates = chat_service.archive_candidates(limit=100_000)
+    with click.progressbar(candidates.ids, label="Archiving chats") as progress:
+        for chat_id in progress:
+            chat = db.session.get(Chat, chat_id)
+            if chat is not None:
+                chat_service.archive_chat(chat)
+                db.session.commit()
+    click.echo(f"Archived {len(candidates.ids)} chats.")
+
+
+@click.command("export")
+@click.option("--chat-id", "ref", required=True, help="The chat's number or public id.")
+@with_appcontext
+def export_command(ref: str) -> None:
+    """Print one chat with all its messages as JSON."""
+    chat = _find_chat(ref)
+    if chat is None:
+        raise click.ClickException(f"No chat {ref!r}.")
+    messages = db.session.scalars(
+        select(Message).where(Message.chat_id == chat.id).order_by(Message.created_at, Message.id)
+    ).all()
+    columns = [c.key for c in Chat.__table__.columns]
+    data = {key: to_primitive(getattr(chat, key)) for key in columns}
+    message_columns = [c.key for c in Message.__table__.columns]
+    data["messages"] = [
+        {key: to_primitive(getattr(m, key)) for key in message_columns} for m in messages
+    ]
+    json.dump(data, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+COMMANDS = [
+    cleanup_command,
+    validate_command,
+    anonymize_command,
+    archive_inactive_command,
+    export_command,
+]
