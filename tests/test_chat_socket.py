@@ -304,3 +304,47 @@ def test_without_a_provider_the_fallback_says_so(app, worker, connect):
     client.send("message", content="Anyone?")
     _, done = client.collect_reply()
     assert "not connected to a language model" in done["message"]["html"]
+
+
+def test_operator_watches_live_and_the_visitor_sees_the_operator(
+    app, worker, upstream, connect, live_server, tenant, factory
+):
+    from tests.conftest import PASSWORD
+    from tests.helpers import Browserless, receive_until
+
+    upstream.script.reply = "Let me check that for you right away."
+    upstream.script.chunk_delay = 0.01
+    operator = factory.user(tenant, role="agent")
+    visitor = connect()
+    visitor.send("session_init")
+    chat_public = visitor.expect("session")["chat_id"]
+    visitor.send("message", content="Is anyone there?")
+    visitor.collect_reply()
+    with app.app_context():
+        chat_pk = _db(app).session.scalar(select(Chat.id))
+    assert chat_public
+
+    console = Browserless(live_server.url).login(operator.email, PASSWORD)
+    ws = console.open_socket(console.live_url(f"/chats/{chat_pk}"))
+    try:
+        snapshot = ws.recv()
+        assert "Is anyone there?" in snapshot and "Let me check that" in snapshot
+        visitor.send("message", content="Hello again")
+        receive_until(ws, lambda f: "Hello again" in f)
+        frames = receive_until(ws, lambda f: "msg msg-assistant" in f and "right away" in f)
+        assert any(f"chat-{chat_pk}-streaming" in f for f in frames)
+
+        token = console.http.get(f"{live_server.url}/chats/{chat_pk}").text
+        csrf = token.split('"X-CSRFToken": "')[1].split('"')[0]
+        response = console.http.post(
+            f"{live_server.url}/chats/{chat_pk}/reply",
+            data={"content": "An operator here: **hello**", "csrf_token": csrf},
+            allow_redirects=False,
+        )
+        assert response.status_code == 303
+        frame = visitor.expect("message")
+        while frame["message"]["sender"] != "operator":
+            frame = visitor.expect("message")
+        assert "<strong>hello</strong>" in frame["message"]["html"]
+    finally:
+        ws.close()
