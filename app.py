@@ -161,6 +161,10 @@ def _register_cli(app: Flask) -> None:
         chats_group.add_command(command)
     app.cli.add_command(chats_group)
 
+    from blueprints.projects.cli import projects_cli
+
+    app.cli.add_command(projects_cli)
+
 
 def _register_hooks(app: Flask) -> None:
     from models.accounts import User

@@ -164,6 +164,13 @@ class Config:
         self.SENTIMENT_BACKEND = _env("SENTIMENT_BACKEND", "vader")
         self.SENTIMENT_THRESHOLD = _float("SENTIMENT_THRESHOLD", 0.05)
 
+        # Projects: generation limits and where export artifacts are kept.
+        self.PROJECT_MAX_FILES = _int("PROJECT_MAX_FILES", 200)
+        self.PROJECT_MAX_FILE_BYTES = _int("PROJECT_MAX_FILE_BYTES", 256 * 1024)
+        self.PROJECT_MAX_TOTAL_BYTES = _int("PROJECT_MAX_TOTAL_BYTES", 5 * 1024 * 1024)
+        self.PROJECT_GENERATION_TIMEOUT = _float("PROJECT_GENERATION_TIMEOUT", 120.0)
+        self.EXPORTS_DIR = _env("EXPORTS_DIR")  # default: instance/exports
+
         self.FEED_PAGE_SIZE = _int("FEED_PAGE_SIZE", 50)
         self.LIST_PAGE_SIZE = _int("LIST_PAGE_SIZE", 25)
 

@@ -14,13 +14,27 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    event,
+    inspect,
 )
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, Session, mapped_column, relationship, validates
 
 from extensions import db
 from models.base import Timestamps, Tracked, UTCDateTime, tenant_fk, utcnow
 
 GENERATION_STATUSES = ("pending", "generating", "completed", "failed", "archived")
+# The only status changes a generation may make (services/projects.py enforces them in SQL).
+TRANSITIONS: dict[str, frozenset[str]] = {
+    "pending": frozenset({"generating"}),
+    "generating": frozenset({"completed", "failed"}),
+    "completed": frozenset({"archived"}),
+    "failed": frozenset(),
+    "archived": frozenset(),
+}
+
+
+class InvalidTransition(ValueError):
+    """Raised by the model itself for a status change the lifecycle forbids."""
 EXPORT_FORMATS = ("zip", "git")
 EXPORT_STATUSES = ("pending", "running", "completed", "failed")
 
@@ -76,6 +90,18 @@ class GeneratedProject(Tracked, Timestamps, db.Model):
     def feed_label(self) -> str:
         return f"Generation #{self.id} ({self.status})"
 
+    @validates("status")
+    def _check_status(self, key: str, new: str) -> str:
+        old = self.status  # loaded even after expiry: Tracked keeps active history
+        if new not in TRANSITIONS:
+            raise InvalidTransition(f"{new!r} is not a generation status.")
+        if old is None:
+            if new != "pending":
+                raise InvalidTransition("A generation starts as pending.")
+        elif old != new and new not in TRANSITIONS[old]:
+            raise InvalidTransition(f"A {old} generation cannot become {new}.")
+        return new
+
 
 class ProjectFile(Tracked, db.Model):
     __tablename__ = "project_files"
@@ -125,3 +151,49 @@ class RepositoryExport(Tracked, Timestamps, db.Model):
 
     def feed_label(self) -> str:
         return f"{self.format} export #{self.id} ({self.status})"
+
+
+# ------------------------------------------------------------------ exact totals
+# Whatever code path adds, removes or resizes a file, its generation's totals move in SQL
+# (`SET total = total ± n`) inside the same transaction: exact under concurrency.
+
+
+def _adjust_totals(connection, generated_id: int, files: int, size: int) -> None:
+    table = GeneratedProject.__table__
+    connection.execute(
+        table.update()
+        .where(table.c.id == generated_id)
+        .values(total_files=table.c.total_files + files, total_size=table.c.total_size + size)
+    )
+
+
+@event.listens_for(ProjectFile, "after_insert")
+def _file_inserted(mapper, connection, target: ProjectFile) -> None:
+    _adjust_totals(connection, target.generated_project_id, 1, target.file_size or 0)
+
+
+@event.listens_for(ProjectFile, "after_delete")
+def _file_deleted(mapper, connection, target: ProjectFile) -> None:
+    _adjust_totals(connection, target.generated_project_id, -1, -(target.file_size or 0))
+
+
+@event.listens_for(ProjectFile, "after_update")
+def _file_updated(mapper, connection, target: ProjectFile) -> None:
+    history = inspect(target).attrs.file_size.history
+    if history.deleted and history.added:
+        delta = (history.added[0] or 0) - (history.deleted[0] or 0)
+        _adjust_totals(connection, target.generated_project_id, 0, delta)
+
+
+@event.listens_for(Session, "after_flush")
+def _expire_totals(session: Session, flush_context) -> None:
+    # The totals changed in SQL: loaded generations must re-read them.
+    touched = {
+        obj.generated_project_id
+        for obj in (*session.new, *session.deleted, *session.dirty)
+        if isinstance(obj, ProjectFile)
+    }
+    if touched:
+        for obj in list(session.identity_map.values()):
+            if isinstance(obj, GeneratedProject) and obj.id in touched:
+                session.expire(obj, ["total_files", "total_size"])

@@ -13,7 +13,8 @@ from models.accounts import Tenant, User
 from models.base import utcnow
 from models.chats import Agent, Chat, Message
 from models.devices import Device, Location, Manufacturer
-from models.projects import GeneratedProject, Project, ProjectFile
+from models.projects import Project
+from services import projects
 from services.accounts import create_user, get_or_create_tenant
 from services.chats import DEFAULT_SETTINGS, agent_settings_for
 
@@ -167,28 +168,12 @@ def load_demo() -> DemoResult:
             "app.py": "from flask import Flask\n\napp = Flask(__name__)\n\n\n"
             "@app.get('/')\ndef index():\n    return {'ok': True}\n",
         }
-        generation = GeneratedProject(
-            tenant_id=tenant.id,
-            project_id=project.id,
-            status="completed",
-            prompt="A minimal Flask API with one endpoint",
-            total_files=len(files),
-            total_size=sum(len(c.encode()) for c in files.values()),
-            started_at=now,
-            completed_at=now,
-        )
-        db.session.add(generation)
-        db.session.flush()
+        # Through the real lifecycle, so the demo's events and totals are the real ones.
+        generation = projects.start_generation(project, "A minimal Flask API with one endpoint")
+        projects.transition(generation.id, "generating")
         for path, content in files.items():
-            db.session.add(
-                ProjectFile(
-                    tenant_id=tenant.id,
-                    generated_project_id=generation.id,
-                    path=path,
-                    content=content,
-                    file_size=len(content.encode()),
-                )
-            )
+            projects.add_file(generation, path, content)
+        projects.transition(generation.id, "completed")
         result.created.append("project")
     db.session.flush()
     return result

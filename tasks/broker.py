@@ -36,6 +36,7 @@ ACTOR_MODULES = (
     "tasks.metrics",
     "tasks.audit",
     "tasks.chats",
+    "tasks.projects",
 )
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from flask.testing import FlaskClient
 from werkzeug.serving import make_server
 
 from config import TestConfig
@@ -38,12 +39,36 @@ def _unavailable(what: str, exc: Exception):
 # ---------------------------------------------------------------- apps
 
 
+class IsolatedClient(FlaskClient):
+    """A test client whose requests never see another client's login.
+
+    Tests often hold an app context open (the `db` fixture); requests then share it and its
+    `g`, where Flask-Login caches the current user and Flask-WTF the CSRF token. Each
+    request starts without them, as it would in its own app context in production."""
+
+    def open(self, *args, **kwargs):
+        from flask import g, has_app_context
+
+        def forget() -> None:
+            if has_app_context():
+                for key in ("_login_user", "csrf_token"):  # Flask-Login's, Flask-WTF's
+                    g.pop(key, None)
+
+        forget()
+        try:
+            return super().open(*args, **kwargs)
+        finally:
+            forget()
+
+
 def make_app(tmp_path, **overrides):
     from app import create_app
 
     overrides.setdefault("SQLALCHEMY_DATABASE_URI", f"sqlite:///{tmp_path / 'test.db'}")
     overrides.setdefault("REDIS_URL", None)
-    return create_app(TestConfig(**overrides))
+    application = create_app(TestConfig(**overrides))
+    application.test_client_class = IsolatedClient
+    return application
 
 
 def _create_schema(app) -> None:
