@@ -164,6 +164,16 @@ class Config:
         self.SENTIMENT_BACKEND = _env("SENTIMENT_BACKEND", "vader")
         self.SENTIMENT_THRESHOLD = _float("SENTIMENT_THRESHOLD", 0.05)
 
+        # Devices: polling, offline detection, alerts.
+        self.DEVICES_POLL_INTERVAL = _float("DEVICES_POLL_INTERVAL", 10.0)
+        self.DEVICES_POLL_TIMEOUT = _float("DEVICES_POLL_TIMEOUT", 3.0)
+        self.DEVICES_OFFLINE_AFTER_MISSES = _int("DEVICES_OFFLINE_AFTER_MISSES", 3)
+        self.DEVICES_AUTO_PROVISION = _bool("DEVICES_AUTO_PROVISION", False)
+        self.DEVICES_ALERT_REMINDER_MINUTES = _float("DEVICES_ALERT_REMINDER_MINUTES", 30.0)
+        self.DEVICES_LOW_BATTERY_BARS = _int("DEVICES_LOW_BATTERY_BARS", 1)
+        # `flask serve` starts this many simulated receivers for the demo tenant (0: none).
+        self.DEMO_SIMULATED_RECEIVERS = _int("DEMO_SIMULATED_RECEIVERS", 4)
+
         # Projects: generation limits and where export artifacts are kept.
         self.PROJECT_MAX_FILES = _int("PROJECT_MAX_FILES", 200)
         self.PROJECT_MAX_FILE_BYTES = _int("PROJECT_MAX_FILE_BYTES", 256 * 1024)

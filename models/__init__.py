@@ -4,7 +4,15 @@ from models import metrics, webhooks  # noqa: F401 - register their tables
 from models.accounts import Tenant, User
 from models.audit import AuditLog
 from models.chats import Agent, Chat, Message
-from models.devices import ActivityLog, Device, Location, Manufacturer, ServiceSyncLog
+from models.devices import (
+    ActivityLog,
+    Device,
+    DeviceEndpoint,
+    DeviceReading,
+    Location,
+    Manufacturer,
+    ServiceSyncLog,
+)
 from models.events import OutboxEvent, ProcessedEvent
 from models.notifications import Notification
 from models.projects import GeneratedProject, Project, ProjectFile, RepositoryExport
@@ -15,6 +23,8 @@ __all__ = [
     "AuditLog",
     "Chat",
     "Device",
+    "DeviceEndpoint",
+    "DeviceReading",
     "GeneratedProject",
     "Location",
     "Manufacturer",

@@ -49,9 +49,34 @@ class Location(Tracked, Timestamps, db.Model):
     maintenance_mode: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class DeviceEndpoint(Tracked, Timestamps, db.Model):
+    """A receiver address a manufacturer service connects to (discovery and polling)."""
+
+    __tablename__ = "device_endpoints"
+    __entity__ = "device_endpoint"
+    __table_args__ = (UniqueConstraint("tenant_id", "manufacturer_id", "host", "port"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk()
+    manufacturer_id: Mapped[int] = mapped_column(ForeignKey("manufacturers.id", ondelete="CASCADE"))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer, default=2202)
+    location_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("locations.id", ondelete="SET NULL")
+    )
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+
+    manufacturer: Mapped[Manufacturer] = relationship()
+
+    def feed_label(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
 class Device(Tracked, Timestamps, db.Model):
     __tablename__ = "devices"
-    __entity__ = "device"
+    # Record changes are "device_record.*": "device.*" topics are the lifecycle events that
+    # manufacturer services emit (discovered, online, offline, updated, synced).
+    __entity__ = "device_record"
     # api_device_id is unique per manufacturer *within a tenant*: two tenants may own
     # receivers that report the same serial-style id, and neither may see the other's.
     __table_args__ = (
@@ -80,11 +105,30 @@ class Device(Tracked, Timestamps, db.Model):
     last_seen: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     maintenance_mode: Mapped[bool] = mapped_column(Boolean, default=False)
     missed_polls: Mapped[int] = mapped_column(Integer, default=0)
+    # When the current outage was alerted and last reminded (None while online).
+    offline_alerted_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    offline_reminded_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     # Battery bars / run time, RF and audio levels, frequency, channel name.
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
     manufacturer: Mapped[Manufacturer] = relationship()
     location: Mapped[Optional[Location]] = relationship()
+
+
+class DeviceReading(db.Model):
+    """A sample of a device's battery, RF and audio levels, for its charts."""
+
+    __tablename__ = "device_readings"
+    __table_args__ = (Index("ix_device_readings_device_at", "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk(index=False)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    battery_bars: Mapped[Optional[int]] = mapped_column(Integer)
+    battery_minutes: Mapped[Optional[int]] = mapped_column(Integer)
+    rf_level: Mapped[Optional[float]] = mapped_column(Float)
+    audio_level: Mapped[Optional[float]] = mapped_column(Float)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class ActivityLog(db.Model):

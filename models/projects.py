@@ -35,6 +35,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
 
 class InvalidTransition(ValueError):
     """Raised by the model itself for a status change the lifecycle forbids."""
+
+
 EXPORT_FORMATS = ("zip", "git")
 EXPORT_STATUSES = ("pending", "running", "completed", "failed")
 

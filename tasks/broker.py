@@ -37,6 +37,7 @@ ACTOR_MODULES = (
     "tasks.audit",
     "tasks.chats",
     "tasks.projects",
+    "tasks.devices",
 )
 
 

@@ -1,20 +1,101 @@
-from flask import current_app
-from flask_login import login_required
-from sqlalchemy import select
+from datetime import datetime, time, timedelta
 
-from blueprints import get_owned_or_404, keyset_page, render, scoped
+from flask import abort, flash, redirect, request, url_for
+from flask_login import current_user, login_required
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from blueprints import admin_required, get_owned_or_404, int_arg, render
 from blueprints.devices import bp
+from blueprints.devices.forms import DeviceForm, EndpointForm, LocationForm, ManufacturerForm
 from extensions import db
-from models.devices import ActivityLog, Device
+from models.devices import (
+    ACTIVITY_STATUSES,
+    ActivityLog,
+    Device,
+    DeviceEndpoint,
+    DeviceReading,
+    Location,
+    Manufacturer,
+)
+from services.charts import Series, line_chart
+from services.live import render_fragment, snapshot
+
+DASHBOARD_LIMIT = 500
+ACTIVITY_PAGE = 50
+
+
+def _locations():
+    return db.session.scalars(
+        select(Location).where(Location.tenant_id == current_user.tenant_id).order_by(Location.name)
+    ).all()
+
+
+def _manufacturers():
+    return db.session.scalars(select(Manufacturer).order_by(Manufacturer.name)).all()
+
+
+def dashboard_devices(tenant_id: int, filters: dict) -> list[Device]:
+    stmt = select(Device).where(Device.tenant_id == tenant_id)
+    if filters.get("location"):
+        stmt = stmt.where(Device.location_id == int(filters["location"]))
+    if filters.get("manufacturer"):
+        stmt = stmt.where(Device.manufacturer_id == int(filters["manufacturer"]))
+    if filters.get("state") == "online":
+        stmt = stmt.where(Device.is_online.is_(True))
+    elif filters.get("state") == "offline":
+        stmt = stmt.where(Device.is_online.is_(False))
+    stmt = stmt.order_by(Device.location_id, Device.name, Device.id).limit(DASHBOARD_LIMIT)
+    return list(db.session.scalars(stmt))
+
+
+def group_by_location(devices: list[Device], locations: list[Location]) -> list[dict]:
+    names = {loc.id: loc for loc in locations}
+    groups: dict[int | None, list[Device]] = {}
+    for device in devices:
+        groups.setdefault(device.location_id, []).append(device)
+    ordered = sorted(groups, key=lambda k: (k is None, names[k].name if k in names else ""))
+    return [{"location": names.get(k), "key": k or 0, "devices": groups[k]} for k in ordered]
+
+
+def _filters() -> dict:
+    args = request.args
+    filters = {}
+    for key in ("location", "manufacturer"):
+        if args.get(key, "").isdigit():
+            filters[key] = args[key]
+    if args.get("state") in ("online", "offline"):
+        filters["state"] = args["state"]
+    return filters
 
 
 @bp.get("/")
 @login_required
 def index():
-    stmt = scoped(select(Device), Device)
-    devices, next_before = keyset_page(stmt, Device.id, current_app.config["LIST_PAGE_SIZE"])
+    filters = _filters()
+    locations = _locations()
+    devices = dashboard_devices(current_user.tenant_id, filters)
     return render(
-        "devices/index.html", "devices/_rows.html", devices=devices, next_before=next_before
+        "devices/index.html",
+        "devices/_grid.html",
+        groups=group_by_location(devices, locations),
+        truncated=len(devices) >= DASHBOARD_LIMIT,
+        filters=filters,
+        locations=locations,
+        manufacturers=_manufacturers(),
+        live_topics=["devices"],
+    )
+
+
+@snapshot("devices")
+def devices_snapshot(tenant_id: int, user) -> str:
+    locations = db.session.scalars(select(Location).where(Location.tenant_id == tenant_id)).all()
+    devices = dashboard_devices(tenant_id, {})
+    return render_fragment(
+        "devices/_grid.html",
+        groups=group_by_location(devices, list(locations)),
+        oob=True,
+        truncated=len(devices) >= DASHBOARD_LIMIT,
     )
 
 
@@ -26,6 +107,224 @@ def detail(device_id: int):
         select(ActivityLog)
         .where(ActivityLog.device_id == device.id, ActivityLog.tenant_id == device.tenant_id)
         .order_by(ActivityLog.created_at.desc(), ActivityLog.id.desc())
+        .limit(ACTIVITY_PAGE)
+    ).all()
+    since = datetime.now().astimezone() - timedelta(days=7)
+    readings = db.session.scalars(
+        select(DeviceReading)
+        .where(DeviceReading.device_id == device.id, DeviceReading.at >= since)
+        .order_by(DeviceReading.at)
+        .limit(2000)
+    ).all()
+    chart = line_chart(
+        [
+            Series(
+                "Battery bars",
+                [
+                    (r.at, r.battery_bars)
+                    for r in readings
+                    if r.battery_bars is not None and r.battery_bars <= 5
+                ],
+                "#1a7f46",
+                5,
+            ),
+            Series(
+                "RF level",
+                [(r.at, r.rf_level) for r in readings if r.rf_level is not None],
+                "#2f5bea",
+                100,
+            ),
+        ]
+    )
+    return render(
+        "devices/detail.html",
+        device=device,
+        activity=activity,
+        chart=chart,
+        live_topics=["devices"],
+    )
+
+
+def _activity_query(tenant_id: int):
+    args = request.args
+    stmt = select(ActivityLog).where(ActivityLog.tenant_id == tenant_id)
+    filters: dict[str, str] = {}
+    if args.get("type"):
+        stmt = stmt.where(ActivityLog.activity_type == args["type"][:48])
+        filters["type"] = args["type"][:48]
+    if args.get("status") in ACTIVITY_STATUSES:
+        stmt = stmt.where(ActivityLog.status == args["status"])
+        filters["status"] = args["status"]
+    device = int_arg("device")
+    if device is not None:
+        stmt = stmt.where(ActivityLog.device_id == device)
+        filters["device"] = str(device)
+    for key, op in (("from", "ge"), ("to", "lt")):
+        raw = args.get(key, "")
+        if raw:
+            try:
+                day = datetime.strptime(raw, "%Y-%m-%d").date()
+            except ValueError:
+                abort(400)
+            if op == "ge":
+                stmt = stmt.where(ActivityLog.created_at >= datetime.combine(day, time.min))
+            else:
+                end = datetime.combine(day + timedelta(days=1), time.min)
+                stmt = stmt.where(ActivityLog.created_at < end)
+            filters[key] = raw
+    return stmt, filters
+
+
+@bp.get("/activity")
+@login_required
+def activity():
+    stmt, filters = _activity_query(current_user.tenant_id)
+    before = int_arg("before")
+    if before is not None:
+        stmt = stmt.where(ActivityLog.id < before)
+    rows = db.session.scalars(stmt.order_by(ActivityLog.id.desc()).limit(ACTIVITY_PAGE + 1)).all()
+    next_before = rows[ACTIVITY_PAGE - 1].id if len(rows) > ACTIVITY_PAGE else None
+    types = db.session.scalars(
+        select(ActivityLog.activity_type)
+        .where(ActivityLog.tenant_id == current_user.tenant_id)
+        .distinct()
         .limit(50)
     ).all()
-    return render("devices/detail.html", device=device, activity=activity)
+    return render(
+        "devices/activity.html",
+        "devices/_activity_rows.html",
+        rows=rows[:ACTIVITY_PAGE],
+        next_before=next_before,
+        filters=filters,
+        types=sorted(types),
+        statuses=ACTIVITY_STATUSES,
+        live_topics=["activity"],
+    )
+
+
+@snapshot("activity")
+def activity_snapshot(tenant_id: int, user) -> str:
+    return ""  # the page renders the latest rows; new ones are prepended as they happen
+
+
+# ------------------------------------------------------------------ settings
+
+
+@bp.route("/settings", methods=["GET", "POST"])
+@admin_required
+def settings():
+    location_form = LocationForm(prefix="loc")
+    manufacturer_form = ManufacturerForm(prefix="man")
+    endpoint_form = EndpointForm(prefix="ep")
+    device_form = DeviceForm(prefix="dev")
+    manufacturers = _manufacturers()
+    locations = _locations()
+    for form in (endpoint_form, device_form):
+        form.manufacturer_id.choices = [(m.id, m.name) for m in manufacturers]
+        form.location_id.choices = [(0, "—")] + [(loc.id, loc.name) for loc in locations]
+    tenant_id = current_user.tenant_id
+    action = request.form.get("action")
+    try:
+        if action == "location" and location_form.validate_on_submit():
+            db.session.add(
+                Location(
+                    tenant_id=tenant_id,
+                    name=location_form.name.data.strip(),
+                    alert_on_offline=location_form.alert_on_offline.data,
+                    maintenance_mode=location_form.maintenance_mode.data,
+                )
+            )
+            db.session.commit()
+            flash("Location added.", "info")
+            return redirect(url_for("devices.settings"), code=303)
+        if action == "manufacturer" and manufacturer_form.validate_on_submit():
+            if not current_user.is_admin:
+                abort(403)
+            db.session.add(
+                Manufacturer(
+                    code=manufacturer_form.code.data.strip().lower(),
+                    name=manufacturer_form.name.data.strip(),
+                )
+            )
+            db.session.commit()
+            flash("Manufacturer added.", "info")
+            return redirect(url_for("devices.settings"), code=303)
+        if action == "endpoint" and endpoint_form.validate_on_submit():
+            db.session.add(
+                DeviceEndpoint(
+                    tenant_id=tenant_id,
+                    manufacturer_id=endpoint_form.manufacturer_id.data,
+                    host=endpoint_form.host.data.strip(),
+                    port=endpoint_form.port.data,
+                    location_id=_owned_location(endpoint_form.location_id.data),
+                )
+            )
+            db.session.commit()
+            flash("Receiver address added; it is polled from now on.", "info")
+            return redirect(url_for("devices.settings"), code=303)
+        if action == "device" and device_form.validate_on_submit():
+            db.session.add(
+                Device(
+                    tenant_id=tenant_id,
+                    manufacturer_id=device_form.manufacturer_id.data,
+                    api_device_id=device_form.api_device_id.data.strip(),
+                    name=device_form.name.data.strip(),
+                    kind=device_form.kind.data,
+                    model=(device_form.model.data or "").strip(),
+                    location_id=_owned_location(device_form.location_id.data),
+                    state={},
+                )
+            )
+            db.session.commit()
+            flash("Device added.", "info")
+            return redirect(url_for("devices.settings"), code=303)
+    except IntegrityError:
+        db.session.rollback()
+        flash("That already exists.", "error")
+        return redirect(url_for("devices.settings"), code=303)
+    if request.method == "POST" and action:
+        flash("Please correct the highlighted fields.", "error")
+    endpoints = db.session.scalars(
+        select(DeviceEndpoint)
+        .where(DeviceEndpoint.tenant_id == tenant_id)
+        .order_by(DeviceEndpoint.id)
+    ).all()
+    return render(
+        "devices/settings.html",
+        location_form=location_form,
+        manufacturer_form=manufacturer_form,
+        endpoint_form=endpoint_form,
+        device_form=device_form,
+        locations=locations,
+        manufacturers=manufacturers,
+        endpoints=endpoints,
+    )
+
+
+def _owned_location(location_id: int | None) -> int | None:
+    if not location_id:
+        return None
+    location = db.session.get(Location, location_id)
+    if location is None or location.tenant_id != current_user.tenant_id:
+        abort(404)
+    return location.id
+
+
+@bp.post("/locations/<int:location_id>")
+@admin_required
+def update_location(location_id: int):
+    location = get_owned_or_404(Location, location_id)
+    location.alert_on_offline = request.form.get("alert_on_offline") == "1"
+    location.maintenance_mode = request.form.get("maintenance_mode") == "1"
+    db.session.commit()
+    flash(f"{location.name} saved.", "info")
+    return redirect(url_for("devices.settings"), code=303)
+
+
+@bp.post("/<int:device_id>/maintenance")
+@login_required
+def toggle_maintenance(device_id: int):
+    device = get_owned_or_404(Device, device_id)
+    device.maintenance_mode = request.form.get("on") == "1"
+    db.session.commit()
+    return redirect(url_for("devices.detail", device_id=device.id), code=303)

@@ -1,0 +1,307 @@
+"""Devices: manufacturer services, polling, and the lifecycle those polls produce.
+
+A `ManufacturerService` turns the receivers it can reach into `DeviceReport`s. `poll_service`
+compares those reports with the tenant's devices and emits lifecycle events onto the spine:
+
+    device.discovered  a device the tenant does not have yet
+    device.online      a device that answers again
+    device.offline     a device that missed DEVICES_OFFLINE_AFTER_MISSES polls in a row
+    device.updated     changed fields, with old and new values
+    device.synced      the run's counts, status, duration and error
+
+The handlers in tasks/devices.py apply them (mark devices, write the activity log, alert).
+The poll itself only keeps its own bookkeeping (missed polls, last seen).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select, update
+
+from events import emit
+from extensions import db
+from models.base import utcnow
+from models.devices import Device, DeviceEndpoint, Manufacturer, ServiceSyncLog
+
+log = logging.getLogger(__name__)
+
+# The device fields a report can change (state holds the live readings).
+REPORTED_FIELDS = ("name", "model", "firmware", "ip_address", "port", "kind")
+STATE_FIELDS = (
+    "channel_name",
+    "battery_bars",
+    "battery_minutes",
+    "tx_on",
+    "frequency_mhz",
+    "rf_level",
+    "audio_level",
+)
+
+
+@dataclass
+class DeviceReport:
+    api_device_id: str
+    kind: str
+    name: str
+    model: str = ""
+    firmware: str = ""
+    ip_address: str | None = None
+    port: int | None = None
+    online: bool = True
+    state: dict[str, Any] = field(default_factory=dict)
+    location_id: int | None = None
+
+    def to_payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SyncResult:
+    service_code: str
+    device_count: int = 0
+    online_count: int = 0
+    error_count: int = 0
+    status: str = "success"
+    duration_seconds: float = 0.0
+    error_message: str | None = None
+    events: int = 0
+
+
+class ManufacturerService(abc.ABC):
+    """What every manufacturer integration provides."""
+
+    code: str
+    name: str
+
+    @abc.abstractmethod
+    def fetch(self, endpoints: list[DeviceEndpoint], timeout: float) -> list[DeviceReport]:
+        """Reports for every device behind these endpoints; unreachable ones are offline."""
+
+    def discover(self, tenant_id: int, timeout: float) -> list[DeviceReport]:
+        return self.fetch(endpoints_for(tenant_id, self.code), timeout)
+
+
+REGISTRY: dict[str, ManufacturerService] = {}
+
+
+def register(service: ManufacturerService) -> ManufacturerService:
+    REGISTRY[service.code] = service
+    return service
+
+
+def service_for(code: str) -> ManufacturerService:
+    try:
+        return REGISTRY[code]
+    except KeyError:
+        raise LookupError(
+            f"No manufacturer service {code!r} (have: {', '.join(REGISTRY)})."
+        ) from None
+
+
+def endpoints_for(tenant_id: int, code: str) -> list[DeviceEndpoint]:
+    return list(
+        db.session.scalars(
+            select(DeviceEndpoint)
+            .join(Manufacturer, Manufacturer.id == DeviceEndpoint.manufacturer_id)
+            .where(
+                DeviceEndpoint.tenant_id == tenant_id,
+                DeviceEndpoint.enabled.is_(True),
+                Manufacturer.code == code,
+            )
+            .order_by(DeviceEndpoint.id)
+        )
+    )
+
+
+def find_device(tenant_id: int, service_code: str, api_device_id: str) -> Device | None:
+    """Devices are found by manufacturer code + api_device_id, never by name."""
+    return db.session.scalar(
+        select(Device)
+        .join(Manufacturer, Manufacturer.id == Device.manufacturer_id)
+        .where(
+            Device.tenant_id == tenant_id,
+            Manufacturer.code == service_code,
+            Device.api_device_id == api_device_id,
+        )
+    )
+
+
+def _event(topic: str, tenant_id: int, service_code: str, api_device_id: str | None, **data):
+    payload = {"service_code": service_code, "device_id": api_device_id, **data}
+    label = data.get("label") or f"{api_device_id} {topic.split('.')[-1]}"
+    payload["label"] = label
+    emit(topic, tenant_id=tenant_id, entity="device", entity_id=data.get("pk"), payload=payload)
+
+
+def _diff(device: Device, report: DeviceReport) -> tuple[dict, dict]:
+    old, new = {}, {}
+    for name in REPORTED_FIELDS:
+        value = getattr(report, name)
+        if value not in (None, "") and getattr(device, name) != value:
+            old[name], new[name] = getattr(device, name), value
+    state = device.state or {}
+    for name in STATE_FIELDS:
+        if name in report.state and state.get(name) != report.state[name]:
+            old[name], new[name] = state.get(name), report.state[name]
+    return old, new
+
+
+def poll_service(tenant_id: int, service_code: str, *, progress=None) -> SyncResult:
+    """Poll every endpoint of one service for one tenant and emit what changed.
+
+    Writes a ServiceSyncLog from start to finish; commits as it goes.
+    """
+    cfg = current_app.config
+    started = time.monotonic()
+    sync_log = ServiceSyncLog(tenant_id=tenant_id, service_code=service_code, status="running")
+    db.session.add(sync_log)
+    db.session.commit()
+    result = SyncResult(service_code=service_code)
+    try:
+        service = service_for(service_code)
+        endpoints = endpoints_for(tenant_id, service_code)
+        reports = service.fetch(endpoints, timeout=cfg["DEVICES_POLL_TIMEOUT"])
+        result.events = _apply_reports(tenant_id, service_code, reports, progress=progress)
+        result.device_count = len(reports)
+        result.online_count = sum(1 for r in reports if r.online)
+        result.error_count = sum(1 for r in reports if not r.online and r.kind == "receiver")
+        result.status = "partial" if result.error_count else "success"
+    except Exception as exc:  # noqa: BLE001 - the run is recorded as failed, not lost
+        db.session.rollback()
+        log.exception("sync of %s for tenant %s failed", service_code, tenant_id)
+        result.status, result.error_message = "failed", f"{type(exc).__name__}: {exc}"[:1000]
+    result.duration_seconds = round(time.monotonic() - started, 3)
+    sync_log = db.session.get(ServiceSyncLog, sync_log.id)
+    sync_log.status = result.status
+    sync_log.finished_at = utcnow()
+    sync_log.device_count = result.device_count
+    sync_log.online_count = result.online_count
+    sync_log.error_count = result.error_count
+    sync_log.duration_seconds = result.duration_seconds
+    sync_log.error_message = result.error_message
+    _event(
+        "device.synced",
+        tenant_id,
+        service_code,
+        None,
+        label=f"{service_code} sync {result.status}: {result.online_count}/"
+        f"{result.device_count} online",
+        device_count=result.device_count,
+        online_count=result.online_count,
+        error_count=result.error_count,
+        status=result.status,
+        duration_seconds=result.duration_seconds,
+        error_message=result.error_message,
+        sync_log_id=sync_log.id,
+    )
+    db.session.commit()
+    return result
+
+
+def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport], progress) -> int:
+    cfg = current_app.config
+    misses_for_offline = cfg["DEVICES_OFFLINE_AFTER_MISSES"]
+    manufacturer = db.session.scalar(select(Manufacturer).where(Manufacturer.code == service_code))
+    known = {
+        d.api_device_id: d
+        for d in db.session.scalars(
+            select(Device).where(
+                Device.tenant_id == tenant_id, Device.manufacturer_id == manufacturer.id
+            )
+        )
+    }
+    now = utcnow()
+    events = 0
+    seen: set[str] = set()
+    for report in reports:
+        seen.add(report.api_device_id)
+        device = known.get(report.api_device_id)
+        if device is None:
+            if report.online:
+                _event(
+                    "device.discovered",
+                    tenant_id,
+                    service_code,
+                    report.api_device_id,
+                    label=f"Discovered {report.kind} {report.name or report.api_device_id}",
+                    device=report.to_payload(),
+                )
+                events += 1
+        elif report.online:
+            db.session.execute(
+                update(Device).where(Device.id == device.id).values(missed_polls=0, last_seen=now),
+                execution_options={"synchronize_session": False},
+            )
+            if not device.is_online:
+                _event(
+                    "device.online",
+                    tenant_id,
+                    service_code,
+                    device.api_device_id,
+                    pk=device.id,
+                    kind=device.kind,
+                    label=f"{device.name} is online",
+                )
+                events += 1
+            old, new = _diff(device, report)
+            if new:
+                _event(
+                    "device.updated",
+                    tenant_id,
+                    service_code,
+                    device.api_device_id,
+                    pk=device.id,
+                    kind=device.kind,
+                    old=old,
+                    new=new,
+                    label=f"{device.name}: {', '.join(sorted(new))} changed",
+                )
+                events += 1
+        else:
+            events += _missed(tenant_id, service_code, device, misses_for_offline)
+        db.session.commit()
+        if progress:
+            progress(report)
+    # Known devices no report mentions any more count as missed too.
+    for api_id, device in known.items():
+        if api_id not in seen:
+            events += _missed(tenant_id, service_code, device, misses_for_offline)
+    db.session.commit()
+    return events
+
+
+def _missed(tenant_id: int, service_code: str, device: Device, limit: int) -> int:
+    misses = (device.missed_polls or 0) + 1
+    db.session.execute(
+        update(Device).where(Device.id == device.id).values(missed_polls=Device.missed_polls + 1),
+        execution_options={"synchronize_session": False},
+    )
+    if device.is_online and misses >= limit:
+        _event(
+            "device.offline",
+            tenant_id,
+            service_code,
+            device.api_device_id,
+            pk=device.id,
+            kind=device.kind,
+            missed_polls=misses,
+            label=f"{device.name} is offline ({misses} missed polls)",
+        )
+        return 1
+    return 0
+
+
+def tenants_with_endpoints() -> list[tuple[int, str]]:
+    rows = db.session.execute(
+        select(DeviceEndpoint.tenant_id, Manufacturer.code)
+        .join(Manufacturer, Manufacturer.id == DeviceEndpoint.manufacturer_id)
+        .where(DeviceEndpoint.enabled.is_(True))
+        .distinct()
+    )
+    return [(tenant_id, code) for tenant_id, code in rows]

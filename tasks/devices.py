@@ -1,0 +1,345 @@
+"""Device lifecycle handlers: mark devices, write the activity log, alert, update pages live.
+
+Every handler writes an ActivityLog row. Alerts go out as events with notification rules
+(tenant admins) — and, like every event, to matching webhooks.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from flask import current_app
+from sqlalchemy import select
+
+from events import emit
+from events.registry import Event, handler, periodic
+from extensions import db
+from models.base import utcnow
+from models.devices import ActivityLog, Device, DeviceReading, Location, Manufacturer
+from services import devices as device_service
+from services.live import publish_after_commit, render_fragment, tenant_topic
+from services.notifications import notification_rule
+
+for topic, kind, title in (
+    ("device.offline_alert", "device_offline", "Device offline"),
+    ("device.offline_reminder", "device_offline_reminder", "Still offline"),
+    ("device.recovered", "device_recovered", "Device back online"),
+    ("device.battery_low", "device_battery_low", "Battery low"),
+):
+    notification_rule(
+        topic,
+        type=kind,
+        recipients="tenant_admins",
+        title=lambda e, title=title: (
+            f"{title}: {e.payload.get('name', e.payload.get('device_id'))}"
+        ),
+        body=lambda e: e.payload.get("detail", ""),
+        link=lambda e: f"/devices/{e.entity_id}",
+        # Reminders carry their number so each one is its own notification.
+        subject=lambda e: f"device:{e.entity_id}:{e.payload.get('subject_suffix', '')}",
+    )
+
+
+def log_activity(
+    event: Event,
+    activity_type: str,
+    summary: str,
+    *,
+    status: str = "success",
+    device: Device | None = None,
+    details: dict[str, Any] | None = None,
+    operation: str = "",
+) -> ActivityLog:
+    row = ActivityLog(
+        tenant_id=event.tenant_id,
+        activity_type=activity_type,
+        operation=operation or activity_type,
+        status=status,
+        summary=summary[:500],
+        details=details or {},
+        device_id=device.id if device else None,
+        service_code=event.payload.get("service_code"),
+        event_id=event.id,
+        created_at=event.created_at,
+    )
+    db.session.add(row)
+    db.session.flush()
+    html = render_fragment("devices/_activity_push.html", a=row, device=device)
+    publish_after_commit(tenant_topic(event.tenant_id, "activity"), f"activity-{row.id}", html=html)
+    return row
+
+
+def publish_device(device: Device) -> None:
+    html = render_fragment("devices/_card_push.html", d=device)
+    # Keyed by device: a burst of changes to one device becomes one frame.
+    publish_after_commit(
+        tenant_topic(device.tenant_id, "devices"), f"device-{device.id}", html=html
+    )
+
+
+def _device(event: Event) -> Device | None:
+    return device_service.find_device(
+        event.tenant_id, event.payload.get("service_code", ""), event.payload.get("device_id", "")
+    )
+
+
+def _unknown(event: Event, what: str) -> None:
+    log_activity(
+        event,
+        what,
+        f"{what.capitalize()} event for unknown device {event.payload.get('device_id')}",
+        status="warning",
+        details={"device_id": event.payload.get("device_id")},
+    )
+
+
+def alerts_suppressed(device: Device) -> bool:
+    location = db.session.get(Location, device.location_id) if device.location_id else None
+    return device.maintenance_mode or bool(location and location.maintenance_mode)
+
+
+def alerts_wanted(device: Device) -> bool:
+    location = db.session.get(Location, device.location_id) if device.location_id else None
+    return bool(location and location.alert_on_offline) and not alerts_suppressed(device)
+
+
+@handler("device.discovered", name="device_discovered", queue="devices")
+def on_discovered(event: Event) -> None:
+    data = event.payload.get("device") or {}
+    device = _device(event)
+    if device is not None:
+        log_activity(
+            event, "discovery", f"Discovered {device.name} again (already known)", device=device
+        )
+        return
+    if not current_app.config["DEVICES_AUTO_PROVISION"]:
+        log_activity(
+            event,
+            "discovery",
+            f"Discovered unknown {data.get('kind', 'device')} {data.get('api_device_id')} "
+            f"({data.get('model') or 'unknown model'}); auto-provisioning is off",
+            status="warning",
+            details=data,
+        )
+        return
+    manufacturer = db.session.scalar(
+        select(Manufacturer).where(Manufacturer.code == event.payload["service_code"])
+    )
+    device = Device(
+        tenant_id=event.tenant_id,
+        manufacturer_id=manufacturer.id,
+        api_device_id=data["api_device_id"],
+        kind=data.get("kind") or "receiver",
+        name=data.get("name") or data["api_device_id"],
+        model=data.get("model") or "",
+        firmware=data.get("firmware") or "",
+        ip_address=data.get("ip_address"),
+        port=data.get("port"),
+        location_id=data.get("location_id"),
+        is_online=True,
+        last_seen=event.created_at,
+        state={k: v for k, v in (data.get("state") or {}).items()},
+    )
+    db.session.add(device)
+    db.session.flush()
+    log_activity(
+        event,
+        "discovery",
+        f"Provisioned {device.kind} {device.name}",
+        device=device,
+        operation="create",
+        details=data,
+    )
+    publish_device(device)
+
+
+@handler("device.online", name="device_online", queue="devices")
+def on_online(event: Event) -> None:
+    device = _device(event)
+    if device is None:
+        _unknown(event, "online")
+        return
+    old = "online" if device.is_online else "offline"
+    device.is_online = True
+    device.last_seen = max(device.last_seen or event.created_at, event.created_at)
+    log_activity(
+        event,
+        "status",
+        f"{device.name} is online",
+        device=device,
+        operation="update",
+        details={"old": {"status": old}, "new": {"status": "online"}},
+    )
+    if device.offline_alerted_at is not None:
+        down_for = event.created_at - device.offline_alerted_at
+        emit(
+            "device.recovered",
+            tenant_id=device.tenant_id,
+            entity="device",
+            entity_id=device.id,
+            payload={
+                "name": device.name,
+                "device_id": device.api_device_id,
+                "label": f"{device.name} recovered",
+                "detail": f"Back after {int(down_for.total_seconds() // 60)} min.",
+                "subject_suffix": f"recovered:{device.offline_alerted_at.isoformat()}",
+            },
+        )
+        device.offline_alerted_at = device.offline_reminded_at = None
+    publish_device(device)
+
+
+@handler("device.offline", name="device_offline", queue="devices")
+def on_offline(event: Event) -> None:
+    device = _device(event)
+    if device is None:
+        _unknown(event, "offline")
+        return
+    old = "online" if device.is_online else "offline"
+    device.is_online = False
+    log_activity(
+        event,
+        "status",
+        f"{device.name} is offline",
+        device=device,
+        status="warning",
+        operation="update",
+        details={
+            "old": {"status": old},
+            "new": {"status": "offline"},
+            "missed_polls": event.payload.get("missed_polls"),
+        },
+    )
+    if old == "online" and alerts_wanted(device):
+        device.offline_alerted_at = event.created_at
+        emit(
+            "device.offline_alert",
+            tenant_id=device.tenant_id,
+            entity="device",
+            entity_id=device.id,
+            payload={
+                "name": device.name,
+                "device_id": device.api_device_id,
+                "label": f"Alert: {device.name} is offline",
+                "detail": f"Missed {event.payload.get('missed_polls')} polls.",
+                "subject_suffix": f"offline:{event.created_at.isoformat()}",
+            },
+        )
+    publish_device(device)
+
+
+@handler("device.updated", name="device_updated", queue="devices")
+def on_updated(event: Event) -> None:
+    device = _device(event)
+    if device is None:
+        _unknown(event, "update")
+        return
+    old, new = event.payload.get("old") or {}, event.payload.get("new") or {}
+    state = dict(device.state or {})
+    for name, value in new.items():
+        if name in device_service.REPORTED_FIELDS:
+            setattr(device, name, value)
+        else:
+            state[name] = value
+    device.state = state
+    log_activity(
+        event,
+        "update",
+        f"{device.name}: {', '.join(sorted(new))} changed",
+        device=device,
+        operation="update",
+        details={"old": old, "new": new},
+    )
+    if any(k in new for k in ("battery_bars", "battery_minutes", "rf_level", "audio_level")):
+        db.session.add(
+            DeviceReading(
+                tenant_id=device.tenant_id,
+                device_id=device.id,
+                battery_bars=state.get("battery_bars"),
+                battery_minutes=state.get("battery_minutes"),
+                rf_level=state.get("rf_level"),
+                audio_level=state.get("audio_level"),
+                at=event.created_at,
+            )
+        )
+    threshold = current_app.config["DEVICES_LOW_BATTERY_BARS"]
+    bars, before = new.get("battery_bars"), old.get("battery_bars")
+    if (
+        isinstance(bars, int)
+        and 0 <= bars <= threshold
+        and (before is None or before > threshold or before == 255)
+        and not alerts_suppressed(device)
+    ):
+        emit(
+            "device.battery_low",
+            tenant_id=device.tenant_id,
+            entity="device",
+            entity_id=device.id,
+            payload={
+                "name": device.name,
+                "device_id": device.api_device_id,
+                "label": f"{device.name}: battery low ({bars} bars)",
+                "detail": f"{bars} of 5 bars left.",
+                "subject_suffix": "battery",
+            },
+        )
+    publish_device(device)
+
+
+@handler("device.synced", name="device_synced", queue="devices")
+def on_synced(event: Event) -> None:
+    p = event.payload
+    log_activity(
+        event,
+        "sync",
+        f"{p.get('service_code')} sync {p.get('status')}: {p.get('online_count')}/"
+        f"{p.get('device_count')} online in {p.get('duration_seconds')} s",
+        status={"success": "success", "partial": "warning"}.get(p.get("status"), "error"),
+        details={
+            k: p.get(k)
+            for k in (
+                "device_count",
+                "online_count",
+                "error_count",
+                "status",
+                "duration_seconds",
+                "error_message",
+            )
+        },
+    )
+
+
+@periodic("DEVICES_POLL_INTERVAL", name="poll_devices")
+def poll_devices() -> None:
+    for tenant_id, code in device_service.tenants_with_endpoints():
+        device_service.poll_service(tenant_id, code)
+
+
+@periodic(60, name="device_offline_reminders")
+def offline_reminders() -> None:
+    every = timedelta(minutes=current_app.config["DEVICES_ALERT_REMINDER_MINUTES"])
+    now = utcnow()
+    rows = db.session.scalars(
+        select(Device).where(Device.is_online.is_(False), Device.offline_alerted_at.is_not(None))
+    ).all()
+    for device in rows:
+        last = device.offline_reminded_at or device.offline_alerted_at
+        if now - last < every or alerts_suppressed(device):
+            continue
+        device.offline_reminded_at = now
+        minutes = int((now - device.offline_alerted_at).total_seconds() // 60)
+        emit(
+            "device.offline_reminder",
+            tenant_id=device.tenant_id,
+            entity="device",
+            entity_id=device.id,
+            payload={
+                "name": device.name,
+                "device_id": device.api_device_id,
+                "label": f"Reminder: {device.name} offline for {minutes} min",
+                "detail": f"Offline for {minutes} minutes.",
+                "subject_suffix": f"reminder:{now.isoformat()}",
+            },
+        )
+        db.session.commit()
