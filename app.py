@@ -117,6 +117,7 @@ def _init_live(app: Flask) -> None:
 
 def _register_blueprints(app: Flask) -> None:
     from blueprints.accounts import bp as accounts_bp
+    from blueprints.api import bp as api_bp
     from blueprints.audit import bp as audit_bp
     from blueprints.chats import bp as chats_bp
     from blueprints.dashboard import bp as dashboard_bp
@@ -137,6 +138,7 @@ def _register_blueprints(app: Flask) -> None:
         webhooks_bp,
         metrics_bp,
         audit_bp,
+        api_bp,
     ):
         app.register_blueprint(bp)
     register_live_routes(app)

@@ -1,0 +1,197 @@
+from datetime import datetime
+from functools import wraps
+
+from flask import g, jsonify, request, url_for
+from flask_login import current_user
+from sqlalchemy import select
+
+from blueprints.api import bp
+from blueprints.api.openapi import openapi_document
+from extensions import csrf, db
+from models.devices import ACTIVITY_STATUSES, ActivityLog, Device, Manufacturer
+from services.api_tokens import user_for_token
+
+PAGE_SIZE = 50
+INT64_MAX = 2**63 - 1
+MAX_PAGE_SIZE = 200
+
+csrf.exempt(bp)  # read-only, and token requests carry no cookie
+
+
+class BadParameter(ValueError):
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+
+@bp.errorhandler(BadParameter)
+def bad_parameter(error: BadParameter):
+    return jsonify(error="invalid_parameter", parameter=error.name, message=error.message), 400
+
+
+def api_auth(view):
+    """A per-user API token (Authorization: Bearer …) or the logged-in session."""
+
+    @wraps(view)
+    def wrapped(*args, **kwargs):
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, token = header.partition(" ")
+            user = user_for_token(token.strip()) if scheme.lower() == "bearer" else None
+            if user is None:
+                return _unauthorized("The API token is not valid.")
+        elif current_user.is_authenticated:
+            user = current_user._get_current_object()
+        else:
+            return _unauthorized("Send an API token: Authorization: Bearer <token>.")
+        g.api_user = user
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def _unauthorized(message: str):
+    response = jsonify(error="unauthorized", message=message)
+    response.status_code = 401
+    response.headers["WWW-Authenticate"] = 'Bearer realm="switchboard"'
+    return response
+
+
+def _int(name: str, *, minimum: int = 0, maximum: int | None = None) -> int | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit() or len(raw) > 19:
+        raise BadParameter(name, f"{name} must be a whole number.")
+    value = int(raw)
+    maximum = INT64_MAX if maximum is None else maximum
+    if value < minimum or value > maximum:
+        raise BadParameter(name, f"{name} must be between {minimum} and {maximum}.")
+    return value
+
+
+def _datetime(name: str) -> datetime | None:
+    raw = request.args.get(name)
+    if not raw:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadParameter(name, f"{name} must be an ISO 8601 date or time.") from None
+    if value.tzinfo is None:
+        from datetime import UTC
+
+        value = value.replace(tzinfo=UTC)
+    return value
+
+
+def _cursor() -> int | None:
+    # The id of the last item of the previous page: items older than it come next.
+    return _int("cursor", minimum=1)
+
+
+def _choice(name: str, choices) -> str | None:
+    raw = request.args.get(name)
+    if raw is None or raw == "":
+        return None
+    if raw not in choices:
+        raise BadParameter(name, f"{name} must be one of: {', '.join(choices)}.")
+    return raw
+
+
+def _page(stmt, id_column, serialise, endpoint: str):
+    limit = _int("limit", minimum=1, maximum=MAX_PAGE_SIZE) or PAGE_SIZE
+    cursor = _cursor()
+    if cursor is not None:
+        stmt = stmt.where(id_column < cursor)
+    rows = list(db.session.scalars(stmt.order_by(id_column.desc()).limit(limit + 1)))
+    next_url = None
+    if len(rows) > limit:
+        rows = rows[:limit]
+        args = {k: v for k, v in request.args.items() if k != "cursor"}
+        next_url = url_for(endpoint, _external=True, cursor=rows[-1].id, **args)
+    return jsonify(results=[serialise(r) for r in rows], next=next_url)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def device_json(device: Device) -> dict:
+    return {
+        "id": device.id,
+        "api_device_id": device.api_device_id,
+        "manufacturer": device.manufacturer.code,
+        "kind": device.kind,
+        "name": device.name,
+        "model": device.model,
+        "firmware": device.firmware,
+        "ip_address": device.ip_address,
+        "location_id": device.location_id,
+        "is_online": device.is_online,
+        "last_seen": _iso(device.last_seen),
+        "maintenance_mode": device.maintenance_mode,
+        "state": device.state or {},
+    }
+
+
+def activity_json(row: ActivityLog) -> dict:
+    return {
+        "id": row.id,
+        "activity_type": row.activity_type,
+        "operation": row.operation,
+        "status": row.status,
+        "summary": row.summary,
+        "details": row.details or {},
+        "device_id": row.device_id,
+        "service_code": row.service_code,
+        "created_at": _iso(row.created_at),
+    }
+
+
+@bp.get("/devices/")
+@api_auth
+def devices():
+    stmt = select(Device).where(Device.tenant_id == g.api_user.tenant_id)
+    location = _int("location")
+    if location is not None:
+        stmt = stmt.where(Device.location_id == location)
+    online = _choice("online", ("true", "false"))
+    if online is not None:
+        stmt = stmt.where(Device.is_online.is_(online == "true"))
+    manufacturer = request.args.get("manufacturer")
+    if manufacturer:
+        stmt = stmt.join(Manufacturer, Manufacturer.id == Device.manufacturer_id).where(
+            Manufacturer.code == manufacturer[:32]
+        )
+    return _page(stmt, Device.id, device_json, "api.devices")
+
+
+@bp.get("/activity-logs/")
+@api_auth
+def activity_logs():
+    stmt = select(ActivityLog).where(ActivityLog.tenant_id == g.api_user.tenant_id)
+    activity_type = request.args.get("activity_type")
+    if activity_type:
+        stmt = stmt.where(ActivityLog.activity_type == activity_type[:48])
+    status = _choice("status", ACTIVITY_STATUSES)
+    if status:
+        stmt = stmt.where(ActivityLog.status == status)
+    device = _int("device")
+    if device is not None:
+        stmt = stmt.where(ActivityLog.device_id == device)
+    service = request.args.get("service")
+    if service:
+        stmt = stmt.where(ActivityLog.service_code == service[:32])
+    since, until = _datetime("since"), _datetime("until")
+    if since:
+        stmt = stmt.where(ActivityLog.created_at >= since)
+    if until:
+        stmt = stmt.where(ActivityLog.created_at < until)
+    return _page(stmt, ActivityLog.id, activity_json, "api.activity_logs")
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return jsonify(openapi_document(request.host_url.rstrip("/")))
