@@ -1,0 +1,44 @@
+# Switchboard: `make run` and `make test` are the two commands a newcomer needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 5000
+
+.PHONY: run test lint format bench services clean-db help
+
+help:
+	@echo "make run    - create .venv, migrate, load demo data, serve http://$(HOST):$(PORT)"
+	@echo "make test   - lint, then the whole test suite (SQLite, PostgreSQL, Redis, Chromium)"
+	@echo "make bench  - benchmarks under bench/ (prints ratios measured side by side)"
+	@echo "make lint   - ruff check and ruff format --check"
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/flask --app wsgi db upgrade
+	$(BIN)/flask --app wsgi demo load
+	SESSION_COOKIE_SECURE=$${SESSION_COOKIE_SECURE:-0} DEVICES_AUTO_PROVISION=$${DEVICES_AUTO_PROVISION:-1} \
+		$(BIN)/flask --app wsgi serve --host $(HOST) --port $(PORT)
+
+services:
+	@scripts/ensure-services
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) services lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) services
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
