@@ -102,9 +102,8 @@ class Config:
         self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
         self.SESSION_COOKIE_HTTPONLY = True
         self.SESSION_COOKIE_SAMESITE = "Lax"
-        self.SESSION_COOKIE_SECURE = _bool(
-            "SESSION_COOKIE_SECURE", not self.DEBUG and not self.EMBEDDED
-        )
+        # Secure cookies unless debugging; `make run` (plain http on 127.0.0.1) sets it to 0.
+        self.SESSION_COOKIE_SECURE = _bool("SESSION_COOKIE_SECURE", not self.DEBUG)
         self.REMEMBER_COOKIE_SECURE = self.SESSION_COOKIE_SECURE
         self.REMEMBER_COOKIE_HTTPONLY = True
         self.WTF_CSRF_TIME_LIMIT = None  # token lives as long as the session
@@ -180,6 +179,17 @@ class Config:
         self.PROJECT_MAX_TOTAL_BYTES = _int("PROJECT_MAX_TOTAL_BYTES", 5 * 1024 * 1024)
         self.PROJECT_GENERATION_TIMEOUT = _float("PROJECT_GENERATION_TIMEOUT", 120.0)
         self.EXPORTS_DIR = _env("EXPORTS_DIR")  # default: instance/exports
+
+        # Outgoing webhooks. Tries per event (the first POST and its retries) before giving up.
+        self.WEBHOOK_MAX_ATTEMPTS = max(1, _int("WEBHOOK_MAX_ATTEMPTS", 6))
+        # Seconds to connect, and again to wait for the response, per POST.
+        self.WEBHOOK_TIMEOUT_SECONDS = _float("WEBHOOK_TIMEOUT_SECONDS", 10.0)
+        # Retry n waits about WEBHOOK_RETRY_MIN_MS * 2**(n-1), capped at WEBHOOK_RETRY_MAX_MS.
+        self.WEBHOOK_RETRY_MIN_MS = _int("WEBHOOK_RETRY_MIN_MS", 30_000)
+        self.WEBHOOK_RETRY_MAX_MS = _int("WEBHOOK_RETRY_MAX_MS", 3_600_000)
+        # An endpoint is disabled (and its tenant's admins notified) after this many events
+        # in a row were given up on; 0 never disables.
+        self.WEBHOOK_DISABLE_AFTER_FAILURES = _int("WEBHOOK_DISABLE_AFTER_FAILURES", 5)
 
         self.FEED_PAGE_SIZE = _int("FEED_PAGE_SIZE", 50)
         self.LIST_PAGE_SIZE = _int("LIST_PAGE_SIZE", 25)

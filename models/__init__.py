@@ -1,6 +1,5 @@
 """Typed SQLAlchemy 2 models, one module per domain. Importing this package registers them all."""
 
-from models import metrics, webhooks  # noqa: F401 - register their tables
 from models.accounts import Tenant, User
 from models.audit import AuditLog
 from models.chats import Agent, Chat, Message
@@ -14,8 +13,10 @@ from models.devices import (
     ServiceSyncLog,
 )
 from models.events import OutboxEvent, ProcessedEvent
-from models.notifications import Notification
+from models.metrics import MetricCounter
+from models.notifications import Notification, NotificationPreference
 from models.projects import GeneratedProject, Project, ProjectFile, RepositoryExport
+from models.webhooks import WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ActivityLog",
@@ -29,7 +30,9 @@ __all__ = [
     "Location",
     "Manufacturer",
     "Message",
+    "MetricCounter",
     "Notification",
+    "NotificationPreference",
     "OutboxEvent",
     "ProcessedEvent",
     "Project",
@@ -38,4 +41,6 @@ __all__ = [
     "ServiceSyncLog",
     "Tenant",
     "User",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]

@@ -8,6 +8,7 @@ own Redis key prefix. When they are unreachable the tests skip — except under 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -131,12 +132,12 @@ def drain(app, timeout_ms: int = 20_000) -> None:
 # ---------------------------------------------------------------- PostgreSQL + Redis
 
 
-@pytest.fixture(scope="session")
-def pg_database_url() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session, dropped at the end."""
+@contextlib.contextmanager
+def new_pg_database(label: str = "test") -> Iterator[str]:
+    """Create an empty PostgreSQL database, yield its URL, drop it afterwards."""
     import psycopg
 
-    name = f"sb_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    name = f"sb_{label}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
         admin = psycopg.connect(PG_URL, autocommit=True, connect_timeout=3)
     except Exception as exc:  # noqa: BLE001
@@ -144,10 +145,18 @@ def pg_database_url() -> Iterator[str]:
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     parts = urlsplit(PG_URL)
-    url = urlunsplit(parts._replace(path="/" + name))
-    yield url
-    with psycopg.connect(PG_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield urlunsplit(parts._replace(path="/" + name))
+    finally:
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_database_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session, dropped at the end."""
+    with new_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 05:40:46.132749
+Create Date: 2026-11-23 08:56:36.433823
 
 """
 from alembic import op
@@ -106,6 +106,17 @@ def upgrade():
         batch_op.create_index(batch_op.f('ix_locations_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_locations_tenant_id'), ['tenant_id'], unique=False)
 
+    op.create_table('metric_counters',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('name', sa.String(length=64), nullable=False),
+    sa.Column('tenant_id', sa.Integer(), nullable=False),
+    sa.Column('labels', sa.String(length=200), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('value', sa.Float(), nullable=False),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_metric_counters_tenant_id_tenants'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_metric_counters')),
+    sa.UniqueConstraint('name', 'tenant_id', 'labels', 'day', name=op.f('uq_metric_counters_name_tenant_id_labels_day'))
+    )
     op.create_table('processed_events',
     sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
     sa.Column('event_id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), nullable=False),
@@ -158,6 +169,25 @@ def upgrade():
     with op.batch_alter_table('users', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_users_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_users_tenant_id'), ['tenant_id'], unique=False)
+
+    op.create_table('webhook_endpoints',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('tenant_id', sa.Integer(), nullable=False),
+    sa.Column('url', sa.String(length=2000), nullable=False),
+    sa.Column('secret', sa.String(length=128), nullable=False),
+    sa.Column('secret_rotated_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('topics', sa.JSON(), nullable=False),
+    sa.Column('is_active', sa.Boolean(), nullable=False),
+    sa.Column('consecutive_failures', sa.Integer(), nullable=False),
+    sa.Column('disabled_reason', sa.String(length=500), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_webhook_endpoints_tenant_id_tenants'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_endpoints'))
+    )
+    with op.batch_alter_table('webhook_endpoints', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_webhook_endpoints_created_at'), ['created_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_webhook_endpoints_tenant_id'), ['tenant_id'], unique=False)
 
     op.create_table('audit_logs',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -219,6 +249,26 @@ def upgrade():
         batch_op.create_index(batch_op.f('ix_chats_user_id'), ['user_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_chats_visitor_id'), ['visitor_id'], unique=False)
 
+    op.create_table('device_endpoints',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('tenant_id', sa.Integer(), nullable=False),
+    sa.Column('manufacturer_id', sa.Integer(), nullable=False),
+    sa.Column('host', sa.String(length=255), nullable=False),
+    sa.Column('port', sa.Integer(), nullable=False),
+    sa.Column('location_id', sa.Integer(), nullable=True),
+    sa.Column('enabled', sa.Boolean(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['location_id'], ['locations.id'], name=op.f('fk_device_endpoints_location_id_locations'), ondelete='SET NULL'),
+    sa.ForeignKeyConstraint(['manufacturer_id'], ['manufacturers.id'], name=op.f('fk_device_endpoints_manufacturer_id_manufacturers'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_device_endpoints_tenant_id_tenants'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_device_endpoints')),
+    sa.UniqueConstraint('tenant_id', 'manufacturer_id', 'host', 'port', name=op.f('uq_device_endpoints_tenant_id_manufacturer_id_host_port'))
+    )
+    with op.batch_alter_table('device_endpoints', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_device_endpoints_created_at'), ['created_at'], unique=False)
+        batch_op.create_index(batch_op.f('ix_device_endpoints_tenant_id'), ['tenant_id'], unique=False)
+
     op.create_table('devices',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
@@ -235,6 +285,8 @@ def upgrade():
     sa.Column('last_seen', sa.DateTime(timezone=True), nullable=True),
     sa.Column('maintenance_mode', sa.Boolean(), nullable=False),
     sa.Column('missed_polls', sa.Integer(), nullable=False),
+    sa.Column('offline_alerted_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('offline_reminded_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('state', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('updated_at', sa.DateTime(timezone=True), nullable=False),
@@ -252,6 +304,16 @@ def upgrade():
         batch_op.create_index('ix_devices_tenant_location_name', ['tenant_id', 'location_id', 'name', 'id'], unique=False)
         batch_op.create_index('ix_devices_tenant_online', ['tenant_id', 'is_online'], unique=False)
 
+    op.create_table('notification_preferences',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('user_id', sa.Integer(), nullable=False),
+    sa.Column('type', sa.String(length=48), nullable=False),
+    sa.Column('in_app', sa.Boolean(), nullable=False),
+    sa.Column('email', sa.Boolean(), nullable=False),
+    sa.ForeignKeyConstraint(['user_id'], ['users.id'], name=op.f('fk_notification_preferences_user_id_users'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_notification_preferences')),
+    sa.UniqueConstraint('user_id', 'type', name=op.f('uq_notification_preferences_user_id_type'))
+    )
     op.create_table('notifications',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
@@ -288,6 +350,28 @@ def upgrade():
         batch_op.create_index(batch_op.f('ix_projects_created_at'), ['created_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_projects_tenant_id'), ['tenant_id'], unique=False)
 
+    op.create_table('webhook_deliveries',
+    sa.Column('id', sa.BigInteger().with_variant(sa.Integer(), 'sqlite'), autoincrement=True, nullable=False),
+    sa.Column('tenant_id', sa.Integer(), nullable=False),
+    sa.Column('endpoint_id', sa.Integer(), nullable=False),
+    sa.Column('event_pk', sa.BigInteger(), nullable=False),
+    sa.Column('event_id', sa.Uuid(), nullable=False),
+    sa.Column('topic', sa.String(length=80), nullable=False),
+    sa.Column('attempt', sa.Integer(), nullable=False),
+    sa.Column('is_resend', sa.Boolean(), nullable=False),
+    sa.Column('status_code', sa.Integer(), nullable=True),
+    sa.Column('latency_ms', sa.Integer(), nullable=True),
+    sa.Column('error', sa.Text(), nullable=True),
+    sa.Column('succeeded', sa.Boolean(), nullable=False),
+    sa.Column('final', sa.Boolean(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['endpoint_id'], ['webhook_endpoints.id'], name=op.f('fk_webhook_deliveries_endpoint_id_webhook_endpoints'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_webhook_deliveries_tenant_id_tenants'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_deliveries'))
+    )
+    with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
+        batch_op.create_index('ix_webhook_deliveries_endpoint_id_id', ['endpoint_id', 'id'], unique=False)
+
     op.create_table('activity_logs',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('tenant_id', sa.Integer(), nullable=False),
@@ -310,6 +394,22 @@ def upgrade():
         batch_op.create_index(batch_op.f('ix_activity_logs_service_code'), ['service_code'], unique=False)
         batch_op.create_index('ix_activity_logs_tenant_created', ['tenant_id', 'created_at', 'id'], unique=False)
         batch_op.create_index('ix_activity_logs_tenant_type_created', ['tenant_id', 'activity_type', 'created_at'], unique=False)
+
+    op.create_table('device_readings',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('tenant_id', sa.Integer(), nullable=False),
+    sa.Column('device_id', sa.Integer(), nullable=False),
+    sa.Column('battery_bars', sa.Integer(), nullable=True),
+    sa.Column('battery_minutes', sa.Integer(), nullable=True),
+    sa.Column('rf_level', sa.Float(), nullable=True),
+    sa.Column('audio_level', sa.Float(), nullable=True),
+    sa.Column('at', sa.DateTime(timezone=True), nullable=False),
+    sa.ForeignKeyConstraint(['device_id'], ['devices.id'], name=op.f('fk_device_readings_device_id_devices'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_device_readings_tenant_id_tenants'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_device_readings'))
+    )
+    with op.batch_alter_table('device_readings', schema=None) as batch_op:
+        batch_op.create_index('ix_device_readings_device_at', ['device_id', 'at'], unique=False)
 
     op.create_table('generated_projects',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -422,6 +522,10 @@ def downgrade():
         batch_op.drop_index(batch_op.f('ix_generated_projects_created_at'))
 
     op.drop_table('generated_projects')
+    with op.batch_alter_table('device_readings', schema=None) as batch_op:
+        batch_op.drop_index('ix_device_readings_device_at')
+
+    op.drop_table('device_readings')
     with op.batch_alter_table('activity_logs', schema=None) as batch_op:
         batch_op.drop_index('ix_activity_logs_tenant_type_created')
         batch_op.drop_index('ix_activity_logs_tenant_created')
@@ -429,6 +533,10 @@ def downgrade():
         batch_op.drop_index('ix_activity_logs_device_created')
 
     op.drop_table('activity_logs')
+    with op.batch_alter_table('webhook_deliveries', schema=None) as batch_op:
+        batch_op.drop_index('ix_webhook_deliveries_endpoint_id_id')
+
+    op.drop_table('webhook_deliveries')
     with op.batch_alter_table('projects', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_projects_tenant_id'))
         batch_op.drop_index(batch_op.f('ix_projects_created_at'))
@@ -439,6 +547,7 @@ def downgrade():
         batch_op.drop_index('ix_notifications_dedupe')
 
     op.drop_table('notifications')
+    op.drop_table('notification_preferences')
     with op.batch_alter_table('devices', schema=None) as batch_op:
         batch_op.drop_index('ix_devices_tenant_online')
         batch_op.drop_index('ix_devices_tenant_location_name')
@@ -447,6 +556,11 @@ def downgrade():
         batch_op.drop_index(batch_op.f('ix_devices_created_at'))
 
     op.drop_table('devices')
+    with op.batch_alter_table('device_endpoints', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_device_endpoints_tenant_id'))
+        batch_op.drop_index(batch_op.f('ix_device_endpoints_created_at'))
+
+    op.drop_table('device_endpoints')
     with op.batch_alter_table('chats', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_chats_visitor_id'))
         batch_op.drop_index(batch_op.f('ix_chats_user_id'))
@@ -464,6 +578,11 @@ def downgrade():
         batch_op.drop_index('ix_audit_logs_tenant_action')
 
     op.drop_table('audit_logs')
+    with op.batch_alter_table('webhook_endpoints', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_webhook_endpoints_tenant_id'))
+        batch_op.drop_index(batch_op.f('ix_webhook_endpoints_created_at'))
+
+    op.drop_table('webhook_endpoints')
     with op.batch_alter_table('users', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_users_tenant_id'))
         batch_op.drop_index(batch_op.f('ix_users_created_at'))
@@ -474,6 +593,7 @@ def downgrade():
 
     op.drop_table('service_sync_logs')
     op.drop_table('processed_events')
+    op.drop_table('metric_counters')
     with op.batch_alter_table('locations', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_locations_tenant_id'))
         batch_op.drop_index(batch_op.f('ix_locations_created_at'))
