@@ -51,3 +51,19 @@ def authenticate(email: str, password: str) -> User | None:
         return None
     user.last_login_at = utcnow()
     return user
+
+
+def record_failed_login(email: str) -> None:
+    """Add a `user.login_failed` event when the email belongs to a user (for their tenant's
+    audit trail). Unknown emails leave no trace: there is no tenant to show them to."""
+    from events.outbox import emit
+
+    user = db.session.scalar(select(User).where(User.email == (email or "").strip().lower()))
+    if user is not None:
+        emit(
+            "user.login_failed",
+            tenant_id=user.tenant_id,
+            entity="user",
+            entity_id=user.id,
+            payload={"label": user.email},
+        )

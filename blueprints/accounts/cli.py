@@ -30,6 +30,27 @@ def create_user_command(email: str, tenant_name: str, role: str, password: str) 
     click.echo(f"Created {user.role} {user.email} in tenant {tenant.name!r}.")
 
 
+@users_cli.command("set-role")
+@click.option("--email", required=True)
+@click.option("--role", type=click.Choice(["admin", "agent"]), required=True)
+@with_appcontext
+def set_role_command(email: str, role: str) -> None:
+    """Change a user's role (recorded in the tenant's audit trail)."""
+    from sqlalchemy import select
+
+    from models.accounts import User
+
+    user = db.session.scalar(select(User).where(User.email == email.strip().lower()))
+    if user is None:
+        raise click.ClickException(f"No user with email {email}.")
+    if user.role == role:
+        click.echo(f"{user.email} is already {role}.")
+        return
+    user.role = role
+    db.session.commit()
+    click.echo(f"{user.email} is now {role}.")
+
+
 @demo_cli.command("load")
 @with_appcontext
 def demo_load() -> None:

@@ -1,12 +1,144 @@
-"""Routes of the webhooks area. Placeholder until issue 3's webhooks work lands in this area."""
+"""Webhook endpoints of the tenant: list, create, edit, rotate the secret, see deliveries and
+re-send one. Admins only; another tenant's endpoint is a 404."""
 
-from flask_login import login_required
+from __future__ import annotations
 
-from blueprints import render
+from flask import abort, flash, redirect, request, url_for
+from flask_login import current_user
+from sqlalchemy import select
+
+from blueprints import admin_required, get_owned_or_404, keyset_page, render, scoped
 from blueprints.webhooks import bp
+from extensions import db
+from models.webhooks import WebhookDelivery, WebhookEndpoint
+from services import webhooks as svc
+
+DELIVERIES_PER_PAGE = 25
+MAX_ENDPOINTS = 50
+
+
+def _endpoints() -> list[WebhookEndpoint]:
+    return list(
+        db.session.scalars(
+            scoped(select(WebhookEndpoint), WebhookEndpoint).order_by(WebhookEndpoint.id)
+        )
+    )
+
+
+def _form_values() -> tuple[dict[str, str], dict[str, str], str | None, list[str] | None]:
+    """(raw values, errors, url, topics) from the posted form."""
+    raw = {
+        "url": request.form.get("url", ""),
+        "topics": request.form.get("topics", ""),
+    }
+    errors: dict[str, str] = {}
+    url = topics = None
+    try:
+        url = svc.validate_url(raw["url"])
+    except ValueError as exc:
+        errors["url"] = str(exc)
+    try:
+        topics = svc.parse_topics(raw["topics"])
+    except ValueError as exc:
+        errors["topics"] = str(exc)
+    return raw, errors, url, topics
 
 
 @bp.get("/")
-@login_required
+@admin_required
 def index():
-    return render("webhooks/index.html")
+    return render("webhooks/index.html", endpoints=_endpoints(), values={}, errors={})
+
+
+@bp.post("/")
+@admin_required
+def create():
+    raw, errors, url, topics = _form_values()
+    endpoints = _endpoints()
+    if len(endpoints) >= MAX_ENDPOINTS:
+        errors["url"] = f"A tenant can have at most {MAX_ENDPOINTS} endpoints."
+    if errors:
+        page = render("webhooks/index.html", endpoints=endpoints, values=raw, errors=errors)
+        page.status_code = 422
+        return page
+    endpoint = WebhookEndpoint(tenant_id=current_user.tenant_id, url=url, topics=topics)
+    db.session.add(endpoint)
+    db.session.commit()
+    flash("Webhook endpoint created. Its signing secret is shown below.", "info")
+    return redirect(url_for("webhooks.detail", endpoint_id=endpoint.id), code=303)
+
+
+def _detail_page(endpoint: WebhookEndpoint, values=None, errors=None, status: int = 200):
+    stmt = select(WebhookDelivery).where(
+        WebhookDelivery.endpoint_id == endpoint.id,
+        WebhookDelivery.tenant_id == current_user.tenant_id,
+    )
+    deliveries, next_before = keyset_page(stmt, WebhookDelivery.id, DELIVERIES_PER_PAGE)
+    response = render(
+        "webhooks/detail.html",
+        partial="webhooks/_deliveries.html",
+        webhook=endpoint,
+        deliveries=deliveries,
+        next_before=next_before,
+        values=values or {"url": endpoint.url, "topics": ", ".join(endpoint.topics or [])},
+        errors=errors or {},
+    )
+    response.status_code = status
+    return response
+
+
+@bp.get("/<int:endpoint_id>")
+@admin_required
+def detail(endpoint_id: int):
+    return _detail_page(get_owned_or_404(WebhookEndpoint, endpoint_id))
+
+
+@bp.post("/<int:endpoint_id>")
+@admin_required
+def update(endpoint_id: int):
+    endpoint = get_owned_or_404(WebhookEndpoint, endpoint_id)
+    raw, errors, url, topics = _form_values()
+    if errors:
+        return _detail_page(endpoint, values=raw, errors=errors, status=422)
+    endpoint.url = url
+    endpoint.topics = topics
+    active = request.form.get("is_active") in ("1", "on", "true", "y")
+    if active and not endpoint.is_active:
+        endpoint.consecutive_failures = 0
+        endpoint.disabled_reason = None
+    endpoint.is_active = active
+    db.session.commit()
+    flash("Webhook endpoint saved.", "info")
+    return redirect(url_for("webhooks.detail", endpoint_id=endpoint.id), code=303)
+
+
+@bp.post("/<int:endpoint_id>/rotate-secret")
+@admin_required
+def rotate_secret(endpoint_id: int):
+    endpoint = get_owned_or_404(WebhookEndpoint, endpoint_id)
+    svc.rotate_secret(endpoint)
+    db.session.commit()
+    flash("New signing secret issued; update your receiver.", "info")
+    return redirect(url_for("webhooks.detail", endpoint_id=endpoint.id), code=303)
+
+
+@bp.post("/<int:endpoint_id>/delete")
+@admin_required
+def delete(endpoint_id: int):
+    endpoint = get_owned_or_404(WebhookEndpoint, endpoint_id)
+    db.session.delete(endpoint)
+    db.session.commit()
+    flash("Webhook endpoint deleted.", "info")
+    return redirect(url_for("webhooks.index"), code=303)
+
+
+@bp.post("/<int:endpoint_id>/deliveries/<int:delivery_id>/resend")
+@admin_required
+def resend(endpoint_id: int, delivery_id: int):
+    endpoint = get_owned_or_404(WebhookEndpoint, endpoint_id)
+    delivery = db.session.get(WebhookDelivery, delivery_id)
+    if delivery is None or delivery.endpoint_id != endpoint.id:
+        abort(404)
+    svc.schedule_delivery(endpoint.id, delivery.event_pk, attempt=1, is_resend=True)
+    flash("Delivery queued again.", "info")
+    return redirect(url_for("webhooks.detail", endpoint_id=endpoint.id), code=303)

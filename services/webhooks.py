@@ -1,0 +1,324 @@
+"""Outgoing webhooks: matching endpoints, signing and POSTing one event, scheduling retries.
+
+Receivers verify a request by recomputing
+    HMAC-SHA256(secret, f"{X-Switchboard-Timestamp}.{raw body}")
+and comparing it with the hex digest in `X-Switchboard-Signature: sha256=<hex>`; they should
+also reject timestamps far from their clock, so a captured request cannot be replayed later.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import ipaddress
+import json
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from flask import current_app
+from sqlalchemy import select, update
+
+from extensions import db
+from models.base import utcnow
+from models.webhooks import WebhookEndpoint, new_webhook_secret
+
+SIGNATURE_HEADER = "X-Switchboard-Signature"
+TIMESTAMP_HEADER = "X-Switchboard-Timestamp"
+EVENT_HEADER = "X-Switchboard-Event"
+DELIVERY_HEADER = "X-Switchboard-Delivery"
+USER_AGENT = "Switchboard-Webhooks/1.0"
+
+# Topics never sent to endpoints (deliveries are not events; kept in case that changes).
+EXCLUDED_TOPICS = ("webhook_delivery.*",)
+
+MAX_TOPICS = 50
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,80}$")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def validate_url(raw: str) -> str:
+    """A trimmed http(s) URL with a host; raises ValueError with a message for the form."""
+    url = (raw or "").strip()
+    if not url:
+        raise ValueError("Enter a URL.")
+    if len(url) > 2000:
+        raise ValueError("The URL is too long.")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("The URL must start with http:// or https://.")
+    if not parts.hostname:
+        raise ValueError("The URL needs a host.")
+    if any(ch.isspace() for ch in url):
+        raise ValueError("The URL must not contain spaces.")
+    if not current_app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"]:
+        host = parts.hostname.lower()
+        literal = _ip(host)
+        if host == "localhost" or host.endswith(".localhost") or (literal and _private(literal)):
+            raise ValueError(PRIVATE_REFUSED)
+    return url
+
+
+PRIVATE_REFUSED = (
+    "The URL points into a private network; webhooks only go to public addresses "
+    "(WEBHOOK_ALLOW_PRIVATE_NETWORKS allows them)."
+)
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:
+        address = mapped
+    return not address.is_global or address.is_multicast
+
+
+def private_destination(url: str) -> str | None:
+    """Why this URL may not be posted to (it resolves into a private network), or None.
+
+    Checked again at delivery time, because a name can start resolving elsewhere after the
+    endpoint was saved. Without this a tenant admin could make the workers probe the
+    internal network (Redis, PostgreSQL, cloud metadata) on their behalf.
+    """
+    if current_app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"]:
+        return None
+    parts = urlsplit(url)
+    try:
+        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return None  # the request itself reports the resolution error
+    for info in infos:
+        address = _ip(str(info[4][0]).split("%")[0])
+        if address is None or _private(address):
+            return PRIVATE_REFUSED
+    return None
+
+
+def parse_topics(raw: str) -> list[str]:
+    """Comma or space separated shell-style patterns; empty means every topic ("*")."""
+    topics: list[str] = []
+    for part in re.split(r"[,\s]+", raw or ""):
+        if not part:
+            continue
+        if not _TOPIC_RE.match(part):
+            raise ValueError(f"Not a topic pattern: {part[:80]!r}.")
+        if part not in topics:
+            topics.append(part)
+    if len(topics) > MAX_TOPICS:
+        raise ValueError(f"At most {MAX_TOPICS} topic patterns.")
+    return topics or ["*"]
+
+
+def topic_matches(patterns: list[str] | None, topic: str) -> bool:
+    if any(fnmatch.fnmatchcase(topic, p) for p in EXCLUDED_TOPICS):
+        return False
+    return any(fnmatch.fnmatchcase(topic, p) for p in (patterns or ()))
+
+
+def matching_endpoints(tenant_id: int | None, topic: str) -> list[WebhookEndpoint]:
+    if tenant_id is None:
+        return []
+    rows = db.session.scalars(
+        select(WebhookEndpoint)
+        .where(WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.is_active.is_(True))
+        .order_by(WebhookEndpoint.id)
+    )
+    return [ep for ep in rows if topic_matches(ep.topics, topic)]
+
+
+def rotate_secret(endpoint: WebhookEndpoint) -> str:
+    endpoint.secret = new_webhook_secret()
+    endpoint.secret_rotated_at = utcnow()
+    return endpoint.secret
+
+
+# ---------------------------------------------------------------- signing and sending
+
+
+def event_body(event: Any) -> bytes:
+    """The JSON body for an event (an Event or an OutboxEvent row)."""
+    created = event.created_at
+    document = {
+        "id": str(event.event_id),
+        "topic": event.topic,
+        "tenant_id": event.tenant_id,
+        "entity": event.entity,
+        "entity_id": event.entity_id,
+        "payload": event.payload or {},
+        "created_at": created.isoformat() if created is not None else None,
+    }
+    return json.dumps(document, separators=(",", ":"), default=str).encode()
+
+
+def sign(secret: str, timestamp: int | str, body: bytes) -> str:
+    message = f"{timestamp}.".encode() + body
+    return "sha256=" + hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
+    return hmac.compare_digest(sign(secret, timestamp, body), signature or "")
+
+
+@dataclass
+class Attempt:
+    status_code: int | None
+    latency_ms: int
+    error: str | None
+    refused: bool = False  # never sent: another try would be refused too
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status_code is not None and 200 <= self.status_code < 300
+
+    @property
+    def retryable(self) -> bool:
+        """Network errors, timeouts and 5xx (and 429) are worth another try; 3xx/4xx are not."""
+        if self.refused:
+            return False
+        if self.status_code is None:
+            return True
+        return self.status_code >= 500 or self.status_code == 429
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    # A redirect would turn the POST into a GET without the body (and could point anywhere).
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect())
+
+
+def post(url: str, secret: str, topic: str, body: bytes, delivery_ref: str = "") -> Attempt:
+    """POST a signed body once; never raises for HTTP or network failures."""
+    refusal = private_destination(url)
+    if refusal:
+        return Attempt(status_code=None, latency_ms=0, error=refusal, refused=True)
+    timestamp = int(time.time())
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+        EVENT_HEADER: topic,
+        TIMESTAMP_HEADER: str(timestamp),
+        SIGNATURE_HEADER: sign(secret, timestamp, body),
+    }
+    if delivery_ref:
+        headers[DELIVERY_HEADER] = delivery_ref
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    timeout = float(current_app.config["WEBHOOK_TIMEOUT_SECONDS"])
+    started = time.monotonic()
+    status: int | None = None
+    error: str | None = None
+    try:
+        with _opener.open(request, timeout=timeout) as response:
+            status = response.status
+            response.read(65536)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+        error = f"HTTP {exc.code} {exc.reason}"[:500]
+        try:
+            exc.read(65536)
+        except Exception:  # noqa: BLE001 - the body does not matter
+            pass
+        finally:
+            exc.close()
+    except urllib.error.URLError as exc:
+        error = f"network error: {exc.reason}"[:500]
+    except (TimeoutError, OSError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"[:500]
+    latency = int((time.monotonic() - started) * 1000)
+    return Attempt(status_code=status, latency_ms=latency, error=error)
+
+
+def backoff_ms(attempt: int) -> int:
+    """Wait before attempt `attempt + 1`: WEBHOOK_RETRY_MIN_MS * 2**(attempt-1), capped."""
+    config = current_app.config
+    base = int(config["WEBHOOK_RETRY_MIN_MS"])
+    cap = int(config["WEBHOOK_RETRY_MAX_MS"])
+    return max(0, min(cap, base * 2 ** max(0, attempt - 1)))
+
+
+def schedule_delivery(
+    endpoint_id: int,
+    event_pk: int,
+    attempt: int = 1,
+    is_resend: bool = False,
+    delay_ms: int | None = None,
+) -> None:
+    """Enqueue the delivery task (optionally delayed) on the app's broker."""
+    from tasks.broker import tasks_state
+
+    actor = tasks_state().actors["webhooks.deliver"]
+    actor.send_with_options(
+        args=(endpoint_id, event_pk),
+        kwargs={"attempt": attempt, "is_resend": is_resend},
+        delay=delay_ms or None,
+    )
+
+
+# ---------------------------------------------------------------- endpoint health
+
+
+def record_success(endpoint_id: int) -> None:
+    db.session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.consecutive_failures != 0)
+        .values(consecutive_failures=0)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def record_give_up(endpoint_id: int) -> int:
+    """Count one more event given up on; returns the new count."""
+    db.session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_id)
+        .values(consecutive_failures=WebhookEndpoint.consecutive_failures + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return int(
+        db.session.scalar(
+            select(WebhookEndpoint.consecutive_failures).where(WebhookEndpoint.id == endpoint_id)
+        )
+        or 0
+    )
+
+
+def disable_if_failing(endpoint: WebhookEndpoint, failures: int) -> bool:
+    """Disable the endpoint once it reached the limit; emits webhook_endpoint.disabled once."""
+    from events.outbox import emit
+
+    limit = int(current_app.config["WEBHOOK_DISABLE_AFTER_FAILURES"])
+    if limit <= 0 or failures < limit:
+        return False
+    reason = f"Disabled after {failures} events in a row could not be delivered."
+    result = db.session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint.id, WebhookEndpoint.is_active.is_(True))
+        .values(is_active=False, disabled_reason=reason)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False  # already disabled (by another delivery or an admin)
+    emit(
+        "webhook_endpoint.disabled",
+        tenant_id=endpoint.tenant_id,
+        entity="webhook_endpoint",
+        entity_id=endpoint.id,
+        payload={"host": endpoint.host, "consecutive_failures": failures, "reason": reason},
+    )
+    return True
