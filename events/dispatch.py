@@ -14,9 +14,10 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from flask import Flask
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, bindparam, func, select, update
 
 from events.registry import registry
 from extensions import db
@@ -64,6 +65,19 @@ def group_actor_name(group: str) -> str:
     return f"spine_{group}"
 
 
+def _returning(conn) -> list:
+    table = OutboxEvent.__table__
+    returning = [table.c.id, table.c.topic]
+    if conn.dialect.name == "postgresql":
+        # SET LOCAL synchronous_commit TO OFF, in the same round trip: a claim need not wait
+        # for its WAL flush. If PostgreSQL crashes and loses it, the rows are pending again
+        # and the relay sends them a second time; handlers are idempotent, so at most a
+        # duplicate delivery that changes nothing. (The rows themselves were written by the
+        # producer's own, synchronous, commit.)
+        returning.append(func.set_config("synchronous_commit", "off", True))
+    return returning
+
+
 def _claim(conn, condition, limit: int | None = None) -> list[tuple[int, str]]:
     table = OutboxEvent.__table__
     ids = select(table.c.id).where(condition).order_by(table.c.id)
@@ -75,9 +89,39 @@ def _claim(conn, condition, limit: int | None = None) -> list[tuple[int, str]]:
         update(table)
         .where(table.c.id.in_(ids.scalar_subquery()))
         .values(status="dispatched", dispatched_at=utcnow(), attempts=table.c.attempts + 1)
-        .returning(table.c.id, table.c.topic)
+        .returning(*_returning(conn))
     )
     return [(row.id, row.topic) for row in conn.execute(stmt)]
+
+
+_CLAIM_NEW: dict[str, Any] = {}
+
+
+def _claim_new(conn, event_ids: Sequence[uuid.UUID]) -> list[tuple[int, str]]:
+    """Claim the rows a commit just wrote, by event id, with a statement built once.
+
+    Unlike the relay's claim it needs no SKIP LOCKED subquery: should a relay be claiming
+    one of these rows at this very moment, the UPDATE waits for it and then finds the row
+    no longer pending — as correct, and cheaper on every commit."""
+    stmt = _CLAIM_NEW.get(conn.dialect.name)
+    if stmt is None:
+        table = OutboxEvent.__table__
+        stmt = (
+            update(table)
+            .where(
+                table.c.event_id.in_(bindparam("event_ids", expanding=True)),
+                table.c.status == "pending",
+            )
+            .values(
+                status="dispatched",
+                dispatched_at=bindparam("now"),
+                attempts=table.c.attempts + 1,
+            )
+            .returning(*_returning(conn))
+        )
+        _CLAIM_NEW[conn.dialect.name] = stmt
+    params = {"event_ids": list(event_ids), "now": utcnow()}
+    return [(row.id, row.topic) for row in conn.execute(stmt, params)]
 
 
 def _mark(conn, ids: Sequence[int], status: str) -> None:
@@ -91,11 +135,8 @@ def dispatch_new(app: Flask, event_ids: Sequence[uuid.UUID]) -> None:
     state = _state(app)
     if not state.can_dispatch_now():
         return  # embedded CLI process: the web process's relay delivers them
-    table = OutboxEvent.__table__
     with db.engine.begin() as conn:
-        rows = _claim(
-            conn, and_(table.c.event_id.in_(list(event_ids)), table.c.status == "pending")
-        )
+        rows = _claim_new(conn, event_ids)
     if not rows:
         return
     sent, failed, empty = _send(app, rows)

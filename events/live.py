@@ -101,7 +101,14 @@ class MemoryBus:
         return True
 
 
+def _stream_id(frame_id: str) -> tuple[int, int]:
+    ms, _, seq = frame_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class RedisBus:
+    READ_COUNT = 500
+
     def __init__(self, url: str, prefix: str = "sb:live:", maxlen: int = 1000) -> None:
         import redis
 
@@ -130,7 +137,7 @@ class RedisBus:
             time.sleep(block_ms / 1000)
             return []
         streams = {self._key(t): i for t, i in positions.items()}
-        result = self.redis.xread(streams, block=block_ms or None, count=500)
+        result = self.redis.xread(streams, block=block_ms or None, count=self.READ_COUNT)
         out = []
         for key, entries in result or ():
             key = key.decode() if isinstance(key, bytes) else key
@@ -140,6 +147,13 @@ class RedisBus:
                 raw = fields.get(b"d") or fields.get("d")
                 out.append((topic, frame_id, raw.decode() if isinstance(raw, bytes) else raw))
         return out
+
+    def first_id(self, topic: str) -> str | None:
+        items = self.redis.xrange(self._key(topic), count=1)
+        if not items:
+            return None
+        frame_id = items[0][0]
+        return frame_id.decode() if isinstance(frame_id, bytes) else frame_id
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -246,11 +260,34 @@ class Hub:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10)
                 continue
+            self._detect_gaps(positions, entries)
             for topic, frame_id, data in entries:
                 with self._lock:
                     if topic in self._positions:
                         self._positions[topic] = frame_id
                 self._deliver(topic, frame_id, data)
+
+    def _detect_gaps(self, positions: dict[str, str], entries) -> None:
+        """Mark subscriptions overflowed when the stream was trimmed past our position.
+
+        XREAD quietly starts at the oldest surviving entry, so a hub that fell further behind
+        than LIVE_STREAM_MAXLEN would skip frames without anyone knowing; the pages would stay
+        stale until they reconnect. A trimmed gap always comes with a full batch (the stream
+        holds at least maxlen entries after our position), so only then is it checked."""
+        counts: dict[str, int] = defaultdict(int)
+        for topic, _, _ in entries:
+            counts[topic] += 1
+        for topic, count in counts.items():
+            if count < getattr(self.bus, "READ_COUNT", count + 1):
+                continue
+            first = self.bus.first_id(topic)
+            position = positions.get(topic, "0-0")
+            if first is not None and _stream_id(first) > _stream_id(position):
+                log.warning("live hub fell behind on %s; frames were trimmed: resnapshot", topic)
+                with self._lock:
+                    subs = list(self._subs.get(topic, ()))
+                for sub in subs:
+                    sub.overflowed = True
 
     def stop(self) -> None:
         self._stop.set()

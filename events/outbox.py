@@ -4,7 +4,13 @@
   changed fields as old→new pairs, through the flush's own connection (so a rolled-back
   transaction or savepoint takes its rows with it).
 - `emit()` adds an explicit domain event (e.g. `device.offline`) to the current session.
-- `after_commit` hands the new event ids to the dispatcher and runs `on_commit` callbacks.
+- At the outermost commit only (releasing a savepoint commits nothing, and rolling one back
+  drops the events and callbacks registered inside it), the new event ids go to the
+  dispatcher and `on_commit` callbacks run. Both happen once the transaction has *ended*
+  and its connection is back in the pool, not in `after_commit` (which SQLAlchemy fires
+  while the session still holds it): dispatching needs a connection of its own, and a
+  thread holding one while waiting for another deadlocks a full pool as soon as as many
+  threads commit at once as the pool has connections.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ log = logging.getLogger(__name__)
 
 EVENT_IDS = "sb_outbox_event_ids"
 AFTER_COMMIT = "sb_after_commit"
+COMMITTED = "sb_committed_work"
+SAVEPOINT_MARKS = "sb_savepoint_marks"
 
 
 def to_primitive(value: Any) -> Any:
@@ -146,8 +154,11 @@ def emit(
     entity: str | None = None,
     entity_id: int | None = None,
     session: Session | None = None,
+    actor_user_id: int | None = None,
 ) -> uuid.UUID:
-    """Add an explicit domain event to the current transaction; it is sent after commit."""
+    """Add an explicit domain event to the current transaction; it is sent after commit.
+
+    The actor is the logged-in user unless `actor_user_id` names one (e.g. at login)."""
     from extensions import db
 
     session = session or db.session()
@@ -157,7 +168,7 @@ def emit(
         entity=entity,
         entity_id=entity_id,
         tenant_id=tenant_id,
-        actor_user_id=_actor_user_id(),
+        actor_user_id=actor_user_id if actor_user_id is not None else _actor_user_id(),
         actor_ip=_actor_ip(),
         payload=to_primitive(payload or {}),
         status="pending",
@@ -178,8 +189,19 @@ def on_commit(fn: Callable[[], None], session: Session | None = None) -> None:
 
 
 def _after_commit(session: Session) -> None:
+    if session.in_nested_transaction():
+        # A savepoint released: what it registered stays, for the outermost commit.
+        session.info.get(SAVEPOINT_MARKS, {}).pop(session.get_nested_transaction(), None)
+        return
+    # Committed; the work runs in _after_transaction_end, once the connection is released.
     event_ids = session.info.pop(EVENT_IDS, None)
     callbacks = session.info.pop(AFTER_COMMIT, None)
+    if event_ids or callbacks:
+        session.info[COMMITTED] = (event_ids, callbacks)
+
+
+def _run_committed_work(session: Session) -> None:
+    event_ids, callbacks = session.info.pop(COMMITTED)
     if event_ids and has_app_context():
         from events.dispatch import dispatch_new
 
@@ -194,10 +216,33 @@ def _after_commit(session: Session) -> None:
             log.exception("on_commit callback failed")
 
 
+def _after_transaction_create(session: Session, transaction: Any) -> None:
+    if transaction.nested:  # remember what was registered before the savepoint
+        marks = session.info.setdefault(SAVEPOINT_MARKS, {})
+        marks[transaction] = {
+            key: len(session.info.get(key, ())) for key in (EVENT_IDS, AFTER_COMMIT)
+        }
+
+
+def _after_transaction_end(session: Session, transaction: Any) -> None:
+    if not transaction.nested:
+        if transaction.parent is None and COMMITTED in session.info:
+            _run_committed_work(session)
+        return
+    # Still marked: the savepoint ended without being released (rolled back), so the events
+    # and after-commit work registered inside it go with it.
+    marks = session.info.get(SAVEPOINT_MARKS, {}).pop(transaction, None)
+    for key, mark in (marks or {}).items():
+        if key in session.info:
+            del session.info[key][mark:]
+
+
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:
         session.info.pop(EVENT_IDS, None)
         session.info.pop(AFTER_COMMIT, None)
+        session.info.pop(SAVEPOINT_MARKS, None)
+        session.info.pop(COMMITTED, None)
 
 
 def _keep_old_value(target, value, oldvalue, initiator):
@@ -228,4 +273,6 @@ def install() -> None:
     sa_event.listen(Session, "after_flush", _after_flush)
     sa_event.listen(Session, "after_commit", _after_commit)
     sa_event.listen(Session, "after_soft_rollback", _after_soft_rollback)
+    sa_event.listen(Session, "after_transaction_create", _after_transaction_create)
+    sa_event.listen(Session, "after_transaction_end", _after_transaction_end)
     _installed = True

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from events.registry import Event
 from extensions import db
 from models.events import OutboxEvent
 
@@ -44,7 +45,8 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:39] + "…"
 
 
-def describe(row: OutboxEvent) -> FeedItem:
+def describe(row: OutboxEvent | Event) -> FeedItem:
+    """An outbox row, or the Event a handler got (it carries the same fields)."""
     payload = row.payload or {}
     entity, _, action = row.topic.rpartition(".")
     label = str(payload.get("label") or payload.get("summary") or f"{entity} #{row.entity_id}")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flask import current_app, has_request_context, render_template
+from flask.ctx import RequestContext
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from events.live import encode
@@ -91,12 +92,35 @@ def publish_after_commit(topic: str, key: str, *, html: str | None = None, json_
 
 
 def render_fragment(template: str, **context: Any) -> str:
-    """Render a partial from a worker too (url_for needs a request context)."""
+    """Render a partial from a worker too (url_for needs a request context).
+
+    Outside a request (workers render a fragment per event) the context is made from a
+    WSGI environ built once per app for PUBLIC_URL, with a null session: there is no
+    visitor's cookie to open, and a fragment must not write one. So its forms get an empty
+    CSRF field, which static/js/app.js fills with the page's token when one is submitted
+    (a token made here would belong to no one's session and be refused)."""
     if has_request_context():
         return render_template(template, **context)
+    context.setdefault("csrf_token", _no_csrf_token)
     app = current_app._get_current_object()
-    with app.test_request_context(base_url=app.config.get("PUBLIC_URL") or "http://localhost/"):
+    null_session = app.session_interface.make_null_session(app)
+    with RequestContext(app, dict(_worker_environ(app)), session=null_session):
         return render_template(template, **context)
+
+
+def _no_csrf_token() -> str:
+    return ""
+
+
+def _worker_environ(app: Any) -> dict[str, Any]:
+    environ = app.extensions.get("switchboard.worker_environ")
+    if environ is None:
+        from werkzeug.test import EnvironBuilder
+
+        base_url = app.config.get("PUBLIC_URL") or "http://localhost/"
+        environ = EnvironBuilder(base_url=base_url).get_environ()
+        app.extensions["switchboard.worker_environ"] = environ
+    return environ
 
 
 def snapshot(name: str):

@@ -6,7 +6,9 @@ every registered handler, task and periodic job becomes an actor bound to *this*
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import itertools
 import logging
 import threading
 import time
@@ -18,12 +20,12 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage, Middleware
 from flask import Flask, current_app
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import bindparam, func, select
 
 from events.dispatch import group_actor_name
 from events.registry import Event, HandlerSpec, PeriodicSpec, TaskSpec, registry
 from extensions import db
+from models.base import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -83,39 +85,169 @@ class SchedulerMiddleware(Middleware):
             self.scheduler.stop()
 
 
-def _run_one(spec: HandlerSpec, event: Event, retries: int) -> bool:
-    """Run one handler in its own transaction. True when it has a result (ok or gave up)."""
-    from models.events import ProcessedEvent
+# What became of one handler in a message's transaction.
+_DONE, _SKIPPED, _RETRY, _GAVE_UP = "done", "skipped", "retry", "gave up"
 
-    session = db.session
-    session.add(ProcessedEvent(event_id=event.id, handler=spec.name, status="ok"))
+
+def _record_stmt(dialect: str):
+    """INSERT … ON CONFLICT DO NOTHING of a ProcessedEvent row (built once per dialect).
+
+    A conflict means the (event, handler) pair already has a result, committed by another
+    delivery: the handler is skipped, and the transaction is not aborted (as an IntegrityError
+    would abort it on PostgreSQL) so the other handlers of the message can go on in it."""
+    stmt = _RECORD_STMTS.get(dialect)
+    if stmt is None:
+        from models.events import ProcessedEvent
+
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        table = ProcessedEvent.__table__
+        stmt = (
+            insert(table)
+            .on_conflict_do_nothing(index_elements=["event_id", "handler"])
+            .returning(table.c.id)
+        )
+        _RECORD_STMTS[dialect] = stmt
+    return stmt
+
+
+_RECORD_STMTS: dict[str, Any] = {}
+
+
+def _record(session, event_pk: int, handler: str, status: str, error: str | None = None) -> bool:
+    """Write the idempotency record in the current transaction; False if it already exists."""
+    params = {
+        "event_id": event_pk,
+        "handler": handler,
+        "status": status,
+        "error": error,
+        "processed_at": utcnow(),
+    }
+    conn = session.connection()  # Core on the session's connection: no ORM work to do
+    result = conn.execute(_record_stmt(conn.dialect.name), params)
+    return result.first() is not None  # (rowcount is not reliable with RETURNING)
+
+
+def _load_event(session, event_pk: int):
+    """The outbox row, read with Core (no ORM identity map to fill), beginning the transaction
+    that all handlers of the message share.
+
+    On PostgreSQL the same statement sets `synchronous_commit` off for this transaction only
+    (`set_config(…, true)` is `SET LOCAL`), saving a round trip. Why that is safe: COMMIT then
+    returns before its WAL is flushed, so a PostgreSQL crash within a fraction of a second can
+    lose the transaction — but atomically: each handler's effect goes together with its
+    ProcessedEvent record, never one without the other. The outbox row stays `dispatched`
+    (only the relay marks it `done`, after reading every handler's record in a transaction
+    whose own synchronous commit flushes all WAL before it, these records included), so the
+    relay redelivers the lost handlers after EVENTS_REDELIVER_AFTER: at-least-once holds, and
+    idempotency makes the repeat harmless. A crash of the worker (not of PostgreSQL) loses
+    nothing that was committed. Plain tasks, and every other transaction, keep synchronous
+    commits."""
+    conn = session.connection()
+    dialect = conn.dialect.name
+    stmt = _LOAD_STMTS.get(dialect)
+    if stmt is None:
+        from models.events import OutboxEvent
+
+        table = OutboxEvent.__table__
+        stmt = select(*table.c).where(table.c.id == bindparam("event_pk"))
+        if dialect == "postgresql":
+            stmt = stmt.add_columns(func.set_config("synchronous_commit", "off", True))
+        _LOAD_STMTS[dialect] = stmt
+    return conn.execute(stmt, {"event_pk": event_pk}).one_or_none()
+
+
+_LOAD_STMTS: dict[str, Any] = {}
+
+
+def _relax_commit(session) -> None:
+    """After a full rollback: the new transaction also commits asynchronously (see above)."""
+    conn = session.connection()
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.set_config("synchronous_commit", "off", True)))
+
+
+def _run_in(session, spec: HandlerSpec, event: Event, retries: int, nested: bool) -> str:
+    """Run one handler inside the message's transaction, its effect and its record together.
+
+    `nested`: earlier handlers' effects are in the transaction, so this one runs in a
+    savepoint and its failure undoes only its own work. Otherwise a failure rolls the whole
+    (still effect-free) transaction back, which is cheaper than a savepoint."""
+    savepoint = session.begin_nested() if nested else None
     try:
-        session.flush()
-    except IntegrityError:
-        session.rollback()
-        return True  # handled meanwhile by another delivery: a duplicate changes nothing
-    try:
+        if not _record(session, event.id, spec.name, "ok"):
+            if savepoint is not None:
+                savepoint.commit()
+            return _SKIPPED  # handled meanwhile by another delivery: a duplicate changes nothing
         spec.fn(event)
-        session.commit()
-        return True
+        if savepoint is not None:
+            savepoint.commit()  # flushes this handler's changes, releases the savepoint
+        else:
+            session.flush()  # a failing flush belongs to this handler, not to the commit
     except Exception as exc:
-        session.rollback()
+        if savepoint is not None:
+            savepoint.rollback()  # events and after-commit work registered in it go too
+        else:
+            session.rollback()  # forgets its after-commit work too
+            _relax_commit(session)
         if retries < spec.max_retries:
             log.warning(
                 "handler %s failed on event %s (try %s): %r", spec.name, event.id, retries + 1, exc
             )
-            return False
+            return _RETRY
         log.exception("handler %s gave up on event %s", spec.name, event.id)
-        session.add(
-            ProcessedEvent(
-                event_id=event.id, handler=spec.name, status="failed", error=repr(exc)[:2000]
-            )
-        )
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-        return True
+        _record(session, event.id, spec.name, "failed", repr(exc)[:2000])
+        return _GAVE_UP
+    return _DONE
+
+
+def _run_one(spec: HandlerSpec, event: Event, retries: int) -> bool:
+    """Run one handler in a transaction of its own. True when it has a result (ok, already
+    recorded, or gave up); False when it failed and should be retried."""
+    session = db.session
+    outcome = _run_in(session, spec, event, retries, nested=False)
+    session.commit()
+    return outcome != _RETRY
+
+
+class TakeTurns:
+    """A lock granted first come, first served (threading.Lock promises no order).
+
+    Embedded mode: SQLite has one writer at a time, and a connection that finds it busy
+    polls with growing sleeps, so worker threads starve one another and a message taken
+    later often overtakes an earlier one. Spine messages queue here instead, in order."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._tickets = itertools.count()
+        self._serving = 0
+        self._abandoned: set[int] = set()
+
+    def __enter__(self) -> None:
+        with self._cond:
+            ticket = next(self._tickets)
+            try:
+                while ticket != self._serving:
+                    self._cond.wait()
+            except BaseException:  # interrupted (e.g. a time limit) while waiting its turn
+                if ticket == self._serving:
+                    self._next_turn()
+                else:
+                    self._abandoned.add(ticket)
+                raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._cond:
+            self._next_turn()
+
+    def _next_turn(self) -> None:
+        self._serving += 1
+        while self._serving in self._abandoned:
+            self._abandoned.discard(self._serving)
+            self._serving += 1
+        self._cond.notify_all()
 
 
 class HandlersFailed(Exception):
@@ -123,28 +255,40 @@ class HandlersFailed(Exception):
 
 
 def _run_group(group: str, event_pk: int) -> None:
-    """Run every handler of `group` that wants this event and has no result yet."""
-    from models.events import OutboxEvent, ProcessedEvent
+    """Run every handler of `group` that wants this event and has no result yet.
 
+    One transaction for the message: each handler's effect and its (event, handler) record
+    are written together, in a savepoint when another handler's effect precedes it, and one
+    commit makes them all durable (or none: the message is then retried and every handler
+    runs again, as none recorded a result)."""
+    turns = tasks_state().sqlite_turns
+    with turns if turns is not None else contextlib.nullcontext():
+        _run_group_in_transaction(group, event_pk)
+
+
+def _run_group_in_transaction(group: str, event_pk: int) -> None:
     session = db.session
-    row = session.get(OutboxEvent, event_pk)
+    row = _load_event(session, event_pk)
     if row is None:
+        session.rollback()
         return  # pruned, or from a rolled-back transaction
     event = Event.from_row(row)
+    handlers = registry.handlers
     wanted = [
-        registry.handlers[name]
-        for name in registry.handler_names_for(event.topic)
-        if registry.handlers[name].queue == group
-    ]
-    done = set(
-        session.scalars(select(ProcessedEvent.handler).where(ProcessedEvent.event_id == event_pk))
-    )
-    session.commit()  # end the read transaction; each handler gets its own
+        handlers[name] for name in registry.handler_names_for(event.topic)
+        if handlers[name].queue == group
+    ]  # fmt: skip
     message = CurrentMessage.get_current_message()
     retries = message.options.get("retries", 0) if message else 0
-    failed = [
-        spec.name for spec in wanted if spec.name not in done and not _run_one(spec, event, retries)
-    ]
+    failed = []
+    nested = False
+    for spec in wanted:
+        outcome = _run_in(session, spec, event, retries, nested)
+        if outcome == _RETRY:
+            failed.append(spec.name)
+        elif outcome != _SKIPPED:
+            nested = True
+    session.commit()
     if failed:
         raise HandlersFailed(f"event {event_pk}: {', '.join(failed)} will be retried")
 
@@ -187,6 +331,7 @@ class TaskState:
     actors: dict[str, dramatiq.Actor] = field(default_factory=dict)
     worker: dramatiq.Worker | None = None
     scheduler: Scheduler | None = None
+    sqlite_turns: TakeTurns | None = None  # spine messages' turns at SQLite's one writer
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -306,6 +451,8 @@ def init_broker(app: Flask) -> TaskState:
         importlib.import_module(module)
 
     state = TaskState(app=app, broker=broker)
+    if str(app.config.get("SQLALCHEMY_DATABASE_URI", "")).startswith("sqlite"):
+        state.sqlite_turns = TakeTurns()
     for group in sorted({spec.queue for spec in registry.handlers.values()}):
         members = registry.group_members(group)
         group_spec = TaskSpec(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from events.registry import Event, handler
-from extensions import db
-from models.events import OutboxEvent
 from services import feed
 from services.live import publish_after_commit, render_fragment, tenant_topic
 
@@ -13,7 +11,6 @@ from services.live import publish_after_commit, render_fragment, tenant_topic
 def live_feed(event: Event) -> None:
     if event.tenant_id is None:
         return
-    row = db.session.get(OutboxEvent, event.id)
-    item = feed.describe(row)
+    item = feed.describe(event)  # the event carries every field the feed shows
     html = render_fragment("dashboard/_feed_push.html", item=item)
     publish_after_commit(tenant_topic(event.tenant_id, "feed"), f"feed-{event.id}", html=html)

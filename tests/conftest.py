@@ -11,8 +11,11 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shutil
 import socket
+import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -334,3 +337,68 @@ def csrf_token_from(html: bytes) -> str:
     )
     assert match, "no CSRF token in page"
     return match.group(1).decode()
+
+
+# ---------------------------------------------------------------- a Redis of our own
+
+
+def _wait_until(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def private_redis():
+    """A Redis server of our own that the test can stop and start again."""
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server not installed")
+    port = free_port()
+
+    def start():
+        proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        import redis
+
+        client = redis.Redis(port=port)
+        assert _wait_until(lambda: _ping(client), timeout=10)
+        client.close()
+        return proc
+
+    state = {"proc": start()}
+
+    def stop():
+        state["proc"].terminate()
+        state["proc"].wait(timeout=10)
+
+    def restart():
+        state["proc"] = start()
+
+    yield type(
+        "PrivateRedis", (), {"url": f"redis://127.0.0.1:{port}/0", "stop": stop, "start": restart}
+    )
+    if state["proc"].poll() is None:
+        stop()
+
+
+def _ping(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:  # noqa: BLE001
+        return False

@@ -4,7 +4,6 @@ separate `dramatiq` worker processes, and Redis going away at commit time."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,9 +15,10 @@ from sqlalchemy import func, select
 import tests.spine_handlers  # noqa: F401 - registers the test_counter handler
 from events import emit
 from events.dispatch import relay
+from events.registry import registry
 from models.devices import ActivityLog
 from models.events import OutboxEvent, ProcessedEvent
-from tests.conftest import cleanup_redis, free_port, make_app, prod_overrides
+from tests.conftest import cleanup_redis, make_app, prod_overrides
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,9 +66,16 @@ def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_p
         EXTRA_ACTOR_MODULES="tests.spine_handlers",
         PYTHONPATH=str(ROOT),
     )
-    dramatiq_bin = shutil.which("dramatiq", path=str(Path(sys.executable).parent))
+    # The worker command line is the Procfile's own, so a bad flag there fails this test.
+    procfile = (ROOT / "Procfile").read_text().splitlines()
+    worker_line = next(line for line in procfile if line.startswith("worker:"))
+    env.update(
+        WORKER_PROCESSES="1",
+        WORKER_THREADS="2",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
     worker = subprocess.Popen(
-        [dramatiq_bin, "tasks.worker", "--processes", "1", "--threads", "2"],
+        ["bash", "-c", "exec " + worker_line.split(":", 1)[1].strip()],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -96,59 +103,6 @@ def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_p
             worker.kill()
             worker.wait()
         worker.stderr.close()
-
-
-@pytest.fixture
-def private_redis():
-    """A Redis server of our own that the test can stop and start again."""
-    if not shutil.which("redis-server"):
-        pytest.skip("redis-server not installed")
-    port = free_port()
-
-    def start():
-        proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        client = redis.Redis(port=port)
-        assert _wait_for(lambda: _ping(client), timeout=10)
-        client.close()
-        return proc
-
-    state = {"proc": start()}
-
-    def stop():
-        state["proc"].terminate()
-        state["proc"].wait(timeout=10)
-
-    def restart():
-        state["proc"] = start()
-
-    yield type(
-        "PrivateRedis", (), {"url": f"redis://127.0.0.1:{port}/0", "stop": stop, "start": restart}
-    )
-    if state["proc"].poll() is None:
-        stop()
-
-
-def _ping(client) -> bool:
-    try:
-        return bool(client.ping())
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def test_redis_down_at_commit_then_relay_delivers(tmp_path, pg_database_url, private_redis):
@@ -185,7 +139,10 @@ def test_redis_down_at_commit_then_relay_delivers(tmp_path, pg_database_url, pri
                 lambda: _count(db, ActivityLog, ActivityLog.summary == "counted 7") == 1
             )
             assert _wait_for(
-                lambda: _count(db, ProcessedEvent, ProcessedEvent.event_id == event.id) == 2
+                lambda: (
+                    _count(db, ProcessedEvent, ProcessedEvent.event_id == event.id)
+                    == len(registry.handler_names_for("test.counted"))
+                )
             )
         finally:
             worker.stop()
@@ -193,3 +150,58 @@ def test_redis_down_at_commit_then_relay_delivers(tmp_path, pg_database_url, pri
         db.engine.dispose()
     app.extensions["switchboard.live"].hub.stop()
     cleanup_redis(private_redis.url, overrides["REDIS_PREFIX"], overrides["DRAMATIQ_NAMESPACE"])
+
+
+def test_more_committers_than_pooled_connections_do_not_stall(
+    tmp_path, pg_database_url, redis_url, caplog
+):
+    """Each commit dispatches its events with a connection of its own. Were that done while the
+    committing session still held its connection, as many threads committing at once as the
+    pool has connections would each wait for another one: every dispatch would time out and
+    leave its events pending. Here 8 threads share a pool of 2."""
+    import threading
+
+    from extensions import db
+    from models.accounts import Tenant
+
+    overrides = prod_overrides(pg_database_url, redis_url)
+    overrides["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_size": 2, "max_overflow": 0, "pool_timeout": 5}
+    app = make_app(tmp_path, **overrides)
+    with app.app_context():
+        db.drop_all()
+        db.create_all()
+    barrier = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def commit_one(n: int) -> None:
+        try:
+            with app.app_context():
+                barrier.wait(timeout=10)
+                db.session.add(Tenant(name=f"Pool {n}"))
+                emit("test.counted", tenant_id=None, payload={"n": n})
+                db.session.commit()
+                db.session.remove()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    try:
+        with caplog.at_level("ERROR", logger="events.outbox"):
+            threads = [threading.Thread(target=commit_one, args=(n,)) for n in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=60)
+        assert errors == []
+        assert not [r for r in caplog.records if "dispatch after commit failed" in r.message]
+        with app.app_context():
+            rows = db.session.execute(select(OutboxEvent.topic, OutboxEvent.status)).all()
+        # Every event was handed to the broker at its commit: none left for the relay.
+        assert sorted(topic for topic, _ in rows).count("test.counted") == 8
+        assert {status for _, status in rows} == {"dispatched"}
+    finally:
+        app.extensions["switchboard.tasks"].stop()
+        app.extensions["switchboard.live"].hub.stop()
+        with app.app_context():
+            db.session.remove()
+            db.engine.dispose()
+        cleanup_redis(redis_url, overrides["REDIS_PREFIX"], overrides["DRAMATIQ_NAMESPACE"])

@@ -22,6 +22,7 @@ from itsdangerous import BadSignature, URLSafeSerializer
 from simple_websocket import ConnectionClosed
 from sqlalchemy import select
 
+from blueprints.live.routes import closes_cleanly, refuse
 from extensions import db, sock
 from models.accounts import Tenant
 from models.chats import Chat
@@ -31,7 +32,6 @@ from services.kv import kv
 from services.live import bus, hub
 
 log = logging.getLogger(__name__)
-POLICY_VIOLATION = 1008
 HISTORY_PAGE = 20
 
 
@@ -371,14 +371,15 @@ class ChatSocket:
 
 def register_chat_routes(app) -> None:
     @sock.route("/ws/chat")
+    @closes_cleanly
     def chat_socket(ws):
         key = request.args.get("key", "")
         tenant = db.session.scalar(select(Tenant).where(Tenant.widget_key == key)) if key else None
         if tenant is None:
-            ws.close(reason=POLICY_VIOLATION, message="unknown widget key")
+            refuse(ws, "unknown widget key")
             return
         if not widget_origin_allowed(tenant):
-            ws.close(reason=POLICY_VIOLATION, message="origin not allowed")
+            refuse(ws, "origin not allowed")
             return
         user_id = None
         if current_user.is_authenticated and current_user.tenant_id == tenant.id:

@@ -8,7 +8,9 @@ all writes to the socket; it polls for a closed client so a dead browser frees i
 
 from __future__ import annotations
 
+import functools
 import queue
+import socket
 import time
 from urllib.parse import urlsplit
 
@@ -33,6 +35,43 @@ def origin_allowed(allowed_extra: list[str]) -> bool:
     return origin.rstrip("/") in {o.rstrip("/") for o in allowed_extra}
 
 
+def refuse(ws, message: str) -> None:
+    """Refuse a socket with 1008 (policy): clients must not retry. `closes_cleanly` ends it."""
+    ws.close(reason=POLICY_VIOLATION, message=message)
+
+
+def end_socket(ws) -> None:
+    """Finish a WebSocket so the client sees our close code, on any server.
+
+    After a route returns, Werkzeug's development server (embedded mode) writes an HTTP
+    response onto the upgraded connection; a browser reads those bytes as an invalid frame
+    and reports 1006 instead of our close code, so the widget would retry a refusal forever.
+    Half-closing the socket after our close frame makes that late write fail quietly.
+    """
+    if ws.connected:
+        try:
+            ws.close()
+        except ConnectionClosed:
+            pass
+    if ws.mode == "werkzeug":
+        try:
+            ws.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass  # already closed by the client
+    ws.thread.join(timeout=2)  # the client's answering close frame
+
+
+def closes_cleanly(view):
+    @functools.wraps(view)
+    def wrapper(ws, *args, **kwargs):
+        try:
+            return view(ws, *args, **kwargs)
+        finally:
+            end_socket(ws)
+
+    return wrapper
+
+
 def _drain_incoming(ws) -> None:
     # The page never needs to talk on this socket; reading keeps close frames flowing.
     while ws.receive(timeout=0) is not None:
@@ -49,16 +88,17 @@ def _snapshot(topics: list[str], user) -> str:
 
 def register_live_routes(app: Flask) -> None:
     @sock.route("/ws/live")
+    @closes_cleanly
     def live_socket(ws):
         if not origin_allowed(current_app.config["LIVE_ALLOWED_ORIGINS"]):
-            ws.close(reason=POLICY_VIOLATION, message="origin not allowed")
+            refuse(ws, "origin not allowed")
             return
         if not current_user.is_authenticated:
-            ws.close(reason=POLICY_VIOLATION, message="login required")
+            refuse(ws, "login required")
             return
         topics = verify_topics(request.args.get("topics", ""), current_user)
         if topics is None:
-            ws.close(reason=POLICY_VIOLATION, message="topics not allowed")
+            refuse(ws, "topics not allowed")
             return
         user = current_user._get_current_object()
         db.session.remove()
@@ -79,10 +119,14 @@ def register_live_routes(app: Flask) -> None:
                     _drain_incoming(ws)
                     continue
                 batch = {first.key: first}
-                deadline = time.monotonic() + coalesce
-                while (remaining := deadline - time.monotonic()) > 0:
+                if coalesce > 0:
+                    # Sleep out the window, then take what came: one wake-up per window, not
+                    # one per frame (with a thousand sockets, per-frame wake-ups of every
+                    # socket thread were what saturated the process).
+                    time.sleep(coalesce)
+                while True:
                     try:
-                        frame = subscription.frames.get(timeout=remaining)
+                        frame = subscription.frames.get_nowait()
                     except queue.Empty:
                         break
                     batch.pop(frame.key, None)
