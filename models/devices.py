@@ -137,9 +137,15 @@ class ActivityLog(db.Model):
     __tablename__ = "activity_logs"
     __table_args__ = (
         CheckConstraint("status IN ('success', 'warning', 'error')", name="status_valid"),
+        # Every list (page, API, device page) is newest first by id with a keyset cursor on
+        # id, optionally narrowed by type, status or device: one index per narrowing, each
+        # ending in id, so a page is an index range scan however deep it is.
+        Index("ix_activity_logs_tenant_id", "tenant_id", "id"),
+        Index("ix_activity_logs_tenant_type_id", "tenant_id", "activity_type", "id"),
+        Index("ix_activity_logs_tenant_status_id", "tenant_id", "status", "id"),
+        Index("ix_activity_logs_device_id", "device_id", "id"),
+        # Date ranges (metrics by day).
         Index("ix_activity_logs_tenant_created", "tenant_id", "created_at", "id"),
-        Index("ix_activity_logs_tenant_type_created", "tenant_id", "activity_type", "created_at"),
-        Index("ix_activity_logs_device_created", "device_id", "created_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import abc
 import logging
+import threading
 import time
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from events import emit
 from extensions import db
@@ -152,11 +156,57 @@ def _diff(device: Device, report: DeviceReport) -> tuple[dict, dict]:
     return old, new
 
 
+_local_polls: set[tuple[int, str]] = set()
+_local_polls_lock = threading.Lock()
+
+
+@contextmanager
+def poll_lock(tenant_id: int, service_code: str) -> Iterator[bool]:
+    """Whether this process may poll (tenant, service) now; held until the poll ends.
+
+    Two overlapping polls of the same devices would both diff against the same state and
+    emit every change twice (a long poll outlives the scheduler's per-tick claim, and a
+    `flask devices poll` can start while workers poll). PostgreSQL: a session advisory lock
+    on a connection of its own (freed if the process dies). SQLite, i.e. one process: a set.
+    """
+    if db.engine.dialect.name == "postgresql":
+        key = zlib.crc32(f"devices.poll:{tenant_id}:{service_code}".encode())
+        with db.engine.connect() as conn:
+            got = conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+            conn.commit()  # the lock is the session's; no transaction stays open meanwhile
+            try:
+                yield bool(got)
+            finally:
+                if got:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+        return
+    with _local_polls_lock:
+        got = (tenant_id, service_code) not in _local_polls
+        if got:
+            _local_polls.add((tenant_id, service_code))
+    try:
+        yield got
+    finally:
+        if got:
+            with _local_polls_lock:
+                _local_polls.discard((tenant_id, service_code))
+
+
 def poll_service(tenant_id: int, service_code: str, *, progress=None) -> SyncResult:
     """Poll every endpoint of one service for one tenant and emit what changed.
 
-    Writes a ServiceSyncLog from start to finish; commits as it goes.
+    Writes a ServiceSyncLog from start to finish; commits as it goes. If another poll of the
+    same tenant and service is running (any process), returns at once with status "skipped".
     """
+    with poll_lock(tenant_id, service_code) as mine:
+        if not mine:
+            log.info("poll of %s for tenant %s skipped: one is running", service_code, tenant_id)
+            return SyncResult(service_code=service_code, status="skipped")
+        return _poll_service(tenant_id, service_code, progress=progress)
+
+
+def _poll_service(tenant_id: int, service_code: str, *, progress=None) -> SyncResult:
     cfg = current_app.config
     started = time.monotonic()
     sync_log = ServiceSyncLog(tenant_id=tenant_id, service_code=service_code, status="running")

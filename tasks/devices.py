@@ -12,6 +12,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import select
 
+import services.manufacturers.shure  # noqa: F401  registers the service
 from events import emit
 from events.registry import Event, handler, periodic
 from extensions import db
@@ -151,7 +152,13 @@ def on_discovered(event: Event) -> None:
         operation="create",
         details=data,
     )
-    publish_device(device)
+    # An open dashboard has no card to swap for a new device (and which page it belongs on
+    # depends on the viewer's filters): say so instead, with a link that shows it.
+    publish_after_commit(
+        tenant_topic(device.tenant_id, "devices"),
+        "devices-new",
+        html=render_fragment("devices/_new_notice.html", d=device),
+    )
 
 
 @handler("device.online", name="device_online", queue="devices")

@@ -171,6 +171,83 @@ def test_activity_page_and_dashboard_render(app, db, client, worker, venue, fact
     assert f'id="device-card-{device.id}"' in page and 'data-online="false"' in page
     activity = client.get("/devices/activity?status=warning").get_data(as_text=True)
     assert "Lead vocal is offline" in activity
+    # The type filter offers exactly the tenant's types (another tenant's stay out).
+    other = factory.tenant("Elsewhere")
+    db.session.add(ActivityLog(tenant_id=other.id, activity_type="zz_other", summary="x"))
+    db.session.add(ActivityLog(tenant_id=tenant.id, activity_type="audit_a", summary="y"))
+    db.session.commit()
+    options = client.get("/devices/activity").get_data(as_text=True)
+    assert "<option >audit_a</option>" in options and "<option >status</option>" in options
+    assert "zz_other" not in options
     assert client.get("/devices/activity?from=bad").status_code == 400
     detail = client.get(f"/devices/{device.id}").get_data(as_text=True)
     assert "Lead vocal is offline" in detail
+
+
+def test_dashboard_pages_through_a_large_fleet(app, db, client, factory):
+    import re
+
+    from tests.conftest import login
+
+    tenant = factory.tenant("Arena")
+    maker = Manufacturer(code="arena", name="Arena Co")
+    halls = [Location(tenant_id=tenant.id, name=f"Hall {n}") for n in (1, 2)]
+    db.session.add_all([maker, *halls])
+    db.session.flush()
+    for n in range(260):
+        location = halls[n % 2].id if n < 250 else None  # ten without a location
+        db.session.add(
+            Device(tenant_id=tenant.id, manufacturer_id=maker.id, api_device_id=f"A-{n}",
+                   name=f"Mic {n:03d}", kind="transmitter", location_id=location, state={})
+        )  # fmt: skip
+    db.session.commit()
+    login(client, factory.user(db.session.get(type(tenant), tenant.id)))
+
+    seen: list[str] = []
+    page = client.get("/devices/?state=offline").get_data(as_text=True)
+    pages = 1
+    while True:
+        seen += re.findall(r'id="device-card-(\d+)"', page)
+        more = re.search(r'hx-get="([^"]+)"[^>]*>Show more devices', page)
+        if not more:
+            break
+        url = more.group(1).replace("&amp;", "&")
+        assert "state=offline" in url  # the filter carries over
+        page = client.get(url, headers={"HX-Request": "true"}).get_data(as_text=True)
+        pages += 1
+    assert pages == 3
+    assert len(seen) == 260 and len(set(seen)) == 260  # every device once, none twice
+    assert "No location" in page  # the unlocated ones come last
+    # Another tenant's device id as the cursor is a 404, not a page of theirs.
+    other = factory.tenant()
+    db.session.add(Device(tenant_id=other.id, manufacturer_id=maker.id, api_device_id="X",
+                          name="X", kind="receiver", state={}))  # fmt: skip
+    db.session.commit()
+    foreign = db.session.scalar(select(Device.id).where(Device.tenant_id == other.id))
+    assert client.get(f"/devices/?after={foreign}").status_code == 404
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_overlapping_polls_of_one_service_run_once(backend, request):
+    from models.devices import ServiceSyncLog
+    from services.devices import poll_lock, poll_service
+
+    app = request.getfixturevalue("app" if backend == "sqlite" else "prod_app")
+    from tests.conftest import Factory
+
+    tenant = Factory(app).tenant()
+    with app.app_context():
+        from extensions import db
+
+        if backend == "sqlite":
+            db.create_all()
+        db.session.add(Manufacturer(code="shure", name="Shure"))
+        db.session.commit()
+        with poll_lock(tenant.id, "shure") as first:
+            assert first
+            # A second poll (another worker, or the CLI) while the first one runs: skipped,
+            # nothing emitted, no sync log.
+            assert poll_service(tenant.id, "shure").status == "skipped"
+            assert db.session.scalars(select(ServiceSyncLog)).all() == []
+        assert poll_service(tenant.id, "shure").status == "success"
+        assert len(db.session.scalars(select(ServiceSyncLog)).all()) == 1

@@ -17,10 +17,32 @@ def serve_command(host: str, port: int) -> None:
 
     app = current_app._get_current_object()
     state = app.extensions["switchboard.tasks"]
-    if state.embedded:
-        state.start_embedded_worker()
-    else:
-        click.echo("Production mode: run `dramatiq tasks.worker` for the worker processes.")
-    click.echo(f"Switchboard on http://{host}:{port}/")
-    click.echo(f"Log in as {app.config['DEMO_EMAIL']} / {app.config['DEMO_PASSWORD']}")
-    run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)
+    fleet = _start_simulated_receivers(app)
+    try:
+        if state.embedded:
+            state.start_embedded_worker()
+        else:
+            click.echo("Production mode: run `dramatiq tasks.worker` for the worker processes.")
+        click.echo(f"Switchboard on http://{host}:{port}/")
+        click.echo(f"Log in as {app.config['DEMO_EMAIL']} / {app.config['DEMO_PASSWORD']}")
+        run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)
+    finally:
+        if fleet is not None:
+            fleet.stop()
+
+
+def _start_simulated_receivers(app):
+    """DEVICES_SIMULATOR_RECEIVERS > 0: a demo fleet of simulated Shure receivers, registered
+    as the demo tenant's endpoints so the periodic poll discovers and watches them."""
+    count = int(app.config.get("DEVICES_SIMULATOR_RECEIVERS", 0) or 0)
+    if count <= 0:
+        return None
+    from services.manufacturers.simulator import start_demo_fleet
+
+    fleet = start_demo_fleet(app, count)
+    if fleet is None:
+        click.echo("No demo tenant: run `flask demo load` to watch simulated receivers.")
+        return None
+    addresses = ", ".join(f"{h}:{p}" for h, p in fleet.endpoints)
+    click.echo(f"{count} simulated Shure receivers for the demo tenant: {addresses}")
+    return fleet

@@ -1,0 +1,600 @@
+"""The Shure service: a command-string client for ULX-D, QLX-D and Axient Digital receivers.
+
+Shure receivers push a REP whenever a property changes and a SAMPLE at the meter rate, so the
+client keeps one persistent connection per receiver (host, port), each in its own thread, and a
+cached snapshot of what the receiver said. A poll (`fetch`) never talks to the receivers itself:
+it asks every connection for a fresh round-trip (`< GET DEVICE_ID >`), waits for the answers
+against one shared deadline and builds reports from the snapshots. A receiver that is down,
+slow or hung therefore costs a poll at most its timeout, and never delays the others.
+
+Connections reconnect on their own with jittered exponential back-off, and a silence watchdog
+drops a connection that has said nothing for `silence_timeout` seconds (a hung receiver keeps
+its TCP connection open but stops answering). Connections nobody polled for `idle_timeout`
+seconds close themselves, so endpoints removed from the database don't keep sockets open.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from services.devices import DeviceReport, ManufacturerService, register
+from services.manufacturers import shure_protocol as proto
+
+log = logging.getLogger(__name__)
+
+SERVICE_CODE = "shure"
+
+# Optional app config keys (read on every fetch when an app context is active).
+CONFIG_KEYS = {
+    "DEVICES_SHURE_METER_RATE_MS": "meter_rate_ms",
+    "DEVICES_SHURE_SILENCE_TIMEOUT": "silence_timeout",
+    "DEVICES_SHURE_CONNECT_TIMEOUT": "connect_timeout",
+    "DEVICES_SHURE_BACKOFF_INITIAL": "backoff_initial",
+    "DEVICES_SHURE_BACKOFF_MAX": "backoff_max",
+    "DEVICES_SHURE_IDLE_TIMEOUT": "idle_timeout",
+}
+
+
+@dataclass(frozen=True)
+class ShureSettings:
+    meter_rate_ms: int = 1000  # SAMPLE frames per channel; they double as a heartbeat
+    silence_timeout: float = 5.0  # no frame for this long: reconnect
+    connect_timeout: float = 2.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    idle_timeout: float = 600.0  # close connections no poll asked about for this long
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
+    """Delay before reconnect attempt `attempt` (1, 2, …): exponential, capped, and jittered
+    into [half, full] so many clients that lost a receiver together don't retry in step."""
+    ceiling = min(cap, initial * 2 ** max(0, attempt - 1))
+    return rng.uniform(ceiling / 2, ceiling)
+
+
+# ---------------------------------------------------------------- level buckets
+
+# Meter samples jitter by a few dB from one sample to the next. A poll reports levels in coarse
+# buckets - RF in 10 dB steps (-120, -110, … dBm), audio in 10 dB steps (-50, -40, … 0 dBFS) -
+# after smoothing the samples (exponential moving average), and a level only moves to another
+# bucket when it is more than 2 dB past the edge (hysteresis). So device.updated events say
+# "the RF dropped from -60 to -80 dBm", not "the RF wobbled by 1 dB". Battery run time is
+# reported in 5-minute steps for the same reason: the bars carry the alerts, the minutes are
+# a guide, and one update per transmitter every minute would bury the activity log.
+LEVEL_STEP_DB = 10
+LEVEL_HYSTERESIS_DB = 2
+LEVEL_SMOOTHING = 0.3  # weight of the newest sample
+BATTERY_MINUTES_STEP = 5
+
+
+class LevelBucket:
+    def __init__(self, step: int = LEVEL_STEP_DB, hysteresis: int = LEVEL_HYSTERESIS_DB) -> None:
+        self.step, self.hysteresis = step, hysteresis
+        self.smoothed: float | None = None
+        self.bucket: int | None = None
+
+    def add(self, value: float) -> int:
+        if self.smoothed is None:
+            self.smoothed = float(value)
+        else:
+            self.smoothed += LEVEL_SMOOTHING * (value - self.smoothed)
+        level = self.smoothed
+        current = self.bucket
+        if (
+            current is None
+            or level < current - self.hysteresis
+            or level >= current + self.step + self.hysteresis
+        ):
+            self.bucket = int(math.floor(level / self.step) * self.step)
+        return self.bucket
+
+    def reset(self) -> None:
+        self.smoothed = self.bucket = None
+
+
+def round_minutes(minutes: int | None) -> int | None:
+    if minutes is None:
+        return None
+    return minutes - minutes % BATTERY_MINUTES_STEP
+
+
+# ---------------------------------------------------------------- snapshot
+
+
+@dataclass
+class ChannelState:
+    number: int
+    name: str = ""
+    tx_type: str = ""
+    battery_bars: int | None = None
+    battery_minutes: int | None = None
+    frequency_mhz: float | None = None
+    antenna: str = ""
+    rf: LevelBucket = field(default_factory=LevelBucket)
+    audio: LevelBucket = field(default_factory=LevelBucket)
+
+    @property
+    def tx_on(self) -> bool:
+        return proto.transmitter_present(self.tx_type)
+
+    def state(self) -> dict[str, Any]:
+        state = {
+            "channel_name": self.name,
+            "battery_bars": self.battery_bars,
+            "battery_minutes": round_minutes(self.battery_minutes),
+            "tx_on": self.tx_on,
+            "frequency_mhz": self.frequency_mhz,
+        }
+        # Levels only once sampled: "no sample yet" is not a change worth an update.
+        if self.rf.bucket is not None:
+            state["rf_level"] = self.rf.bucket
+        if self.audio.bucket is not None:
+            state["audio_level"] = self.audio.bucket
+        return state
+
+
+@dataclass
+class ReceiverSnapshot:
+    host: str
+    port: int
+    connected: bool = False
+    fresh: bool = False
+    model: str = ""
+    firmware: str = ""
+    device_id: str = ""
+    channels: dict[int, dict[str, Any]] = field(default_factory=dict)
+    channel_names: dict[int, str] = field(default_factory=dict)
+    tx_types: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ConnectionStatus:
+    host: str
+    port: int
+    state: str
+    connects: int
+    failures: int
+    frames: int
+    last_error: str
+
+
+# ---------------------------------------------------------------- one receiver
+
+
+class ReceiverConnection:
+    """A persistent connection to one receiver, run by its own thread."""
+
+    def __init__(self, host: str, port: int, settings: ShureSettings) -> None:
+        self.host, self.port = host, port
+        self.settings = settings
+        self.label = f"{host}:{port}"
+        self._rng = random.Random()
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._probe_wanted = False
+        self._synced = False  # this session's hello was answered
+        # Guarded by _cond:
+        self.state = "idle"  # idle | connecting | connected | backoff | stopped
+        self.connects = 0
+        self.failures = 0
+        self.frames = 0
+        self.last_error = ""
+        self.next_attempt_at = 0.0
+        self.last_frame_at = 0.0
+        self.probe_reply_at = 0.0
+        self.last_used = time.monotonic()
+        self.model = self.firmware = self.device_id = ""
+        self.channels: dict[int, ChannelState] = {}
+        self._thread = threading.Thread(target=self._run, name=f"shure {self.label}", daemon=True)
+
+    # -- used by fetch (any thread)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, wait: float | None = None) -> None:
+        self._stop.set()
+        self._wake()
+        if wait is None:
+            wait = self.settings.connect_timeout + 1.0
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=wait)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    def request_probe(self) -> int:
+        """Ask for a round-trip now; returns the failure count to pass to wait_fresh."""
+        with self._cond:
+            self.last_used = time.monotonic()
+            self._probe_wanted = True
+            failures = self.failures
+        self._wake()
+        return failures
+
+    def wait_fresh(self, since: float, deadline: float, failures_before: int) -> bool:
+        """Wait until the receiver answered after `since`; False when it can't before the
+        deadline (down, refused, hung)."""
+        with self._cond:
+            while True:
+                if self.probe_reply_at >= since and self.state == "connected":
+                    return True
+                if self.state == "stopped":
+                    return False
+                if self.state == "backoff" and (
+                    self.failures > failures_before or self.next_attempt_at >= deadline
+                ):
+                    return False
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+
+    def snapshot(self, fresh: bool) -> ReceiverSnapshot:
+        with self._cond:
+            return ReceiverSnapshot(
+                host=self.host,
+                port=self.port,
+                connected=self.state == "connected",
+                fresh=fresh,
+                model=self.model,
+                firmware=self.firmware,
+                device_id=self.device_id,
+                channels={n: ch.state() for n, ch in sorted(self.channels.items())},
+                channel_names={n: ch.name for n, ch in self.channels.items()},
+                tx_types={n: ch.tx_type for n, ch in self.channels.items()},
+            )
+
+    def status(self) -> ConnectionStatus:
+        with self._cond:
+            return ConnectionStatus(
+                self.host,
+                self.port,
+                self.state,
+                self.connects,
+                self.failures,
+                self.frames,
+                self.last_error,
+            )
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"!")
+        except OSError:  # already woken (buffer full) or closed on exit
+            pass
+
+    def _set(self, **values: Any) -> None:
+        with self._cond:
+            for name, value in values.items():
+                setattr(self, name, value)
+            self._cond.notify_all()
+
+    # -- the connection thread
+
+    def _run(self) -> None:
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                if self._idle():
+                    break
+                self._set(state="connecting")
+                try:
+                    sock = socket.create_connection(
+                        (self.host, self.port), timeout=self.settings.connect_timeout
+                    )
+                except OSError as exc:
+                    healthy = False
+                    self._failed(f"connect: {exc}")
+                else:
+                    healthy = self._session(sock)
+                if self._stop.is_set() or self._idle():
+                    break
+                attempt = 1 if healthy else attempt + 1
+                delay = backoff_delay(
+                    attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
+                )
+                self._set(state="backoff", next_attempt_at=time.monotonic() + delay)
+                self._stop.wait(delay)
+        except Exception:  # noqa: BLE001 - a bug here must not kill the process's thread pool
+            log.exception("shure %s: connection thread failed", self.label)
+        finally:
+            if self._idle():
+                log.info("shure %s: no poll asked about it for a while; closed", self.label)
+            self._set(state="stopped")
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _idle(self) -> bool:
+        return time.monotonic() - self.last_used > self.settings.idle_timeout
+
+    def _failed(self, reason: str) -> None:
+        log.debug("shure %s: %s", self.label, reason)
+        with self._cond:
+            self.failures += 1
+            self.last_error = reason
+            self.state = "backoff"
+            # next_attempt_at is set by the loop; until then, a waiting poll stops waiting
+            self.next_attempt_at = float("inf")
+            self._cond.notify_all()
+
+    def _session(self, sock: socket.socket) -> bool:
+        """Talk to a connected receiver until it goes away; True if it ever answered."""
+        parser = proto.FrameParser()
+        selector = selectors.DefaultSelector()
+        answered = False
+        try:
+            sock.settimeout(self.settings.connect_timeout)
+            now = time.monotonic()
+            with self._cond:
+                self.connects += 1
+                self.last_frame_at = now
+                self._synced = False
+                self._probe_wanted = False  # the hello below answers any pending probe
+                self.state = "connected"
+                self._cond.notify_all()
+            sock.sendall(self._hello())
+            selector.register(sock, selectors.EVENT_READ, "receiver")
+            selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            keepalive_sent = 0.0
+            while not (self._stop.is_set() or self._idle()):
+                silence = time.monotonic() - self.last_frame_at
+                if silence > self.settings.silence_timeout:
+                    self._failed(f"silent for {silence:.1f} s")
+                    return answered
+                # Half-way to the watchdog, ask something: a receiver that meters nothing
+                # (METER_RATE off or unsupported) still answers a GET.
+                if silence > self.settings.silence_timeout / 2 and keepalive_sent < (
+                    self.last_frame_at
+                ):
+                    keepalive_sent = time.monotonic()
+                    sock.sendall(proto.format_get("DEVICE_ID"))
+                for key, _ in selector.select(timeout=min(0.25, self.settings.silence_timeout)):
+                    if key.data == "wake":
+                        self._drain_wake()
+                        if self._probe_wanted:
+                            self._probe_wanted = False
+                            # Until the receiver answered the hello (it may have been hung
+                            # when we connected), ask for everything again.
+                            probe = proto.format_get("DEVICE_ID")
+                            sock.sendall(probe if self._synced else self._hello())
+                        continue
+                    data = sock.recv(4096)
+                    if not data:
+                        self._failed("closed by receiver")
+                        return answered
+                    frames = parser.feed(data)
+                    if frames:
+                        answered = True
+                        self._apply(frames)
+            return answered
+        except OSError as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+            return answered
+        finally:
+            selector.close()
+            sock.close()
+
+    def _hello(self) -> bytes:
+        """What a new connection asks: everything, then meters on."""
+        return (
+            proto.format_get("ALL", 0)
+            + proto.format_get("MODEL")
+            + proto.format_get("FW_VER")
+            + proto.format_meter_rate(self.settings.meter_rate_ms)
+            # Last, so its answer means every answer before it has arrived.
+            + proto.format_get("DEVICE_ID")
+        )
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(256):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def _channel(self, number: int) -> ChannelState:
+        channel = self.channels.get(number)
+        if channel is None:
+            channel = self.channels[number] = ChannelState(number)
+        return channel
+
+    def _apply(self, frames: Iterable[proto.Frame]) -> None:
+        now = time.monotonic()
+        with self._cond:
+            for frame in frames:
+                self.frames += 1
+                self.last_frame_at = now
+                if frame.kind == "ERR":
+                    log.debug("shure %s: REP ERR", self.label)
+                    continue
+                if frame.kind == "SAMPLE" and frame.channel and len(frame.values) >= 3:
+                    channel = self._channel(frame.channel)
+                    if not channel.tx_on:
+                        # Without a transmitter the meters read the noise floor: nothing to
+                        # report, and the next transmitter's levels start afresh.
+                        channel.rf.reset()
+                        channel.audio.reset()
+                        continue
+                    channel.antenna = frame.values[0]
+                    rf, audio = proto.rf_dbm(frame.values[1]), proto.audio_dbfs(frame.values[2])
+                    if rf is not None:
+                        channel.rf.add(rf)
+                    if audio is not None:
+                        channel.audio.add(audio)
+                    continue
+                if frame.kind != "REP":
+                    continue
+                if frame.channel is None:
+                    self._apply_device(frame)
+                elif frame.channel > 0:
+                    self._apply_channel(self._channel(frame.channel), frame)
+            self._cond.notify_all()
+
+    def _apply_device(self, frame: proto.Frame) -> None:
+        value = frame.value or ""
+        if frame.key == "MODEL":
+            self.model = value
+        elif frame.key == "FW_VER":
+            self.firmware = value
+        elif frame.key == "DEVICE_ID":
+            self.device_id = value
+            self.probe_reply_at = time.monotonic()
+            self._synced = True
+
+    @staticmethod
+    def _apply_channel(channel: ChannelState, frame: proto.Frame) -> None:
+        value = frame.value
+        if frame.key == "CHAN_NAME":
+            channel.name = value or ""
+        elif frame.key in ("TX_TYPE", "TX_MODEL"):
+            channel.tx_type = value or ""
+        elif frame.key == "BATT_BARS":
+            channel.battery_bars = proto.battery_bars(value)
+        elif frame.key == "BATT_RUN_TIME":
+            channel.battery_minutes = proto.battery_minutes(value)
+        elif frame.key == "FREQUENCY":
+            channel.frequency_mhz = proto.frequency_mhz(value)
+
+
+# ---------------------------------------------------------------- the service
+
+
+class ShureService(ManufacturerService):
+    code = SERVICE_CODE
+    name = "Shure"
+
+    def __init__(self, settings: ShureSettings | None = None) -> None:
+        self.settings = settings or ShureSettings()
+        self._connections: dict[tuple[str, int], ReceiverConnection] = {}
+        self._lock = threading.Lock()
+
+    def configure(self, **changes: Any) -> ShureSettings:
+        """Change settings; connections opened from now on use them (shutdown() to apply
+        them to every connection)."""
+        self.settings = replace(self.settings, **changes)
+        return self.settings
+
+    def _configure_from_app(self) -> None:
+        from flask import current_app, has_app_context
+
+        if not has_app_context():
+            return
+        changes = {
+            attr: type(getattr(self.settings, attr))(current_app.config[key])
+            for key, attr in CONFIG_KEYS.items()
+            if current_app.config.get(key) is not None
+        }
+        if changes and any(getattr(self.settings, k) != v for k, v in changes.items()):
+            self.configure(**changes)
+
+    def connection(self, host: str, port: int) -> ReceiverConnection:
+        """The connection to (host, port), started if there is none (or it ended)."""
+        key = (host, int(port))
+        with self._lock:
+            conn = self._connections.get(key)
+            if conn is None or not conn.alive:
+                conn = ReceiverConnection(host, int(port), self.settings)
+                self._connections[key] = conn
+                conn.start()
+            return conn
+
+    def fetch(self, endpoints, timeout: float) -> list[DeviceReport]:
+        self._configure_from_app()
+        targets = [
+            (ep.host, int(ep.port or proto.DEFAULT_PORT), getattr(ep, "location_id", None))
+            for ep in endpoints
+        ]
+        started = time.monotonic()
+        deadline = started + max(0.0, float(timeout))
+        waiting = []
+        for host, port, location_id in targets:
+            conn = self.connection(host, port)
+            waiting.append((conn, location_id, conn.request_probe()))
+        # The connections work in parallel in their own threads; one shared deadline bounds
+        # the whole wait, so a hung receiver costs at most `timeout`, once.
+        fresh = [conn.wait_fresh(started, deadline, before) for conn, _, before in waiting]
+        reports: list[DeviceReport] = []
+        used: set[str] = set()
+        for (conn, location_id, _), ok in zip(waiting, fresh, strict=True):
+            reports.extend(self.reports_for(conn.snapshot(ok), location_id, used))
+        return reports
+
+    @staticmethod
+    def reports_for(
+        snap: ReceiverSnapshot, location_id: int | None = None, used: set[str] | None = None
+    ) -> list[DeviceReport]:
+        """One receiver report, plus one per channel with a transmitter switched on."""
+        address = f"{snap.host}:{snap.port}"
+        receiver_id = snap.device_id or address
+        if used is not None:
+            if receiver_id in used:
+                log.warning("shure %s: DEVICE_ID %r is not unique", address, receiver_id)
+                receiver_id = address
+            used.add(receiver_id)
+        online = snap.connected and snap.fresh
+        reports = [
+            DeviceReport(
+                api_device_id=receiver_id,
+                kind="receiver",
+                name=snap.device_id or f"{snap.model or 'Shure receiver'} {address}",
+                model=snap.model,
+                firmware=snap.firmware,
+                ip_address=snap.host,
+                port=snap.port,
+                online=online,
+                location_id=location_id,
+            )
+        ]
+        if not online:
+            # Its transmitters are not reported: unseen, they count as missed polls too.
+            return reports
+        for number, state in snap.channels.items():
+            if not state["tx_on"]:
+                continue
+            name = snap.channel_names.get(number) or f"{receiver_id} ch{number}"
+            reports.append(
+                DeviceReport(
+                    api_device_id=f"{receiver_id}/ch{number}",
+                    kind="transmitter",
+                    name=name,
+                    model=snap.tx_types.get(number, ""),
+                    ip_address=snap.host,
+                    port=snap.port,
+                    online=True,
+                    state=dict(state),
+                    location_id=location_id,
+                )
+            )
+        return reports
+
+    def status(self) -> list[ConnectionStatus]:
+        with self._lock:
+            conns = list(self._connections.values())
+        return [conn.status() for conn in conns]
+
+    def shutdown(self) -> None:
+        """Close every connection and wait for their threads (tests, CLI exit)."""
+        with self._lock:
+            conns = list(self._connections.values())
+            self._connections.clear()
+        for conn in conns:
+            conn._stop.set()
+            conn._wake()
+        for conn in conns:
+            conn.stop()
+
+
+service = register(ShureService())
