@@ -93,19 +93,18 @@ def generate_files(prompt: str) -> tuple[list[dict], str]:
     client = client_or_none(timeout=current_app.config.get("PROJECT_GENERATION_TIMEOUT", 120))
     if client is None:
         return template_project(prompt), "template"
-    with client:
-        response = client.chat.completions.create(
-            model=current_app.config["OPENAI_MODEL"],
-            temperature=0.2,
-            messages=[
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": prompt},
-            ],
-            response_format={
-                "type": "json_schema",
-                "json_schema": {"name": "project_files", "schema": FILES_SCHEMA, "strict": True},
-            },
-        )
+    response = client.chat.completions.create(
+        model=current_app.config["OPENAI_MODEL"],
+        temperature=0.2,
+        messages=[
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": prompt},
+        ],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "project_files", "schema": FILES_SCHEMA, "strict": True},
+        },
+    )
     raw = response.choices[0].message.content or ""
     try:
         data = json.loads(raw)

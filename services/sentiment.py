@@ -47,20 +47,19 @@ def _llm(text: str, threshold: float) -> Sentiment:
     client = client_or_none()
     if client is None:
         return vader(text, threshold)
-    with client:
-        response = client.chat.completions.create(
-            model=current_app.config["OPENAI_MODEL"],
-            temperature=0,
-            max_tokens=20,
-            messages=[
-                {
-                    "role": "system",
-                    "content": "Rate the sentiment of the user's message. Answer with JSON only: "
-                    '{"score": <number from -1 (very negative) to 1 (very positive)>}',
-                },
-                {"role": "user", "content": text[:4000]},
-            ],
-        )
+    response = client.chat.completions.create(
+        model=current_app.config["OPENAI_MODEL"],
+        temperature=0,
+        max_tokens=20,
+        messages=[
+            {
+                "role": "system",
+                "content": "Rate the sentiment of the user's message. Answer with JSON only: "
+                '{"score": <number from -1 (very negative) to 1 (very positive)>}',
+            },
+            {"role": "user", "content": text[:4000]},
+        ],
+    )
     raw = response.choices[0].message.content or ""
     try:
         score = max(-1.0, min(1.0, float(json.loads(raw)["score"])))

@@ -205,6 +205,37 @@ def test_offline_generation_completes_with_a_real_project(app, db, worker, facto
     assert "README.md" in paths and "pyproject.toml" in paths
 
 
+def test_status_changes_notify_the_projects_members(app, db, worker, factory):
+    from models.notifications import Notification
+
+    tenant = factory.tenant()
+    creator = factory.user(tenant, role="agent")
+    outsider = factory.user(factory.tenant(), role="admin")
+    project = _project(db, tenant.id)
+    project.created_by_id = creator.id
+    db.session.commit()
+    ok = projects.start_generation(project, "A notes API")
+    db.session.commit()
+    app.extensions["switchboard.tasks"].send("generate_project", ok.id)
+    broken = _generation_in(db, project, "generating")
+    projects.transition(broken.id, "failed", error="the model gave up")
+    db.session.commit()
+    drain(app)
+    db.session.expire_all()
+    mine = db.session.scalars(
+        select(Notification).where(Notification.recipient_id == creator.id)
+    ).all()
+    kinds = sorted(n.type for n in mine)
+    assert kinds.count("generation_started") == 2
+    assert "generation_completed" in kinds and "generation_failed" in kinds
+    failed = next(n for n in mine if n.type == "generation_failed")
+    assert "the model gave up" in failed.body
+    assert all(n.link == f"/projects/{project.id}" for n in mine)
+    assert not db.session.scalars(
+        select(Notification).where(Notification.recipient_id == outsider.id)
+    ).all()
+
+
 @pytest.fixture
 def model_server(app):
     fake = FakeOpenAI(Script()).start()

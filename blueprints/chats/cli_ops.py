@@ -11,7 +11,7 @@ import click
 from flask.cli import with_appcontext
 from sqlalchemy import delete, func, select, update
 
-from events.outbox import to_primitive
+from events.outbox import emit, to_primitive
 from extensions import db
 from models.base import utcnow
 from models.chats import Chat, Message
@@ -157,6 +157,14 @@ def export_command(ref: str) -> None:
     ]
     json.dump(data, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")
+    emit(
+        "chat.exported",
+        tenant_id=chat.tenant_id,
+        entity="chat",
+        entity_id=chat.id,
+        payload={"label": f"Chat {chat.public_id} exported from the command line"},
+    )
+    db.session.commit()
 
 
 COMMANDS = [
