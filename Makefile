@@ -24,6 +24,7 @@ run: $(STAMP)
 	$(BIN)/flask --app wsgi db upgrade
 	$(BIN)/flask --app wsgi demo load
 	SESSION_COOKIE_SECURE=$${SESSION_COOKIE_SECURE:-0} DEVICES_AUTO_PROVISION=$${DEVICES_AUTO_PROVISION:-1} \
+		DEVICES_SIMULATOR_RECEIVERS=$${DEVICES_SIMULATOR_RECEIVERS:-4} \
 		$(BIN)/flask --app wsgi serve --host $(HOST) --port $(PORT)
 
 services:

@@ -22,7 +22,7 @@ CONTENT_SECURITY_POLICY = (
 
 
 # Topics every logged-in page subscribes to (see services/live.py topic_for).
-BASE_LIVE_TOPICS: list[str] = []
+BASE_LIVE_TOPICS: list[str] = ["user:bell"]
 
 
 @dataclass
@@ -54,6 +54,20 @@ def create_app(config: object | None = None) -> Flask:
     import models  # noqa: F401 - register every table with the metadata
 
     db.init_app(app)
+
+    @app.teardown_appcontext
+    def release_session(_exc) -> None:
+        # Runs before Flask-SQLAlchemy's own teardown (teardowns run in reverse order). If the
+        # database dropped the connection under us, closing the session raises; the response
+        # has already been made, so forget the session instead of turning it into a 500.
+        try:
+            db.session.remove()
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger("switchboard").warning(
+                "session closed with a dead connection: %s", type(exc).__name__
+            )
+            db.session.registry.clear()
+
     _sqlite_pragmas()
     migrate.init_app(
         app, db, directory=str(BASE_DIR / "migrations"), render_as_batch=True, compare_type=True
@@ -161,11 +175,18 @@ def _register_cli(app: Flask) -> None:
     chats_group = click.Group("chats", help="Chats: maintenance, exports and reports.")
     for command in chat_commands:
         chats_group.add_command(command)
+    from blueprints.metrics.cli import metrics_command
+
+    chats_group.add_command(metrics_command)
     app.cli.add_command(chats_group)
 
     from blueprints.projects.cli import projects_cli
 
     app.cli.add_command(projects_cli)
+
+    from blueprints.devices.cli import devices_cli
+
+    app.cli.add_command(devices_cli)
 
 
 def _register_hooks(app: Flask) -> None:
@@ -208,11 +229,22 @@ def _register_hooks(app: Flask) -> None:
             topics = [*BASE_LIVE_TOPICS, *(names or ())]
             return sign_topics(current_user, topics) if topics else ""
 
+        def unread_notifications() -> int:
+            from services.notifications import unread_count
+
+            return unread_count(current_user.id) if current_user.is_authenticated else 0
+
         return {
+            "unread_notifications": unread_notifications,
             "current_user": current_user,
             "embedded_mode": app.config["EMBEDDED"],
             "live_token": live_token,
         }
+
+    def bare_error_page(code: int, message: str) -> str:
+        # Rendered without context processors: they load the current user and the bell's
+        # count from the database, which may be the very thing that is failing.
+        return app.jinja_env.get_template("error.html").render(code=code, message=message)
 
     def wants_json() -> bool:
         return request.path.startswith("/api/") or request.path == "/healthz"
@@ -235,11 +267,30 @@ def _register_hooks(app: Flask) -> None:
             return jsonify(error="forbidden", message="Not allowed."), 403
         return render_template("error.html", code=403, message="You may not do that."), 403
 
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    @app.errorhandler(OperationalError)
+    @app.errorhandler(InterfaceError)
+    def database_unavailable(error):
+        # The database went away (restart, failover, network): say so and let the client
+        # retry; pool_pre_ping replaces the dead connections once it is back.
+        logging.getLogger("switchboard").warning(
+            "database unavailable: %s", str(error).splitlines()[0][:200]
+        )
+        try:
+            db.session.rollback()
+            db.session.remove()
+        except Exception:  # noqa: BLE001 - the connection is already gone
+            pass
+        message = "The database is unavailable right now. Try again in a moment."
+        headers = {"Retry-After": "5"}
+        if wants_json():
+            return jsonify(error="database_unavailable", message=message), 503, headers
+        return bare_error_page(503, message), 503, headers
+
     @app.errorhandler(500)
     def server_error(error):
         db.session.rollback()
         if wants_json():
             return jsonify(error="server_error", message="Something went wrong."), 500
-        return render_template(
-            "error.html", code=500, message="Something went wrong on our side. Try again."
-        ), 500
+        return bare_error_page(500, "Something went wrong on our side. Try again."), 500

@@ -17,8 +17,15 @@ INSTANCE_DIR = Path(os.environ.get("SWITCHBOARD_INSTANCE", BASE_DIR / "instance"
 load_dotenv(BASE_DIR / ".env")
 
 
-class ConfigError(RuntimeError):
-    """Start-up refused because the configuration is unsafe or incomplete."""
+class ConfigError(SystemExit):
+    """Start-up refused because the configuration is unsafe or incomplete.
+
+    A SystemExit, so `flask`, gunicorn and dramatiq stop with this one line on stderr and
+    exit status 1 instead of a traceback that buries the reason.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"Switchboard configuration error: {message}")
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -99,7 +106,14 @@ class Config:
 
         # Number of reverse proxies in front of the app whose X-Forwarded-* to trust.
         self.PROXY_FIX_HOPS = _int("PROXY_FIX_HOPS", 0)
-        self.SQLALCHEMY_ENGINE_OPTIONS = {"pool_pre_ping": True}
+        # Connections per process. Size it for the threads that use the database at once
+        # (web request threads; a worker's threads); WebSockets hold none while they wait.
+        self.SQLALCHEMY_ENGINE_OPTIONS = {
+            "pool_pre_ping": True,
+            "pool_size": _int("DATABASE_POOL_SIZE", 10),
+            "max_overflow": _int("DATABASE_MAX_OVERFLOW", 20),
+            "pool_timeout": _float("DATABASE_POOL_TIMEOUT", 30.0),
+        }
         self.SESSION_COOKIE_HTTPONLY = True
         self.SESSION_COOKIE_SAMESITE = "Lax"
         # Secure cookies unless debugging; `make run` (plain http on 127.0.0.1) sets it to 0.
@@ -170,8 +184,18 @@ class Config:
         self.DEVICES_AUTO_PROVISION = _bool("DEVICES_AUTO_PROVISION", False)
         self.DEVICES_ALERT_REMINDER_MINUTES = _float("DEVICES_ALERT_REMINDER_MINUTES", 30.0)
         self.DEVICES_LOW_BATTERY_BARS = _int("DEVICES_LOW_BATTERY_BARS", 1)
+        # The Shure client (services/manufacturers/shure.py): meter sampling rate, silence
+        # before a connection is presumed dead, connect timeout, reconnect back-off bounds,
+        # and how long an endpoint nobody polls keeps its connection.
+        self.DEVICES_SHURE_METER_RATE_MS = _int("DEVICES_SHURE_METER_RATE_MS", 1000)
+        self.DEVICES_SHURE_SILENCE_TIMEOUT = _float("DEVICES_SHURE_SILENCE_TIMEOUT", 5.0)
+        self.DEVICES_SHURE_CONNECT_TIMEOUT = _float("DEVICES_SHURE_CONNECT_TIMEOUT", 2.0)
+        self.DEVICES_SHURE_BACKOFF_INITIAL = _float("DEVICES_SHURE_BACKOFF_INITIAL", 0.5)
+        self.DEVICES_SHURE_BACKOFF_MAX = _float("DEVICES_SHURE_BACKOFF_MAX", 30.0)
+        self.DEVICES_SHURE_IDLE_TIMEOUT = _float("DEVICES_SHURE_IDLE_TIMEOUT", 600.0)
+        # `flask serve` starts this many simulated Shure receivers for the demo tenant.
+        self.DEVICES_SIMULATOR_RECEIVERS = _int("DEVICES_SIMULATOR_RECEIVERS", 0)
         # `flask serve` starts this many simulated receivers for the demo tenant (0: none).
-        self.DEMO_SIMULATED_RECEIVERS = _int("DEMO_SIMULATED_RECEIVERS", 4)
 
         # Projects: generation limits and where export artifacts are kept.
         self.PROJECT_MAX_FILES = _int("PROJECT_MAX_FILES", 200)
@@ -184,12 +208,25 @@ class Config:
         self.WEBHOOK_MAX_ATTEMPTS = max(1, _int("WEBHOOK_MAX_ATTEMPTS", 6))
         # Seconds to connect, and again to wait for the response, per POST.
         self.WEBHOOK_TIMEOUT_SECONDS = _float("WEBHOOK_TIMEOUT_SECONDS", 10.0)
+        # Off: endpoints resolving to loopback, private, link-local or reserved addresses are
+        # refused (a tenant admin must not reach the internal network through the workers).
+        self.WEBHOOK_ALLOW_PRIVATE_NETWORKS = _bool("WEBHOOK_ALLOW_PRIVATE_NETWORKS", False)
         # Retry n waits about WEBHOOK_RETRY_MIN_MS * 2**(n-1), capped at WEBHOOK_RETRY_MAX_MS.
         self.WEBHOOK_RETRY_MIN_MS = _int("WEBHOOK_RETRY_MIN_MS", 30_000)
         self.WEBHOOK_RETRY_MAX_MS = _int("WEBHOOK_RETRY_MAX_MS", 3_600_000)
         # An endpoint is disabled (and its tenant's admins notified) after this many events
         # in a row were given up on; 0 never disables.
         self.WEBHOOK_DISABLE_AFTER_FAILURES = _int("WEBHOOK_DISABLE_AFTER_FAILURES", 5)
+
+        # Notifications: one per (type, subject, recipient) within this many seconds.
+        self.NOTIFY_DEDUPE_SECONDS = _int("NOTIFY_DEDUPE_SECONDS", 3600)
+        # smtp://user:pass@host:port, smtps://… or smtp://…?starttls=1; unset sends no email.
+        self.SMTP_URL = _env("SMTP_URL")
+        self.MAIL_FROM = _env("MAIL_FROM", "switchboard@localhost")
+
+        # /metrics: a bearer token, or a client address inside one of these networks.
+        self.METRICS_TOKEN = _env("METRICS_TOKEN")
+        self.METRICS_ALLOWED_NETWORKS = _env("METRICS_ALLOWED_NETWORKS", "127.0.0.1/32,::1/128")
 
         self.FEED_PAGE_SIZE = _int("FEED_PAGE_SIZE", 50)
         self.LIST_PAGE_SIZE = _int("LIST_PAGE_SIZE", 25)
@@ -212,5 +249,7 @@ class TestConfig(Config):
         self.START_EMBEDDED_WORKER = False
         self.EVENTS_RELAY_INTERVAL = 0.2
         self.LIVE_COALESCE_MS = 20
+        # The tests' webhook receivers listen on 127.0.0.1.
+        self.WEBHOOK_ALLOW_PRIVATE_NETWORKS = True
         for key, value in overrides.items():
             setattr(self, key, value)
