@@ -1,0 +1,870 @@
+"""Live fan-out: many dashboard sockets on one web process (issue 7).
+
+Production mode: one throwaway PostgreSQL database and Redis namespace, and **one** gunicorn
+web process (gthread, as the Procfile) with a thread per client and some to spare
+(`--threads` = clients + 100, and `--worker-connections` above that: gunicorn's default of
+1,000 would stop accepting at 1,000 connections). Threads rather than gevent because that is
+how the app is built and deployed: flask-sock / simple-websocket park a thread per socket
+(plus a reader thread of their own), and psycopg, SQLAlchemy and redis-py block; under gevent
+they would all need monkey-patching, and a libpq call would still stall every socket of the
+process.
+
+One tenant (5 users, 24 devices in three locations, so the snapshot is a real grid) has its
+devices dashboard open in N browser tabs: each user logs in once and opens /devices/ for the
+page's signed /ws/live URL; the clients connect to it with that user's session cookie and the
+console's Origin, offering permessage-deflate as browsers do (--no-fanout-deflate: not).
+The clients are wsproto (simple-websocket's own protocol engine, already installed) over
+non-blocking sockets watched by the bench process's asyncio loop; each read carries the
+kernel's receive timestamp (SO_TIMESTAMPNS), so a busy client loop cannot inflate the
+latencies (how late the loop handled reads is reported, as is the bench process's CPU).
+
+Frames are published straight onto the live bus (the app's RedisBus, what
+`services.live.publish` calls) on the tenant's "devices" topic by a thread paced at 200
+frames/s for 10 s (--quick 3 s). Each frame is a real rendered device card
+(`devices/_card_push.html`, ~900 bytes) with its own key and element id, so coalescing never
+merges two, and a `data-fo="run:seq:stamp"` attribute (stamp: CLOCK_REALTIME ns just before
+the XADD). Latency is publish → kernel receipt, for every frame at every client.
+
+On one web process (production's LIVE_COALESCE_MS, 100; --fanout-coalesce-ms for another),
+in turn: 1 client (the baseline), then 50 and 200 (--fanout-ramp; --quick 50), then N
+(1,000; --quick 200), each set of clients connected, measured and dropped before the next:
+
+- connect: the time to open all of them (≤ --fanout-connect-concurrency handshakes in
+  flight), and per socket from TCP connect to its snapshot.
+- memory: the worker's RSS with the sockets open and idle (per socket over the fresh
+  process), and its peak while frames flow; threads and file descriptors held, and again
+  5 s after the clients dropped their connections (a dead client must free its thread).
+- latency p50 / p99 / max over all (frame, client) pairs, against the 1-client figures;
+  target p99 < 100 ms at 200 frames/s.
+- delivery: frames delivered per second in total (vs clients × 200/s) from the first publish
+  to the last receipt, and per-client counts (min / median / max). Target: no client starved,
+  every client gets every frame; otherwise the shortfall, how many distinct frames reached
+  anyone, and re-sent snapshots (a subscription that overflowed). The wait for stragglers
+  ends 2 s after the last progress or 10 s after publishing ended.
+- CPU of the web worker (and how much of it in the kernel) and of the bench process
+  (clients + publisher) over that window, in cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import asyncio
+import contextlib
+import re
+import socket
+import statistics
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from bench.common import (
+    PASSWORD,
+    BenchError,
+    LiveClient,
+    ProdEnv,
+    child_pids,
+    note,
+    percentile,
+    proc_cpu_times,
+    proc_open_files,
+    proc_rss_mb,
+    proc_status,
+    prod_app,
+    raise_open_files_limit,
+    result,
+    summarize,
+    web_server,
+)
+
+NAME = "fanout"
+DESCRIPTION = "N dashboard sockets on one gthread web process: bus → socket fan-out latency"
+
+DEFAULTS = {
+    # name: (full run, --quick)
+    "clients": (1000, 200),
+    "seconds": (10.0, 3.0),
+}
+P99_TARGET_MS = 100.0
+MARK = re.compile(r'data-fo="(\d+):(\d+):(\d+)"')
+SNAPSHOT_MARK = 'id="device-grid"'
+WARM_FRAMES = 3
+# Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS; 35 on x86 and arm): the socket module lacks it.
+SO_TIMESTAMPNS = 35
+ANCILLARY_BYTES = socket.CMSG_SPACE(16)  # one struct timespec
+READ_BYTES = 16 * 1024
+# Client counts measured between the 1-client baseline and --fanout-clients: (full, --quick).
+DEFAULT_RAMP = ("50,200", "50")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fanout")
+    group.add_argument(
+        "--fanout-clients", type=int, help="WebSocket clients (default 1000; --quick 200)"
+    )
+    group.add_argument(
+        "--fanout-seconds", type=float, help="seconds of publishing (default 10; --quick 3)"
+    )
+    group.add_argument(
+        "--fanout-rate", type=float, default=200.0, help="frames/s published (default 200)"
+    )
+    group.add_argument(
+        "--fanout-users", type=int, default=5, help="users of the tenant the clients share (5)"
+    )
+    group.add_argument(
+        "--fanout-ramp",
+        help="client counts measured between the 1-client baseline and --fanout-clients, "
+        "comma separated (default 50,200; --quick 50; '' for none)",
+    )
+    group.add_argument(
+        "--fanout-coalesce-ms",
+        type=int,
+        help="LIVE_COALESCE_MS of the web process (default: production's)",
+    )
+    group.add_argument(
+        "--fanout-deflate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="clients offer permessage-deflate, as browsers do (default: yes)",
+    )
+    group.add_argument(
+        "--fanout-connect-concurrency",
+        type=int,
+        default=100,
+        help="WebSocket handshakes in flight at once while connecting (default 100)",
+    )
+
+
+def _size(args: argparse.Namespace, name: str):
+    value = getattr(args, f"fanout_{name}", None)
+    if value is not None:
+        return value
+    full, quick = DEFAULTS[name]
+    return quick if args.quick else full
+
+
+# ---------------------------------------------------------------- the tenant
+
+
+@dataclass
+class _Tenant:
+    tenant_id: int
+    emails: list[str]
+    card_head: str  # a rendered device card, split where the bench's id and mark go
+    card_tail: str
+
+    def frame_html(self, run: int, seq: int, stamp: int) -> str:
+        mark = f'id="device-card-fo{seq}" data-fo="{run}:{seq}:{stamp}"'
+        return self.card_head + mark + self.card_tail
+
+
+def _seed_tenant(penv: ProdEnv, users: int, devices: int = 24) -> _Tenant:
+    """A tenant with `users` users and `devices` devices in three locations."""
+    from extensions import db
+    from models.accounts import Tenant
+    from models.devices import Device, Location, Manufacturer
+    from services.accounts import create_user
+    from services.live import render_fragment
+
+    tag = uuid.uuid4().hex[:6]
+    with penv.app.app_context():
+        try:
+            tenant = Tenant(name=f"Fanout {tag}")
+            db.session.add(tenant)
+            db.session.flush()
+            emails = []
+            for i in range(users):
+                email = f"fanout-{tag}-{i}@example.com"
+                create_user(email, PASSWORD, tenant, role="admin" if i == 0 else "agent")
+                emails.append(email)
+            maker = Manufacturer(code=f"fo{tag}", name="Fanout Audio")
+            db.session.add(maker)
+            db.session.flush()
+            locations = [Location(tenant_id=tenant.id, name=f"Stage {n}") for n in "ABC"]
+            db.session.add_all(locations)
+            db.session.flush()
+            for n in range(devices):
+                db.session.add(
+                    Device(
+                        tenant_id=tenant.id,
+                        manufacturer_id=maker.id,
+                        api_device_id=f"rx-{n}",
+                        name=f"Receiver {n:02d}",
+                        model="ULXD4",
+                        location_id=locations[n % 3].id,
+                        is_online=n % 5 != 0,
+                        state={
+                            "channel_name": f"Mic {n}",
+                            "battery_bars": n % 6,
+                            "battery_minutes": 60 + 7 * n,
+                            "rf_level": 40 + n,
+                            "audio_level": 20 + n,
+                        },
+                    )
+                )
+            db.session.commit()
+            device = db.session.scalars(
+                db.select(Device).where(Device.tenant_id == tenant.id).order_by(Device.id)
+            ).first()
+            card = render_fragment("devices/_card_push.html", d=device)
+            head, tail = card.split(f'id="device-card-{device.id}"', 1)
+            return _Tenant(tenant.id, emails, head, tail)
+        finally:
+            db.session.remove()
+
+
+# ---------------------------------------------------------------- the clients
+
+
+class _Run:
+    """What every client counts into: the frames of the run being measured."""
+
+    def __init__(self) -> None:
+        self.run = 0
+        self.size = 0
+        self.latencies = array.array("d")  # ms, one per (frame, client)
+        self.any = bytearray()  # frames that reached at least one client
+        self.last_ns = 0
+        # ms from the kernel's receipt of a read's last segment to the client handling it:
+        # what user-space timestamps would have added to the latencies.
+        self.client_delay = array.array("d")
+
+    def start(self, run: int, size: int, sockets: list[_Socket]) -> None:
+        self.run, self.size = run, size
+        self.latencies = array.array("d")
+        self.any = bytearray(size)
+        self.last_ns = 0
+        self.client_delay = array.array("d")
+        for sock in sockets:
+            sock.seen = bytearray(size)
+            sock.frames = sock.duplicates = sock.messages = sock.snapshots = 0
+
+
+class _Socket:
+    """One browser tab's /ws/live socket: wsproto over a non-blocking socket that the event
+    loop's selector watches. Reads carry the kernel's receive timestamp (SO_TIMESTAMPNS), so
+    a busy client loop delays the bookkeeping, not the measured receipt time."""
+
+    def __init__(self, run: _Run, host: str, target: str, headers: list, deflate: bool) -> None:
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import Request
+        from wsproto.extensions import PerMessageDeflate
+
+        self.tally = run
+        self.ws = WSConnection(ConnectionType.CLIENT)
+        self.request = Request(
+            host=host,
+            target=target,
+            extra_headers=headers,
+            extensions=[PerMessageDeflate()] if deflate else [],
+        )
+        self.loop = asyncio.get_running_loop()
+        self.sock: socket.socket | None = None
+        self.ready: asyncio.Future = self.loop.create_future()
+        self.parts: list[str] = []
+        self.seen = bytearray()
+        self.frames = self.duplicates = self.messages = self.snapshots = 0
+        self.lost: str | None = None
+        self.closing = False
+
+    async def open(self, host: str, port: int) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock = sock
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await self.loop.sock_connect(sock, (host, port))
+        self.loop.add_reader(sock.fileno(), self._readable)
+        self._write(self.ws.send(self.request))
+
+    def _write(self, data: bytes) -> None:
+        try:
+            self.sock.sendall(data)  # handshake, pongs, close: small, the buffer takes them
+        except OSError as exc:
+            self._fail(f"send failed: {exc!r}")
+            self.abort()
+
+    def _readable(self) -> None:
+        sock = self.sock
+        while sock is not None and not self.closing:
+            try:
+                data, ancillary, _flags, _addr = sock.recvmsg(READ_BYTES, ANCILLARY_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._fail(f"connection lost: {exc!r}")
+                self.abort()
+                return
+            if not data:
+                self._fail("connection closed by the server")
+                self.abort()
+                return
+            handled = time.time_ns()
+            received = handled
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                    sec, nsec = struct.unpack_from("qq", value)
+                    received = sec * 1_000_000_000 + nsec
+            self.tally.client_delay.append((handled - received) / 1e6)
+            self._feed(data, received)
+            sock = self.sock
+
+    def _feed(self, data: bytes, received: int) -> None:
+        from wsproto.events import (
+            CloseConnection,
+            Ping,
+            RejectConnection,
+            RejectData,
+            TextMessage,
+        )
+        from wsproto.utilities import LocalProtocolError
+
+        ws = self.ws
+        try:
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, TextMessage):
+                    self.parts.append(event.data)
+                    if event.message_finished:
+                        text = self.parts[0] if len(self.parts) == 1 else "".join(self.parts)
+                        self.parts = []
+                        self._message(text, received)
+                elif isinstance(event, Ping):
+                    self._write(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    self._fail(f"closed by the server: {event.code} {event.reason}")
+                    with contextlib.suppress(LocalProtocolError):
+                        self._write(ws.send(event.response()))
+                    self.abort()
+                    return
+                elif isinstance(event, RejectConnection | RejectData):
+                    self._fail(f"handshake refused: {getattr(event, 'status_code', '')}")
+                    self.abort()
+                    return
+        except LocalProtocolError as exc:
+            self._fail(f"protocol error: {exc}")
+            self.abort()
+
+    def _message(self, text: str, received: int) -> None:
+        if not self.ready.done():
+            self.ready.set_result(received)  # the snapshot comes first
+            return
+        self.messages += 1
+        if SNAPSHOT_MARK in text:
+            self.snapshots += 1  # the subscription overflowed and was re-snapshotted
+        tally = self.tally
+        run = str(tally.run)
+        seen, anywhere, latencies = self.seen, tally.any, tally.latencies
+        got = False
+        for frame_run, seq, stamp in MARK.findall(text):
+            if frame_run != run:
+                continue
+            n = int(seq)
+            if seen[n]:
+                self.duplicates += 1
+                continue
+            seen[n] = anywhere[n] = 1
+            self.frames += 1
+            latencies.append((received - int(stamp)) / 1e6)
+            got = True
+        if got and received > tally.last_ns:
+            tally.last_ns = received
+
+    def _fail(self, reason: str) -> None:
+        if self.closing:
+            return
+        if self.lost is None:
+            self.lost = reason
+        if not self.ready.done():
+            self.ready.set_exception(BenchError(reason))
+
+    def abort(self) -> None:
+        """Drop the connection at once (RST), as a browser tab that vanished would."""
+        self.closing = True
+        if self.ready.done() and not self.ready.cancelled():
+            self.ready.exception()  # retrieved: no "exception never retrieved" warnings
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self.loop.remove_reader(sock.fileno())
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+
+
+@dataclass
+class _Target:
+    """Where the clients connect: the web process and the signed URL of each user's page."""
+
+    host: str
+    port: int
+    pages: list[tuple[str, list]]  # (path?query, headers) per user
+
+
+def _targets(base_url: str, emails: list[str]) -> _Target:
+    parts = urlsplit(base_url)
+    pages = []
+    for email in emails:
+        with LiveClient(base_url) as browser:
+            browser.login(email)
+            url = urlsplit(browser.live_url("/devices/"))
+            cookie = "; ".join(f"{c.name}={c.value}" for c in browser.http.cookies)
+        headers = [(b"Cookie", cookie.encode()), (b"Origin", base_url.encode())]
+        pages.append((f"{url.path}?{url.query}", headers))
+    return _Target(parts.hostname, parts.port, pages)
+
+
+# ---------------------------------------------------------------- publishing
+
+
+class _Publisher:
+    """Publishes numbered frames onto the live bus from a thread, paced at `rate`/s."""
+
+    def __init__(self, penv: ProdEnv, tenant: _Tenant) -> None:
+        from events.live import encode
+        from services.live import tenant_topic
+
+        self.bus = penv.app.extensions["switchboard.live"].bus  # what services.live uses
+        self.encode = encode
+        self.topic = tenant_topic(tenant.tenant_id, "devices")
+        self.tenant = tenant
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.first_ns = self.last_ns = 0
+        self.sent = 0
+        self.thread: threading.Thread | None = None
+
+    def start(self, run: int, count: int, rate: float) -> threading.Thread:
+        self.first_ns = self.last_ns = 0
+        self.sent = 0
+        self.thread = threading.Thread(
+            target=self._publish, args=(run, count, rate), name="fanout-publisher", daemon=True
+        )
+        self.thread.start()
+        return self.thread
+
+    def halt(self) -> None:
+        """Stop a publishing thread that is still running (after an error or Ctrl-C)."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        self.stop.clear()
+
+    def _publish(self, run: int, count: int, rate: float) -> None:
+        try:
+            start = time.perf_counter()
+            for seq in range(count):
+                if self.stop.is_set():
+                    return
+                delay = start + seq / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                stamp = time.time_ns()  # CLOCK_REALTIME, as the kernel's receive stamps
+                html = self.tenant.frame_html(run, seq, stamp)
+                self.bus.publish(self.topic, self.encode(f"fanout-{run}-{seq}", html=html))
+                if not self.first_ns:
+                    self.first_ns = stamp
+                self.last_ns = stamp
+                self.sent += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the measuring coroutine
+            self.error = exc
+
+
+# ---------------------------------------------------------------- one measurement
+
+
+@dataclass
+class _Web:
+    pid: int  # the gunicorn worker
+    target: _Target
+    coalesce_ms: int
+    rss_boot: float  # MiB, before any socket
+
+
+async def _connect(
+    web: _Web, run: _Run, count: int, deflate: bool, concurrency: int, sockets: list[_Socket]
+) -> tuple[list[float], list[str]]:
+    """Open `count` sockets; per socket ms from TCP connect to snapshot, and the failures."""
+    limit = asyncio.Semaphore(concurrency)
+    host_header = f"{web.target.host}:{web.target.port}"
+    failures: list[str] = []
+
+    async def one(i: int) -> float | None:
+        target, headers = web.target.pages[i % len(web.target.pages)]
+        async with limit:
+            sock = _Socket(run, host_header, target, headers, deflate)
+            sockets.append(sock)
+            start = time.time_ns()
+            try:
+                await asyncio.wait_for(sock.open(web.target.host, web.target.port), 30)
+                ready_ns = await asyncio.wait_for(sock.ready, 60)
+            except (OSError, TimeoutError, BenchError) as exc:
+                failures.append(f"{exc.__class__.__name__}: {exc}")
+                sock.abort()
+                return None
+            return (ready_ns - start) / 1e6
+
+    times = await asyncio.gather(*(one(i) for i in range(count)))
+    return [t for t in times if t is not None], failures
+
+
+async def _wait(predicate: Callable[[], bool], timeout: float, stall: float = 0.0, progress=None):
+    """Wait until predicate(); give up after `timeout`, or after `stall` s without progress()."""
+    deadline = time.monotonic() + timeout
+    last, last_change = (progress() if progress else None), time.monotonic()
+    while not predicate():
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        if progress is not None:
+            value = progress()
+            if value != last:
+                last, last_change = value, now
+            elif stall and now - last_change >= stall:
+                return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def _measure(
+    web: _Web,
+    publisher: _Publisher,
+    clients: int,
+    rate: float,
+    seconds: float,
+    *,
+    deflate: bool,
+    concurrency: int,
+    run_id: int,
+) -> dict:
+    run = _Run()
+    sockets: list[_Socket] = []
+    out: dict = {"clients": clients, "concurrency": concurrency}
+    try:
+        out["rss_before"] = proc_rss_mb(web.pid)
+        out["threads_before"] = int(proc_status(web.pid).get("Threads", 0))
+        out["fds_before"] = proc_open_files(web.pid)
+        start = time.perf_counter()
+        setup, failures = await _connect(web, run, clients, deflate, concurrency, sockets)
+        out["connect_s"] = time.perf_counter() - start
+        out["setup_ms"], out["failures"] = setup, failures
+        live = [s for s in sockets if s.lost is None and s.ready.done()]
+        if not live:
+            raise BenchError(f"no socket connected: {failures[:3]}")
+        await asyncio.sleep(0.5)  # let the server's threads settle before reading its memory
+        out["rss_open"] = proc_rss_mb(web.pid)
+        out["threads_open"] = int(proc_status(web.pid).get("Threads", 0))
+        out["fds_open"] = proc_open_files(web.pid)
+
+        # Warm-up (first compressed messages, first reads): a few frames, briefly awaited.
+        run.start(run_id * 2 - 1, WARM_FRAMES, live)
+        thread = publisher.start(run.run, WARM_FRAMES, rate)
+        warmed = await _wait(lambda: all(s.frames >= WARM_FRAMES for s in live), 10.0)
+        thread.join()
+        out["warm_short"] = 0 if warmed else sum(s.frames < WARM_FRAMES for s in live)
+        await asyncio.sleep(0.2)
+
+        count = max(1, int(rate * seconds))
+        run.start(run_id * 2, count, live)
+        user0, sys0 = proc_cpu_times(web.pid)
+        cpu_self, wall = time.process_time(), time.perf_counter()
+        peak = out["rss_open"]
+        thread = publisher.start(run.run, count, rate)
+        while thread.is_alive():
+            await asyncio.sleep(0.1)
+            peak = max(peak, proc_rss_mb(web.pid))
+        if publisher.error is not None:
+            raise BenchError(f"publishing failed: {publisher.error!r}")
+        published_s = (publisher.last_ns - publisher.first_ns) / 1e9
+
+        def total() -> int:
+            return sum(s.frames for s in live)
+
+        # Until every client has every frame, or nothing more arrives for 2 s; a server
+        # that has fallen far behind gets as long again as the publishing took, no more.
+        out["drained"] = await _wait(
+            lambda: total() >= count * len(live),
+            max(5.0, seconds),
+            stall=2.0,
+            progress=total,
+        )
+        window = time.perf_counter() - wall
+        user1, sys1 = proc_cpu_times(web.pid)
+        out["cpu_web"] = (user1 + sys1 - user0 - sys0) / window
+        out["cpu_web_sys"] = (sys1 - sys0) / window
+        out["cpu_bench"] = (time.process_time() - cpu_self) / window
+        out["rss_peak"] = max(peak, proc_rss_mb(web.pid))
+        out.update(
+            count=count,
+            connected=len(live),
+            published_rate=(count - 1) / published_s if published_s > 0 else float("nan"),
+            per_client=[s.frames for s in live],
+            duplicates=sum(s.duplicates for s in live),
+            snapshots=sum(s.snapshots for s in live),
+            messages=sum(s.messages for s in live),
+            lost=[s.lost for s in live if s.lost],
+            delivered=total(),
+            distinct=sum(run.any),
+            highest=max((i for i, got in enumerate(run.any) if got), default=-1),
+            span_s=((run.last_ns or publisher.last_ns) - publisher.first_ns) / 1e9,
+            window_s=window,
+            latency=summarize(run.latencies.tolist()),
+            client_delay=summarize(run.client_delay.tolist()),
+        )
+        return out
+    finally:
+        publisher.halt()
+        for sock in sockets:
+            sock.abort()
+        if len(sockets) > 1 and "threads_open" in out:
+            # Dead clients must free their threads: the worker's count falls back.
+            with contextlib.suppress(asyncio.CancelledError):
+                await _wait(
+                    lambda: (
+                        int(proc_status(web.pid).get("Threads", 0))
+                        <= out["threads_open"] - 0.9 * len(sockets)
+                    ),
+                    5.0,
+                )
+            out["threads_after"] = int(proc_status(web.pid).get("Threads", 0))
+            out["fds_after"] = proc_open_files(web.pid)
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    clients, seconds = _size(args, "clients"), _size(args, "seconds")
+    rate = args.fanout_rate
+    if clients < 1 or rate <= 0 or seconds <= 0:
+        raise BenchError("--fanout-clients, --fanout-rate and --fanout-seconds must be positive")
+    steps = _steps(args, clients)
+    # The bench holds a socket per client; the worker a socket and an epoll fd per client.
+    limit = raise_open_files_limit(3 * clients + 1024)
+    if limit < 2 * clients + 256:
+        raise BenchError(f"open-files limit {limit} is too low for {clients} clients")
+    with prod_app("fanout") as penv:
+        coalesce_ms = args.fanout_coalesce_ms
+        if coalesce_ms is None:
+            coalesce_ms = penv.app.config["LIVE_COALESCE_MS"]  # production's default
+        tenant = _seed_tenant(penv, max(1, args.fanout_users))
+        publisher = _Publisher(penv, tenant)
+        return _one_web_process(args, penv, tenant, publisher, steps, rate, seconds, coalesce_ms)
+
+
+def _steps(args: argparse.Namespace, clients: int) -> list[int]:
+    """1 client (the baseline), the ramp's client counts, then `clients`."""
+    ramp = args.fanout_ramp
+    if ramp is None:
+        ramp = DEFAULT_RAMP[1 if args.quick else 0]
+    counts = [int(c) for c in ramp.split(",") if c.strip()]
+    return sorted({1, clients, *(c for c in counts if 1 < c < clients)})
+
+
+def _one_web_process(
+    args: argparse.Namespace,
+    penv: ProdEnv,
+    tenant: _Tenant,
+    publisher: _Publisher,
+    steps: list[int],
+    rate: float,
+    seconds: float,
+    coalesce_ms: int,
+) -> list[dict]:
+    clients = steps[-1]
+    threads = clients + 100
+    env = {
+        "LIVE_COALESCE_MS": str(coalesce_ms),
+        # gunicorn stops accepting at worker_connections (default 1000) open connections.
+        "GUNICORN_CMD_ARGS": f"--worker-connections {clients + 200}",
+    }
+    note(f"gunicorn gthread, 1 worker × {threads} threads, LIVE_COALESCE_MS={coalesce_ms}")
+    rows: list[dict] = []
+    with web_server(penv, workers=1, threads=threads, env=env) as server:
+        pids = child_pids(server.proc.pid)
+        if len(pids) != 1:
+            raise BenchError(f"expected one gunicorn worker, found {pids}")
+        web = _Web(pids[0], _targets(server.url, tenant.emails), coalesce_ms, proc_rss_mb(pids[0]))
+        options = {"deflate": args.fanout_deflate, "concurrency": args.fanout_connect_concurrency}
+        base = None
+        for step, n in enumerate(steps):
+            note(f"{n} client(s): connecting, then {rate:g} frames/s for {seconds:g} s")
+            got = asyncio.run(
+                _measure(web, publisher, n, rate, seconds, run_id=step + 1, **options)
+            )
+            if server.proc.poll() is not None:
+                raise BenchError(f"gunicorn exited with {server.proc.returncode}")
+            if base is None:
+                base = got
+                rows += _baseline_rows(got, coalesce_ms)
+            else:
+                rows += _rows(base, got, web, rate, seconds, threads, args.fanout_deflate)
+    return rows
+
+
+# ---------------------------------------------------------------- rows
+
+
+def _baseline_rows(base: dict, ms: int) -> list[dict]:
+    lat = base["latency"]
+    if not lat.get("count"):
+        raise BenchError("the single client received no frame")
+    return [
+        result(
+            f"p50 latency, 1 client, coalesce {ms}",
+            lat["p50"],
+            "ms",
+            detail=(
+                f"{base['delivered']}/{base['count']} frames in {base['messages']} socket "
+                f"messages; web worker {base['cpu_web']:.2f} cores"
+            ),
+        ),
+        result(
+            f"p99 latency, 1 client, coalesce {ms}",
+            lat["p99"],
+            "ms",
+            detail=f"max {lat['max']:.0f} ms"
+            + (
+                f"; the relay holds a batch's first frame {ms} ms, so p99 ≈ {ms} ms at best"
+                if ms
+                else ""
+            ),
+        ),
+    ]
+
+
+def _rows(base: dict, full: dict, web: _Web, rate: float, seconds: float, threads: int, deflate):
+    n, ms = full["clients"], web.coalesce_ms
+    tag = f"{n} clients, coalesce {ms}"
+    lat, base_lat = full["latency"], base["latency"]
+    if not lat.get("count"):
+        raise BenchError(f"{tag}: no frame reached any of the {full['connected']} clients")
+    rows = []
+    setup, failed = full["setup_ms"], full["failures"]
+    rows.append(
+        result(
+            f"connect, {tag}",
+            full["connect_s"],
+            "s",
+            detail=(
+                f"{len(setup)}/{n} sockets connected, ≤{full['concurrency']} handshakes at "
+                f"once; TCP connect → snapshot per socket p50 {percentile(setup, 50):.0f} ms, "
+                f"p99 {percentile(setup, 99):.0f} ms, max {max(setup):.0f} ms"
+                + (f"; {len(failed)} failed, e.g. {failed[0]}" if failed else "")
+            ),
+        )
+    )
+    per_socket_kb = (full["rss_open"] - web.rss_boot) * 1024 / max(1, full["connected"])
+    rows.append(
+        result(
+            f"web worker RSS, {tag}",
+            full["rss_open"],
+            "MiB",
+            detail=(
+                f"sockets open and idle: +{per_socket_kb:.0f} KiB per socket over the fresh "
+                f"process's {web.rss_boot:.0f} MiB"
+                f"{' (permessage-deflate negotiated)' if deflate else ' (no compression)'}, "
+                f"{full['rss_before']:.0f} MiB before this step; peak {full['rss_peak']:.0f} "
+                f"MiB while frames flowed; threads {full['threads_before']} → "
+                f"{full['threads_open']} (--threads {threads}) → {full.get('threads_after', '?')}"
+                f" 5 s after the clients left; fds {full['fds_before']} → {full['fds_open']} → "
+                f"{full.get('fds_after', '?')}"
+            ),
+        )
+    )
+    rows.append(
+        result(
+            f"p50 latency, {tag}",
+            lat["p50"],
+            "ms",
+            ratio=lat["p50"] / base_lat["p50"],
+            vs="1 client",
+            detail=(
+                f"publish → receipt over {lat['count']:,} (frame, client) pairs; "
+                f"{rate:g} frames/s for {seconds:g} s (publisher achieved "
+                f"{full['published_rate']:.0f}/s)"
+            ),
+        )
+    )
+    met = "met" if lat["p99"] < P99_TARGET_MS else "MISSED"
+    rows.append(
+        result(
+            f"p99 latency, {tag}",
+            lat["p99"],
+            "ms",
+            ratio=lat["p99"] / base_lat["p99"],
+            vs="1 client",
+            detail=f"target < {P99_TARGET_MS:.0f} ms: {met}; max {lat['max']:,.0f} ms",
+        )
+    )
+    expected = full["count"] * full["connected"]
+    delivered_rate = full["delivered"] / full["span_s"] if full["span_s"] > 0 else float("nan")
+    rows.append(
+        result(
+            f"frames delivered/s, {tag}",
+            delivered_rate,
+            "frames/s",
+            ratio=delivered_rate / (rate * full["connected"]),
+            vs=f"{full['connected']} × {rate:g}/s",
+            detail=(
+                f"{full['delivered']:,}/{expected:,} (frame, client) pairs, from the first "
+                f"publish to the last receipt ({full['span_s']:.1f} s), in "
+                f"{full['messages']:,} socket messages "
+                f"({full['messages'] / max(1, full['connected']) / full['span_s']:.1f}/s per "
+                "client)" + ("" if full["drained"] else "; gave up waiting for the rest")
+            ),
+        )
+    )
+    per_client = full["per_client"]
+    starved = [c for c in per_client if c < full["count"]]
+    notes = []
+    if starved:
+        notes.append(
+            f"{len(starved)} clients short, {expected - full['delivered']:,} frames missing in "
+            f"all; {full['distinct']} distinct frames reached any client (highest #"
+            f"{full['highest']} of {full['count']})"
+        )
+    else:
+        notes.append("no client starved: every client got every frame")
+    if full["snapshots"]:
+        notes.append(f"{full['snapshots']} snapshots re-sent (a subscription overflowed)")
+    if full["duplicates"]:
+        notes.append(f"{full['duplicates']} duplicate frames")
+    if full["lost"]:
+        notes.append(f"{len(full['lost'])} sockets lost, e.g. {full['lost'][0]}")
+    if full["warm_short"]:
+        notes.append(f"{full['warm_short']} clients lacked warm-up frames after 10 s")
+    rows.append(
+        result(
+            f"frames per client, min, {tag}",
+            min(per_client),
+            "frames",
+            detail=(
+                f"median {statistics.median(per_client):.0f}, max {max(per_client)} of "
+                f"{full['count']} published; target: no client starved — " + "; ".join(notes)
+            ),
+        )
+    )
+    delay = full["client_delay"]
+    rows.append(
+        result(
+            f"CPU, web worker, {tag}",
+            full["cpu_web"],
+            "cores",
+            ratio=full["cpu_web"] / base["cpu_web"] if base["cpu_web"] > 0 else None,
+            vs="1 client",
+            detail=(
+                f"{full['cpu_web_sys']:.2f} of it in the kernel, over {full['window_s']:.1f} s "
+                f"of publishing and delivery; the bench process (clients + publisher) used "
+                f"{full['cpu_bench']:.2f} cores; it handled reads p50 "
+                f"{delay.get('p50', float('nan')):.1f} ms, p99 "
+                f"{delay.get('p99', float('nan')):.0f} ms after the kernel received them "
+                "(not counted in the latencies)"
+            ),
+        )
+    )
+    return rows
