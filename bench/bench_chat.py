@@ -585,7 +585,7 @@ class _ChatBench:
                         f"{TARGET_ADDED_MS:g} ms at p50 — {verdict} it. Consists of: message "
                         "save + event commit + dispatch, queue wait for the `chats` handlers, "
                         "sentiment, auto-reply handler, queue wait for `generate_reply`, its "
-                        "reads, a new OpenAI client + connection, bus publish, relay to the "
+                        "reads, the model request, bus publish, relay to the "
                         "socket (stage rows below)"
                     ),
                 )
@@ -637,7 +637,8 @@ class _ChatBench:
                     f"{count} sample{'s' if count != 1 else ''}, each after the queues drained "
                     f"and {idle_seconds:g} s "
                     f"passed; {_stats_text(s)}; mean {hop_text} "
-                    "(idle Redis consumers poll with back-off up to the 1 s worker timeout)"
+                    "(idle Redis consumers poll with back-off up to dramatiq_worker_timeout: the "
+                    "Procfile's DRAMATIQ_IDLE_POLL_MS, 100 ms; Dramatiq's default is 1 s)"
                 ),
             ),
             result(
@@ -671,7 +672,10 @@ class _ChatBench:
         ),
         ("queue wait: assistant", "until a worker starts generate_reply"),
         ("generate_reply set-up", "its reads (history), commit, the typing frame's XADD"),
-        ("worker → model request", "new OpenAI client (httpx + SSL context), connect, request"),
+        (
+            "worker → model request",
+            "the worker process's shared OpenAI client: connection (kept alive), request",
+        ),
         (
             "model → delta published",
             "first chunk from the fake server, openai parsing, XADD (direct TTFD is in here)",
@@ -768,7 +772,7 @@ class _ChatBench:
         return stages
 
     def client_construction(self, count: int = 10) -> dict:
-        """What services.assistant pays per reply before it can send the request."""
+        """What a reply would pay first if services.assistant built a client per reply."""
         import openai
 
         times = []
@@ -786,8 +790,8 @@ class _ChatBench:
             "ms",
             detail=(
                 f"in this process, {count} times, p99 {st['p99']:.1f} ms: a new client (httpx "
-                "pool, SSL context with the CA bundle) — services.assistant builds one per "
-                "reply attempt, inside the 'worker → model request' stage"
+                "pool, SSL context with the CA bundle): what services.assistant saves on every "
+                "reply by building one client per worker process and reusing it"
             ),
         )
 
