@@ -184,6 +184,8 @@ class Config:
         self.DEVICES_AUTO_PROVISION = _bool("DEVICES_AUTO_PROVISION", False)
         self.DEVICES_ALERT_REMINDER_MINUTES = _float("DEVICES_ALERT_REMINDER_MINUTES", 30.0)
         self.DEVICES_LOW_BATTERY_BARS = _int("DEVICES_LOW_BATTERY_BARS", 1)
+        # Reports a poll applies per commit (its events are dispatched at each commit).
+        self.DEVICES_POLL_COMMIT_EVERY = _int("DEVICES_POLL_COMMIT_EVERY", 50)
         # The Shure client (services/manufacturers/shure.py): meter sampling rate, silence
         # before a connection is presumed dead, connect timeout, reconnect back-off bounds,
         # and how long an endpoint nobody polls keeps its connection.

@@ -133,7 +133,7 @@ def _after_flush(session: Session, flush_context: Any) -> None:
     for obj in session.dirty:
         if isinstance(obj, Tracked) and session.is_modified(obj, include_collections=False):
             changes = _changes(obj)
-            if changes:
+            if changes and not changes.keys() <= obj.__event_routine__:
                 payload = {"label": obj.feed_label(), "changes": changes}
                 rows.append(_row(obj, "updated", payload, actor))
     for obj in session.deleted:

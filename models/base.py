@@ -44,10 +44,16 @@ class Tracked:
     `__entity__` names the topic prefix; columns in `__event_exclude__` never enter payloads
     (large or secret values). Every tracked model carries `tenant_id` so its events reach
     that tenant only. `feed_label()` is the short text the activity feed shows.
+
+    An update that changes only columns in `__event_routine__` writes no `updated` event:
+    machine bookkeeping that an explicit domain event already describes (a device's online
+    flag and levels are the `device.*` events' business), which would otherwise cost every
+    such event a second round of handlers saying the same thing.
     """
 
     __entity__: ClassVar[str]
     __event_exclude__: ClassVar[frozenset[str]] = frozenset()
+    __event_routine__: ClassVar[frozenset[str]] = frozenset()
 
     def feed_label(self) -> str:
         for attr in ("name", "title", "path", "email"):

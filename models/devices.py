@@ -77,6 +77,17 @@ class Device(Tracked, Timestamps, db.Model):
     # Record changes are "device_record.*": "device.*" topics are the lifecycle events that
     # manufacturer services emit (discovered, online, offline, updated, synced).
     __entity__ = "device_record"
+    # Set by the device.* lifecycle handlers, which those events already describe.
+    __event_routine__ = frozenset(
+        {
+            "is_online",
+            "last_seen",
+            "missed_polls",
+            "state",
+            "offline_alerted_at",
+            "offline_reminded_at",
+        }
+    )
     # api_device_id is unique per manufacturer *within a tenant*: two tenants may own
     # receivers that report the same serial-style id, and neither may see the other's.
     __table_args__ = (

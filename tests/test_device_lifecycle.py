@@ -88,6 +88,13 @@ def test_offline_then_online_marks_logs_alerts_and_recovers(app, db, worker, ven
     recovered = db.session.get(Device, device.id)
     assert recovered.is_online is True and recovered.offline_alerted_at is None
     assert "device.recovered" in _topics(db)
+    # The lifecycle events are the record of those flips: no second, "device_record.updated"
+    # event repeats them (and runs every handler again).
+    assert "device_record.updated" not in _topics(db)
+
+    recovered.name = "Stage left receiver"  # a person renames it: that is a record change
+    db.session.commit()
+    assert "device_record.updated" in _topics(db)
 
 
 def test_maintenance_suppresses_alerts(app, db, worker, venue):
