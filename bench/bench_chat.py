@@ -20,12 +20,14 @@ same fake server:
   the Redis Stream ids (Redis's ms clock) of the reply's `typing` and first `delta` frames on
   the live bus, and when the fake server received the model request. This module is also
   loaded into the workers (EXTRA_ACTOR_MODULES), where a middleware records, for the
-  `chats` handler group's and `generate_reply`'s messages, when each was enqueued
-  (Dramatiq's message_timestamp, ms) and when a worker started it: the two queue waits.
+  `assistant` handler group's (chat_auto_reply) and `generate_reply`'s messages, when each
+  was enqueued (Dramatiq's message_timestamp, ms) and when a worker started it: the two
+  queue waits.
   Means are used for the shares, so the stages add up to the whole.
 - TTFD *after idle*: the same, but each message is sent after the whole system was idle for
   a couple of seconds — the usual case for a chat widget, and the one in which Dramatiq's
-  Redis consumers have backed off their polling (up to its 1 s worker timeout per queue).
+  Redis consumers have backed off their polling (up to dramatiq_worker_timeout per queue:
+  the Procfile's DRAMATIQ_IDLE_POLL_MS, 100 ms).
 - deltas/s: K visitors each get a long reply (N tokens, no delay between chunks) at the same
   time through the one web process; delta frames received by all clients ÷ the time from the
   first delta to the last. Their messages go out 25 ms apart (--chat-stagger-ms): when 15
@@ -88,7 +90,7 @@ TARGET_ADDED_MS = 5.0  # issue 4: added TTFD under 5 ms at p50
 MESSAGES_PER_VISITOR = 8  # under the default CHAT_RATE_LIMIT_PER_MINUTE (10)
 SETTLE_SECONDS = 0.3  # a new socket's topic joins the web process's bus reader
 STAMPS_KEY = "bench:chat:starts"  # under REDIS_PREFIX; written by _StampStarts in the workers
-STAMPED_ACTORS = ("spine_chats", "t_generate_reply")
+STAMPED_ACTORS = ("spine_assistant", "t_generate_reply")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -583,8 +585,8 @@ class _ChatBench:
                     detail=(
                         f"Switchboard p50 − direct p50; issue 4's target: under "
                         f"{TARGET_ADDED_MS:g} ms at p50 — {verdict} it. Consists of: message "
-                        "save + event commit + dispatch, queue wait for the `chats` handlers, "
-                        "sentiment, auto-reply handler, queue wait for `generate_reply`, its "
+                        "save + event commit + dispatch, queue wait for the auto-reply "
+                        "handler, the handler, queue wait for `generate_reply`, its "
                         "reads, the model request, bus publish, relay to the "
                         "socket (stage rows below)"
                     ),
@@ -657,18 +659,18 @@ class _ChatBench:
         ("socket → message saved", "web: frame read, rate limit (Redis), chat load, INSERT"),
         ("commit + dispatch", "web: commit with the outbox row, claim UPDATE (dispatched_at)"),
         (
-            "queue wait: chats",
-            "RPUSH of the event, until a worker starts the `chats` handler group (Dramatiq's "
-            "Redis consumer polls an empty queue with back-off)",
+            "queue wait: auto-reply",
+            "RPUSH of the event, until a worker starts its `assistant` handler group, "
+            "chat_auto_reply alone (Dramatiq's Redis consumer polls an empty queue with "
+            "back-off); sentiment and live frames run beside it in the `chats` group",
         ),
         (
-            "read + sentiment handler",
-            "the group reads the event, then VADER and its writes (the first handler)",
+            "read + record",
+            "the group reads the event and records the handler's run",
         ),
         (
             "auto-reply handler",
-            "from its start until generate_reply is enqueued: its checks, what else "
-            "runs before the send (commit, other handlers of the group)",
+            "from its start until generate_reply is enqueued: its checks, the commit",
         ),
         ("queue wait: assistant", "until a worker starts generate_reply"),
         ("generate_reply set-up", "its reads (history), commit, the typing frame's XADD"),
@@ -751,7 +753,9 @@ class _ChatBench:
             mid = x["message_id"]
             event = events.get(mid)
             runs = handled.get(event.id, {}) if event else {}
-            group_start = starts.get(f"spine_chats:{event.id}", (None, None))[1] if event else None
+            group_start = (
+                starts.get(f"spine_assistant:{event.id}", (None, None))[1] if event else None
+            )
             points = [
                 x["sent_wall"],
                 created[mid].timestamp() if mid in created else None,

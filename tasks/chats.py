@@ -54,7 +54,10 @@ def analyse_sentiment(event: Event) -> None:
     chats.apply_sentiment(message, analyse(message.content))
 
 
-@handler("message.created", name="chat_auto_reply", queue="chats", max_retries=3)
+# Its own handler group, on the replies' queue: the reply starts without waiting for the
+# sentiment analysis and live frames of the `chats` group (the tone they set is for later
+# replies), which took half of the time to the first delta.
+@handler("message.created", name="chat_auto_reply", queue="assistant", max_retries=3)
 def start_auto_reply(event: Event) -> None:
     message = _visitor_message(event)
     if message is None:
