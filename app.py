@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,16 @@ BASE_LIVE_TOPICS: list[str] = ["user:bell"]
 class LiveState:
     bus: Any
     hub: Hub
+
+
+def settle_heap() -> None:
+    """Call once a server or worker process has built its app: everything start-up made
+    (modules, the app, SQLAlchemy's mappers, …, some 190,000 objects) moves into the garbage
+    collector's permanent generation, so full collections no longer walk it. Each full
+    collection otherwise took ~105 ms, mid-request: the dashboard's p99 was 120-130 ms against
+    a p50 of 20-25 ms, and 39-40 ms with this (see bench/RESULTS.md)."""
+    gc.collect()
+    gc.freeze()
 
 
 def create_app(config: object | None = None) -> Flask:

@@ -4,7 +4,8 @@ devices and 5,000,000 activity rows in PostgreSQL.
 The data is generated in SQL (generate_series) into a throwaway database migrated the
 production way (`flask db upgrade`, so the indexes are the migrations' own), then ANALYZEd.
 Each page is requested through the Flask app in this process (a logged-in test client: the
-view, its queries and the template, without a network hop) as a full page and as its htmx
+view, its queries and the template, without a network hop; the heap settled as in a server
+process, app.settle_heap) as a full page and as its htmx
 partial. The deep activity page is the keyset page `?before=<id>` some millions of rows down;
 next to it, in the same run, the same 50 rows fetched the OFFSET way and the keyset way as
 bare SQL, so the ratio shows what keyset pagination saves at that depth.
@@ -128,6 +129,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             data={"email": user.email, "password": user.password, "csrf_token": token.group(1)},
         )
         assert login.status_code == 303, login.status_code
+        # As wsgi.py does in every server process once the app is built.
+        from app import settle_heap
+
+        settle_heap()
 
         with app.app_context():
             top = db.session.execute(

@@ -3,6 +3,7 @@
 Creating the app configures the Redis broker (dramatiq.set_broker) and declares every actor.
 """
 
-from app import create_app
+from app import create_app, settle_heap
 
 app = create_app()
+settle_heap()
