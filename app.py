@@ -134,7 +134,9 @@ def _init_live(app: Flask) -> None:
         )
     else:
         bus = MemoryBus(maxlen=maxlen)
-    app.extensions["switchboard.live"] = LiveState(bus=bus, hub=Hub(bus))
+    app.extensions["switchboard.live"] = LiveState(
+        bus=bus, hub=Hub(bus, buffer=app.config["LIVE_SUBSCRIPTION_BUFFER"])
+    )
     from services.kv import init_kv
 
     init_kv(app)

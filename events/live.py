@@ -186,8 +186,9 @@ class Subscription:
 class Hub:
     """Fans frames out to this process's subscriptions."""
 
-    def __init__(self, bus: MemoryBus | RedisBus) -> None:
+    def __init__(self, bus: MemoryBus | RedisBus, buffer: int = 2000) -> None:
         self.bus = bus
+        self.buffer = buffer  # frames a subscription holds before it counts as overflowed
         self._lock = threading.Lock()
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
         self._positions: dict[str, str] = {}
@@ -197,7 +198,7 @@ class Hub:
             bus.add_listener(self._deliver)
 
     def subscribe(self, topics: Iterable[str]) -> Subscription:
-        sub = Subscription(frozenset(topics), self)
+        sub = Subscription(frozenset(topics), self, queue.Queue(maxsize=self.buffer))
         with self._lock:
             for topic in sub.topics:
                 if topic not in self._positions and not isinstance(self.bus, MemoryBus):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 import pytest
 import websocket
@@ -348,3 +349,24 @@ def test_operator_watches_live_and_the_visitor_sees_the_operator(
         assert "<strong>hello</strong>" in frame["message"]["html"]
     finally:
         ws.close()
+
+
+def test_a_socket_that_falls_behind_catches_up_without_gaps(app, tenant, connect):
+    """The hub holds a bounded number of frames per socket; past that it drops them and marks
+    the socket behind. The widget must still get every delta once, in order."""
+    from services.chat_live import ReplyStream
+
+    app.extensions["switchboard.live"].hub.buffer = 8  # tiny, so a burst overflows it
+    client = connect()
+    client.send("session_init")
+    public_id = client.expect("session")["chat_id"]
+    with app.app_context():
+        chat = _db(app).session.scalar(select(Chat).where(Chat.public_id == uuid.UUID(public_id)))
+        stream = ReplyStream(tenant.id, chat.id, "r-burst")
+        for n in range(1, 301):  # far faster than one socket is written to
+            stream.delta(f"w{n} ")
+    deltas = [client.expect("delta", reply_id="r-burst") for _ in range(300)]
+    assert [d["seq"] for d in deltas] == list(range(1, 301))
+    assert "".join(d["text"] for d in deltas) == "".join(f"w{n} " for n in range(1, 301))
+    with pytest.raises((AssertionError, websocket.WebSocketTimeoutException)):  # nothing twice
+        client.expect("delta", timeout=0.5)

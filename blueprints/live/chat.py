@@ -125,15 +125,35 @@ class ChatSocket:
                 self.closed.wait(0.05)
                 continue
             try:
-                frame = subscription.frames.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if frame.json is None or subscription is not self.subscription:
-                continue
-            try:
+                if subscription.overflowed:
+                    self._catch_up(subscription)
+                    continue
+                try:
+                    frame = subscription.frames.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if frame.json is None or subscription is not self.subscription:
+                    continue
                 self.forward(frame.json)
             except ConnectionClosed:
                 self.closed.set()
+
+    def _catch_up(self, subscription) -> None:
+        """This socket fell behind and the hub dropped frames for it: send what it missed from
+        the topic's stream instead. forward() skips whatever was sent already, so a reply goes
+        on from the visitor's last sequence number; replies that finished meanwhile arrive as
+        their `done` frame, which carries the whole message."""
+        subscription.overflowed = False
+        while True:  # what is queued is older than what was dropped: the stream has it all
+            try:
+                subscription.frames.get_nowait()
+            except queue.Empty:
+                break
+        if subscription is not self.subscription:
+            return
+        log.info("chat socket fell behind on chat %s; catching up from the stream", self.chat_id)
+        with self.app.app_context():
+            self._replay(next(iter(subscription.topics)), dict(self.sent_seq))
 
     # ------------------------------------------------------------ the session
     def run(self) -> None:
