@@ -38,11 +38,14 @@ DEMO_CHATS = [
     ("Thanks!", [("visitor", "That fixed it, thank you so much!")]),
 ]
 
-DEMO_DEVICES = [
-    ("ULXD4-STAGE-1", "Stage left receiver", "ULXD4"),
-    ("ULXD4-STAGE-2", "Stage right receiver", "ULXD4"),
-    ("QLXD4-FOH-1", "Front of house receiver", "QLXD4"),
-    ("AD4D-BAND-1", "Band rack receiver", "AD4D"),
+# The demo's receivers, as a Shure receiver names itself (its DEVICE_ID), and their models.
+# `flask serve` with DEVICES_SIMULATOR_RECEIVERS (make run: 4) simulates exactly these first,
+# so the polls find them; their transmitters are discovered then.
+DEMO_RECEIVERS = [
+    ("STAGE-LEFT", "ULXD4D"),
+    ("STAGE-RIGHT", "ULXD4D"),
+    ("FOH", "QLXD4"),
+    ("BAND-RACK", "AD4D"),
 ]
 
 
@@ -123,8 +126,7 @@ def load_demo() -> DemoResult:
             )
         result.created.append(f"chat {title!r}")
 
-    simulator = _manufacturer("simulator", "Shure protocol simulator")
-    _manufacturer("shure", "Shure")
+    shure = _manufacturer("shure", "Shure")
     location = db.session.scalar(
         select(Location).where(Location.tenant_id == tenant.id, Location.name == "Main stage")
     )
@@ -136,21 +138,21 @@ def load_demo() -> DemoResult:
     known = set(
         db.session.scalars(select(Device.api_device_id).where(Device.tenant_id == tenant.id))
     )
-    for api_id, name, model in DEMO_DEVICES:
+    for api_id, model in DEMO_RECEIVERS:
         if api_id in known:
             continue
         db.session.add(
             Device(
                 tenant_id=tenant.id,
-                manufacturer_id=simulator.id,
+                manufacturer_id=shure.id,
                 api_device_id=api_id,
-                name=name,
+                kind="receiver",
+                name=api_id,
                 model=model,
                 location_id=location.id,
-                state={"battery_bars": 5},
             )
         )
-        result.created.append(f"device {name!r}")
+        result.created.append(f"device {api_id!r}")
 
     project = db.session.scalar(
         select(Project).where(Project.tenant_id == tenant.id, Project.name == "Starter API")

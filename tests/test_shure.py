@@ -483,6 +483,39 @@ def test_demo_fleet_registers_endpoints_for_the_demo_tenant(app, db):
         fleet.stop()
 
 
+def test_the_demo_devices_come_online_when_the_demo_fleet_runs(app, db, worker):
+    """`make run`: `flask demo load`, then `flask serve` with 4 simulated receivers. The demo's
+    devices are those receivers, so the first poll finds them instead of leaving them unseen."""
+    from models.accounts import Tenant
+    from services.demo import DEMO_RECEIVERS, DEMO_TENANT, load_demo
+    from services.manufacturers.simulator import start_demo_fleet
+
+    load_demo()
+    db.session.commit()
+    demo = db.session.scalar(select(Tenant).where(Tenant.name == DEMO_TENANT))
+    names = [device_id for device_id, _ in DEMO_RECEIVERS]
+    fleet = start_demo_fleet(app, len(DEMO_RECEIVERS))
+    try:
+        result = device_service.poll_service(demo.id, "shure")
+        drain(app)
+    finally:
+        fleet.stop()
+    assert result.status == "success" and result.online_count == result.device_count
+    db.session.expire_all()
+    receivers = db.session.scalars(
+        select(Device).where(Device.tenant_id == demo.id, Device.kind == "receiver")
+    ).all()
+    # The same four rows (no duplicates), now online and seen, with their transmitters.
+    assert sorted(d.name for d in receivers) == sorted(names)
+    assert all(d.is_online and d.last_seen is not None for d in receivers)
+    transmitters = db.session.scalar(
+        select(func.count())
+        .select_from(Device)
+        .where(Device.tenant_id == demo.id, Device.kind == "transmitter")
+    )
+    assert transmitters >= 1
+
+
 # ---------------------------------------------------------------- CLI
 
 

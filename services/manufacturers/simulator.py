@@ -586,7 +586,10 @@ class Fleet:
         models: list[str] | None = None,
         host: str = "127.0.0.1",
         chances: FleetChances | None = None,
+        device_ids: list[str] | None = None,
     ) -> None:
+        """`models` and `device_ids` name the first receivers' models and ids in turn (models
+        cycle); the rest get seeded models and "SIM-<tag>-NN" ids."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.chances = chances or FleetChances()
@@ -609,7 +612,11 @@ class Fleet:
                 self.receivers.append(
                     SimulatedReceiver(
                         model,
-                        device_id=f"SIM-{tag}-{index + 1:02d}",
+                        device_id=(
+                            device_ids[index]
+                            if device_ids and index < len(device_ids)
+                            else f"SIM-{tag}-{index + 1:02d}"
+                        ),
                         host=host,
                         channel_names=channel_names,
                         seed=self.rng.getrandbits(32),
@@ -750,7 +757,17 @@ def start_demo_fleet(app, receivers: int) -> Fleet | None:
         location = db.session.scalar(
             select(Location).where(Location.tenant_id == tenant.id).order_by(Location.id)
         )
-        fleet = Fleet(receivers, seed=DEMO_SEED, tick=5.0)
+        from services.demo import DEMO_RECEIVERS
+
+        # Its first receivers are the demo's own devices (`flask demo load` made their rows),
+        # so the dashboard shows them come online rather than sit there never seen.
+        fleet = Fleet(
+            receivers,
+            seed=DEMO_SEED,
+            tick=5.0,
+            models=[model for _, model in DEMO_RECEIVERS],
+            device_ids=[device_id for device_id, _ in DEMO_RECEIVERS],
+        )
         try:
             attach_endpoints(
                 tenant.id, fleet.endpoints, location_id=location.id if location else None
