@@ -232,6 +232,10 @@ def _register_hooks(app: Flask) -> None:
     from services.rendering import markdown_to_safe_html
 
     app.jinja_env.filters["markdown"] = markdown_to_safe_html
+    from services.devices import audio_percent, rf_percent
+
+    app.jinja_env.filters["rf_percent"] = rf_percent
+    app.jinja_env.filters["audio_percent"] = audio_percent
 
     @app.context_processor
     def inject_globals() -> dict[str, Any]:

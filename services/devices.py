@@ -48,6 +48,26 @@ STATE_FIELDS = (
     "audio_level",
 )
 
+# Shure receivers report RF in dBm and audio in dBFS. Meters and charts show them as a share
+# of a useful range: RF from the noise floor (-100 dBm) to a strong signal (-20 dBm), audio
+# from -60 dBFS (silence, for a meter) to full scale.
+RF_RANGE_DBM = (-100.0, -20.0)
+AUDIO_RANGE_DBFS = (-60.0, 0.0)
+
+
+def level_percent(value: float | None, low: float, high: float) -> float | None:
+    if value is None:
+        return None
+    return round(max(0.0, min(100.0, (float(value) - low) / (high - low) * 100.0)), 1)
+
+
+def rf_percent(dbm: float | None) -> float | None:
+    return level_percent(dbm, *RF_RANGE_DBM)
+
+
+def audio_percent(dbfs: float | None) -> float | None:
+    return level_percent(dbfs, *AUDIO_RANGE_DBFS)
+
 
 @dataclass
 class DeviceReport:

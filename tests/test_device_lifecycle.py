@@ -176,6 +176,12 @@ def test_activity_page_and_dashboard_render(app, db, client, worker, venue, fact
     login(client, factory.user(db.session.get(Tenant, tenant.id)))
     page = client.get("/devices/").get_data(as_text=True)
     assert f'id="device-card-{device.id}"' in page and 'data-online="false"' in page
+    # Levels as receivers report them (dBm, dBFS), meters filled on a scale that fits them.
+    db.session.get(Device, device.id).state = {"rf_level": -60, "audio_level": -30}
+    db.session.commit()
+    page = client.get("/devices/").get_data(as_text=True)
+    assert 'value="50.0" title="-60 dBm"' in page and "-60 dBm</span>" in page
+    assert 'value="50.0" title="-30 dBFS"' in page and "-30 dBFS</span>" in page
     activity = client.get("/devices/activity?status=warning").get_data(as_text=True)
     assert "Lead vocal is offline" in activity
     # The type filter offers exactly the tenant's types (another tenant's stay out).

@@ -19,6 +19,7 @@ from models.devices import (
     Manufacturer,
 )
 from services.charts import Series, line_chart
+from services.devices import rf_percent
 from services.live import render_fragment, snapshot
 
 # Cards per dashboard page; "Show more" loads the next page (keyset).
@@ -171,8 +172,8 @@ def detail(device_id: int):
                 5,
             ),
             Series(
-                "RF level",
-                [(r.at, r.rf_level) for r in readings if r.rf_level is not None],
+                "RF strength, % of -100…-20 dBm",
+                [(r.at, rf_percent(r.rf_level)) for r in readings if r.rf_level is not None],
                 "#2f5bea",
                 100,
             ),
