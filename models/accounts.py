@@ -40,6 +40,8 @@ class User(UserMixin, Tracked, Timestamps, db.Model):
     __tablename__ = "users"
     __entity__ = "user"
     __event_exclude__ = frozenset({"password_hash", "api_token_hash"})
+    # A login is its own event (user.logged_in); the timestamp it stamps is not an edit.
+    __event_routine__ = frozenset({"last_login_at"})
     __table_args__ = (CheckConstraint("role IN ('admin', 'agent')", name="role_valid"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)

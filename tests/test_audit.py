@@ -12,6 +12,7 @@ from sqlalchemy import select
 from models.audit import AuditLog
 from models.chats import Agent
 from models.devices import Device, Manufacturer
+from models.events import OutboxEvent
 from tests.conftest import PASSWORD, csrf_token_from, drain, login
 
 
@@ -83,6 +84,10 @@ def test_logins_failed_logins_and_role_changes(app, client, db, worker, office):
         data={"email": agent.email, "password": "wrong!", "csrf_token": csrf_token_from(page.data)},
     )
     assert bad.status_code == 401
+    # A login is its own event; the last_login_at it stamps writes no "user.updated" (the
+    # activity feed showed one after every login).
+    topics = db.session.scalars(select(OutboxEvent.topic)).all()
+    assert "user.logged_in" in topics and "user.updated" not in topics
     runner = app.test_cli_runner()
     result = runner.invoke(args=["users", "set-role", "--email", agent.email, "--role", "admin"])
     assert result.exit_code == 0 and "now admin" in result.output
