@@ -106,8 +106,9 @@ CARD = re.compile(
 )
 BARS = re.compile(r'title="(\d+) of 5 bars"')
 MINUTES = re.compile(r'<span class="muted">(\d+h \d\dm)</span>')
-RF = re.compile(r"<dt>RF</dt><dd><meter[^>]*value=\"(-?\d+)\"")
-AUDIO = re.compile(r"<dt>Audio</dt><dd><meter[^>]*value=\"(-?\d+)\"")
+# The level as reported (the meter's value is a share of a range; its title has the dBm/dBFS).
+RF = re.compile(r'<dt>RF</dt><dd><meter[^>]*title="(-?\d+) dBm"')
+AUDIO = re.compile(r'<dt>Audio</dt><dd><meter[^>]*title="(-?\d+) dBFS"')
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
