@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from extensions import db
 from models.base import utcnow
@@ -129,15 +129,23 @@ def topic_matches(patterns: list[str] | None, topic: str) -> bool:
     return any(fnmatch.fnmatchcase(topic, p) for p in (patterns or ()))
 
 
-def matching_endpoints(tenant_id: int | None, topic: str) -> list[WebhookEndpoint]:
+_ACTIVE_ENDPOINTS = (
+    select(WebhookEndpoint.id, WebhookEndpoint.topics)
+    .where(
+        WebhookEndpoint.tenant_id == bindparam("tenant_id"),
+        WebhookEndpoint.is_active.is_(True),
+    )
+    .order_by(WebhookEndpoint.id)
+)
+
+
+def matching_endpoint_ids(tenant_id: int | None, topic: str) -> list[int]:
+    """Ids of the tenant's active endpoints subscribed to `topic`. Runs for every event (most
+    tenants have none), so it reads two columns with a statement built once, not entities."""
     if tenant_id is None:
         return []
-    rows = db.session.scalars(
-        select(WebhookEndpoint)
-        .where(WebhookEndpoint.tenant_id == tenant_id, WebhookEndpoint.is_active.is_(True))
-        .order_by(WebhookEndpoint.id)
-    )
-    return [ep for ep in rows if topic_matches(ep.topics, topic)]
+    rows = db.session.execute(_ACTIVE_ENDPOINTS, {"tenant_id": tenant_id})
+    return [endpoint_id for endpoint_id, topics in rows if topic_matches(topics, topic)]
 
 
 def rotate_secret(endpoint: WebhookEndpoint) -> str:

@@ -34,9 +34,12 @@ notification_rule(
 )
 
 
-@handler("*", name="webhooks.fanout", queue="webhooks")
+# In the "events" group with live_feed, not on the webhooks queue: finding the endpoints is one
+# indexed SELECT (none at all for most tenants), not worth a Dramatiq message of its own for
+# every event; the deliveries, which wait on other people's servers, run on "webhooks".
+@handler("*", name="webhooks.fanout")
 def fanout(event: Event) -> None:
-    targets = [ep.id for ep in svc.matching_endpoints(event.tenant_id, event.topic)]
+    targets = svc.matching_endpoint_ids(event.tenant_id, event.topic)
     if not targets:
         return
 
