@@ -76,3 +76,34 @@ def receive_for(ws: websocket.WebSocket, seconds: float) -> list[str]:
         except (websocket.WebSocketTimeoutException, websocket.WebSocketConnectionClosedException):
             break
     return frames
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
+    """Poll `predicate` until it is true (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def worker_process_env(app, instance_dir, **extra: str) -> dict[str, str]:
+    """The environment of a separate `dramatiq tasks.worker` process for a production-mode
+    test app: the same database, Redis namespace and secret, its own instance folder."""
+    import os
+    from pathlib import Path
+
+    cfg = app.config
+    root = Path(__file__).resolve().parent.parent
+    return dict(
+        os.environ,
+        DATABASE_URL=cfg["SQLALCHEMY_DATABASE_URI"],
+        REDIS_URL=cfg["REDIS_URL"],
+        REDIS_PREFIX=cfg["REDIS_PREFIX"],
+        DRAMATIQ_NAMESPACE=cfg["DRAMATIQ_NAMESPACE"],
+        SECRET_KEY=cfg["SECRET_KEY"],
+        SWITCHBOARD_INSTANCE=str(instance_dir),
+        PYTHONPATH=str(root),
+        **extra,
+    )

@@ -22,37 +22,22 @@ from events import emit
 from models.devices import ActivityLog
 from models.events import OutboxEvent
 from tests.conftest import PASSWORD, LiveServer, free_port, make_app
-from tests.helpers import Browserless
+from tests.helpers import Browserless, wait_for, worker_process_env
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _wait_for(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 # ---------------------------------------------------------------- a worker killed mid-work
 
 
-def _start_worker(cfg, tmp_path: Path, label: str) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        DATABASE_URL=cfg["SQLALCHEMY_DATABASE_URI"],
-        REDIS_URL=cfg["REDIS_URL"],
-        REDIS_PREFIX=cfg["REDIS_PREFIX"],
-        DRAMATIQ_NAMESPACE=cfg["DRAMATIQ_NAMESPACE"],
-        SECRET_KEY=cfg["SECRET_KEY"],
-        SWITCHBOARD_INSTANCE=str(tmp_path / f"worker-{label}"),
+def _start_worker(app, tmp_path: Path, label: str) -> subprocess.Popen:
+    env = worker_process_env(
+        app,
+        tmp_path / f"worker-{label}",
         EXTRA_ACTOR_MODULES="tests.spine_handlers",
         # The relay in the worker redelivers what a dead worker took but never finished.
         EVENTS_RELAY_INTERVAL="0.5",
         EVENTS_REDELIVER_AFTER="3",
-        PYTHONPATH=str(ROOT),
     )
     dramatiq_bin = shutil.which("dramatiq", path=str(Path(sys.executable).parent))
     return subprocess.Popen(
@@ -82,7 +67,7 @@ def test_worker_killed_mid_work_every_event_handled_exactly_once(prod_app, prod_
 
     total = 60
     tenant = prod_factory.tenant()
-    first = _start_worker(prod_app.config, tmp_path, "first")
+    first = _start_worker(prod_app, tmp_path, "first")
     second = None
     try:
         with prod_app.app_context():
@@ -98,13 +83,13 @@ def test_worker_killed_mid_work_every_event_handled_exactly_once(prod_app, prod_
                     .where(ActivityLog.activity_type == "slow")
                 )
 
-            assert _wait_for(lambda: handled() >= 8, timeout=60)
+            assert wait_for(lambda: handled() >= 8, timeout=60)
             _kill_group(first, signal.SIGKILL)
             at_kill = handled()
             assert at_kill < total, "the worker finished before it could be killed"
 
-            second = _start_worker(prod_app.config, tmp_path, "second")
-            assert _wait_for(lambda: handled() >= total, timeout=90), handled()
+            second = _start_worker(prod_app, tmp_path, "second")
+            assert wait_for(lambda: handled() >= total, timeout=90), handled()
             # Let redeliveries of already-finished work arrive: they must change nothing.
             time.sleep(4)
             summaries = db.session.scalars(
@@ -113,7 +98,7 @@ def test_worker_killed_mid_work_every_event_handled_exactly_once(prod_app, prod_
             counts = Counter(summaries)
             assert sorted(counts) == sorted(f"slow {n}" for n in range(total))
             assert set(counts.values()) == {1}  # exactly once in effect
-            assert _wait_for(
+            assert wait_for(
                 lambda: (
                     db.session.scalar(
                         select(func.count())
@@ -239,7 +224,7 @@ def test_postgres_restart_under_load_fails_cleanly_and_recovers(tmp_path, privat
         assert health.status_code == 503 and health.json()["checks"]["database"]["ok"] is False
         private_postgres.start()
         # The app recovers by itself: no restart, the same logged-in sessions work again.
-        assert _wait_for(
+        assert wait_for(
             lambda: sessions[0].http.get(server.url + "/devices/", timeout=10).status_code == 200,
             timeout=30,
         )
@@ -321,7 +306,7 @@ def test_redis_stopped_while_committing_loses_nothing_and_pages_catch_up(
                 relay(app, min_age_seconds=0)
                 return len(counted()) == total
 
-            assert _wait_for(settled, timeout=60, interval=0.5), counted()
+            assert wait_for(settled, timeout=60, interval=0.5), counted()
             assert set(counted().values()) == {1}  # nothing lost, nothing twice
         # The open page's socket came through the outage and shows the newest state.
         assert receive_until(socket, lambda f: f"drill item {total - 1}" in f, timeout=20)

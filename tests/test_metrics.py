@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from models.metrics import MetricCounter
 from services import chats
 from services import metrics as metrics_service
 from tests.conftest import drain, login
+from tests.helpers import wait_for, worker_process_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "scrape-secret-token"
@@ -224,15 +223,6 @@ def test_cli_prints_table_and_rejects_bad_days(app, db, shop, worker):
     assert "No tenant" in missing.output
 
 
-def _wait_for(predicate, timeout: float = 30.0, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
 @pytest.mark.integration
 def test_scrape_matches_database_after_separate_worker_process(prod_app, prod_factory, tmp_path):
     from extensions import db
@@ -240,16 +230,7 @@ def test_scrape_matches_database_after_separate_worker_process(prod_app, prod_fa
 
     cfg = prod_app.config
     cfg["METRICS_TOKEN"] = TOKEN
-    env = dict(
-        os.environ,
-        DATABASE_URL=cfg["SQLALCHEMY_DATABASE_URI"],
-        REDIS_URL=cfg["REDIS_URL"],
-        REDIS_PREFIX=cfg["REDIS_PREFIX"],
-        DRAMATIQ_NAMESPACE=cfg["DRAMATIQ_NAMESPACE"],
-        SECRET_KEY=cfg["SECRET_KEY"],
-        SWITCHBOARD_INSTANCE=str(tmp_path / "worker-instance"),
-        PYTHONPATH=str(ROOT),
-    )
+    env = worker_process_env(prod_app, tmp_path / "worker-instance")
     dramatiq_bin = shutil.which("dramatiq", path=str(Path(sys.executable).parent))
     worker = subprocess.Popen(
         [dramatiq_bin, "tasks.worker", "--processes", "1", "--threads", "2"],
@@ -284,13 +265,13 @@ def test_scrape_matches_database_after_separate_worker_process(prod_app, prod_fa
                 )
                 return done == len(wanted)
 
-            ok = _wait_for(processed, timeout=45)
+            ok = wait_for(processed, timeout=45)
             if not ok and worker.poll() is not None:
                 pytest.fail(worker.stderr.read().decode(errors="replace")[-2000:])
             assert ok, "the worker process did not count every event"
             # Let any follow-up messages (e.g. assistant replies) settle, then compare.
-            _wait_for(lambda: False, timeout=2)
-            assert _wait_for(
+            wait_for(lambda: False, timeout=2)
+            assert wait_for(
                 lambda: _counted(db, tenant.id) == _db_counts(db, tenant.id)[:2], timeout=30
             )
             response = _scrape(prod_app.test_client())

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,10 @@ from events.registry import registry
 from models.devices import ActivityLog
 from models.events import OutboxEvent, ProcessedEvent
 from tests.conftest import cleanup_redis, make_app, prod_overrides
+from tests.helpers import wait_for, worker_process_env
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _wait_for(predicate, timeout: float = 15.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def _count(db, model, *where) -> int:
@@ -46,7 +37,7 @@ def test_event_is_handled_and_published_through_redis(prod_app, prod_worker, pro
     with prod_app.app_context(), hub.subscribe([f"t{tenant.id}:feed"]) as sub:
         emit("test.counted", tenant_id=tenant.id, payload={"n": 10, "label": "via redis"})
         db.session.commit()
-        assert _wait_for(lambda: _count(db, ActivityLog, ActivityLog.summary == "counted 10") == 1)
+        assert wait_for(lambda: _count(db, ActivityLog, ActivityLog.summary == "counted 10") == 1)
         frame = sub.frames.get(timeout=10)
         assert "via redis" in frame.html
 
@@ -54,17 +45,8 @@ def test_event_is_handled_and_published_through_redis(prod_app, prod_worker, pro
 def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_path):
     from extensions import db
 
-    cfg = prod_app.config
-    env = dict(
-        os.environ,
-        DATABASE_URL=cfg["SQLALCHEMY_DATABASE_URI"],
-        REDIS_URL=cfg["REDIS_URL"],
-        REDIS_PREFIX=cfg["REDIS_PREFIX"],
-        DRAMATIQ_NAMESPACE=cfg["DRAMATIQ_NAMESPACE"],
-        SECRET_KEY=cfg["SECRET_KEY"],
-        SWITCHBOARD_INSTANCE=str(tmp_path / "worker-instance"),
-        EXTRA_ACTOR_MODULES="tests.spine_handlers",
-        PYTHONPATH=str(ROOT),
+    env = worker_process_env(
+        prod_app, tmp_path / "worker-instance", EXTRA_ACTOR_MODULES="tests.spine_handlers"
     )
     # The worker command line is the Procfile's own, so a bad flag there fails this test.
     procfile = (ROOT / "Procfile").read_text().splitlines()
@@ -88,7 +70,7 @@ def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_p
             for n in range(5):
                 emit("test.counted", tenant_id=tenant.id, payload={"n": 100 + n})
             db.session.commit()
-            assert _wait_for(
+            assert wait_for(
                 lambda: _count(db, ActivityLog, ActivityLog.summary.like("counted 10%")) == 5,
                 timeout=30,
             ), worker.stderr.read1().decode(errors="replace")[-2000:] if worker.poll() else ""
@@ -135,10 +117,10 @@ def test_redis_down_at_commit_then_relay_delivers(tmp_path, pg_database_url, pri
         worker = dramatiq.Worker(app.extensions["switchboard.tasks"].broker, worker_threads=2)
         worker.start()
         try:
-            assert _wait_for(
+            assert wait_for(
                 lambda: _count(db, ActivityLog, ActivityLog.summary == "counted 7") == 1
             )
-            assert _wait_for(
+            assert wait_for(
                 lambda: (
                     _count(db, ProcessedEvent, ProcessedEvent.event_id == event.id)
                     == len(registry.handler_names_for("test.counted"))
