@@ -69,6 +69,7 @@ from bench.common import (
     note,
     prod_app,
     result,
+    sized,
     summarize,
     web_server,
 )
@@ -133,12 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _size(args: argparse.Namespace, name: str) -> int:
-    value = getattr(args, f"chat_{name}", None)
-    if value is not None:
-        return value
-    full, quick = DEFAULTS[name]
-    return quick if args.quick else full
+def _size(args: argparse.Namespace, name: str):
+    return sized(args, name, DEFAULTS, NAME)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -73,6 +73,7 @@ from bench.common import (
     prod_app,
     result,
     shielded,
+    sized,
     start_process,
     stop_process,
     wait_until,
@@ -154,12 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _size(args: argparse.Namespace, name: str) -> int:
-    value = getattr(args, f"devices_{name}", None)
-    if value is not None:
-        return value
-    full, quick = DEFAULTS[name]
-    return quick if args.quick else full
+def _size(args: argparse.Namespace, name: str):
+    return sized(args, name, DEFAULTS, NAME)
 
 
 # ---------------------------------------------------------------- the simulated fleet

@@ -77,6 +77,7 @@ from bench.common import (
     prod_app,
     raise_open_files_limit,
     result,
+    sized,
     summarize,
     web_server,
 )
@@ -140,11 +141,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _size(args: argparse.Namespace, name: str):
-    value = getattr(args, f"fanout_{name}", None)
-    if value is not None:
-        return value
-    full, quick = DEFAULTS[name]
-    return quick if args.quick else full
+    return sized(args, name, DEFAULTS, NAME)
 
 
 # ---------------------------------------------------------------- the tenant

@@ -17,7 +17,7 @@ import argparse
 import re
 import time
 
-from bench.common import create_tenant_user, note, prod_app, result, summarize
+from bench.common import create_tenant_user, note, prod_app, result, sized, summarize
 
 NAME = "pages"
 DESCRIPTION = "dashboard and activity pages with 100k devices and 5M activity rows"
@@ -36,9 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pages-samples", type=int, help="requests per figure (60; quick 20)")
 
 
-def _size(args: argparse.Namespace, name: str) -> int:
-    explicit = getattr(args, f"pages_{name}", None)
-    return explicit or DEFAULTS[name][1 if args.quick else 0]
+def _size(args: argparse.Namespace, name: str):
+    return sized(args, name, DEFAULTS, NAME)
 
 
 def _fill(conn, tenant_id: int, devices: int, activity: int) -> None:

@@ -42,6 +42,7 @@ from bench.common import (
     note,
     prod_app,
     result,
+    sized,
     summarize,
     wait_until,
     web_server,
@@ -95,11 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _size(args: argparse.Namespace, name: str):
-    value = getattr(args, f"spine_{name}", None)
-    if value is not None:
-        return value
-    full, quick = DEFAULTS[name]
-    return quick if args.quick else full
+    return sized(args, name, DEFAULTS, NAME)
 
 
 def run(args: argparse.Namespace) -> list[dict]:

@@ -692,6 +692,16 @@ def percentile(values: Sequence[float], p: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def sized(args: Any, name: str, defaults: dict[str, tuple], prefix: str) -> Any:
+    """A benchmark's size: its --<prefix>-<name> option when given, else the DEFAULTS entry
+    (full run, --quick run) for the kind of run this is."""
+    value = getattr(args, f"{prefix}_{name}", None)
+    if value is not None:
+        return value
+    full, quick = defaults[name]
+    return quick if args.quick else full
+
+
 def summarize(values: Sequence[float]) -> dict[str, float]:
     """count, mean, min, p50, p90, p99, max of values."""
     if not values:
