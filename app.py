@@ -12,6 +12,7 @@ from flask_login import current_user
 from flask_wtf.csrf import CSRFError
 
 from config import BASE_DIR, INSTANCE_DIR, Config
+from events.fanout import Broadcaster
 from events.live import Hub, MemoryBus, RedisBus
 from extensions import csrf, db, login_manager, migrate, sock
 
@@ -30,6 +31,7 @@ BASE_LIVE_TOPICS: list[str] = ["user:bell"]
 class LiveState:
     bus: Any
     hub: Hub
+    pages: Broadcaster  # writes the pages' (/ws/live) frames; chat sockets read the hub
 
 
 def settle_heap() -> None:
@@ -134,8 +136,9 @@ def _init_live(app: Flask) -> None:
         )
     else:
         bus = MemoryBus(maxlen=maxlen)
+    hub = Hub(bus, buffer=app.config["LIVE_SUBSCRIPTION_BUFFER"])
     app.extensions["switchboard.live"] = LiveState(
-        bus=bus, hub=Hub(bus, buffer=app.config["LIVE_SUBSCRIPTION_BUFFER"])
+        bus=bus, hub=hub, pages=Broadcaster(hub, app.config)
     )
     from services.kv import init_kv
 

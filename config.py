@@ -154,7 +154,7 @@ class Config:
         # Frames one socket may have waiting; beyond that it is behind and catches up from the
         # stream (chat) or gets a fresh snapshot (pages).
         self.LIVE_SUBSCRIPTION_BUFFER = _int("LIVE_SUBSCRIPTION_BUFFER", 2000)
-        self.LIVE_COALESCE_MS = _int("LIVE_COALESCE_MS", 100)
+        self.LIVE_COALESCE_MS = _int("LIVE_COALESCE_MS", 50)
         self.LIVE_PING_SECONDS = _int("LIVE_PING_SECONDS", 25)
         self.LIVE_TOKEN_MAX_AGE = _int("LIVE_TOKEN_MAX_AGE", 12 * 3600)
         # Frames larger than this close the socket (1009) instead of being buffered.

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,12 +166,28 @@ class Subscription:
     frames: queue.Queue = field(default_factory=lambda: queue.Queue(maxsize=2000))
     # Set when frames were dropped because this client fell behind: send a new snapshot.
     overflowed: bool = False
+    # Called after each frame is put (or dropped): wakes a reader that serves many queues.
+    notify: Callable[[], None] | None = None
 
     def put(self, frame: Frame) -> None:
         try:
             self.frames.put_nowait(frame)
         except queue.Full:
             self.overflowed = True
+        if self.notify is not None:
+            self.notify()
+
+    def drain(self, into: dict[str, Frame] | None = None) -> dict[str, Frame]:
+        """Take every frame queued now into `into` (a new dict by default): the newest per
+        key, in arrival order."""
+        batch: dict[str, Frame] = {} if into is None else into
+        while True:
+            try:
+                frame = self.frames.get_nowait()
+            except queue.Empty:
+                return batch
+            batch.pop(frame.key, None)
+            batch[frame.key] = frame
 
     def close(self) -> None:
         self.hub.unsubscribe(self)

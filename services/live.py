@@ -77,6 +77,11 @@ def hub():
     return current_app.extensions["switchboard.live"].hub
 
 
+def pages():
+    """This process's sender of the pages' live frames (events.fanout.Broadcaster)."""
+    return current_app.extensions["switchboard.live"].pages
+
+
 def publish(topic: str, key: str, *, html: str | None = None, json_data: Any = None) -> str:
     return bus().publish(topic, encode(key, html=html, json_data=json_data))
 

@@ -48,6 +48,13 @@ class Browserless:
         )
         return ws
 
+    def open_deflate_socket(self, ws_path: str, recv_buffer: int | None = None) -> DeflateSocket:
+        """Like open_socket, but negotiating permessage-deflate as a browser does."""
+        cookie = "; ".join(f"{c.name}={c.value}" for c in self.http.cookies)
+        if not ws_path.startswith(("ws://", "wss://")):
+            ws_path = self.base_url.replace("http://", "ws://") + ws_path
+        return DeflateSocket(ws_path, cookie, self.base_url, recv_buffer=recv_buffer)
+
 
 def receive_until(ws: websocket.WebSocket, predicate, timeout: float = 5.0) -> list[str]:
     """Collect text frames until one satisfies predicate; raises if none does in time."""
@@ -107,3 +114,108 @@ def worker_process_env(app, instance_dir, **extra: str) -> dict[str, str]:
         PYTHONPATH=str(root),
         **extra,
     )
+
+
+class DeflateSocket:
+    """A WebSocket client that negotiates permessage-deflate, as browsers do (wsproto over a
+    plain socket; websocket-client cannot). `recv_buffer` shrinks the kernel's receive buffer
+    (set before connecting) so a client that stops reading backs up quickly."""
+
+    def __init__(self, url: str, cookie: str, origin: str, recv_buffer: int | None = None):
+        import socket
+        from urllib.parse import urlsplit
+
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import AcceptConnection, Request
+        from wsproto.extensions import PerMessageDeflate
+
+        parts = urlsplit(url)
+        self.sock = socket.socket()
+        if recv_buffer:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+        self.sock.settimeout(5)
+        self.sock.connect((parts.hostname, parts.port))
+        self.conn = WSConnection(ConnectionType.CLIENT)
+        self.extension = PerMessageDeflate()
+        target = parts.path + ("?" + parts.query if parts.query else "")
+        self.sock.sendall(
+            self.conn.send(
+                Request(
+                    host=parts.netloc,
+                    target=target,
+                    extensions=[self.extension],
+                    extra_headers=[(b"cookie", cookie.encode()), (b"origin", origin.encode())],
+                )
+            )
+        )
+        self._messages: list[str] = []
+        self._partial = ""
+        self.wire_bytes = 0  # bytes received after the handshake
+        self.close_code: int | None = None
+        self.pings = 0
+        self.accepted = False
+        while not self.accepted:
+            self.conn.receive_data(self.sock.recv(65536))
+            for event in self.conn.events():
+                if isinstance(event, AcceptConnection):
+                    self.accepted = True
+                else:
+                    self._handle(event)
+
+    def _handle(self, event) -> None:
+        from wsproto.events import CloseConnection, Ping, TextMessage
+
+        if isinstance(event, CloseConnection):
+            # wsproto reports a malformed stream as a close with 1002 / 1007 of its own.
+            self.close_code = event.code
+        elif isinstance(event, Ping):
+            self.pings += 1
+            self.sock.sendall(self.conn.send(event.response()))
+        elif isinstance(event, TextMessage):
+            self._partial += event.data
+            if event.message_finished:
+                self._messages.append(self._partial)
+                self._partial = ""
+
+    def recv(self, timeout: float = 5.0) -> str | None:
+        """The next text message, or None if none arrives within `timeout`."""
+
+        deadline = time.monotonic() + timeout
+        while not self._messages:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.sock.settimeout(remaining)
+            try:
+                data = self.sock.recv(65536)
+            except (TimeoutError, ConnectionResetError):
+                return None
+            if not data:
+                return None
+            self.wire_bytes += len(data)
+            self.conn.receive_data(data)
+            for event in self.conn.events():
+                self._handle(event)
+        return self._messages.pop(0)
+
+    def read_slowly(self, seconds: float, chunk: int = 16384, pause: float = 0.005) -> None:
+        """Read in small sips for `seconds` (a client on a slow link), keeping messages."""
+        deadline = time.monotonic() + seconds
+        self.sock.settimeout(0.5)
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(chunk)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                return
+            if not data:
+                return
+            self.wire_bytes += len(data)
+            self.conn.receive_data(data)
+            for event in self.conn.events():
+                self._handle(event)
+            time.sleep(pause)
+
+    def close(self) -> None:
+        self.sock.close()

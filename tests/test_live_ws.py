@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 
 import pytest
 import websocket
@@ -132,3 +134,123 @@ def test_hub_that_fell_behind_the_stream_trim_asks_for_a_new_snapshot(redis_url)
     finally:
         hub.stop()
         cleanup_redis(redis_url, prefix, "unused-namespace")
+
+
+def _publish_notes(app, topic: str, texts: list[str], first: int = 0) -> None:
+    from services.live import publish
+
+    with app.app_context():
+        for n, text in enumerate(texts, start=first):
+            publish(topic, f"note-{n}", html=f'<li id="note-{n}" hx-swap-oob="true">{text}</li>')
+
+
+def test_browser_style_deflate_socket_reads_every_message(app, live_server, two_tenants):
+    """Clients that negotiate permessage-deflate (every browser) get compressed messages they
+    can inflate one after another, the snapshot included."""
+    from services.live import tenant_topic
+
+    alice, _ = two_tenants
+    a = Browserless(live_server.url).login(alice.email, PASSWORD)
+    ws = a.open_deflate_socket(a.live_url())
+    try:
+        assert ws.extension.enabled()
+        snapshot = ws.recv()
+        assert snapshot and 'id="feed-list"' in snapshot
+        texts = [f"note {n} " + "repeated words compress well " * 20 for n in range(60)]
+        seen: list[str] = []
+        for start in (0, 20, 40):  # several messages, several ticks
+            topic = tenant_topic(alice.tenant_id, "feed")
+            _publish_notes(app, topic, texts[start : start + 20], start)
+            time.sleep(0.1)
+        while len(seen) < len(texts):
+            message = ws.recv()
+            assert message is not None, f"got {len(seen)} of {len(texts)} notes"
+            seen += re.findall(r">(note \d+ [^<]*)</li>", message)
+        assert seen == texts
+        # They travelled compressed: far fewer bytes than the text.
+        assert ws.wire_bytes < sum(map(len, texts)) / 3
+    finally:
+        ws.close()
+
+
+def test_socket_that_stops_reading_holds_back_no_one_and_gets_a_snapshot(
+    app, live_server, two_tenants
+):
+    import os
+
+    from services.live import tenant_topic
+
+    alice, _ = two_tenants
+    app.config["LIVE_SUBSCRIPTION_BUFFER"] = 40
+    a = Browserless(live_server.url).login(alice.email, PASSWORD)
+    slow = a.open_deflate_socket(a.live_url(), recv_buffer=4096)
+    fast = a.open_socket(a.live_url())
+    try:
+        assert 'id="feed-list"' in slow.recv()  # then it stops reading
+        fast.recv()  # snapshot
+        # Hard to compress notes (16 MB), far more than the kernel buffers between the server
+        # and the slow socket hold (the sender's grows to 4 MB). The fast socket reads all along.
+        texts = [f"note {n} {os.urandom(40_000).hex()}" for n in range(200)]
+        got: list[str] = []
+
+        def read_fast() -> None:
+            for frame in receive_until(fast, lambda f: "note 199 " in f, timeout=30):
+                got.extend(re.findall(r">(note \d+ [0-9a-f]+)</li>", frame))
+
+        reader = threading.Thread(target=read_fast)
+        reader.start()
+        for start in range(0, len(texts), 5):  # 4 MB/s
+            topic = tenant_topic(alice.tenant_id, "feed")
+            _publish_notes(app, topic, texts[start : start + 5], start)
+            time.sleep(0.1)
+        reader.join(timeout=40)
+        assert got == texts  # the fast socket got everything, in order, meanwhile
+
+        # The slow one reads again: what was on the wire, then a fresh snapshot.
+        messages = []
+        while (message := slow.recv(timeout=3)) is not None:
+            messages.append(message)
+        snapshots = [m for m in messages if 'id="feed-list"' in m]
+        assert snapshots, "the client that fell behind got no new snapshot"
+        delivered = sum(len(re.findall(r">note \d+ ", m)) for m in messages)
+        assert delivered < len(texts)  # it did fall behind
+    finally:
+        slow.close()
+        fast.close()
+
+
+def test_pings_to_a_backed_up_socket_never_land_inside_a_message(app, live_server, two_tenants):
+    """simple-websocket pings every socket (LIVE_PING_SECONDS) from its reader thread; the
+    broadcaster may be halfway through a message for a client that reads slowly. The ping
+    must go between messages, or the browser sees a broken stream."""
+    import os
+
+    from services.live import tenant_topic
+
+    alice, _ = two_tenants
+    app.config["SOCK_SERVER_OPTIONS"] = {**app.config["SOCK_SERVER_OPTIONS"], "ping_interval": 1.0}
+    # 20 MB: more than the kernel's buffers hold (the sender's grows to 4 MB), so the
+    # broadcaster writes what fits and keeps the rest: messages stay half-written.
+    texts = [f"note {n} {os.urandom(50_000).hex()}" for n in range(200)]
+    a = Browserless(live_server.url).login(alice.email, PASSWORD)
+    slow = a.open_deflate_socket(a.live_url(), recv_buffer=4096)
+    try:
+        assert 'id="feed-list"' in slow.recv()
+        topic = tenant_topic(alice.tenant_id, "feed")
+
+        def publish() -> None:
+            for start in range(0, len(texts), 10):  # a message of ~10 notes per tick
+                _publish_notes(app, topic, texts[start : start + 10], start)
+                time.sleep(0.03)
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        slow.read_slowly(4.0, pause=0.002)  # pings come due all along; this client answers them
+        publisher.join()
+        seen = []
+        while (message := slow.recv(timeout=3)) is not None:
+            seen += re.findall(r">(note \d+ [0-9a-f]+)</li>", message)
+        assert slow.close_code not in (1002, 1007), "the stream was corrupted"
+        assert seen and seen == texts[: len(seen)]  # whole notes, in order
+    finally:
+        slow.close()

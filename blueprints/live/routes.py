@@ -1,9 +1,13 @@
 """/ws/live: subscribe a page to the signed, tenant-scoped topics it was rendered with.
 
 The socket first gets a snapshot of every topic (so a missed frame heals on reconnect), then
-the topics' frames, coalesced: frames that arrive within LIVE_COALESCE_MS are sent as one
-message, and of several frames with the same key only the newest is sent. One thread owns
-all writes to the socket; it polls for a closed client so a dead browser frees its thread.
+the topics' frames, coalesced: frames that arrive within LIVE_COALESCE_MS of the last send go
+out as one message, and of several frames with the same key only the newest is sent.
+
+The process's broadcaster (events/fanout.py) writes the frames: each message is built and
+encoded once for every socket that shares it. The socket's own thread renders snapshots and
+otherwise sleeps until the client speaks, goes, or falls behind. A socket the broadcaster
+cannot write to itself (TLS terminated in this process) is served by its thread alone.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from flask import Flask, current_app, request
 from flask_login import current_user
 from simple_websocket import ConnectionClosed
 
+from events.fanout import wire_of
 from extensions import db, sock
-from services.live import hub, render_snapshot, verify_topics
+from services.live import hub, pages, render_snapshot, verify_topics
 
 POLICY_VIOLATION = 1008
 
@@ -102,42 +107,56 @@ def register_live_routes(app: Flask) -> None:
             return
         user = current_user._get_current_object()
         db.session.remove()
-        coalesce = current_app.config["LIVE_COALESCE_MS"] / 1000
-        subscription = hub().subscribe(topics)
+        wire = wire_of(ws)
+        if wire is None:
+            _relay_by_thread(ws, topics, user)
+            return
+        broadcaster = pages()
+        peer = broadcaster.attach(ws, topics, wire)
         try:
-            ws.send(_snapshot(topics, user))
-            while ws.connected:
-                if subscription.overflowed:
-                    # This client fell behind: drop the backlog and send the current state.
-                    subscription.overflowed = False
-                    while not subscription.frames.empty():
-                        subscription.frames.get_nowait()
-                    ws.send(_snapshot(topics, user))
-                try:
-                    first = subscription.frames.get(timeout=1.0)
-                except queue.Empty:
-                    _drain_incoming(ws)
-                    continue
-                batch = {first.key: first}
-                if coalesce > 0:
-                    # Sleep out the window, then take what came: one wake-up per window, not
-                    # one per frame (with a thousand sockets, per-frame wake-ups of every
-                    # socket thread were what saturated the process).
-                    time.sleep(coalesce)
-                while True:
-                    try:
-                        frame = subscription.frames.get_nowait()
-                    except queue.Empty:
-                        break
-                    batch.pop(frame.key, None)
-                    batch[frame.key] = frame
-                # Pages swap HTML; JSON-only frames (for the chat widget) are not for them.
-                html = "".join(f.html for f in batch.values() if f.html)
-                if html:
-                    ws.send(html)
+            broadcaster.start(peer, _snapshot(topics, user))
+            while ws.connected and not peer.dead:
+                # Set by simple-websocket's reader (a message, the close) or the broadcaster.
+                ws.event.wait(timeout=30)
+                ws.event.clear()
+                if peer.behind:
+                    # This client fell behind: drop its backlog and send the current state.
+                    peer.await_snapshot()
+                    broadcaster.start(peer, _snapshot(topics, user))
                 _drain_incoming(ws)
         except ConnectionClosed:
             pass
         finally:
-            subscription.close()
+            broadcaster.detach(peer)
             db.session.remove()
+
+
+def _relay_by_thread(ws, topics: list[str], user) -> None:
+    """Serve one socket from its own thread (a socket the broadcaster cannot write to)."""
+    coalesce = current_app.config["LIVE_COALESCE_MS"] / 1000
+    subscription = hub().subscribe(topics)
+    try:
+        ws.send(_snapshot(topics, user))
+        while ws.connected:
+            if subscription.overflowed:
+                subscription.overflowed = False
+                while not subscription.frames.empty():
+                    subscription.frames.get_nowait()
+                ws.send(_snapshot(topics, user))
+            try:
+                first = subscription.frames.get(timeout=1.0)
+            except queue.Empty:
+                _drain_incoming(ws)
+                continue
+            if coalesce > 0:
+                time.sleep(coalesce)
+            batch = subscription.drain({first.key: first})
+            html = "".join(f.html for f in batch.values() if f.html)
+            if html:
+                ws.send(html)
+            _drain_incoming(ws)
+    except ConnectionClosed:
+        pass
+    finally:
+        subscription.close()
+        db.session.remove()
