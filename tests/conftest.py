@@ -237,11 +237,11 @@ def prod_worker(prod_app):
 
 
 class LiveServer:
-    def __init__(self, app) -> None:
+    def __init__(self, app, ssl_context=None) -> None:
         self.app = app
-        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=ssl_context)
         self.port = self.server.server_port
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def start(self) -> LiveServer:

@@ -12,9 +12,13 @@ import websocket
 class Browserless:
     """A logged-in HTTP session against a live server, able to open /ws/live sockets."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, ca_file: str | None = None) -> None:
         self.base_url = base_url
         self.http = requests.Session()
+        self.tls = ca_file is not None  # an https server whose certificate is ca_file
+        if ca_file is not None:
+            self.http.verify = ca_file
+            self.http.trust_env = False  # else REQUESTS_CA_BUNDLE would override verify
 
     def login(self, email: str, password: str) -> Browserless:
         page = self.http.get(self.base_url + "/login", timeout=10)
@@ -22,6 +26,7 @@ class Browserless:
         response = self.http.post(
             self.base_url + "/login",
             data={"email": email, "password": password, "csrf_token": token},
+            headers={"Referer": self.base_url + "/login"},  # as a browser; https checks it
             allow_redirects=False,
             timeout=10,
         )
@@ -37,9 +42,9 @@ class Browserless:
 
     def open_socket(self, ws_path: str, origin: str | None = None) -> websocket.WebSocket:
         cookie = "; ".join(f"{c.name}={c.value}" for c in self.http.cookies)
-        ws = websocket.WebSocket()
         if not ws_path.startswith(("ws://", "wss://")):
-            ws_path = self.base_url.replace("http://", "ws://") + ws_path
+            ws_path = self.base_url.replace("http", "ws", 1) + ws_path
+        ws = websocket.WebSocket(sslopt={"ca_certs": self.http.verify} if self.tls else None)
         ws.connect(
             ws_path,
             cookie=cookie,

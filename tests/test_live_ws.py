@@ -254,3 +254,41 @@ def test_pings_to_a_backed_up_socket_never_land_inside_a_message(app, live_serve
         assert seen and seen == texts[: len(seen)]  # whole notes, in order
     finally:
         slow.close()
+
+
+def test_tls_served_by_the_app_itself_relays_from_the_socket_thread(app, tmp_path, two_tenants):
+    """When the web process terminates TLS itself, the broadcaster cannot write the socket
+    without blocking; such a socket is served by its own thread, with the same behaviour."""
+    import ssl
+    import subprocess
+
+    from services.live import tenant_topic
+    from tests.conftest import LiveServer
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = LiveServer(app, ssl_context=context).start()
+    alice, _ = two_tenants
+    try:
+        a = Browserless(server.url, ca_file=str(cert)).login(alice.email, PASSWORD)
+        ws = a.open_socket(a.live_url())
+        try:
+            assert 'id="feed-list"' in ws.recv()
+            texts = [f"note {n} over tls" for n in range(30)]
+            _publish_notes(app, tenant_topic(alice.tenant_id, "feed"), texts)
+            frames = receive_until(ws, lambda f: "note 29 over tls" in f)
+            seen = [t for f in frames for t in re.findall(r">(note \d+ over tls)</li>", f)]
+            assert seen == texts
+            assert app.extensions["switchboard.live"].pages.peer_count() == 0  # not its socket
+        finally:
+            ws.close()
+    finally:
+        server.stop()
