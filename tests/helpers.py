@@ -40,10 +40,15 @@ class Browserless:
         assert match, "page has no live connection"
         return match.group(1).replace("&amp;", "&")
 
-    def open_socket(self, ws_path: str, origin: str | None = None) -> websocket.WebSocket:
+    def _socket_target(self, ws_path: str) -> tuple[str, str]:
+        """The absolute ws(s):// URL for `ws_path`, and this session's Cookie header."""
         cookie = "; ".join(f"{c.name}={c.value}" for c in self.http.cookies)
         if not ws_path.startswith(("ws://", "wss://")):
             ws_path = self.base_url.replace("http", "ws", 1) + ws_path
+        return ws_path, cookie
+
+    def open_socket(self, ws_path: str, origin: str | None = None) -> websocket.WebSocket:
+        ws_path, cookie = self._socket_target(ws_path)
         ws = websocket.WebSocket(sslopt={"ca_certs": self.http.verify} if self.tls else None)
         ws.connect(
             ws_path,
@@ -55,9 +60,7 @@ class Browserless:
 
     def open_deflate_socket(self, ws_path: str, recv_buffer: int | None = None) -> DeflateSocket:
         """Like open_socket, but negotiating permessage-deflate as a browser does."""
-        cookie = "; ".join(f"{c.name}={c.value}" for c in self.http.cookies)
-        if not ws_path.startswith(("ws://", "wss://")):
-            ws_path = self.base_url.replace("http://", "ws://") + ws_path
+        ws_path, cookie = self._socket_target(ws_path)
         return DeflateSocket(ws_path, cookie, self.base_url, recv_buffer=recv_buffer)
 
 
