@@ -140,6 +140,7 @@ class Config:
         self.EVENTS_RELAY_INTERVAL = _float("EVENTS_RELAY_INTERVAL", 5.0)
         self.EVENTS_REDELIVER_AFTER = _float("EVENTS_REDELIVER_AFTER", 120.0)
         self.EVENTS_RELAY_BATCH = _int("EVENTS_RELAY_BATCH", 500)
+        self.EVENTS_BATCH = _int("EVENTS_BATCH", 50)
         self.WORKER_THREADS = _int("WORKER_THREADS", 4)
         # More modules whose import registers handlers/tasks (comma separated), e.g. plugins.
         self.EXTRA_ACTOR_MODULES = tuple(

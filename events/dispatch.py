@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -39,10 +39,14 @@ def _state(app: Flask):
     return app.extensions["switchboard.tasks"]
 
 
-def _send(app: Flask, rows: Iterable[tuple[int, str]], only: dict[int, set[str]] | None = None):
-    """Send one message per (event, handler group). Returns (sent, failed, handler-less) ids."""
+def _send(app: Flask, rows: Sequence[tuple[int, str]], only: dict[int, set[str]] | None = None):
+    """Send the events to their handler groups: one message per group for up to
+    EVENTS_BATCH events (a poll's commit writes dozens; the group runs them in one
+    transaction). Returns (sent, failed, handler-less) ids."""
     state = _state(app)
-    sent, failed, empty = [], [], []
+    batch = max(1, int(app.config["EVENTS_BATCH"]))
+    empty: list[int] = []
+    by_group: dict[str, list[int]] = {}
     for event_pk, topic in rows:
         names = registry.handler_names_for(topic)
         if only is not None:
@@ -50,15 +54,24 @@ def _send(app: Flask, rows: Iterable[tuple[int, str]], only: dict[int, set[str]]
         if not names:
             empty.append(event_pk)
             continue
-        try:
-            for group in registry.groups_for(names):
-                state.actors[group_actor_name(group)].send(event_pk)
-        except Exception as exc:  # noqa: BLE001 - broker unreachable: the row waits
-            log.warning("could not send event %s to the broker: %s", event_pk, exc)
-            failed.append(event_pk)
-            continue
-        sent.append(event_pk)
-    return sent, failed, empty
+        for group in registry.groups_for(names):
+            by_group.setdefault(group, []).append(event_pk)
+    grouped = {pk for pks in by_group.values() for pk in pks}
+    failed: set[int] = set()
+    for group, pks in by_group.items():
+        actor = state.actors[group_actor_name(group)]
+        for start in range(0, len(pks), batch):
+            chunk = pks[start : start + batch]
+            try:
+                actor.send(chunk[0] if len(chunk) == 1 else chunk)
+            except Exception as exc:  # noqa: BLE001 - broker unreachable: the rows wait
+                log.warning("could not send events %s to the broker: %s", chunk, exc)
+                failed.update(chunk)
+    # A row that some group did not get goes back to pending, and the relay sends it to all
+    # of them again later: the groups that had it skip it by their records.
+    sent = [pk for pk, _ in rows if pk not in failed and pk in grouped]
+    lost = [pk for pk, _ in rows if pk in failed]
+    return sent, lost, empty
 
 
 def group_actor_name(group: str) -> str:

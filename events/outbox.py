@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 EVENT_IDS = "sb_outbox_event_ids"
 AFTER_COMMIT = "sb_after_commit"
+BEFORE_COMMIT = "sb_before_commit"
 COMMITTED = "sb_committed_work"
 SAVEPOINT_MARKS = "sb_savepoint_marks"
 
@@ -188,6 +189,34 @@ def on_commit(fn: Callable[[], None], session: Session | None = None) -> None:
     session.info.setdefault(AFTER_COMMIT, []).append(fn)
 
 
+def before_commit(fn: Callable[[], None], session: Session | None = None) -> None:
+    """Run `fn` inside the current transaction just before it commits, after a flush of
+    everything pending (so new rows have their ids), and never if it rolls back.
+
+    For work that needs ids but need not hold up the handler: a handler that adds a row
+    and renders it at once must flush for the id, a round trip per row; deferred to here,
+    one flush writes all the rows of a batch of events in a statement or two."""
+    from extensions import db
+
+    session = session or db.session()
+    session.info.setdefault(BEFORE_COMMIT, []).append(fn)
+
+
+def prepare_commit(session: Session) -> None:
+    """Flush and run the before-commit work (the commit does it too; call it first to have
+    its errors raised where they can still be handled)."""
+    while session.info.get(BEFORE_COMMIT):
+        session.flush()
+        callbacks = session.info.pop(BEFORE_COMMIT)
+        for fn in callbacks:
+            fn()
+
+
+def _before_commit(session: Session) -> None:
+    if not session.in_nested_transaction():
+        prepare_commit(session)
+
+
 def _after_commit(session: Session) -> None:
     if session.in_nested_transaction():
         # A savepoint released: what it registered stays, for the outermost commit.
@@ -220,7 +249,7 @@ def _after_transaction_create(session: Session, transaction: Any) -> None:
     if transaction.nested:  # remember what was registered before the savepoint
         marks = session.info.setdefault(SAVEPOINT_MARKS, {})
         marks[transaction] = {
-            key: len(session.info.get(key, ())) for key in (EVENT_IDS, AFTER_COMMIT)
+            key: len(session.info.get(key, ())) for key in (EVENT_IDS, AFTER_COMMIT, BEFORE_COMMIT)
         }
 
 
@@ -241,6 +270,7 @@ def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:
         session.info.pop(EVENT_IDS, None)
         session.info.pop(AFTER_COMMIT, None)
+        session.info.pop(BEFORE_COMMIT, None)
         session.info.pop(SAVEPOINT_MARKS, None)
         session.info.pop(COMMITTED, None)
 
@@ -271,6 +301,7 @@ def install() -> None:
 
     sa_event.listen(Mapper, "mapper_configured", _mapper_configured)
     sa_event.listen(Session, "after_flush", _after_flush)
+    sa_event.listen(Session, "before_commit", _before_commit)
     sa_event.listen(Session, "after_commit", _after_commit)
     sa_event.listen(Session, "after_soft_rollback", _after_soft_rollback)
     sa_event.listen(Session, "after_transaction_create", _after_transaction_create)

@@ -145,16 +145,21 @@ def endpoints_for(tenant_id: int, code: str) -> list[DeviceEndpoint]:
 
 
 def find_device(tenant_id: int, service_code: str, api_device_id: str) -> Device | None:
-    """Devices are found by manufacturer code + api_device_id, never by name."""
-    return db.session.scalar(
-        select(Device)
-        .join(Manufacturer, Manufacturer.id == Device.manufacturer_id)
-        .where(
-            Device.tenant_id == tenant_id,
-            Manufacturer.code == service_code,
-            Device.api_device_id == api_device_id,
+    """Devices are found by manufacturer code + api_device_id, never by name.
+
+    Without autoflush: neither key changes after a device is created (and creating one
+    flushes it), so the pending changes of a batch's earlier events need not be written
+    first; the batch's one flush writes them all."""
+    with db.session.no_autoflush:
+        return db.session.scalar(
+            select(Device)
+            .join(Manufacturer, Manufacturer.id == Device.manufacturer_id)
+            .where(
+                Device.tenant_id == tenant_id,
+                Manufacturer.code == service_code,
+                Device.api_device_id == api_device_id,
+            )
         )
-    )
 
 
 def _event(topic: str, tenant_id: int, service_code: str, api_device_id: str | None, **data):

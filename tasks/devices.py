@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 import services.manufacturers.shure  # noqa: F401  registers the service
 from events import emit
+from events.outbox import before_commit
 from events.registry import Event, handler, periodic
 from extensions import db
 from models.base import utcnow
@@ -65,9 +66,13 @@ def log_activity(
         created_at=event.created_at,
     )
     db.session.add(row)
-    db.session.flush()
-    html = render_fragment("devices/_activity_push.html", a=row, device=device)
-    publish_after_commit(tenant_topic(event.tenant_id, "activity"), f"activity-{row.id}", html=html)
+
+    def publish() -> None:  # once the row has its id (one flush for a batch's rows)
+        html = render_fragment("devices/_activity_push.html", a=row, device=device)
+        topic = tenant_topic(event.tenant_id, "activity")
+        publish_after_commit(topic, f"activity-{row.id}", html=html)
+
+    before_commit(publish)
     return row
 
 

@@ -81,3 +81,28 @@ def test_explicit_event_is_written_with_the_change(db, factory):
     db.session.commit()
     event = _events(db)[-1]
     assert (event.topic, event.entity_id, event.payload) == ("device.offline", 7, {"x": 1})
+
+
+def test_before_commit_work_sees_ids_and_goes_with_a_rolled_back_savepoint(db, factory):
+    from events.outbox import before_commit, on_commit
+
+    tenant = factory.tenant()
+    seen: list[tuple[str, int | None]] = []
+    kept = Agent(tenant_id=tenant.id, name="Kept")
+    db.session.add(kept)
+    before_commit(lambda: seen.append(("kept", kept.id)))
+    savepoint = db.session.begin_nested()
+    dropped = Agent(tenant_id=tenant.id, name="Dropped")
+    db.session.add(dropped)
+    before_commit(lambda: seen.append(("dropped", dropped.id)))
+    savepoint.rollback()
+    on_commit(lambda: seen.append(("committed", None)))
+    assert seen == []  # nothing runs before the commit
+    db.session.commit()
+    # Ran inside the transaction, after the flush that gave the row its id, before on_commit.
+    assert seen == [("kept", kept.id), ("committed", None)] and kept.id is not None
+    db.session.add(Agent(tenant_id=tenant.id, name="Rolled back"))
+    before_commit(lambda: seen.append(("rolled back", None)))
+    db.session.rollback()
+    db.session.commit()
+    assert len(seen) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import dramatiq
 from sqlalchemy import func, select
 
 import tests.spine_handlers  # noqa: F401 - registers the test_counter handler
@@ -132,4 +133,89 @@ def test_failing_handler_gives_up_and_is_recorded(app, db, worker, factory):
         assert len(calls) == 1
     finally:
         registry.handlers.pop("test_explode", None)
+        registry.handler_names_for.cache_clear()
+
+
+class _CountMessages(dramatiq.Middleware):
+    def __init__(self) -> None:
+        self.args: list = []
+
+    def before_enqueue(self, broker, message, delay):
+        if message.actor_name == "spine_events":
+            self.args.append(message.args[0])
+
+
+def test_a_commits_events_go_to_their_group_in_one_message_and_run_once(app, db, worker, factory):
+    counter = _CountMessages()
+    app.extensions["switchboard.tasks"].broker.add_middleware(counter)
+    tenant = factory.tenant()
+    for n in range(7):
+        emit("test.counted", tenant_id=tenant.id, payload={"n": f"batch {n}"})
+    db.session.commit()
+    drain(app)
+    assert len(counter.args) == 1 and len(counter.args[0]) == 7
+    summaries = db.session.scalars(
+        select(ActivityLog.summary).where(ActivityLog.summary.like("counted batch %"))
+    ).all()
+    assert sorted(summaries) == [f"counted batch {n}" for n in range(7)]
+    # Delivered again, as after a worker crash: every record already there, nothing runs.
+    app.extensions["switchboard.tasks"].actors["spine_events"].send(counter.args[0])
+    drain(app)
+    assert _count(db, ActivityLog, ActivityLog.summary.like("counted batch %")) == 7
+    handlers = registry.handler_names_for("test.counted")
+    assert _count(db, ProcessedEvent, ProcessedEvent.event_id.in_(counter.args[0])) == 7 * len(
+        handlers
+    )
+
+
+def test_commits_larger_than_the_batch_are_split(app, db, worker, factory):
+    counter = _CountMessages()
+    app.extensions["switchboard.tasks"].broker.add_middleware(counter)
+    app.config["EVENTS_BATCH"] = 3
+    tenant = factory.tenant()
+    for n in range(7):
+        emit("test.counted", tenant_id=tenant.id, payload={"n": f"split {n}"})
+    db.session.commit()
+    drain(app)
+    assert [len(a) if isinstance(a, list) else 1 for a in counter.args] == [3, 3, 1]
+    assert _count(db, ActivityLog, ActivityLog.summary.like("counted split %")) == 7
+
+
+def test_a_failing_handler_in_a_batch_keeps_the_others_work(app, db, worker, factory):
+    from events.registry import HandlerSpec
+
+    calls: list[int] = []
+
+    def flaky(event):
+        n = event.payload["n"]
+        calls.append(n)
+        if n == 3 and calls.count(3) < 3:
+            raise RuntimeError("not yet")
+        db.session.add(
+            ActivityLog(tenant_id=event.tenant_id, activity_type="test", summary=f"flaky {n}")
+        )
+
+    spec = HandlerSpec(
+        name="test_flaky", fn=flaky, topics=("test.flaky",), max_retries=2, min_backoff_ms=10
+    )
+    registry.add_handler(spec)
+    try:
+        tenant = factory.tenant()
+        for n in range(5):
+            emit("test.flaky", tenant_id=tenant.id, payload={"n": n})
+        db.session.commit()
+        drain(app)
+        summaries = db.session.scalars(
+            select(ActivityLog.summary).where(ActivityLog.summary.like("flaky %"))
+        ).all()
+        assert sorted(summaries) == [f"flaky {n}" for n in range(5)]  # each exactly once
+        records = db.session.scalars(
+            select(ProcessedEvent.status).where(ProcessedEvent.handler == "test_flaky")
+        ).all()
+        assert records == ["ok"] * 5
+        # The batch stopped at 3 and was undone; then each on its own (3 failing again);
+        # the message's retry ran only the one without a record.
+        assert calls == [0, 1, 2, 3] + [0, 1, 2, 3, 4] + [3]
+    finally:
+        registry.handlers.pop("test_flaky", None)
         registry.handler_names_for.cache_clear()
