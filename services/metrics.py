@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 from markupsafe import Markup, escape
 from sqlalchemy import case, func, select
@@ -89,19 +90,32 @@ def increment(
         "day": day,
         "value": float(amount),
     }
-    dialect = db.engine.dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    elif dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:  # pragma: no cover - only PostgreSQL and SQLite are supported
-        raise RuntimeError(f"metrics upsert not supported on {dialect}")
-    stmt = insert(MetricCounter).values(**values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["name", "tenant_id", "labels", "day"],
-        set_={"value": MetricCounter.value + stmt.excluded.value},
-    )
-    db.session.execute(stmt)
+    conn = db.session.connection()
+    conn.execute(_upsert(conn.dialect.name), values)
+
+
+def _upsert(dialect: str):
+    """INSERT … ON CONFLICT DO UPDATE value = value + excluded.value, built once per dialect
+    (with bound parameters, so SQLAlchemy's statement cache needs no key of the values)."""
+    stmt = _UPSERTS.get(dialect)
+    if stmt is None:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # pragma: no cover - only PostgreSQL and SQLite are supported
+            raise RuntimeError(f"metrics upsert not supported on {dialect}")
+        table = MetricCounter.__table__
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["name", "tenant_id", "labels", "day"],
+            set_={"value": table.c.value + stmt.excluded.value},
+        )
+        _UPSERTS[dialect] = stmt
+    return stmt
+
+
+_UPSERTS: dict[str, Any] = {}
 
 
 def length_bucket_labels(length: int) -> list[str]:

@@ -144,8 +144,21 @@ def matching_endpoint_ids(tenant_id: int | None, topic: str) -> list[int]:
     tenants have none), so it reads two columns with a statement built once, not entities."""
     if tenant_id is None:
         return []
-    rows = db.session.execute(_ACTIVE_ENDPOINTS, {"tenant_id": tenant_id})
+    # Read once per tenant and transaction: a batch of a poll's events asks fifty times.
+    session = db.session()
+    transaction = session.get_transaction()
+    cached = session.info.get(_ENDPOINTS_CACHE)
+    if cached is None or cached[0] is not transaction:
+        cached = session.info[_ENDPOINTS_CACHE] = (transaction, {})
+    rows = cached[1].get(tenant_id)
+    if rows is None:
+        rows = cached[1][tenant_id] = db.session.execute(
+            _ACTIVE_ENDPOINTS, {"tenant_id": tenant_id}
+        ).all()
     return [endpoint_id for endpoint_id, topics in rows if topic_matches(topics, topic)]
+
+
+_ENDPOINTS_CACHE = "sb_webhook_endpoints"
 
 
 def rotate_secret(endpoint: WebhookEndpoint) -> str:
