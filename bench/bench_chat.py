@@ -15,14 +15,12 @@ same fake server:
   and each new socket waits 0.3 s after `session_init` before its first message.
   *added* = Switchboard − direct, at p50 and p99 of each side.
 - the added time, stage by stage, from timestamps taken outside the app's code: the visitor
-  Message's created_at (web process), its `message.created` outbox row's dispatched_at, the
-  `chat_auto_reply` ProcessedEvent's processed_at (when that handler started, in a worker),
+  Message's created_at (web process), its `message.created` outbox row's dispatched_at,
   the Redis Stream ids (Redis's ms clock) of the reply's `typing` and first `delta` frames on
   the live bus, and when the fake server received the model request. This module is also
-  loaded into the workers (EXTRA_ACTOR_MODULES), where a middleware records, for the
-  `assistant` handler group's (chat_auto_reply) and `generate_reply`'s messages, when each
-  was enqueued (Dramatiq's message_timestamp, ms) and when a worker started it: the two
-  queue waits.
+  loaded into the workers (EXTRA_ACTOR_MODULES), where a middleware records, for
+  `generate_reply`'s messages (enqueued by the web process right after its commit), when
+  each was enqueued (Dramatiq's message_timestamp, ms) and when a worker started it.
   Means are used for the shares, so the stages add up to the whole.
 - TTFD *after idle*: the same, but each message is sent after the whole system was idle for
   a couple of seconds — the usual case for a chat widget, and the one in which Dramatiq's
@@ -91,7 +89,7 @@ TARGET_ADDED_MS = 5.0  # issue 4: added TTFD under 5 ms at p50
 MESSAGES_PER_VISITOR = 8  # under the default CHAT_RATE_LIMIT_PER_MINUTE (10)
 SETTLE_SECONDS = 0.3  # a new socket's topic joins the web process's bus reader
 STAMPS_KEY = "bench:chat:starts"  # under REDIS_PREFIX; written by _StampStarts in the workers
-STAMPED_ACTORS = ("spine_assistant", "t_generate_reply")
+STAMPED_ACTORS = ("t_generate_reply",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -582,10 +580,9 @@ class _ChatBench:
                     detail=(
                         f"Switchboard p50 − direct p50; issue 4's target: under "
                         f"{TARGET_ADDED_MS:g} ms at p50 — {verdict} it. Consists of: message "
-                        "save + event commit + dispatch, queue wait for the auto-reply "
-                        "handler, the handler, queue wait for `generate_reply`, its "
-                        "reads, the model request, bus publish, relay to the "
-                        "socket (stage rows below)"
+                        "save + event commit + dispatch, the web process enqueueing "
+                        "`generate_reply`, its queue wait, its reads, the model request, bus "
+                        "publish, relay to the socket (stage rows below)"
                     ),
                 )
             )
@@ -656,18 +653,9 @@ class _ChatBench:
         ("socket → message saved", "web: frame read, rate limit (Redis), chat load, INSERT"),
         ("commit + dispatch", "web: commit with the outbox row, claim UPDATE (dispatched_at)"),
         (
-            "queue wait: auto-reply",
-            "RPUSH of the event, until a worker starts its `assistant` handler group, "
-            "chat_auto_reply alone (Dramatiq's Redis consumer polls an empty queue with "
-            "back-off); sentiment and live frames run beside it in the `chats` group",
-        ),
-        (
-            "read + record",
-            "the group reads the event and records the handler's run",
-        ),
-        (
-            "auto-reply handler",
-            "from its start until generate_reply is enqueued: its checks, the commit",
+            "enqueue the reply",
+            "web: the auto-reply checks (chat settings, agent), RPUSH of generate_reply; the "
+            "message.created event's handlers (chat_auto_reply only as a fallback) run beside",
         ),
         ("queue wait: assistant", "until a worker starts generate_reply"),
         ("generate_reply set-up", "its reads (history), commit, the typing frame's XADD"),
@@ -688,7 +676,7 @@ class _ChatBench:
 
         from extensions import db
         from models.chats import Message
-        from models.events import OutboxEvent, ProcessedEvent
+        from models.events import OutboxEvent
 
         ids = [x["message_id"] for x in through]
         arrivals = {}
@@ -716,13 +704,6 @@ class _ChatBench:
                         .where(OutboxEvent.entity_id.in_(ids))
                     )
                 }
-                handled: dict[int, dict[str, float]] = {}
-                for event_id, name, at in db.session.execute(
-                    select(
-                        ProcessedEvent.event_id, ProcessedEvent.handler, ProcessedEvent.processed_at
-                    ).where(ProcessedEvent.event_id.in_([e.id for e in events.values()]))
-                ):
-                    handled.setdefault(event_id, {})[name] = at.timestamp()
             finally:
                 db.session.remove()
             # The live bus frames' Redis Stream ids are Redis's ms clock when each was added.
@@ -749,16 +730,10 @@ class _ChatBench:
         for x in through:
             mid = x["message_id"]
             event = events.get(mid)
-            runs = handled.get(event.id, {}) if event else {}
-            group_start = (
-                starts.get(f"spine_assistant:{event.id}", (None, None))[1] if event else None
-            )
             points = [
                 x["sent_wall"],
                 created[mid].timestamp() if mid in created else None,
                 event.dispatched_at.timestamp() if event and event.dispatched_at else None,
-                group_start,
-                runs.get("chat_auto_reply"),
                 starts.get(f"t_generate_reply:{mid}", (None, None))[0],
                 starts.get(f"t_generate_reply:{mid}", (None, None))[1],
                 published.get(f"typing-r{mid}"),

@@ -42,6 +42,16 @@ class MemoryKV:
         with self._lock:
             self._flags[key] = time.monotonic() + ttl
 
+    def claim(self, key: str, ttl: float) -> bool:
+        """Set the flag unless it is set; True for the one caller that set it."""
+        with self._lock:
+            expires = self._flags.get(key)
+            now = time.monotonic()
+            if expires is not None and expires >= now:
+                return False
+            self._flags[key] = now + ttl
+            return True
+
     def has_flag(self, key: str) -> bool:
         with self._lock:
             expires = self._flags.get(key)
@@ -88,6 +98,11 @@ class RedisKV:
 
     def set_flag(self, key: str, ttl: float) -> None:
         self.redis.set(self.prefix + "flag:" + key, "1", px=max(1, int(ttl * 1000)))
+
+    def claim(self, key: str, ttl: float) -> bool:
+        """Set the flag unless it is set (SET NX); True for the one caller that set it."""
+        key = self.prefix + "flag:" + key
+        return bool(self.redis.set(key, "1", nx=True, px=max(1, int(ttl * 1000))))
 
     def has_flag(self, key: str) -> bool:
         return bool(self.redis.exists(self.prefix + "flag:" + key))

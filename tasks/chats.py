@@ -65,6 +65,8 @@ def start_auto_reply(event: Event) -> None:
     chat = db.session.get(Chat, message.chat_id)
     if chat is None or not chats.should_auto_reply(chat):
         return
+    if kv().has_flag(chats.reply_claim_key(message.id)):
+        return  # the web process that saved the message started the reply already
     app = current_app._get_current_object()
     on_commit(lambda: app.extensions["switchboard.tasks"].send("generate_reply", message.id))
 
@@ -114,6 +116,8 @@ def generate_reply(message_id: int) -> None:
     chat = db.session.get(Chat, message.chat_id)
     if already is not None or chat is None or not chats.should_auto_reply(chat):
         return
+    if not kv().claim(chats.reply_claim_key(message.id), chats.REPLY_CLAIM_SECONDS):
+        return  # another generate_reply (started by the web process or the event) has it
     agent = db.session.get(Agent, chat.agent_id)
     reply_id = chat_live.reply_id_for(message.id)
     history = [

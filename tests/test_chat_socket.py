@@ -370,3 +370,52 @@ def test_a_socket_that_falls_behind_catches_up_without_gaps(app, tenant, connect
     assert "".join(d["text"] for d in deltas) == "".join(f"w{n} " for n in range(1, 301))
     with pytest.raises((AssertionError, websocket.WebSocketTimeoutException)):  # nothing twice
         client.expect("delta", timeout=0.5)
+
+
+def test_the_reply_starts_once_though_socket_and_event_both_start_it(
+    app, worker, upstream, connect
+):
+    upstream.script.reply = "One answer, streamed once."
+    upstream.script.chunk_delay = 0.02  # still streaming when the event's handler runs
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Hello?")
+    ack = client.expect("message")
+    deltas, done = client.collect_reply()
+    assert "".join(d["text"] for d in deltas) == upstream.script.reply
+    drain(app)  # the message.created handlers and any second generate_reply have run
+    assert len(upstream.records) == 1  # the model was asked once
+    with app.app_context():
+        replies = (
+            _db(app)
+            .session.scalars(
+                select(Message).where(Message.in_response_to_id == ack["message"]["id"])
+            )
+            .all()
+        )
+        assert [m.content for m in replies] == [upstream.script.reply]
+
+
+def test_a_message_saved_elsewhere_gets_its_reply_from_the_event(app, worker, upstream, tenant):
+    """What happens when the web process dies between its commit and sending the reply:
+    the message.created event's handler starts it."""
+    from services import chats
+
+    upstream.script.reply = "Started by the event."
+    with app.app_context():
+        db = _db(app)
+        chat = chats.start_chat(tenant.id, visitor_id="v-event")
+        db.session.flush()
+        message = chats.add_message(chat, "visitor", "Anyone there?")
+        db.session.commit()
+        message_id = message.id
+    drain(app)
+    drain(app)  # the handler's generate_reply, enqueued after its commit
+    with app.app_context():
+        replies = (
+            _db(app)
+            .session.scalars(select(Message.content).where(Message.in_response_to_id == message_id))
+            .all()
+        )
+    assert replies == ["Started by the event."] and len(upstream.records) == 1

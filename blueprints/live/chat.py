@@ -310,7 +310,9 @@ class ChatSocket:
         elif chat.status == "archived":
             raise ChatError("no_session", "This chat is archived; start a new session.")
         message = chats.add_message(chat, "visitor", content)
+        message_id, reply_wanted = message.id, chats.should_auto_reply(chat)
         db.session.commit()  # saved before any model call
+        chats.start_reply_now(message_id, reply_wanted)
         self.forward(
             {
                 "type": "message",
