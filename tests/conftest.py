@@ -180,6 +180,20 @@ def redis_prefix() -> str:
     return f"sbtest:{os.getpid()}:{next(_prefixes)}:"
 
 
+def shut_down_app(app, redis_url: str | None = None) -> None:
+    """Stop an app's worker threads and live hub, close its database connections and, given
+    the Redis it used, delete its keys there."""
+    from extensions import db
+
+    app.extensions["switchboard.tasks"].stop()
+    app.extensions["switchboard.live"].hub.stop()
+    with app.app_context():
+        db.session.remove()
+        db.engine.dispose()
+    if redis_url:
+        cleanup_redis(redis_url, app.config["REDIS_PREFIX"], app.config["DRAMATIQ_NAMESPACE"])
+
+
 def cleanup_redis(url: str, prefix: str, namespace: str) -> None:
     import redis
 
@@ -212,13 +226,7 @@ def prod_app(tmp_path, pg_database_url, redis_url):
         db.drop_all()
         db.create_all()
     yield application
-    state = application.extensions["switchboard.tasks"]
-    state.stop()
-    application.extensions["switchboard.live"].hub.stop()
-    with application.app_context():
-        db.session.remove()
-        db.engine.dispose()
-    cleanup_redis(redis_url, overrides["REDIS_PREFIX"], overrides["DRAMATIQ_NAMESPACE"])
+    shut_down_app(application, redis_url)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 from events import emit
 from models.devices import ActivityLog
 from models.events import OutboxEvent
-from tests.conftest import PASSWORD, LiveServer, free_port, make_app
+from tests.conftest import PASSWORD, LiveServer, free_port, make_app, shut_down_app
 from tests.helpers import Browserless, wait_for, worker_process_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,11 +238,7 @@ def test_postgres_restart_under_load_fails_cleanly_and_recovers(tmp_path, privat
     finally:
         stop.set()
         server.stop()
-        app.extensions["switchboard.tasks"].stop()
-        app.extensions["switchboard.live"].hub.stop()
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
+        shut_down_app(app)
 
 
 # ---------------------------------------------------------------- Redis stopped mid-stream
@@ -255,7 +251,7 @@ def test_redis_stopped_while_committing_loses_nothing_and_pages_catch_up(
 
     from events.dispatch import relay
     from extensions import db
-    from tests.conftest import Factory, cleanup_redis, prod_overrides
+    from tests.conftest import Factory, prod_overrides
     from tests.helpers import receive_until
 
     overrides = prod_overrides(pg_database_url, private_redis.url)
@@ -314,9 +310,4 @@ def test_redis_stopped_while_committing_loses_nothing_and_pages_catch_up(
         socket.close()
         worker.stop()
         server.stop()
-        app.extensions["switchboard.tasks"].stop()
-        app.extensions["switchboard.live"].hub.stop()
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
-        cleanup_redis(private_redis.url, overrides["REDIS_PREFIX"], overrides["DRAMATIQ_NAMESPACE"])
+        shut_down_app(app, private_redis.url)

@@ -18,7 +18,7 @@ from models.metrics import MetricCounter
 from services import chats
 from services import metrics as metrics_service
 from tests.conftest import drain, login
-from tests.helpers import wait_for, worker_process_env
+from tests.helpers import stop_process, wait_for, worker_process_env
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "scrape-secret-token"
@@ -278,13 +278,7 @@ def test_scrape_matches_database_after_separate_worker_process(prod_app, prod_fa
             assert response.status_code == 200
             _assert_scrape_matches_db(response.get_data(as_text=True), db, tenant.id, agent_id)
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        worker.stderr.close()
+        stop_process(worker)
 
 
 def _counted(db, tenant_id: int) -> tuple[int, int]:

@@ -17,8 +17,8 @@ from events.dispatch import relay
 from events.registry import registry
 from models.devices import ActivityLog
 from models.events import OutboxEvent, ProcessedEvent
-from tests.conftest import cleanup_redis, make_app, prod_overrides
-from tests.helpers import wait_for, worker_process_env
+from tests.conftest import cleanup_redis, make_app, prod_overrides, shut_down_app
+from tests.helpers import stop_process, wait_for, worker_process_env
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,13 +78,7 @@ def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_p
             received = {sub.frames.get(timeout=10).key for _ in range(5)}
             assert len(received) == 5
     finally:
-        worker.terminate()
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-        worker.stderr.close()
+        stop_process(worker)
 
 
 def test_redis_down_at_commit_then_relay_delivers(tmp_path, pg_database_url, private_redis):
@@ -181,9 +175,4 @@ def test_more_committers_than_pooled_connections_do_not_stall(
         assert sorted(topic for topic, _ in rows).count("test.counted") == 8
         assert {status for _, status in rows} == {"dispatched"}
     finally:
-        app.extensions["switchboard.tasks"].stop()
-        app.extensions["switchboard.live"].hub.stop()
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
-        cleanup_redis(redis_url, overrides["REDIS_PREFIX"], overrides["DRAMATIQ_NAMESPACE"])
+        shut_down_app(app, redis_url)
