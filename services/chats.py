@@ -378,15 +378,14 @@ def reply_claim_key(message_id: int) -> str:
 REPLY_CLAIM_SECONDS = 150.0
 
 
-def start_reply_now(message_id: int, wanted: bool) -> None:
-    """Called by the web process right after it committed a visitor message: enqueue the
+def start_reply_now(message_id: int) -> None:
+    """Called by the web process right after it committed a visitor message that wants an
+    automatic reply (should_auto_reply, asked before the commit expired the chat): enqueue the
     reply at once instead of waiting for the message.created event's `chat_auto_reply`
     handler, which saves two queue hops and a handler transaction before the first delta
     (about half of the time the server added to it). The handler stays: if this process
     dies between its commit and this send, the event still starts the reply, and when
     both fire the claim in generate_reply lets one of them stream."""
-    if not wanted:  # should_auto_reply(chat), asked before the commit expired the chat
-        return
     try:
         current_app.extensions["switchboard.tasks"].send("generate_reply", message_id)
     except Exception as exc:  # noqa: BLE001 - the event's handler starts it instead

@@ -146,21 +146,8 @@ def _load_event(session, event_pk: int):
     idempotency makes the repeat harmless. A crash of the worker (not of PostgreSQL) loses
     nothing that was committed. Plain tasks, and every other transaction, keep synchronous
     commits."""
-    conn = session.connection()
-    dialect = conn.dialect.name
-    stmt = _LOAD_STMTS.get(dialect)
-    if stmt is None:
-        from models.events import OutboxEvent
-
-        table = OutboxEvent.__table__
-        stmt = select(*table.c).where(table.c.id == bindparam("event_pk"))
-        if dialect == "postgresql":
-            stmt = stmt.add_columns(func.set_config("synchronous_commit", "off", True))
-        _LOAD_STMTS[dialect] = stmt
-    return conn.execute(stmt, {"event_pk": event_pk}).one_or_none()
-
-
-_LOAD_STMTS: dict[str, Any] = {}
+    rows = _load_events(session, [event_pk])
+    return rows[0] if rows else None
 
 
 def _relax_commit(session) -> None:

@@ -312,7 +312,8 @@ class ChatSocket:
         message = chats.add_message(chat, "visitor", content)
         message_id, reply_wanted = message.id, chats.should_auto_reply(chat)
         db.session.commit()  # saved before any model call
-        chats.start_reply_now(message_id, reply_wanted)
+        if reply_wanted:
+            chats.start_reply_now(message_id)
         self.forward(
             {
                 "type": "message",
