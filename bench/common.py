@@ -429,7 +429,7 @@ def dramatiq_workers(
     worker_env["EXTRA_ACTOR_MODULES"] = ",".join(("bench.worker_hooks", *penv.actor_modules))
     worker_env["SWITCHBOARD_BENCH_WORKER"] = "1"
     # As the Procfile: idle queues are polled at least every DRAMATIQ_IDLE_POLL_MS.
-    worker_env["dramatiq_worker_timeout"] = os.environ.get("DRAMATIQ_IDLE_POLL_MS", "100")
+    worker_env["dramatiq_worker_timeout"] = os.environ.get("DRAMATIQ_IDLE_POLL_MS", "1000")
     worker_env.update(env or {})
     ready_key = penv.prefix + "bench:workers_ready"
     client = penv.redis()

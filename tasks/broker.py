@@ -514,9 +514,9 @@ class Scheduler:
 
 def init_broker(app: Flask) -> TaskState:
     if app.config.get("REDIS_URL"):
-        from dramatiq.brokers.redis import RedisBroker
+        from tasks.redis_broker import WakingRedisBroker
 
-        broker: dramatiq.Broker = RedisBroker(
+        broker: dramatiq.Broker = WakingRedisBroker(
             url=app.config["REDIS_URL"], namespace=app.config["DRAMATIQ_NAMESPACE"]
         )
         broker.add_middleware(SchedulerMiddleware(app))

@@ -1,0 +1,93 @@
+"""Dramatiq's RedisBroker with consumers that wake when a message is enqueued.
+
+Dramatiq's Redis consumers poll: a consumer that finds its queue empty sleeps, backing off up to
+the worker timeout, so a message sent to an idle queue waits for the next poll (on average a
+good part of that timeout), and twenty idle consumers per worker process keep asking Redis.
+
+Here every enqueue also adds a wake-up token to a small per-queue sorted set, and a consumer
+that found nothing waits on it with BZPOPMIN for as long as it would have slept. A message sent
+to an idle queue wakes one waiting consumer at once; without messages the consumers still fetch
+at least once per worker timeout (heartbeats, maintenance and messages requeued by Dramatiq's
+own scripts keep working as before). Tokens are hints, never the messages themselves: a token
+with no message behind it costs one empty fetch. A token is one of WAKE_TOKENS_KEPT names, so
+the set never holds more than that however busy the queue, and the enqueue stays one command.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import redis
+from dramatiq.broker import MessageProxy
+from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
+from dramatiq.common import compute_backoff
+from dramatiq.errors import ConnectionClosed
+from dramatiq.message import Message
+
+#: Most tokens a queue's wake-up set holds. A worker process has one consumer per queue, so
+#: this wakes a consumer in each of as many processes; more would only cause empty fetches.
+WAKE_TOKENS_KEPT = 16
+
+#: How often a consumer whose prefetched messages are all in progress looks again.
+FULL_PREFETCH_RECHECK_S = 0.005
+
+
+class WakingRedisBroker(RedisBroker):
+    """A RedisBroker whose enqueue wakes an idle consumer of the queue (see the module doc)."""
+
+    @property
+    def consumer_class(self):
+        return _WakingConsumer
+
+    def wake_key(self, queue_name: str) -> str:
+        return f"{self.namespace}:{queue_name}.wake"
+
+    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+        sent = super().enqueue(message, delay=delay)
+        try:
+            token = random.randrange(WAKE_TOKENS_KEPT)
+            self.client.execute_command("ZADD", self.wake_key(sent.queue_name), 0, token)
+        except redis.RedisError:
+            # The message is stored; without the token it is found by the next poll.
+            self.logger.warning("could not push a wake-up token for %s", sent.queue_name)
+        return sent
+
+    def wait_for_work(self, queue_name: str, timeout_ms: int) -> None:
+        """Block until a token arrives for the queue or timeout_ms pass."""
+        # The timeout is in seconds (decimals allowed); 0 would mean forever.
+        self.client.bzpopmin([self.wake_key(queue_name)], timeout=max(timeout_ms, 1) / 1000)
+
+
+class _WakingConsumer(_RedisConsumer):
+    def __next__(self):
+        try:
+            can_fetch = self.outstanding_message_count < self.prefetch
+            if not self.message_cache and can_fetch:
+                self.message_cache = self.broker.do_fetch(
+                    self.queue_name, self.prefetch - self.outstanding_message_count
+                )
+            while self.message_cache:
+                data = self.message_cache.pop(0)
+                if data is None:  # Dramatiq's consumer skips these too (its issue #266)
+                    continue
+                self.misses = 0
+                return self._take(data)
+
+            if not can_fetch:
+                # Every prefetched message is still being worked on. Look again soon (a thread
+                # may finish any moment); don't take a token another consumer could use, and
+                # don't back off: Dramatiq's consumer does, and a busy queue then idles threads
+                # for up to the whole worker timeout.
+                time.sleep(FULL_PREFETCH_RECHECK_S)
+                return None
+            self.misses, backoff_ms = compute_backoff(self.misses, max_backoff=self.timeout)
+            self.broker.wait_for_work(self.queue_name, backoff_ms)
+            return None
+        except redis.ConnectionError as exc:
+            raise ConnectionClosed(exc) from None
+
+    def _take(self, data: bytes) -> MessageProxy:
+        message = Message.decode(data)
+        self.queued_message_ids.add(message.message_id)
+        return MessageProxy(message)
