@@ -19,7 +19,7 @@ import decimal
 import enum
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from typing import Any
 
@@ -181,12 +181,16 @@ def emit(
     return row.event_id
 
 
-def on_commit(fn: Callable[[], None], session: Session | None = None) -> None:
-    """Run `fn` after the current transaction commits (never if it rolls back)."""
+def on_commit(
+    fn: Callable[[], None], session: Session | None = None, *, before_events: bool = False
+) -> None:
+    """Run `fn` after the current transaction commits (never if it rolls back): after the
+    commit's events were sent to their handlers, or, with before_events, before that (for
+    work someone is waiting for, which should not queue behind the events' handlers)."""
     from extensions import db
 
     session = session or db.session()
-    session.info.setdefault(AFTER_COMMIT, []).append(fn)
+    session.info.setdefault(AFTER_COMMIT, []).append((fn, before_events))
 
 
 def before_commit(fn: Callable[[], None], session: Session | None = None) -> None:
@@ -231,6 +235,8 @@ def _after_commit(session: Session) -> None:
 
 def _run_committed_work(session: Session) -> None:
     event_ids, callbacks = session.info.pop(COMMITTED)
+    callbacks = callbacks or ()
+    _run_callbacks(fn for fn, before_events in callbacks if before_events)
     if event_ids and has_app_context():
         from events.dispatch import dispatch_new
 
@@ -238,7 +244,11 @@ def _run_committed_work(session: Session) -> None:
             dispatch_new(current_app._get_current_object(), event_ids)
         except Exception:  # noqa: BLE001 - the commit stands; the relay delivers later
             log.exception("dispatch after commit failed; events stay pending for the relay")
-    for fn in callbacks or ():
+    _run_callbacks(fn for fn, before_events in callbacks if not before_events)
+
+
+def _run_callbacks(callbacks: Iterable[Callable[[], None]]) -> None:
+    for fn in callbacks:
         try:
             fn()
         except Exception:  # noqa: BLE001 - one failed callback must not stop the others

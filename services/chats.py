@@ -16,7 +16,7 @@ from typing import Any
 from flask import current_app
 from sqlalchemy import func, select, update
 
-from events import emit
+from events import emit, on_commit
 from extensions import db
 from models.base import utcnow
 from models.chats import Agent, Chat, Message
@@ -379,14 +379,20 @@ REPLY_CLAIM_SECONDS = 150.0
 
 
 def start_reply_now(message_id: int) -> None:
-    """Called by the web process right after it committed a visitor message that wants an
-    automatic reply (should_auto_reply, asked before the commit expired the chat): enqueue the
-    reply at once instead of waiting for the message.created event's `chat_auto_reply`
-    handler, which saves two queue hops and a handler transaction before the first delta
-    (about half of the time the server added to it). The handler stays: if this process
-    dies between its commit and this send, the event still starts the reply, and when
-    both fire the claim in generate_reply lets one of them stream."""
-    try:
-        current_app.extensions["switchboard.tasks"].send("generate_reply", message_id)
-    except Exception as exc:  # noqa: BLE001 - the event's handler starts it instead
-        log.warning("could not enqueue the reply to message %s now: %s", message_id, exc)
+    """For the web process that saves a visitor message wanting an automatic reply
+    (should_auto_reply): enqueue the reply as soon as the transaction commits, before the
+    commit's events go to their handlers, instead of waiting for the message.created event's
+    `chat_auto_reply` handler. That saves two queue hops and a handler transaction, and the
+    reply is not queued behind (nor its worker busy with) the sentiment, metrics and audit
+    work the event starts. The handler stays: if this process dies between its commit and
+    this send, the event still starts the reply, and when both fire the claim in
+    generate_reply lets one of them stream."""
+    app = current_app._get_current_object()
+
+    def send() -> None:
+        try:
+            app.extensions["switchboard.tasks"].send("generate_reply", message_id)
+        except Exception as exc:  # noqa: BLE001 - the event's handler starts it instead
+            log.warning("could not enqueue the reply to message %s now: %s", message_id, exc)
+
+    on_commit(send, before_events=True)

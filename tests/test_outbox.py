@@ -106,3 +106,24 @@ def test_before_commit_work_sees_ids_and_goes_with_a_rolled_back_savepoint(db, f
     db.session.rollback()
     db.session.commit()
     assert len(seen) == 2
+
+
+def test_on_commit_work_runs_before_or_after_the_commits_events_are_sent(db, factory, worker):
+    from events.outbox import on_commit
+
+    tenant = factory.tenant()
+    statuses: list[tuple[str, str]] = []
+
+    def status_now(label: str) -> None:
+        with db.engine.connect() as conn:
+            row = conn.execute(
+                select(OutboxEvent.status).where(OutboxEvent.topic == "agent.created")
+            ).one()
+        statuses.append((label, row.status))
+
+    db.session.add(Agent(tenant_id=tenant.id, name="Urgent"))
+    on_commit(lambda: status_now("after"))
+    on_commit(lambda: status_now("before"), before_events=True)
+    db.session.commit()
+    # A reply someone waits for goes out before the handlers' messages; the rest after them.
+    assert statuses == [("before", "pending"), ("after", "dispatched")]

@@ -310,10 +310,9 @@ class ChatSocket:
         elif chat.status == "archived":
             raise ChatError("no_session", "This chat is archived; start a new session.")
         message = chats.add_message(chat, "visitor", content)
-        message_id, reply_wanted = message.id, chats.should_auto_reply(chat)
+        if chats.should_auto_reply(chat):
+            chats.start_reply_now(message.id)
         db.session.commit()  # saved before any model call
-        if reply_wanted:
-            chats.start_reply_now(message_id)
         self.forward(
             {
                 "type": "message",
