@@ -7,6 +7,7 @@ import time
 
 from flask import current_app
 from sqlalchemy import select
+from sqlalchemy.orm import aliased
 
 from events import on_commit
 from events.registry import Event, handler, periodic, task
@@ -97,6 +98,9 @@ def publish_chat_row(event: Event) -> None:
         chat_live.publish_chat_row(chat, created=event.action == "created")
 
 
+Reply = aliased(Message)
+
+
 def cancel_key(reply_id: str) -> str:
     return f"cancel:{reply_id}"
 
@@ -105,20 +109,26 @@ def cancel_key(reply_id: str) -> str:
 def generate_reply(message_id: int) -> None:
     """Stream the assistant's reply to a visitor message, then save it (idempotent)."""
     cfg = current_app.config
-    message = db.session.get(Message, message_id)
-    if message is None:
-        return
-    already = db.session.scalar(
-        select(Message.id).where(
-            Message.in_response_to_id == message.id, Message.sender == "assistant"
-        )
+    # One statement for what the reply needs to start (each round trip counts: the visitor
+    # waits for the first delta, and the message's other handlers are busy meanwhile).
+    answered = (
+        select(Reply.id)
+        .where(Reply.in_response_to_id == Message.id, Reply.sender == "assistant")
+        .exists()
     )
-    chat = db.session.get(Chat, message.chat_id)
-    if already is not None or chat is None or not chats.should_auto_reply(chat):
+    row = db.session.execute(
+        select(Message, Chat, Agent, answered)
+        .join(Chat, Chat.id == Message.chat_id)
+        .outerjoin(Agent, Agent.id == Chat.agent_id)
+        .where(Message.id == message_id)
+    ).first()
+    if row is None:
+        return
+    message, chat, agent, already = row
+    if already or not chats.should_auto_reply(chat):
         return
     if not kv().claim(chats.reply_claim_key(message.id), chats.REPLY_CLAIM_SECONDS):
         return  # another generate_reply (started by the web process or the event) has it
-    agent = db.session.get(Agent, chat.agent_id)
     reply_id = chat_live.reply_id_for(message.id)
     history = [
         (m.sender, m.content)

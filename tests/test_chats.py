@@ -247,3 +247,27 @@ def test_cli_cleanup_deletes_only_old_finished_chats(app, db, runner, shop):
     db.session.expire_all()
     assert db.session.get(Chat, old.id) is None and db.session.get(Chat, recent.id) is not None
     assert db.session.scalar(select(Message).where(Message.content == "old")) is None
+
+
+def test_a_reply_is_generated_once(app, db, shop, monkeypatch):
+    import time
+
+    from tasks.chats import generate_reply
+
+    tenant, _, _ = shop
+    chat = _chat_with(db, tenant.id, ("visitor", "Hello, anyone there?"))
+    visitor_message = db.session.scalar(select(Message.id).where(Message.chat_id == chat.id))
+    # A claim that lapses at once, so the second run gets past it to the saved-reply check.
+    monkeypatch.setattr(chats, "REPLY_CLAIM_SECONDS", 0.01)
+
+    generate_reply(visitor_message)
+    time.sleep(0.05)
+    generate_reply(visitor_message)  # redelivered: the reply exists, nothing more is said
+    generate_reply(visitor_message + 1000)  # no such message: nothing happens
+
+    db.session.expire_all()
+    replies = db.session.scalars(
+        select(Message).where(Message.chat_id == chat.id, Message.sender == "assistant")
+    ).all()
+    assert len(replies) == 1
+    assert replies[0].in_response_to_id == visitor_message and replies[0].content
