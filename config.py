@@ -142,6 +142,10 @@ class Config:
         self.EVENTS_RELAY_BATCH = _int("EVENTS_RELAY_BATCH", 500)
         self.EVENTS_BATCH = _int("EVENTS_BATCH", 50)
         self.WORKER_THREADS = _int("WORKER_THREADS", 4)
+        # Production `dramatiq` processes: queues this process leaves to another (Procfile).
+        self.WORKER_SKIP_QUEUES = tuple(
+            q.strip() for q in (_env("WORKER_SKIP_QUEUES", "") or "").split(",") if q.strip()
+        )
         # More modules whose import registers handlers/tasks (comma separated), e.g. plugins.
         self.EXTRA_ACTOR_MODULES = tuple(
             m.strip() for m in (_env("EXTRA_ACTOR_MODULES", "") or "").split(",") if m.strip()

@@ -1,10 +1,11 @@
 """The chat widget's reply stream against the model server read directly (issue 4).
 
 Production mode: one throwaway PostgreSQL database and Redis namespace, one gunicorn web
-process (gthread), `dramatiq tasks.worker` (2 processes × 8 threads, as the Procfile), and a
-local OpenAI-compatible server (tests/fake_openai.py) in the benchmark process that the
-workers reach through OPENAI_BASE_URL. Every figure is measured in the same run against the
-same fake server:
+process (gthread), the Procfile's `worker` (`dramatiq tasks.worker`, 2 processes × 8 threads,
+every queue but `assistant`) and `assistant` (`--queues assistant`, 1 process × 32 threads:
+the replies), and a local OpenAI-compatible server (tests/fake_openai.py) in the benchmark
+process that the workers reach through OPENAI_BASE_URL. Every figure is measured in the same
+run against the same fake server:
 
 - time to first delta (TTFD), *direct*: the `openai` client (stream=True, one client reused)
   asks the fake server for a short reply; from the request to the first content chunk.
@@ -15,17 +16,17 @@ same fake server:
   and each new socket waits 0.3 s after `session_init` before its first message.
   *added* = Switchboard − direct, at p50 and p99 of each side.
 - the added time, stage by stage, from timestamps taken outside the app's code: the visitor
-  Message's created_at (web process), its `message.created` outbox row's dispatched_at,
-  the Redis Stream ids (Redis's ms clock) of the reply's `typing` and first `delta` frames on
-  the live bus, and when the fake server received the model request. This module is also
-  loaded into the workers (EXTRA_ACTOR_MODULES), where a middleware records, for
-  `generate_reply`'s messages (enqueued by the web process right after its commit), when
-  each was enqueued (Dramatiq's message_timestamp, ms) and when a worker started it.
+  Message's created_at (web process), the Redis Stream ids (Redis's ms clock) of the reply's
+  `typing` and first `delta` frames on the live bus, and when the fake server received the
+  model request. This module is also loaded into the workers (EXTRA_ACTOR_MODULES), where a
+  middleware records, for `generate_reply`'s messages (sent by the web process right after
+  its commit), when each was enqueued (Dramatiq's message_timestamp, ms) and when a worker
+  started it.
   Means are used for the shares, so the stages add up to the whole.
 - TTFD *after idle*: the same, but each message is sent after the whole system was idle for
   a couple of seconds — the usual case for a chat widget, and the one in which Dramatiq's
-  Redis consumers have backed off their polling (up to dramatiq_worker_timeout per queue:
-  the Procfile's DRAMATIQ_IDLE_POLL_MS, 100 ms).
+  Redis consumers would have backed off their polling (they wait on a wake-up token
+  instead: tasks/redis_broker.py).
 - deltas/s: K visitors each get a long reply (N tokens, no delay between chunks) at the same
   time through the one web process; delta frames received by all clients ÷ the time from the
   first delta to the last. Their messages go out 25 ms apart (--chat-stagger-ms): when 15
@@ -128,6 +129,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--chat-worker-threads", type=int, default=8, help="dramatiq --threads (default 8)"
     )
     group.add_argument(
+        "--chat-assistant-processes",
+        type=int,
+        default=1,
+        help="dramatiq --queues assistant --processes (default 1, as the Procfile)",
+    )
+    group.add_argument(
+        "--chat-assistant-threads",
+        type=int,
+        default=32,
+        help="their --threads (default 32, as the Procfile)",
+    )
+    group.add_argument(
         "--chat-web-threads", type=int, default=32, help="gunicorn --threads (default 32)"
     )
 
@@ -166,22 +179,37 @@ def run(args: argparse.Namespace) -> list[dict]:
             procs, threads = args.chat_worker_processes, args.chat_worker_threads
             note(
                 f"starting gunicorn (gthread, 1 process × {args.chat_web_threads} threads) and "
-                f"`dramatiq tasks.worker` with {procs} processes × {threads} threads"
+                f"`dramatiq tasks.worker` with {procs} processes × {threads} threads for the "
+                f"handlers and {args.chat_assistant_processes} × {args.chat_assistant_threads} "
+                "for the `assistant` queue"
             )
             with contextlib.ExitStack() as stack:
                 web = stack.enter_context(
                     web_server(penv, threads=args.chat_web_threads, wait=False)
                 )
+                # As the Procfile: `worker` runs the handlers, `assistant` the replies.
                 workers = stack.enter_context(
                     dramatiq_workers(
                         penv,
                         processes=procs,
                         threads=threads,
+                        env={
+                            "SWITCHBOARD_BENCH_CHAT_STAMPS": "1",
+                            "WORKER_SKIP_QUEUES": "assistant",
+                        },
+                    )
+                )
+                assistant = stack.enter_context(
+                    dramatiq_workers(
+                        penv,
+                        processes=args.chat_assistant_processes,
+                        threads=args.chat_assistant_threads,
                         env={"SWITCHBOARD_BENCH_CHAT_STAMPS": "1"},
+                        queues=("assistant",),
                     )
                 )
                 web.wait_ready()
-                bench = _ChatBench(penv, site, web, workers, fake)
+                bench = _ChatBench(penv, site, web, workers, assistant, fake)
                 rows += bench.latency(
                     samples, idle_samples, args.chat_idle_seconds, _size(args, "warmup")
                 )
@@ -285,8 +313,8 @@ def _self_cpu() -> float:
 class _Cpu:
     """CPU seconds used by the web, the workers and this process between start() and stop()."""
 
-    def __init__(self, web_pgid: int, worker_pgid: int) -> None:
-        self.pgids = {"web": web_pgid, "workers": worker_pgid}
+    def __init__(self, web_pgid: int, worker_pgid: int, assistant_pgid: int) -> None:
+        self.pgids = {"web": web_pgid, "workers": worker_pgid, "assistant": assistant_pgid}
         self.used: dict[str, float] = {}
 
     def _read(self) -> dict[str, float]:
@@ -396,10 +424,11 @@ def _in_threads(count: int, target: Callable[[int], None], name: str) -> None:
 
 
 class _ChatBench:
-    def __init__(self, penv: ProdEnv, site: _Site, web, workers, fake) -> None:
+    def __init__(self, penv: ProdEnv, site: _Site, web, workers, assistant, fake) -> None:
         import openai
 
-        self.penv, self.site, self.web, self.workers, self.fake = penv, site, web, workers, fake
+        self.penv, self.site, self.web, self.fake = penv, site, web, fake
+        self.workers, self.assistant = workers, assistant
         self.openai = openai.OpenAI(base_url=fake.base_url, api_key="bench-key", max_retries=0)
         self.tag = uuid.uuid4().hex[:6]
 
@@ -530,6 +559,7 @@ class _ChatBench:
                 direct.append(self.direct_ttfd(n))
                 through.append(self.switchboard_sample(visitors.next(), f"sample-{n}"))
                 self.workers.check_alive()
+                self.assistant.check_alive()
             visitors.close()
             d = summarize([_ms(x) for x in direct])
             s = summarize([_ms(x["first_delta"] - x["sent"]) for x in through])
@@ -580,9 +610,9 @@ class _ChatBench:
                     detail=(
                         f"Switchboard p50 − direct p50; issue 4's target: under "
                         f"{TARGET_ADDED_MS:g} ms at p50 — {verdict} it. Consists of: message "
-                        "save + event commit + dispatch, the web process enqueueing "
-                        "`generate_reply`, its queue wait, its reads, the model request, bus "
-                        "publish, relay to the socket (stage rows below)"
+                        "save, its commit, the web process sending `generate_reply`, its "
+                        "queue wait, its reads, the model request, bus publish, relay to the "
+                        "socket (stage rows below)"
                     ),
                 )
             )
@@ -633,8 +663,7 @@ class _ChatBench:
                     f"{count} sample{'s' if count != 1 else ''}, each after the queues drained "
                     f"and {idle_seconds:g} s "
                     f"passed; {_stats_text(s)}; mean {hop_text} "
-                    "(idle Redis consumers poll with back-off up to dramatiq_worker_timeout: the "
-                    "Procfile's DRAMATIQ_IDLE_POLL_MS, 100 ms; Dramatiq's default is 1 s)"
+                    "(an idle consumer waits on its queue's wake-up token, not a poll)"
                 ),
             ),
             result(
@@ -651,17 +680,17 @@ class _ChatBench:
 
     STAGES = (
         ("socket → message saved", "web: frame read, rate limit (Redis), chat load, INSERT"),
-        ("commit + dispatch", "web: commit with the outbox row, claim UPDATE (dispatched_at)"),
         (
-            "enqueue the reply",
-            "web: the auto-reply checks (chat settings, agent), RPUSH of generate_reply; the "
-            "message.created event's handlers (chat_auto_reply only as a fallback) run beside",
+            "commit → reply enqueued",
+            "web: commit with the outbox row, then the send of generate_reply, which goes out "
+            "before the message.created event is sent to its handler groups (chat_auto_reply "
+            "only as a fallback)",
         ),
-        ("queue wait: assistant", "until a worker starts generate_reply"),
-        ("generate_reply set-up", "its reads (history), commit, the typing frame's XADD"),
+        ("queue wait: assistant", "until the `assistant` process starts generate_reply"),
+        ("generate_reply set-up", "its one read, the claim, history, commit, typing frame's XADD"),
         (
             "worker → model request",
-            "the worker process's shared OpenAI client: connection (kept alive), request",
+            "the process's shared OpenAI client: connection (kept alive), request",
         ),
         (
             "model → delta published",
@@ -676,7 +705,6 @@ class _ChatBench:
 
         from extensions import db
         from models.chats import Message
-        from models.events import OutboxEvent
 
         ids = [x["message_id"] for x in through]
         arrivals = {}
@@ -696,14 +724,6 @@ class _ChatBench:
                         select(Message.id, Message.chat_id).where(Message.id.in_(ids))
                     ).all()
                 )
-                events = {
-                    row.entity_id: row
-                    for row in db.session.execute(
-                        select(OutboxEvent.id, OutboxEvent.entity_id, OutboxEvent.dispatched_at)
-                        .where(OutboxEvent.topic == "message.created")
-                        .where(OutboxEvent.entity_id.in_(ids))
-                    )
-                }
             finally:
                 db.session.remove()
             # The live bus frames' Redis Stream ids are Redis's ms clock when each was added.
@@ -729,11 +749,9 @@ class _ChatBench:
         stages: dict[str, list[float]] = {name: [] for name, _ in self.STAGES}
         for x in through:
             mid = x["message_id"]
-            event = events.get(mid)
             points = [
                 x["sent_wall"],
                 created[mid].timestamp() if mid in created else None,
-                event.dispatched_at.timestamp() if event and event.dispatched_at else None,
                 starts.get(f"t_generate_reply:{mid}", (None, None))[0],
                 starts.get(f"t_generate_reply:{mid}", (None, None))[1],
                 published.get(f"typing-r{mid}"),
@@ -821,7 +839,7 @@ class _ChatBench:
         )
 
         note(f"through /ws/chat: {chats} concurrent replies of {tokens} tokens")
-        cpu = _Cpu(self.web.proc.pid, self.workers.proc.pid)
+        cpu = _Cpu(self.web.proc.pid, self.workers.proc.pid, self.assistant.proc.pid)
         sockets = [_Visitor(self.web.url, self.site.widget_key) for _ in range(chats)]
         try:
             time.sleep(SETTLE_SECONDS)

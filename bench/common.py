@@ -419,8 +419,10 @@ def dramatiq_workers(
     *,
     ready_timeout: float = 60.0,
     env: dict[str, str] | None = None,
+    queues: Sequence[str] = (),
 ) -> Iterator[Workers]:
-    """`dramatiq tasks.worker --processes N --threads T` (as in the Procfile), ready to consume.
+    """`dramatiq tasks.worker --processes N --threads T` (as in the Procfile), ready to consume
+    (only the given queues, if any: `--queues`).
 
     The workers also import bench.worker_hooks, which reports each booted worker process in
     Redis; this waits until all N have booted."""
@@ -444,6 +446,7 @@ def dramatiq_workers(
         str(threads),
         "--worker-shutdown-timeout",
         "15000",
+        *(["--queues", *queues] if queues else []),
     ]
     proc = start_process(cmd, worker_env, log_path)
     workers = Workers(proc=proc, processes=processes, threads=threads, log_path=log_path)

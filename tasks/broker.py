@@ -514,12 +514,14 @@ class Scheduler:
 
 def init_broker(app: Flask) -> TaskState:
     if app.config.get("REDIS_URL"):
-        from tasks.redis_broker import WakingRedisBroker
+        from tasks.redis_broker import SkipQueues, WakingRedisBroker
 
         broker: dramatiq.Broker = WakingRedisBroker(
             url=app.config["REDIS_URL"], namespace=app.config["DRAMATIQ_NAMESPACE"]
         )
         broker.add_middleware(SchedulerMiddleware(app))
+        if app.config.get("WORKER_SKIP_QUEUES"):
+            broker.add_middleware(SkipQueues(set(app.config["WORKER_SKIP_QUEUES"])))
     else:
         broker = StubBroker()
     broker.add_middleware(CurrentMessage())

@@ -24,6 +24,7 @@ from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
 from dramatiq.common import compute_backoff
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
+from dramatiq.middleware import Middleware
 
 #: Most tokens a queue's wake-up set holds. A worker process has one consumer per queue, so
 #: this wakes a consumer in each of as many processes; more would only cause empty fetches.
@@ -91,3 +92,19 @@ class _WakingConsumer(_RedisConsumer):
         message = Message.decode(data)
         self.queued_message_ids.add(message.message_id)
         return MessageProxy(message)
+
+
+class SkipQueues(Middleware):
+    """Keeps this process's worker off some queues (WORKER_SKIP_QUEUES), so that another
+    process can have them to itself: the Procfile's `assistant` process streams the replies,
+    which hold a thread for as long as the model talks and are what a visitor waits for,
+    while `worker` runs the event handlers, whose bursts would otherwise share threads,
+    a GIL and a queue with them."""
+
+    def __init__(self, queues: set[str]) -> None:
+        self.queues = set(queues)
+
+    def before_worker_boot(self, broker, worker) -> None:
+        # Dramatiq's worker consumes the queues of its whitelist (`--queues`), or all.
+        wanted = worker.consumer_whitelist or broker.get_declared_queues()
+        worker.consumer_whitelist = set(wanted) - self.queues

@@ -42,26 +42,35 @@ def test_event_is_handled_and_published_through_redis(prod_app, prod_worker, pro
         assert "via redis" in frame.html
 
 
-def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_path):
-    from extensions import db
-
-    env = worker_process_env(
-        prod_app, tmp_path / "worker-instance", EXTRA_ACTOR_MODULES="tests.spine_handlers"
-    )
-    # The worker command line is the Procfile's own, so a bad flag there fails this test.
+def _procfile_process(app, instance_dir, name: str, **extra: str) -> subprocess.Popen:
+    """Start the Procfile's `name` line against the test app, so a bad flag there fails."""
+    env = worker_process_env(app, instance_dir, **extra)
     procfile = (ROOT / "Procfile").read_text().splitlines()
-    worker_line = next(line for line in procfile if line.startswith("worker:"))
-    env.update(
-        WORKER_PROCESSES="1",
-        WORKER_THREADS="2",
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-    )
-    worker = subprocess.Popen(
-        ["bash", "-c", "exec " + worker_line.split(":", 1)[1].strip()],
+    line = next(line for line in procfile if line.startswith(f"{name}:"))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return subprocess.Popen(
+        ["bash", "-c", "exec " + line.split(":", 1)[1].strip()],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+    )
+
+
+def _stderr_of(proc: subprocess.Popen) -> str:
+    return proc.stderr.read1().decode(errors="replace")[-2000:] if proc.poll() is not None else ""
+
+
+def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_path):
+    from extensions import db
+
+    worker = _procfile_process(
+        prod_app,
+        tmp_path / "worker-instance",
+        "worker",
+        EXTRA_ACTOR_MODULES="tests.spine_handlers",
+        WORKER_PROCESSES="1",
+        WORKER_THREADS="2",
     )
     try:
         tenant = prod_factory.tenant()
@@ -73,12 +82,56 @@ def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_p
             assert wait_for(
                 lambda: _count(db, ActivityLog, ActivityLog.summary.like("counted 10%")) == 5,
                 timeout=30,
-            ), worker.stderr.read1().decode(errors="replace")[-2000:] if worker.poll() else ""
+            ), _stderr_of(worker)
             # The worker process published the feed frames; this process receives them.
             received = {sub.frames.get(timeout=10).key for _ in range(5)}
             assert len(received) == 5
     finally:
         stop_process(worker)
+
+
+def test_replies_are_left_to_the_procfiles_assistant_process(prod_app, prod_factory, tmp_path):
+    """`worker` runs the handlers but leaves the `assistant` queue (replies hold a thread as
+    long as the model talks) to the `assistant` process."""
+    from extensions import db
+    from models.chats import Agent, Message
+    from services import chats
+
+    tenant = prod_factory.tenant()
+    with prod_app.app_context():
+        db.session.add(Agent(tenant_id=tenant.id, name="Helper", is_default=True))
+        db.session.commit()
+        chat = chats.start_chat(tenant.id, visitor_id="visitor-procfile")
+        visitor_message = chats.add_message(chat, "visitor", "Is anyone there?")
+        chats.start_reply_now(visitor_message.id)
+        emit("test.counted", tenant_id=tenant.id, payload={"n": 7})
+        db.session.commit()
+
+    def replies() -> int:
+        return _count(db, Message, Message.sender == "assistant")
+
+    extra = {"EXTRA_ACTOR_MODULES": "tests.spine_handlers", "WORKER_PROCESSES": "1"}
+    worker = _procfile_process(prod_app, tmp_path / "worker", "worker", **extra)
+    assistant = None
+    try:
+        with prod_app.app_context():
+            assert wait_for(
+                lambda: _count(db, ActivityLog, ActivityLog.summary == "counted 7") == 1,
+                timeout=30,
+            ), _stderr_of(worker)
+            queued = prod_app.extensions["switchboard.tasks"].broker.client.llen(
+                f"{prod_app.config['DRAMATIQ_NAMESPACE']}:assistant"
+            )
+            assert queued >= 1 and replies() == 0  # handled the event, not the reply
+
+            assistant = _procfile_process(
+                prod_app, tmp_path / "assistant", "assistant", ASSISTANT_THREADS="2"
+            )
+            assert wait_for(lambda: replies() == 1, timeout=30), _stderr_of(assistant)
+    finally:
+        stop_process(worker)
+        if assistant is not None:
+            stop_process(assistant)
 
 
 def test_redis_down_at_commit_then_relay_delivers(tmp_path, pg_database_url, private_redis):
