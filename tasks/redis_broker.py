@@ -10,7 +10,8 @@ to an idle queue wakes one waiting consumer at once; without messages the consum
 at least once per worker timeout (heartbeats, maintenance and messages requeued by Dramatiq's
 own scripts keep working as before). Tokens are hints, never the messages themselves: a token
 with no message behind it costs one empty fetch. A token is one of WAKE_TOKENS_KEPT names, so
-the set never holds more than that however busy the queue, and the enqueue stays one command.
+the set never holds more than that however busy the queue, and a process adds at most one per
+queue every WAKE_AGAIN_AFTER_S, so a burst of sends costs one extra command, not one each.
 """
 
 from __future__ import annotations
@@ -30,12 +31,20 @@ from dramatiq.middleware import Middleware
 #: this wakes a consumer in each of as many processes; more would only cause empty fetches.
 WAKE_TOKENS_KEPT = 16
 
+#: A process adds at most one token per queue in this time: a burst of sends (a commit's
+#: events, a bulk job) costs one ZADD, not one per message.
+WAKE_AGAIN_AFTER_S = 0.002
+
 #: How often a consumer whose prefetched messages are all in progress looks again.
 FULL_PREFETCH_RECHECK_S = 0.005
 
 
 class WakingRedisBroker(RedisBroker):
     """A RedisBroker whose enqueue wakes an idle consumer of the queue (see the module doc)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._woken: dict[str, float] = {}  # queue -> when this process last added a token
 
     @property
     def consumer_class(self):
@@ -46,6 +55,12 @@ class WakingRedisBroker(RedisBroker):
 
     def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
         sent = super().enqueue(message, delay=delay)
+        now = time.monotonic()
+        if now - self._woken.get(sent.queue_name, -1.0) < WAKE_AGAIN_AFTER_S:
+            # A token went out for this queue a moment ago: whoever it woke is fetching now
+            # and finds this message too, or fetches again within its first back-off step.
+            return sent
+        self._woken[sent.queue_name] = now
         try:
             token = random.randrange(WAKE_TOKENS_KEPT)
             self.client.execute_command("ZADD", self.wake_key(sent.queue_name), 0, token)

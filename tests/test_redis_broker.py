@@ -26,7 +26,9 @@ def broker(redis_url):
     keys = list(client.scan_iter(match=namespace + ":*", count=1000))
     if keys:
         client.delete(*keys)
+    client.close()
     broker.close()
+    broker.client.connection_pool.disconnect()
 
 
 def _message(n: int) -> Message:
