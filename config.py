@@ -33,6 +33,11 @@ def _env(name: str, default: str | None = None) -> str | None:
     return value if value not in (None, "") else default
 
 
+def _list(name: str) -> tuple[str, ...]:
+    """A comma-separated setting, blanks dropped."""
+    return tuple(part.strip() for part in (_env(name) or "").split(",") if part.strip())
+
+
 def _int(name: str, default: int) -> int:
     raw = _env(name)
     if raw is None:
@@ -143,13 +148,9 @@ class Config:
         self.EVENTS_BATCH = _int("EVENTS_BATCH", 50)
         self.WORKER_THREADS = _int("WORKER_THREADS", 4)
         # Production `dramatiq` processes: queues this process leaves to another (Procfile).
-        self.WORKER_SKIP_QUEUES = tuple(
-            q.strip() for q in (_env("WORKER_SKIP_QUEUES", "") or "").split(",") if q.strip()
-        )
+        self.WORKER_SKIP_QUEUES = _list("WORKER_SKIP_QUEUES")
         # More modules whose import registers handlers/tasks (comma separated), e.g. plugins.
-        self.EXTRA_ACTOR_MODULES = tuple(
-            m.strip() for m in (_env("EXTRA_ACTOR_MODULES", "") or "").split(",") if m.strip()
-        )
+        self.EXTRA_ACTOR_MODULES = _list("EXTRA_ACTOR_MODULES")
         # Embedded mode runs Dramatiq worker threads inside the web process; `flask` CLI
         # commands never start them (their events wait for the web process's relay).
         self.START_EMBEDDED_WORKER = _bool("START_EMBEDDED_WORKER", True)
@@ -169,9 +170,7 @@ class Config:
         }
         # Extra origins allowed to open the console's /ws/live (comma separated); the
         # console's own origin is always allowed.
-        self.LIVE_ALLOWED_ORIGINS = [
-            o.strip() for o in (_env("LIVE_ALLOWED_ORIGINS", "") or "").split(",") if o.strip()
-        ]
+        self.LIVE_ALLOWED_ORIGINS = list(_list("LIVE_ALLOWED_ORIGINS"))
 
         # Chats: the widget socket, replies and archiving.
         self.CHAT_RATE_LIMIT_PER_MINUTE = _int("CHAT_RATE_LIMIT_PER_MINUTE", 10)
