@@ -98,6 +98,31 @@ def test_streamed_reply_arrives_in_order_and_is_saved(app, worker, upstream, con
     assert sent["messages"][-1] == {"role": "user", "content": "When will my order ship?"}
 
 
+def test_the_visitor_sees_their_message_before_the_reply(
+    app, worker, upstream, connect, monkeypatch
+):
+    """The reply is queued as soon as the message commits, ahead of the commit's events; when
+    sending those is slow (a busy Redis), the reply must still not overtake the message."""
+    import events.dispatch
+
+    send_events = events.dispatch.dispatch_new
+
+    def slow_dispatch(*args, **kwargs):
+        time.sleep(0.4)
+        return send_events(*args, **kwargs)
+
+    monkeypatch.setattr(events.dispatch, "dispatch_new", slow_dispatch)
+    upstream.script.reply = "A quick answer."
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Quick question?")
+    deltas, done = client.collect_reply()
+    assert "".join(d["text"] for d in deltas) == "A quick answer."
+    kinds = [f["type"] for f in client.frames if f["type"] in ("message", "typing", "delta")]
+    assert kinds[0] == "message", kinds  # the ack, then typing and the deltas
+
+
 def test_cancel_stops_the_upstream_call(app, worker, upstream, connect):
     upstream.script.reply = " ".join(f"word{i}" for i in range(200))
     upstream.script.chunk_delay = 0.02

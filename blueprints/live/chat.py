@@ -23,6 +23,7 @@ from simple_websocket import ConnectionClosed
 from sqlalchemy import select
 
 from blueprints.live.routes import closes_cleanly, refuse
+from events import on_commit
 from extensions import db, sock
 from models.accounts import Tenant
 from models.chats import Chat
@@ -79,7 +80,7 @@ class ChatSocket:
         self.chat_public_id: str | None = None
         self.subscription = None
         self.closed = threading.Event()
-        self.write_lock = threading.Lock()
+        self.write_lock = threading.RLock()
         self.sent_seq: dict[str, int] = {}
         self.done_replies: set[str] = set()
         self.sent_messages: set[int] = set()
@@ -95,7 +96,13 @@ class ChatSocket:
         self.send({"type": "error", "code": code, "message": message, **extra})
 
     def forward(self, frame: dict[str, Any]) -> None:
-        """Send a chat-topic frame once: no duplicate deltas, messages or done frames."""
+        """Send a chat-topic frame once: no duplicate deltas, messages or done frames. Two
+        threads forward (the reader its acks, the pump the topic), so the check and the send
+        happen under the write lock together."""
+        with self.write_lock:
+            self._forward(frame)
+
+    def _forward(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         reply = frame.get("reply_id")
         if kind == "delta":
@@ -310,16 +317,25 @@ class ChatSocket:
         elif chat.status == "archived":
             raise ChatError("no_session", "This chat is archived; start a new session.")
         message = chats.add_message(chat, "visitor", content)
+        ack = {
+            "type": "message",
+            "message": chat_live.message_json(message),
+            "client_id": frame.get("client_id"),
+        }
+        # The visitor's message is acknowledged the moment it is committed, before the reply
+        # is queued: registered first, this runs first. Sent after commit() returned instead,
+        # it came after the commit's events were sent, and a fast reply's first deltas could
+        # overtake it (the widget showed the answer above the question).
+        on_commit(lambda: self._send_ack(ack), before_events=True)
         if chats.should_auto_reply(chat):
             chats.start_reply_now(message.id)
         db.session.commit()  # saved before any model call
-        self.forward(
-            {
-                "type": "message",
-                "message": chat_live.message_json(message),
-                "client_id": frame.get("client_id"),
-            }
-        )
+
+    def _send_ack(self, ack: dict[str, Any]) -> None:
+        try:
+            self.forward(ack)
+        except ConnectionClosed:
+            self.closed.set()  # the visitor left; the reply is still made and saved
 
     def on_typing(self, frame: dict[str, Any]) -> None:
         chat = self._chat()
