@@ -20,6 +20,7 @@ from events import emit, on_commit
 from extensions import db
 from models.base import utcnow
 from models.chats import Agent, Chat, Message
+from services.kv import kv
 from services.sentiment import NEGATIVE, POSITIVE, Sentiment
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,11 @@ def reply_claim_key(message_id: int) -> str:
     return f"reply-claim:{message_id}"
 
 
+def reply_queued_key(message_id: int) -> str:
+    """Set by the web process once its generate_reply is on the queue (start_reply_now)."""
+    return f"reply-queued:{message_id}"
+
+
 # Longer than any reply may take (generate_reply's time limit): meanwhile no second
 # generate_reply for the same message streams a second answer.
 REPLY_CLAIM_SECONDS = 150.0
@@ -392,6 +398,9 @@ def start_reply_now(message_id: int) -> None:
     def send() -> None:
         try:
             app.extensions["switchboard.tasks"].send("generate_reply", message_id)
+            # After the send, off the reply's path: the fallback handler, which may run before
+            # generate_reply claims the message, then knows not to queue a second one.
+            kv().set_flag(reply_queued_key(message_id), ttl=REPLY_CLAIM_SECONDS)
         except Exception as exc:  # noqa: BLE001 - the event's handler starts it instead
             log.warning("could not enqueue the reply to message %s now: %s", message_id, exc)
 

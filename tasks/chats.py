@@ -55,10 +55,11 @@ def analyse_sentiment(event: Event) -> None:
     chats.apply_sentiment(message, analyse(message.content))
 
 
-# Its own handler group, on the replies' queue: the reply starts without waiting for the
-# sentiment analysis and live frames of the `chats` group (the tone they set is for later
-# replies), which took half of the time to the first delta.
-@handler("message.created", name="chat_auto_reply", queue="assistant", max_retries=3)
+# The fallback for the reply the web process sends itself right after the message commits
+# (services.chats.start_reply_now): it only matters when that process died in between. It runs
+# with the chat's other handlers, not on the `assistant` queue, so the assistant process spends
+# the moments before a reply's first delta on that reply and not on this handler's transaction.
+@handler("message.created", name="chat_auto_reply", queue="chats", max_retries=3)
 def start_auto_reply(event: Event) -> None:
     message = _visitor_message(event)
     if message is None:
@@ -66,7 +67,9 @@ def start_auto_reply(event: Event) -> None:
     chat = db.session.get(Chat, message.chat_id)
     if chat is None or not chats.should_auto_reply(chat):
         return
-    if kv().has_flag(chats.reply_claim_key(message.id)):
+    if kv().has_flag(chats.reply_queued_key(message.id)) or kv().has_flag(
+        chats.reply_claim_key(message.id)
+    ):
         return  # the web process that saved the message started the reply already
     app = current_app._get_current_object()
     on_commit(lambda: app.extensions["switchboard.tasks"].send("generate_reply", message.id))
@@ -134,11 +137,23 @@ def generate_reply(message_id: int) -> None:
         (m.sender, m.content)
         for m in chats.recent_messages(chat.id, cfg.get("CHAT_HISTORY_MESSAGES", 50))
     ]
-    tone = (chat.agent_settings or {}).get("tone")
+    # What the reply needs, read now: the commit below expires these objects, and touching
+    # one afterwards costs a new transaction and a SELECT before the model is even asked.
     settings = chat.settings or {}
+    tenant_id, chat_id = chat.tenant_id, chat.id
+    request = {
+        "model": agent.model if agent else cfg["OPENAI_MODEL"],
+        "temperature": float(settings.get("temperature", agent.temperature if agent else 0.7)),
+        "max_tokens": int(settings.get("max_tokens", agent.max_tokens if agent else 1000)),
+        "messages": build_messages(
+            agent.system_prompt if agent else "",
+            (chat.agent_settings or {}).get("tone"),
+            history,
+        ),
+    }
     db.session.commit()  # no transaction held open while the model talks
 
-    stream = chat_live.ReplyStream(chat.tenant_id, chat.id, reply_id)
+    stream = chat_live.ReplyStream(tenant_id, chat_id, reply_id)
     stream.start()
     if not is_configured():
         result_text, failed, usage, cancelled, ms = NOT_CONFIGURED_REPLY, True, None, False, 0
@@ -147,10 +162,7 @@ def generate_reply(message_id: int) -> None:
     else:
         started = time.monotonic()
         result = stream_reply(
-            model=agent.model if agent else cfg["OPENAI_MODEL"],
-            temperature=float(settings.get("temperature", agent.temperature if agent else 0.7)),
-            max_tokens=int(settings.get("max_tokens", agent.max_tokens if agent else 1000)),
-            messages=build_messages(agent.system_prompt if agent else "", tone, history),
+            **request,
             budget_seconds=cfg.get("CHAT_RESPONSE_TIMEOUT", 30),
             on_delta=stream.delta,
             should_cancel=lambda: kv().has_flag(cancel_key(reply_id)),
@@ -166,14 +178,13 @@ def generate_reply(message_id: int) -> None:
                 stream.delta(result_text)
             error_code = "assistant_unavailable"
         ms = ms or int((time.monotonic() - started) * 1000)
-    chat = db.session.get(Chat, message.chat_id)
     saved = None
     if result_text:
         saved = chats.add_message(
-            chat,
+            db.session.get(Chat, chat_id),
             "assistant",
             result_text,
-            in_response_to_id=message.id,
+            in_response_to_id=message_id,
             usage=usage,
             processing_ms=ms,
         )

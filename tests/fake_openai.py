@@ -30,6 +30,8 @@ class Script:
 @dataclass
 class Record:
     body: dict[str, Any]
+    path: str = ""
+    authorization: str | None = None
     chunks_sent: int = 0
     client_gone: bool = False
     finished: bool = False
@@ -60,7 +62,7 @@ class FakeOpenAI:
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
-                record = Record(body=body)
+                record = Record(body, self.path, self.headers.get("Authorization"))
                 with fake._lock:
                     fake.records.append(record)
                     fail = fake._failures < fake.script.fail_first

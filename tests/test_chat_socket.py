@@ -91,7 +91,10 @@ def test_streamed_reply_arrives_in_order_and_is_saved(app, worker, upstream, con
         assert reply.total_tokens and reply.processing_ms is not None
         chat = db.session.scalars(select(Chat)).one()
         assert chat.message_count == 2
-    # The model saw the agent's system prompt, model and the visitor's message.
+    # The model saw the agent's system prompt, model and the visitor's message, asked with
+    # the configured key on the chat-completions endpoint.
+    assert upstream.records[-1].path == "/v1/chat/completions"
+    assert upstream.records[-1].authorization == "Bearer test-key"
     sent = upstream.records[-1].body
     assert sent["model"] == "fake-model" and sent["stream"] is True
     assert sent["messages"][0] == {"role": "system", "content": "You help shoppers."}
