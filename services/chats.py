@@ -192,6 +192,18 @@ def recent_messages(chat_id: int, limit: int) -> list[Message]:
     return list(reversed(rows))
 
 
+def recent_history(chat_id: int, limit: int) -> list[tuple[str, str]]:
+    """(sender, content) of the chat's last `limit` messages, oldest first: what the model is
+    sent, read as plain columns (no Message objects to build on the way to the first delta)."""
+    rows = db.session.execute(
+        select(Message.sender, Message.content)
+        .where(Message.chat_id == chat_id)
+        .order_by(Message.created_at.desc(), Message.id.desc())
+        .limit(limit)
+    ).all()
+    return [(sender, content) for sender, content in reversed(rows)]
+
+
 def messages_before(chat_id: int, before_id: int, limit: int) -> list[Message]:
     rows = db.session.scalars(
         select(Message)

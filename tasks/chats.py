@@ -112,6 +112,11 @@ def cancel_key(reply_id: str) -> str:
 def generate_reply(message_id: int) -> None:
     """Stream the assistant's reply to a visitor message, then save it (idempotent)."""
     cfg = current_app.config
+    # Its reads need no transaction of their own: in autocommit there is no BEGIN and no
+    # COMMIT to wait for on the way to the first delta. (The reply is saved in a transaction
+    # of its own at the end, on a connection checked out afresh.)
+    if not db.session().in_transaction():  # (a caller's open transaction is simply used)
+        db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     # One statement for what the reply needs to start (each round trip counts: the visitor
     # waits for the first delta, and the message's other handlers are busy meanwhile).
     answered = (
@@ -133,10 +138,7 @@ def generate_reply(message_id: int) -> None:
     if not kv().claim(chats.reply_claim_key(message.id), chats.REPLY_CLAIM_SECONDS):
         return  # another generate_reply (started by the web process or the event) has it
     reply_id = chat_live.reply_id_for(message.id)
-    history = [
-        (m.sender, m.content)
-        for m in chats.recent_messages(chat.id, cfg.get("CHAT_HISTORY_MESSAGES", 50))
-    ]
+    history = chats.recent_history(chat.id, cfg.get("CHAT_HISTORY_MESSAGES", 50))
     # What the reply needs, read now: the commit below expires these objects, and touching
     # one afterwards costs a new transaction and a SELECT before the model is even asked.
     settings = chat.settings or {}
@@ -151,7 +153,7 @@ def generate_reply(message_id: int) -> None:
             history,
         ),
     }
-    db.session.commit()  # no transaction held open while the model talks
+    db.session.commit()  # the connection goes back to the pool while the model talks
 
     stream = chat_live.ReplyStream(tenant_id, chat_id, reply_id)
     stream.start()
