@@ -64,6 +64,10 @@ class HandlerSpec:
     time_limit_ms: int = 60_000
     min_backoff_ms: int = 200
     max_backoff_ms: int = 60_000
+    # Called once for a batch of events (one commit's, run in one transaction) with those
+    # this handler is about to run, before any of them: it reads in one query what the
+    # handler would otherwise read event by event, and keeps it in `batch_cache()`.
+    preload: Callable[[list[Event]], None] | None = None
 
     def matches(self, topic: str) -> bool:
         return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.topics)
@@ -116,6 +120,16 @@ class Registry:
 
 
 registry = Registry()
+
+
+BATCH_CACHE = "spine.batch"
+
+
+def batch_cache(session: Any) -> dict[str, Any] | None:
+    """Where handlers keep what they share across the batch of events being run in
+    `session`'s transaction (what a preload read, sums to write once); None outside a batch.
+    The batch runner drops it when the batch ends, committed or not."""
+    return session.info.get(BATCH_CACHE)
 
 
 def handler(*topics: str, name: str | None = None, **options: Any):

@@ -152,14 +152,36 @@ def find_device(tenant_id: int, service_code: str, api_device_id: str) -> Device
     first; the batch's one flush writes them all."""
     with db.session.no_autoflush:
         return db.session.scalar(
-            select(Device)
-            .join(Manufacturer, Manufacturer.id == Device.manufacturer_id)
-            .where(
+            select(Device).where(
                 Device.tenant_id == tenant_id,
-                Manufacturer.code == service_code,
+                Device.manufacturer_id == _manufacturer_id(service_code),
                 Device.api_device_id == api_device_id,
             )
         )
+
+
+def find_devices(tenant_id: int, service_code: str, api_device_ids) -> dict[str, Device]:
+    """Many devices of one tenant and service by api_device_id, in one query."""
+    ids = sorted(set(api_device_ids))
+    if not ids:
+        return {}
+    with db.session.no_autoflush:
+        rows = db.session.scalars(
+            select(Device).where(
+                Device.tenant_id == tenant_id,
+                Device.manufacturer_id == _manufacturer_id(service_code),
+                Device.api_device_id.in_(ids),
+            )
+        )
+        return {device.api_device_id: device for device in rows}
+
+
+def _manufacturer_id(service_code: str):
+    # A subquery rather than a join: the device lookup then matches the
+    # (tenant_id, manufacturer_id, api_device_id) unique index on all three columns; joined,
+    # PostgreSQL may scan the tenant's devices and filter them, as it did right after a
+    # discovery, before the new rows had statistics (0.6 ms for 500 devices, per event).
+    return select(Manufacturer.id).where(Manufacturer.code == service_code).scalar_subquery()
 
 
 def _event(topic: str, tenant_id: int, service_code: str, api_device_id: str | None, **data):

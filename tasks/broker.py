@@ -24,7 +24,7 @@ from sqlalchemy import bindparam, func, select
 
 from events.dispatch import group_actor_name
 from events.outbox import prepare_commit
-from events.registry import Event, HandlerSpec, PeriodicSpec, TaskSpec, registry
+from events.registry import BATCH_CACHE, Event, HandlerSpec, PeriodicSpec, TaskSpec, registry
 from extensions import db
 from models.base import utcnow
 
@@ -321,12 +321,20 @@ def _run_batch_in_transaction(group: str, event_pks: list[int]) -> bool:
         session.rollback()
         return True
     fresh = _record_many(session, [(event.id, spec.name) for event, spec in runs])
+    runs = [(event, spec) for event, spec in runs if (event.id, spec.name) in fresh]
+    session.info[BATCH_CACHE] = {}
     try:
+        preloads: dict[Any, list[Event]] = {}
         for event, spec in runs:
-            if (event.id, spec.name) in fresh:
-                spec.fn(event)
+            if spec.preload is not None:
+                preloads.setdefault(spec.preload, []).append(event)
+        for preload, its_events in preloads.items():
+            preload(its_events)
+        for event, spec in runs:
+            spec.fn(event)
         prepare_commit(session)  # one flush for the batch, then the work deferred to it
     except Exception as exc:  # noqa: BLE001 - the events are run one by one instead
+        session.info.pop(BATCH_CACHE, None)
         session.rollback()  # forgets the batch's events and after-commit work too
         log.info(
             "a handler of %s failed in a batch of %s events (%r); running them one by one",
@@ -335,6 +343,7 @@ def _run_batch_in_transaction(group: str, event_pks: list[int]) -> bool:
             exc,
         )
         return False
+    session.info.pop(BATCH_CACHE, None)
     session.commit()
     return True
 

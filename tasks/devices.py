@@ -15,7 +15,7 @@ from sqlalchemy import select
 import services.manufacturers.shure  # noqa: F401  registers the service
 from events import emit
 from events.outbox import before_commit
-from events.registry import Event, handler, periodic
+from events.registry import Event, batch_cache, handler, periodic
 from extensions import db
 from models.base import utcnow
 from models.devices import ActivityLog, Device, DeviceReading, Location, Manufacturer
@@ -85,9 +85,37 @@ def publish_device(device: Device) -> None:
 
 
 def _device(event: Event) -> Device | None:
-    return device_service.find_device(
-        event.tenant_id, event.payload.get("service_code", ""), event.payload.get("device_id", "")
-    )
+    code, api_id = event.payload.get("service_code", ""), event.payload.get("device_id", "")
+    cache = batch_cache(db.session())
+    preloaded = cache.get(PRELOADED) if cache is not None else None
+    if preloaded is not None:
+        device = preloaded.get((event.tenant_id, code, api_id))
+        if device is not None:
+            return device
+    # Not preloaded, or not there then: a device a discovery earlier in this batch created
+    # is found by the query (it was flushed), a new one is not.
+    return device_service.find_device(event.tenant_id, code, api_id)
+
+
+PRELOADED = "devices"
+
+
+def preload_devices(events: list[Event]) -> None:
+    """The devices a batch's events are about, one query per (tenant, service) instead of one
+    per event; _device() looks there first."""
+    wanted: dict[tuple[int, str], set[str]] = {}
+    for event in events:
+        api_id = event.payload.get("device_id")
+        if event.tenant_id is not None and api_id:
+            key = (event.tenant_id, event.payload.get("service_code", ""))
+            wanted.setdefault(key, set()).add(api_id)
+    found = {}
+    for (tenant_id, code), api_ids in wanted.items():
+        for api_id, device in device_service.find_devices(tenant_id, code, api_ids).items():
+            found[(tenant_id, code, api_id)] = device
+    cache = batch_cache(db.session())
+    if cache is not None:
+        cache[PRELOADED] = found
 
 
 def _unknown(event: Event, what: str) -> None:
@@ -110,7 +138,7 @@ def alerts_wanted(device: Device) -> bool:
     return bool(location and location.alert_on_offline) and not alerts_suppressed(device)
 
 
-@handler("device.discovered", name="device_discovered", queue="devices")
+@handler("device.discovered", name="device_discovered", queue="devices", preload=preload_devices)
 def on_discovered(event: Event) -> None:
     data = event.payload.get("device") or {}
     device = _device(event)
@@ -166,7 +194,7 @@ def on_discovered(event: Event) -> None:
     )
 
 
-@handler("device.online", name="device_online", queue="devices")
+@handler("device.online", name="device_online", queue="devices", preload=preload_devices)
 def on_online(event: Event) -> None:
     device = _device(event)
     if device is None:
@@ -202,7 +230,7 @@ def on_online(event: Event) -> None:
     publish_device(device)
 
 
-@handler("device.offline", name="device_offline", queue="devices")
+@handler("device.offline", name="device_offline", queue="devices", preload=preload_devices)
 def on_offline(event: Event) -> None:
     device = _device(event)
     if device is None:
@@ -241,7 +269,7 @@ def on_offline(event: Event) -> None:
     publish_device(device)
 
 
-@handler("device.updated", name="device_updated", queue="devices")
+@handler("device.updated", name="device_updated", queue="devices", preload=preload_devices)
 def on_updated(event: Event) -> None:
     device = _device(event)
     if device is None:

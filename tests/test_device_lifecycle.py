@@ -151,6 +151,36 @@ def test_unknown_device_warns_or_is_provisioned(app, db, worker, venue):
     assert created is not None and created.model == "AD4D" and created.is_online
 
 
+def test_one_commits_events_about_new_and_known_devices_all_apply(app, db, worker, venue):
+    """A poll commits many events at once and their handlers run as one batch, reading the
+    batch's devices up front: a device discovered earlier in the same batch is found too,
+    and a same-named device is never picked."""
+    tenant, device, decoy, _ = venue
+    app.config["DEVICES_AUTO_PROVISION"] = True
+
+    def event(topic, device_id, **data):
+        payload = {"service_code": "shure", "device_id": device_id, **data}
+        emit(topic, tenant_id=tenant.id, entity="device", payload=payload)
+
+    event("device.discovered", "AD4D-7", device={"api_device_id": "AD4D-7", "name": "Rack"})
+    event("device.updated", "AD4D-7", old={"firmware": ""}, new={"firmware": "1.2"})
+    event("device.updated", "ULXD-1", old={"battery_bars": 4}, new={"battery_bars": 3})
+    event("device.offline", "ULXD-2", missed_polls=3)
+    event("device.online", "NOPE-1")
+    db.session.commit()
+    drain(app)
+    db.session.expire_all()
+    created = db.session.scalar(select(Device).where(Device.api_device_id == "AD4D-7"))
+    assert created is not None and created.firmware == "1.2"
+    assert db.session.get(Device, device.id).state["battery_bars"] == 3
+    assert db.session.get(Device, device.id).is_online
+    assert not db.session.get(Device, decoy.id).is_online
+    summaries = [a.summary for a in _activity(db, tenant.id)]
+    assert "Provisioned receiver Rack" in summaries
+    assert "Rack: firmware changed" in summaries and "Lead vocal is offline" in summaries
+    assert any("unknown device NOPE-1" in s for s in summaries)
+
+
 def test_reminders_repeat_while_down(app, db, worker, venue):
     tenant, device, _, _ = venue
     _emit(db, "device.offline", tenant.id, "ULXD-1", missed_polls=3)
