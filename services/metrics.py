@@ -22,6 +22,8 @@ from typing import Any
 from markupsafe import Markup, escape
 from sqlalchemy import case, func, select
 
+from events.outbox import before_commit
+from events.registry import batch_cache
 from extensions import db
 from models.metrics import MetricCounter
 
@@ -83,15 +85,47 @@ def increment(
     amount: float = 1.0,
 ) -> None:
     """Add `amount` to one counter row in the current transaction (no commit)."""
-    values = {
-        "name": name,
-        "tenant_id": tenant_id,
-        "labels": canonical_labels(labels),
-        "day": day,
-        "value": float(amount),
-    }
+    add_counts([(name, tenant_id, day, labels, amount)])
+
+
+Count = tuple[str, int, date, dict[str, object] | None, float]
+_BATCH_SUMS = "metrics"
+
+
+def add_counts(counts: Iterable[Count]) -> None:
+    """Add to many counter rows in the current transaction: one executemany of the upsert.
+
+    Inside a batch of events (one commit's, run in one transaction: tasks/broker.py) the
+    amounts are summed per row instead and written once, just before the batch commits: a
+    poll's fifty device events are one upsert, not fifty."""
+    sums: dict[tuple[str, int, str, date], float] = {}
+    for name, tenant_id, day, labels, amount in counts:
+        key = (name, tenant_id, canonical_labels(labels), day)
+        sums[key] = sums.get(key, 0.0) + float(amount)
+    if not sums:
+        return
+    session = db.session()
+    cache = batch_cache(session)
+    if cache is None:
+        _write_sums(sums)
+        return
+    pending = cache.get(_BATCH_SUMS)
+    if pending is None:
+        pending = cache[_BATCH_SUMS] = {}
+        before_commit(lambda: _write_sums(pending), session)
+    for key, value in sums.items():
+        pending[key] = pending.get(key, 0.0) + value
+
+
+def _write_sums(sums: dict[tuple[str, int, str, date], float]) -> None:
+    if not sums:
+        return
+    rows = [
+        {"name": name, "tenant_id": tenant_id, "labels": labels, "day": day, "value": value}
+        for (name, tenant_id, labels, day), value in sums.items()
+    ]
     conn = db.session.connection()
-    conn.execute(_upsert(conn.dialect.name), values)
+    conn.execute(_upsert(conn.dialect.name), rows)
 
 
 def _upsert(dialect: str):
@@ -126,11 +160,18 @@ def length_bucket_labels(length: int) -> list[str]:
 def record_message(tenant_id: int, day: date, sender: str, content: str | None) -> None:
     sender = sender if sender in SENDERS else "other"
     length = len(content or "")
-    increment(MESSAGES_CREATED, tenant_id, day, {"sender": sender})
-    for le in length_bucket_labels(length):
-        increment(MESSAGE_LENGTH_BUCKET, tenant_id, day, {"le": le, "sender": sender})
-    increment(MESSAGE_LENGTH_SUM, tenant_id, day, {"sender": sender}, amount=length)
-    increment(MESSAGE_LENGTH_COUNT, tenant_id, day, {"sender": sender})
+    by_sender = {"sender": sender}
+    add_counts(
+        [
+            (MESSAGES_CREATED, tenant_id, day, by_sender, 1.0),
+            *(
+                (MESSAGE_LENGTH_BUCKET, tenant_id, day, {"le": le, "sender": sender}, 1.0)
+                for le in length_bucket_labels(length)
+            ),
+            (MESSAGE_LENGTH_SUM, tenant_id, day, by_sender, float(length)),
+            (MESSAGE_LENGTH_COUNT, tenant_id, day, by_sender, 1.0),
+        ]
+    )
 
 
 def record_chat(tenant_id: int, day: date, agent_id: object) -> None:
