@@ -85,34 +85,39 @@ def publish_device(device: Device) -> None:
 
 
 def _device(event: Event) -> Device | None:
-    code, api_id = event.payload.get("service_code", ""), event.payload.get("device_id", "")
-    cache = batch_cache(db.session())
-    preloaded = cache.get(PRELOADED) if cache is not None else None
-    if preloaded is not None:
-        device = preloaded.get((event.tenant_id, code, api_id))
-        if device is not None:
-            return device
-    # Not preloaded, or not there then: a device a discovery earlier in this batch created
-    # is found by the query (it was flushed), a new one is not.
-    return device_service.find_device(event.tenant_id, code, api_id)
+    key = _key(event)
+    preloaded = _preloaded()
+    if preloaded is not None and key in preloaded:
+        return preloaded[key]
+    return device_service.find_device(*key)
+
+
+def _key(event: Event) -> tuple[int | None, str, str]:
+    return event.tenant_id, event.payload.get("service_code", ""), event.payload.get("device_id")
 
 
 PRELOADED = "devices"
 
 
+def _preloaded() -> dict | None:
+    cache = batch_cache(db.session())
+    return cache.get(PRELOADED) if cache is not None else None
+
+
 def preload_devices(events: list[Event]) -> None:
     """The devices a batch's events are about, one query per (tenant, service) instead of one
-    per event; _device() looks there first."""
+    per event. _device() answers from it, a device not there included (None): only a
+    discovery in the same batch creates one, and it adds what it creates."""
     wanted: dict[tuple[int, str], set[str]] = {}
     for event in events:
-        api_id = event.payload.get("device_id")
-        if event.tenant_id is not None and api_id:
-            key = (event.tenant_id, event.payload.get("service_code", ""))
-            wanted.setdefault(key, set()).add(api_id)
-    found = {}
+        tenant_id, code, api_id = _key(event)
+        if tenant_id is not None and api_id:
+            wanted.setdefault((tenant_id, code), set()).add(api_id)
+    found: dict[tuple[int | None, str, str], Device | None] = {}
     for (tenant_id, code), api_ids in wanted.items():
-        for api_id, device in device_service.find_devices(tenant_id, code, api_ids).items():
-            found[(tenant_id, code, api_id)] = device
+        devices = device_service.find_devices(tenant_id, code, api_ids)
+        for api_id in api_ids:
+            found[(tenant_id, code, api_id)] = devices.get(api_id)
     cache = batch_cache(db.session())
     if cache is not None:
         cache[PRELOADED] = found
@@ -177,6 +182,9 @@ def on_discovered(event: Event) -> None:
     )
     db.session.add(device)
     db.session.flush()
+    preloaded = _preloaded()
+    if preloaded is not None:
+        preloaded[_key(event)] = device  # for the batch's later events about it
     log_activity(
         event,
         "discovery",
