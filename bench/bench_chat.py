@@ -851,8 +851,9 @@ class _ChatBench:
             checks = (
                 f"{through['complete']}/{chats} replies complete with seq 1..{tokens} in "
                 f"order, {through['lost']} lost, {through['duplicated']} duplicated, "
-                f"{through['bad_text']} with other text, {saved} saved Messages equal to "
-                "the model's text"
+                f"{through['bad_text']} with other text, {through['early']} reply frames "
+                f"before the visitor's message, {saved} saved Messages equal to the "
+                "model's text"
             )
             rows.append(
                 result(
@@ -949,6 +950,7 @@ class _ChatBench:
         times: list[list[float]] = [[] for _ in range(count)]
         done: list[dict | None] = [None] * count
         message_ids: list[int | None] = [None] * count
+        early = [0] * count  # reply frames before the visitor's own message came back
 
         def chat(i: int) -> None:
             visitor = sockets[i]
@@ -975,7 +977,12 @@ class _ChatBench:
                 if kind == "message" and (frame.get("message") or {}).get("sender") == "visitor":
                     message_ids[i] = frame["message"]["id"]
                     reply_id = f"r{message_ids[i]}"
-                elif reply_id is None or frame.get("reply_id") != reply_id:
+                elif reply_id is None:
+                    # This socket's one chat has one reply: a frame of it came before the
+                    # message it answers (the widget would show the answer above it).
+                    early[i] += kind in ("typing", "delta", "done")
+                    continue
+                elif frame.get("reply_id") != reply_id:
                     continue
                 elif kind == "delta":
                     seqs[i].append(frame["seq"])
@@ -987,7 +994,8 @@ class _ChatBench:
 
         _in_threads(count, chat, "ws-chat")
         return self._verify(seqs, texts, times, done, reply, tokens, sent_at) | {
-            "message_ids": message_ids
+            "message_ids": message_ids,
+            "early": sum(early),
         }
 
     @staticmethod
