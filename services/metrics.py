@@ -112,7 +112,13 @@ def add_counts(counts: Iterable[Count]) -> None:
     pending = cache.get(_BATCH_SUMS)
     if pending is None:
         pending = cache[_BATCH_SUMS] = {}
-        before_commit(lambda: _write_sums(pending), session)
+
+        def write() -> None:
+            # Taken out first: a count added after this ran (by another before-commit
+            # callback) starts a new sum with a callback of its own.
+            _write_sums(cache.pop(_BATCH_SUMS, None) or {})
+
+        before_commit(write, session)
     for key, value in sums.items():
         pending[key] = pending.get(key, 0.0) + value
 
