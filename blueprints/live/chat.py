@@ -21,6 +21,7 @@ from flask_login import current_user
 from itsdangerous import BadSignature, URLSafeSerializer
 from simple_websocket import ConnectionClosed
 from sqlalchemy import select
+from sqlalchemy.orm import joinedload
 
 from blueprints.live.routes import closes_cleanly, refuse
 from events import on_commit
@@ -223,7 +224,9 @@ class ChatSocket:
     def _chat(self) -> Chat:
         if self.chat_id is None:
             raise ChatError("no_session", "Start a session (session_init) first.")
-        chat = db.session.get(Chat, self.chat_id)
+        # With its agent: a visitor's message asks whether the agent replies (one query, not
+        # two, on the way to the reply).
+        chat = db.session.get(Chat, self.chat_id, options=[joinedload(Chat.agent)])
         if chat is None:
             raise ChatError("no_session", "This chat no longer exists; start a new session.")
         return chat
