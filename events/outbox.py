@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import enum
 import logging
@@ -189,7 +190,7 @@ def on_commit(
     work someone is waiting for, which should not queue behind the events' handlers)."""
     from extensions import db
 
-    session = session or db.session()
+    session = _in_transaction(session or db.session())
     session.info.setdefault(AFTER_COMMIT, []).append((fn, before_events))
 
 
@@ -202,8 +203,17 @@ def before_commit(fn: Callable[[], None], session: Session | None = None) -> Non
     one flush writes all the rows of a batch of events in a statement or two."""
     from extensions import db
 
-    session = session or db.session()
+    session = _in_transaction(session or db.session())
     session.info.setdefault(BEFORE_COMMIT, []).append(fn)
+
+
+def _in_transaction(session: Session) -> Session:
+    """Work registered between transactions belongs to the next one: begun now, so that a
+    rollback before any statement drops the work too (a session with no transaction ignores
+    rollback(), and the next commit would have run it)."""
+    if not session.in_transaction():
+        session.begin()
+    return session
 
 
 def prepare_commit(session: Session) -> None:
@@ -244,7 +254,20 @@ def _run_committed_work(session: Session) -> None:
             dispatch_new(current_app._get_current_object(), event_ids)
         except Exception:  # noqa: BLE001 - the commit stands; the relay delivers later
             log.exception("dispatch after commit failed; events stay pending for the relay")
-    _run_callbacks(fn for fn, before_events in callbacks if not before_events)
+    with contextlib.ExitStack() as scopes:
+        for scope in _callback_scopes:
+            scopes.enter_context(scope())
+        _run_callbacks(fn for fn, before_events in callbacks if not before_events)
+
+
+# Context managers wrapped around a commit's (after-events) callbacks, e.g. one that gathers
+# the live frames they publish and sends them together when the last callback has run.
+_callback_scopes: list[Callable[[], contextlib.AbstractContextManager]] = []
+
+
+def around_commit_callbacks(scope: Callable[[], contextlib.AbstractContextManager]) -> None:
+    if scope not in _callback_scopes:
+        _callback_scopes.append(scope)
 
 
 def _run_callbacks(callbacks: Iterable[Callable[[], None]]) -> None:
