@@ -72,6 +72,10 @@ class MemoryBus:
             listener(topic, frame_id, data)
         return frame_id
 
+    def publish_many(self, frames: list[tuple[str, str]]) -> None:
+        for topic, data in frames:
+            self.publish(topic, data)
+
     def last_id(self, topic: str) -> str:
         with self._cond:
             stream = self._streams.get(topic)
@@ -124,6 +128,13 @@ class RedisBus:
             self._key(topic), {"d": data}, maxlen=self.maxlen, approximate=True
         )
         return frame_id.decode() if isinstance(frame_id, bytes) else frame_id
+
+    def publish_many(self, frames: list[tuple[str, str]]) -> None:
+        """Several frames in one round trip (a pipeline, in order; not a transaction)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for topic, data in frames:
+            pipe.xadd(self._key(topic), {"d": data}, maxlen=self.maxlen, approximate=True)
+        pipe.execute()
 
     def last_id(self, topic: str) -> str:
         items = self.redis.xrevrange(self._key(topic), count=1)

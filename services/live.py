@@ -7,8 +7,11 @@ topics of that user's tenant.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from typing import Any
 
 from flask import current_app, has_request_context, render_template
@@ -16,8 +19,9 @@ from flask.ctx import RequestContext
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from events.live import encode
-from events.outbox import on_commit
+from events.outbox import around_commit_callbacks, on_commit
 
+log = logging.getLogger(__name__)
 SnapshotFn = Callable[..., str]
 _USER_SEGMENT = re.compile(r"u\d+")
 _snapshots: dict[str, SnapshotFn] = {}
@@ -87,13 +91,53 @@ def publish(topic: str, key: str, *, html: str | None = None, json_data: Any = N
 
 
 def publish_after_commit(topic: str, key: str, *, html: str | None = None, json_data: Any = None):
+    """Publish once the transaction commits. A commit's frames go out together, in one
+    round trip, when its last after-commit callback has run (a batch of fifty device events
+    publishes a hundred and fifty frames)."""
     app = current_app._get_current_object()
+    data = encode(key, html=html, json_data=json_data)
 
     def _send() -> None:
+        gathered = getattr(_gathering, "frames", None)
+        if gathered is not None:
+            gathered.append((app, topic, data))
+            return
         with app.app_context():
-            publish(topic, key, html=html, json_data=json_data)
+            bus().publish(topic, data)
 
     on_commit(_send)
+
+
+_gathering = threading.local()
+
+
+@contextmanager
+def _gather_frames():
+    outer = getattr(_gathering, "frames", None)
+    if outer is not None:  # a commit inside a callback: its frames join the outer ones
+        yield
+        return
+    _gathering.frames = frames = []
+    try:
+        yield
+    finally:
+        _gathering.frames = None
+        _publish_gathered(frames)
+
+
+def _publish_gathered(frames: list[tuple[Any, str, str]]) -> None:
+    by_app: dict[Any, list[tuple[str, str]]] = {}
+    for app, topic, data in frames:
+        by_app.setdefault(app, []).append((topic, data))
+    for app, items in by_app.items():
+        try:
+            with app.app_context():
+                bus().publish_many(items)
+        except Exception:  # noqa: BLE001 - live frames are best effort; pages resnapshot
+            log.exception("could not publish %s live frames after a commit", len(items))
+
+
+around_commit_callbacks(_gather_frames)
 
 
 def render_fragment(template: str, **context: Any) -> str:

@@ -136,6 +136,34 @@ def test_hub_that_fell_behind_the_stream_trim_asks_for_a_new_snapshot(redis_url)
         cleanup_redis(redis_url, prefix, "unused-namespace")
 
 
+def test_a_commits_live_frames_reach_the_bus_together_in_order(prod_app):
+    """Frames published after commit go out in one round trip once the commit's callbacks
+    have run: all of them, in order, and none from a rolled-back savepoint or transaction."""
+    import json
+
+    from extensions import db
+    from services.live import bus, publish_after_commit
+
+    with prod_app.app_context():
+        topic = "t1:devices"
+        start = bus().last_id(topic)
+        for n in range(5):
+            publish_after_commit(topic, f"k{n}", html=f"<p>{n}</p>")
+        savepoint = db.session.begin_nested()
+        publish_after_commit(topic, "undone", html="<p>undone</p>")
+        savepoint.rollback()
+        publish_after_commit(topic, "k5", html="<p>5</p>")
+        assert bus().read({topic: start}) == []  # nothing before the commit
+        db.session.commit()
+        keys = [json.loads(data)["key"] for _, _, data in bus().read({topic: start})]
+        assert keys == ["k0", "k1", "k2", "k3", "k4", "k5"]
+
+        publish_after_commit(topic, "rolled-back", html="<p>no</p>")
+        db.session.rollback()
+        db.session.commit()
+        assert [json.loads(d)["key"] for _, _, d in bus().read({topic: start})][-1] == "k5"
+
+
 def _publish_notes(app, topic: str, texts: list[str], first: int = 0) -> None:
     from services.live import publish
 
