@@ -29,13 +29,12 @@ run against the same fake server:
   instead: tasks/redis_broker.py).
 - deltas/s: K visitors each get a long reply (N tokens, no delay between chunks) at the same
   time through the one web process; delta frames received by all clients ÷ the time from the
-  first delta to the last. Their messages go out 25 ms apart (--chat-stagger-ms): when 15
-  commits that write events run at once in one process, each holds its session's connection
-  while the after-commit dispatch waits for a second one, and the pool (5 + 10 overflow)
-  stalls for its 30 s timeout. The base is the fake server read directly by K concurrent
-  `openai` clients (same window). Every reply is checked: sequence numbers 1..N exactly once
-  each, in order, text equal to the model's, `done` carrying N, and the saved Message equal
-  to the model's text.
+  first delta to the last. Their messages go out at the same moment (--chat-stagger-ms
+  spreads them; runs before 2026-12-02 used 25 ms, a precaution that outlived the pool stall
+  it was for). The base is the fake server read directly by K concurrent `openai` clients
+  (same window). Every reply is checked: sequence numbers 1..N exactly once each, in order,
+  text equal to the model's, `done` carrying N, and the saved Message equal to the model's
+  text, and no reply frame may reach a socket before the visitor's own message.
 - relay ceiling: the same K sockets; the frames ReplyStream.delta would publish (without
   the console's HTML copy) are XADDed onto their chats' live-bus topics from here in
   pipelines, then `done`: what one web process relays with the workers and the model out
@@ -118,9 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--chat-stagger-ms",
         type=float,
-        default=25.0,
-        help="gap between the K visitors' messages (default 25; 0: all at once, which "
-        "stalls the web process 30 s once 15 commit together — see the docstring)",
+        default=0.0,
+        help="gap between the K visitors' messages (default 0: all at once)",
     )
     group.add_argument(
         "--chat-worker-processes", type=int, default=2, help="dramatiq --processes (default 2)"
