@@ -182,25 +182,24 @@ def _title_from(text: str) -> str:
     return line if len(line) <= 60 else line[:59] + "…"
 
 
-def recent_messages(chat_id: int, limit: int) -> list[Message]:
-    rows = db.session.scalars(
-        select(Message)
+def _latest(chat_id: int, limit: int, *columns: Any):
+    """The chat's last `limit` messages (newest first) as `columns`, or whole Messages."""
+    return (
+        select(*(columns or (Message,)))
         .where(Message.chat_id == chat_id)
         .order_by(Message.created_at.desc(), Message.id.desc())
         .limit(limit)
-    ).all()
-    return list(reversed(rows))
+    )
+
+
+def recent_messages(chat_id: int, limit: int) -> list[Message]:
+    return list(reversed(db.session.scalars(_latest(chat_id, limit)).all()))
 
 
 def recent_history(chat_id: int, limit: int) -> list[tuple[str, str]]:
     """(sender, content) of the chat's last `limit` messages, oldest first: what the model is
     sent, read as plain columns (no Message objects to build on the way to the first delta)."""
-    rows = db.session.execute(
-        select(Message.sender, Message.content)
-        .where(Message.chat_id == chat_id)
-        .order_by(Message.created_at.desc(), Message.id.desc())
-        .limit(limit)
-    ).all()
+    rows = db.session.execute(_latest(chat_id, limit, Message.sender, Message.content)).all()
     return [(sender, content) for sender, content in reversed(rows)]
 
 

@@ -150,14 +150,7 @@ def find_device(tenant_id: int, service_code: str, api_device_id: str) -> Device
     Without autoflush: neither key changes after a device is created (and creating one
     flushes it), so the pending changes of a batch's earlier events need not be written
     first; the batch's one flush writes them all."""
-    with db.session.no_autoflush:
-        return db.session.scalar(
-            select(Device).where(
-                Device.tenant_id == tenant_id,
-                Device.manufacturer_id == _manufacturer_id(service_code),
-                Device.api_device_id == api_device_id,
-            )
-        )
+    return find_devices(tenant_id, service_code, [api_device_id]).get(api_device_id)
 
 
 def find_devices(tenant_id: int, service_code: str, api_device_ids) -> dict[str, Device]:
