@@ -54,13 +54,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 
 import dramatiq
 from dramatiq.middleware import Middleware
 
 from bench.common import (
     BenchError,
+    CpuMeter,
     ProdEnv,
     create_tenant_user,
     dramatiq_workers,
@@ -287,53 +287,6 @@ class _Site:
             site = cls(tenant.id, tenant.widget_key)
             db.session.remove()
         return site
-
-
-def _process_group_cpu(pgid: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of a process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:  # after "pid (comm)": state ppid pgrp …; utime stime at 11-12
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
-
-
-def _self_cpu() -> float:
-    times = os.times()
-    return times.user + times.system
-
-
-class _Cpu:
-    """CPU seconds used by the web, the workers and this process between start() and stop()."""
-
-    def __init__(self, web_pgid: int, worker_pgid: int, assistant_pgid: int) -> None:
-        self.pgids = {"web": web_pgid, "workers": worker_pgid, "assistant": assistant_pgid}
-        self.used: dict[str, float] = {}
-
-    def _read(self) -> dict[str, float]:
-        found = {name: _process_group_cpu(pgid) for name, pgid in self.pgids.items()}
-        found["bench"] = _self_cpu()
-        return found
-
-    def start(self) -> None:
-        self._start, self._at = self._read(), time.perf_counter()
-
-    def stop(self) -> None:
-        end, seconds = self._read(), time.perf_counter() - self._at
-        self.used = {name: end[name] - self._start[name] for name in end}
-        self.seconds = seconds
-
-    def text(self) -> str:
-        parts = [
-            f"{name} {used:.1f} CPU-s ({used / self.seconds:.0%} of a core)"
-            for name, used in self.used.items()
-        ]
-        return f"over {self.seconds:.1f} s: " + ", ".join(parts)
 
 
 def _ms(seconds: float) -> float:
@@ -837,7 +790,12 @@ class _ChatBench:
         )
 
         note(f"through /ws/chat: {chats} concurrent replies of {tokens} tokens")
-        cpu = _Cpu(self.web.proc.pid, self.workers.proc.pid, self.assistant.proc.pid)
+        cpu = CpuMeter(
+            web=self.web.proc.pid,
+            workers=self.workers.proc.pid,
+            assistant=self.assistant.proc.pid,
+            bench="self",
+        )
         sockets = [_Visitor(self.web.url, self.site.widget_key) for _ in range(chats)]
         try:
             time.sleep(SETTLE_SECONDS)

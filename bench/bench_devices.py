@@ -41,6 +41,12 @@ client's production settings (meters every 1 s) except a short reconnect back-of
   A discovered device has no card on an open dashboard (which page it belongs on depends on
   the viewer's filters): the page shows a "new devices were discovered" notice instead, so
   discovery reports when the first and the last notice arrived.
+- CPU: the CPU seconds every process of the run used (workers, web, the fleet's process, this
+  process with its poll, and every `postgres` and `redis-server` process on the machine, their
+  reaped connections included), from /proc, over the no-op figure's sends and over each round,
+  per no-op message and per device event. Their ratio says how far the events/s figure can
+  go on these cores at best: the "CPU-bound ceiling" is the core count ÷ the CPU per device
+  event, reached only if the cores did nothing else and never waited.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ from typing import Any
 
 from bench.common import (
     BenchError,
+    CpuMeter,
     LiveClient,
     ProdEnv,
     Workers,
@@ -439,12 +446,13 @@ WHERE o.id > :first GROUP BY o.topic
 
 class _Devices:
     def __init__(
-        self, penv: ProdEnv, workers: Workers, tenant_id: int, fleet, cards: _Cards
+        self, penv: ProdEnv, workers: Workers, tenant_id: int, fleet, cards: _Cards, cpu
     ) -> None:
         from events.registry import registry
 
         self.penv, self.workers, self.tenant_id = penv, workers, tenant_id
         self.fleet, self.cards = fleet, cards
+        self.cpu = cpu  # () -> a new CpuMeter over every process of the run
         self.registry = registry
         self.device_handlers = sorted(
             name for name, spec in registry.handlers.items() if spec.queue == DEVICE_QUEUE
@@ -582,6 +590,8 @@ class _Devices:
         initial_rows = self.device_count() if provisions else 0
         stamps: dict = {}
         poll_seconds, results = 0.0, []
+        cpu = self.cpu()
+        cpu.start()
         start = time.perf_counter()
         if paused:
             self.workers.pause()
@@ -612,6 +622,7 @@ class _Devices:
 
         timeout = max(60.0, sum(r.events for r in results) / 5)
         end = wait_until(handled, timeout, 0.1)
+        cpu.stop()
         final = self.progress(first_id)
         if end is not None and "devices" not in marks:
             raise BenchError(
@@ -690,6 +701,7 @@ class _Devices:
             "snapshots": snapshots,
             "unstamped": unstamped,
             "late": live_ok is None,
+            "cpu": cpu,
         }
         rate = out["events"] / out["handled_s"]
         note(
@@ -706,6 +718,56 @@ class _Devices:
 
 def _topics_text(topics: Counter) -> str:
     return ", ".join(f"{n} {t.removeprefix('device.')}" for t, n in sorted(topics.items()))
+
+
+def _cpu_rows(
+    label: str, rounds: list[dict], noop: dict, noop_cpu: CpuMeter, rows: list[dict]
+) -> None:
+    """CPU per device event, every process of the run counted, next to the no-op actor's CPU
+    per message: whether the events/s figure is bound by the CPUs, and by whose."""
+    events = sum(r["events"] for r in rounds)
+    used: Counter = Counter()
+    seconds = 0.0
+    for r in rounds:
+        used.update(r["cpu"].used)
+        seconds += r["cpu"].seconds
+    total = sum(used.values())
+    per_event = total * 1000 / events
+    per_message = noop_cpu.total * 1000 / noop["count"]
+    cores = os.cpu_count() or 1
+    breakdown = ", ".join(f"{name} {cpu * 1000 / events:.2f}" for name, cpu in used.most_common())
+    rows.append(
+        result(
+            f"{label}: CPU per device event",
+            per_event,
+            "ms",
+            ratio=per_event / per_message,
+            vs="no-op message's CPU",
+            detail=(
+                f"{total:.1f} CPU-s over {seconds:.1f} s ({total / seconds:.2f} of {cores} "
+                f"cores busy) for {events} device events, cascades and all their handlers "
+                f"included; ms per event by process: {breakdown} (bench: the poll, the Shure "
+                "client and the dashboard socket's reader; postgres and redis-server: every "
+                "process of those names on the machine)"
+            ),
+        )
+    )
+    ceiling = cores * 1000 / per_event
+    rows.append(
+        result(
+            f"{label}: CPU-bound ceiling",
+            ceiling,
+            "events/s",
+            ratio=ceiling / noop["rate"],
+            vs="no-op msg/s",
+            detail=(
+                f"{cores} cores ÷ {per_event:.2f} ms of CPU per device event: the rate if every "
+                f"core did nothing else; a no-op message costs {per_message:.2f} ms of CPU "
+                f"({noop_cpu.per(noop['count'])})"
+                ", so a device event's handling may cost at most twice that for 0.5× no-op"
+            ),
+        )
+    )
 
 
 def _latency_rows(label: str, rounds: list[dict], rows: list[dict]) -> None:
@@ -857,7 +919,19 @@ def run(args: argparse.Namespace) -> list[dict]:
         workers = stack.enter_context(dramatiq_workers(penv, processes=procs, threads=threads))
         _attach(penv, user.tenant_id, fleet)
 
-        noop = _noop_throughput(penv, workers, noop_messages, backlog=False)
+        def cpu_meter() -> CpuMeter:
+            return CpuMeter(
+                workers=workers.proc.pid,
+                postgres="postgres",
+                bench="self",
+                web=web.proc.pid,
+                redis="redis-server",
+                **({"fleet": fleet.proc.pid} if hasattr(fleet, "proc") else {}),
+            )
+
+        noop_cpu = cpu_meter()
+        noop = _noop_throughput(penv, workers, noop_messages, backlog=False, cpu=noop_cpu)
+        noop["count"] = noop_messages
         noop_rate = noop["rate"]
         rows.append(
             result(
@@ -876,7 +950,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         live.login(user.email, user.password)
         if 'id="device-grid"' not in live.subscribe("/devices/", on_frame=cards.on_frame):
             raise BenchError("the devices dashboard's snapshot has no grid")
-        bench = _Devices(penv, workers, user.tenant_id, fleet, cards)
+        bench = _Devices(penv, workers, user.tenant_id, fleet, cards, cpu_meter)
 
         # Discovery.
         expected = sum(1 + sum(r["channels"].values()) for r in fleet.receivers)
@@ -917,6 +991,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             )
         )
         _throughput_rows("discovery", [found], noop_rate, rows)
+        _cpu_rows("discovery", [found], noop, noop_cpu, rows)
         if not found["paused"]:  # paused, a notice waits for the poll: no latency to speak of
             _notice_rows(found, cards, rows)
 
@@ -955,6 +1030,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if steady[-1]["topics"]["device.online"] < down:
             note(f"!! only {steady[-1]['topics']['device.online']} of {down} devices back online")
         _throughput_rows("steady state", steady, noop_rate, rows)
+        _cpu_rows("steady state", steady, noop, noop_cpu, rows)
         _latency_rows("steady state", steady, rows)
         rows.append(
             result(

@@ -37,6 +37,7 @@ import time
 
 from bench.common import (
     BenchError,
+    CpuMeter,
     LiveClient,
     ProdEnv,
     Workers,
@@ -193,7 +194,11 @@ def run(args: argparse.Namespace) -> list[dict]:
 # ---------------------------------------------------------------- throughput
 
 
-def _noop_throughput(penv: ProdEnv, workers: Workers, count: int, *, backlog: bool) -> dict:
+def _noop_throughput(
+    penv: ProdEnv, workers: Workers, count: int, *, backlog: bool, cpu: CpuMeter | None = None
+) -> dict:
+    """The no-op actor's rate: `count` messages until all acknowledged. `cpu`, if given,
+    measures the CPU used from the first send (after the warm-up) to the end."""
     actor = declare_noop(penv.broker)
     queue = actor.queue_name
     qsize = penv.broker.do_qsize
@@ -204,6 +209,8 @@ def _noop_throughput(penv: ProdEnv, workers: Workers, count: int, *, backlog: bo
     note(f"no-op actor, {'backlog' if backlog else 'live'}: {count} messages")
     if backlog:
         workers.pause()
+    if cpu is not None:
+        cpu.start()
     try:
         start = time.perf_counter()
         for _ in range(count):
@@ -220,6 +227,8 @@ def _noop_throughput(penv: ProdEnv, workers: Workers, count: int, *, backlog: bo
         return qsize(queue) == 0  # queued + delayed + unacknowledged
 
     end = wait_until(done, max(60.0, count / 50), 0.005)
+    if cpu is not None:
+        cpu.stop()
     if end is None:
         raise BenchError(f"no-op messages left after the timeout: {qsize(queue)}")
     return {"rate": count / (end - start), "send_s": sent, "elapsed_s": end - start}

@@ -987,7 +987,81 @@ def proc_open_files(pid: int) -> int:
         return -1
 
 
+def _live_processes() -> Iterator[tuple[str, int, float]]:
+    """(command name, process group, CPU seconds) of each live process, from /proc/PID/stat.
+
+    The CPU seconds count the process's own user + system time and that of the children it
+    has reaped (cutime, cstime): a server's exited connections (PostgreSQL's backends, which
+    its postmaster reaps) keep counting after they are gone."""
+    tick = os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        comm = text[text.find("(") + 1 : text.rfind(")")]
+        fields = text.rsplit(")", 1)[1].split()  # state ppid pgrp …; utime stime cutime cstime
+        try:
+            ticks = sum(int(f) for f in fields[11:15])
+            yield comm, int(fields[2]), ticks / tick
+        except (IndexError, ValueError):
+            continue
+
+
+class CpuMeter:
+    """CPU seconds used between start() and stop() by named sets of processes.
+
+    Each name maps to a process group (an int: its pgid, as start_process makes one per
+    command), to every process of one command name (a str such as "postgres" or
+    "redis-server": a local server and its connections, which may serve others on the
+    machine too), or to "self" (this process, all its threads)."""
+
+    def __init__(self, **who: int | str) -> None:
+        self.who = who
+        self.used: dict[str, float] = {}
+        self.seconds = 0.0
+
+    def read(self) -> dict[str, float]:
+        found = dict.fromkeys(self.who, 0.0)
+        for comm, pgid, seconds in _live_processes():
+            for name, key in self.who.items():
+                if key == pgid or (isinstance(key, str) and key == comm):
+                    found[name] += seconds
+        for name, key in self.who.items():
+            if key == "self":
+                times = os.times()
+                found[name] = times.user + times.system
+        return found
+
+    def start(self) -> None:
+        self._start, self._at = self.read(), time.perf_counter()
+
+    def stop(self) -> None:
+        end, self.seconds = self.read(), time.perf_counter() - self._at
+        self.used = {name: end[name] - self._start[name] for name in end}
+
+    @property
+    def total(self) -> float:
+        return sum(self.used.values())
+
+    def text(self) -> str:
+        """Each set's CPU seconds and share of a core over the measured time."""
+        parts = [
+            f"{name} {used:.1f} CPU-s ({used / self.seconds:.0%} of a core)"
+            for name, used in self.used.items()
+        ]
+        return f"over {self.seconds:.1f} s: " + ", ".join(parts)
+
+    def per(self, count: int) -> str:
+        """Each set's CPU milliseconds per unit of work (`count` units), largest first."""
+        return ", ".join(
+            f"{name} {used * 1000 / count:.2f}"
+            for name, used in sorted(self.used.items(), key=lambda item: -item[1])
+        )
+
+
 __all__ += [
+    "CpuMeter",
     "child_pids",
     "proc_cpu_seconds",
     "proc_cpu_times",
