@@ -577,6 +577,7 @@ class _ChatBench:
             )
             rows += self.breakdown(through)
             rows.append(self.client_construction())
+            rows += self.round_trips()
 
             if idle_samples > 0:
                 rows += self.idle_latency(idle_samples, idle_seconds, d)
@@ -739,6 +740,51 @@ class _ChatBench:
                 "reply by building one client per worker process and reusing it"
             ),
         )
+
+    def round_trips(self, count: int = 200, idle_ms: float = 5.0) -> list[dict]:
+        """A round trip to each server the reply's path uses, back to back and after the
+        caller slept: what one hop between processes costs on this machine at best."""
+        from sqlalchemy import text
+
+        from extensions import db
+
+        def timed(call, pause: float) -> dict:
+            times = []
+            for _ in range(count):
+                if pause:
+                    time.sleep(pause)
+                start = time.perf_counter()
+                call()
+                times.append(_ms(time.perf_counter() - start))
+            return summarize(times[count // 10 :])
+
+        rows = []
+        redis_client = self.penv.redis()
+        with self.penv.app.app_context(), db.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+            for label, call in (
+                ("Redis PING", redis_client.ping),
+                ("PostgreSQL SELECT 1", lambda: conn.execute(text("SELECT 1")).scalar()),
+            ):
+                busy, idle = timed(call, 0.0), timed(call, idle_ms / 1000)
+                rows.append(
+                    result(
+                        f"  round trip: {label}, after {idle_ms:g} ms idle, p50",
+                        idle["p50"],
+                        "ms",
+                        ratio=idle["p50"] / busy["p50"],
+                        vs="back to back",
+                        detail=(
+                            f"from this process, {count} times each way; back to back p50 "
+                            f"{busy['p50']:.3f} ms, after {idle_ms:g} ms idle p99 "
+                            f"{idle['p99']:.3f} ms: a process woken from sleep answers later "
+                            "(every hop on the way to the first delta wakes one: web, Redis, "
+                            "PostgreSQL, the assistant process, the model server, the socket)"
+                        ),
+                    )
+                )
+        redis_client.close()
+        return rows
 
     def breakdown(self, through: list[dict]) -> list[dict]:
         stages = self._stages(through)
