@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 
 from events import emit, on_commit
 from extensions import db
@@ -139,6 +139,16 @@ def clean_visitor_text(content: Any) -> str:
     return content.strip()
 
 
+# A message's bump of its chat, built once (see _latest): activity time, count, and the title
+# a chat takes from its first visitor message.
+_BUMP_CHAT = (
+    update(Chat)
+    .where(Chat.id == bindparam("chat_pk"))
+    .values(last_activity=bindparam("now"), message_count=Chat.message_count + 1)
+)
+_BUMP_CHAT_TITLE = _BUMP_CHAT.values(title=bindparam("new_title"))
+
+
 def add_message(
     chat: Chat,
     sender: str,
@@ -166,13 +176,11 @@ def add_message(
     )
     db.session.add(message)
     db.session.flush()
-    values: dict[str, Any] = {"last_activity": now, "message_count": Chat.message_count + 1}
+    params: dict[str, Any] = {"chat_pk": chat.id, "now": now}
+    bump = _BUMP_CHAT
     if not chat.title and sender == "visitor":
-        values["title"] = _title_from(content)
-    db.session.execute(
-        update(Chat).where(Chat.id == chat.id).values(**values),
-        execution_options={"synchronize_session": False},
-    )
+        bump, params["new_title"] = _BUMP_CHAT_TITLE, _title_from(content)
+    db.session.execute(bump, params, execution_options={"synchronize_session": False})
     db.session.expire(chat, ["last_activity", "message_count", "title"])
     return message
 
@@ -182,24 +190,31 @@ def _title_from(text: str) -> str:
     return line if len(line) <= 60 else line[:59] + "…"
 
 
-def _latest(chat_id: int, limit: int, *columns: Any):
-    """The chat's last `limit` messages (newest first) as `columns`, or whole Messages."""
+def _latest(*columns: Any):
+    """A chat's last messages (newest first) as `columns`, or whole Messages; parameters
+    chat_id and limit. Built once at import: SQLAlchemy works out a statement's cache key
+    each time one is built, and that cost more than its execution (0.15 of 0.29 ms here)."""
     return (
         select(*(columns or (Message,)))
-        .where(Message.chat_id == chat_id)
+        .where(Message.chat_id == bindparam("chat_id"))
         .order_by(Message.created_at.desc(), Message.id.desc())
-        .limit(limit)
+        .limit(bindparam("limit"))
     )
 
 
+_LATEST_MESSAGES = _latest()
+_LATEST_HISTORY = _latest(Message.sender, Message.content)
+
+
 def recent_messages(chat_id: int, limit: int) -> list[Message]:
-    return list(reversed(db.session.scalars(_latest(chat_id, limit)).all()))
+    rows = db.session.scalars(_LATEST_MESSAGES, {"chat_id": chat_id, "limit": limit}).all()
+    return list(reversed(rows))
 
 
 def recent_history(chat_id: int, limit: int) -> list[tuple[str, str]]:
     """(sender, content) of the chat's last `limit` messages, oldest first: what the model is
     sent, read as plain columns (no Message objects to build on the way to the first delta)."""
-    rows = db.session.execute(_latest(chat_id, limit, Message.sender, Message.content)).all()
+    rows = db.session.execute(_LATEST_HISTORY, {"chat_id": chat_id, "limit": limit}).all()
     return [(sender, content) for sender, content in reversed(rows)]
 
 

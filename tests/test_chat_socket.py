@@ -272,6 +272,31 @@ def test_someone_elses_chat_id_opens_a_new_chat(app, connect):
     assert session["chat_id"] != chat_id and session["messages"] == []
 
 
+def test_a_chat_closed_while_the_socket_is_open_takes_no_more_messages(app, connect):
+    """An operator archives the chat while the visitor's socket is open: the visitor's next
+    message is refused, with a clear error, and not saved into the archived chat."""
+    from services import chats
+
+    client = connect()
+    client.send("session_init")
+    chat_id = client.expect("session")["chat_id"]
+    client.send("message", content="first words")
+    client.expect("message")
+    client.send("history", before=10**9)
+    client.expect("history")
+    with app.app_context():
+        db = _db(app)
+        chats.archive_chat(
+            db.session.scalar(select(Chat).where(Chat.public_id == uuid.UUID(chat_id)))
+        )
+        db.session.commit()
+    client.send("message", content="after it closed")
+    assert client.expect("error")["code"] == "no_session"
+    with app.app_context():
+        contents = _db(app).session.scalars(select(Message.content)).all()
+    assert contents == ["first words"]
+
+
 def test_model_html_is_sanitised_everywhere(app, worker, upstream, connect, factory):
     upstream.script.reply = '<script>alert("x")</script> **bold** <img src=x onerror=alert(1)>'
     client = connect()

@@ -20,7 +20,7 @@ from flask import current_app, request
 from flask_login import current_user
 from itsdangerous import BadSignature, URLSafeSerializer
 from simple_websocket import ConnectionClosed
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import joinedload
 
 from blueprints.live.routes import closes_cleanly, refuse
@@ -35,6 +35,11 @@ from services.live import bus, hub
 
 log = logging.getLogger(__name__)
 HISTORY_PAGE = 20
+# A frame's chat with its agent (every frame starts with a new session), built once: a
+# statement built per frame costs its cache key again.
+_CHAT_WITH_AGENT = (
+    select(Chat).options(joinedload(Chat.agent)).where(Chat.id == bindparam("chat_id"))
+)
 
 
 def _visitor_serializer() -> URLSafeSerializer:
@@ -226,7 +231,7 @@ class ChatSocket:
             raise ChatError("no_session", "Start a session (session_init) first.")
         # With its agent: a visitor's message asks whether the agent replies (one query, not
         # two, on the way to the reply).
-        chat = db.session.get(Chat, self.chat_id, options=[joinedload(Chat.agent)])
+        chat = db.session.execute(_CHAT_WITH_AGENT, {"chat_id": self.chat_id}).scalar()
         if chat is None:
             raise ChatError("no_session", "This chat no longer exists; start a new session.")
         return chat
