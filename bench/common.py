@@ -963,13 +963,22 @@ def proc_rss_mb(pid: int, field: str = "VmRSS") -> float:
     return int(value.split()[0]) / 1024 if value else float("nan")
 
 
+def _proc_stat(stat: Path) -> tuple[str, list[str]] | None:
+    """(command name, the fields after it) of /proc/PID/stat; None if the process is gone.
+    fields[0] is the state, [2] the process group, [11:15] utime stime cutime cstime (ticks)."""
+    try:
+        text = stat.read_text()
+    except OSError:
+        return None
+    return text[text.find("(") + 1 : text.rfind(")")], text.rsplit(")", 1)[1].split()
+
+
 def proc_cpu_times(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds a process has used so far, all its threads; NaNs if gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    parsed = _proc_stat(Path(f"/proc/{pid}/stat"))
+    if parsed is None:
         return float("nan"), float("nan")
-    fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 is fields[0]
+    fields = parsed[1]
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
 
@@ -995,15 +1004,12 @@ def _live_processes() -> Iterator[tuple[str, int, float]]:
     its postmaster reaps) keep counting after they are gone."""
     tick = os.sysconf("SC_CLK_TCK")
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
+        parsed = _proc_stat(stat)
+        if parsed is None:
             continue
-        comm = text[text.find("(") + 1 : text.rfind(")")]
-        fields = text.rsplit(")", 1)[1].split()  # state ppid pgrp …; utime stime cutime cstime
+        comm, fields = parsed
         try:
-            ticks = sum(int(f) for f in fields[11:15])
-            yield comm, int(fields[2]), ticks / tick
+            yield comm, int(fields[2]), sum(int(f) for f in fields[11:15]) / tick
         except (IndexError, ValueError):
             continue
 
@@ -1022,15 +1028,14 @@ class CpuMeter:
         self.seconds = 0.0
 
     def read(self) -> dict[str, float]:
-        found = dict.fromkeys(self.who, 0.0)
+        times = os.times()
+        found = {name: times.user + times.system for name, key in self.who.items() if key == "self"}
+        others = {name: key for name, key in self.who.items() if key != "self"}
+        found.update(dict.fromkeys(others, 0.0))
         for comm, pgid, seconds in _live_processes():
-            for name, key in self.who.items():
-                if key == pgid or (isinstance(key, str) and key == comm):
+            for name, key in others.items():
+                if key == pgid or key == comm:
                     found[name] += seconds
-        for name, key in self.who.items():
-            if key == "self":
-                times = os.times()
-                found[name] = times.user + times.system
         return found
 
     def start(self) -> None:
