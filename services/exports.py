@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
+import stat
 import subprocess
 import tempfile
+import unicodedata
 import zipfile
+from datetime import datetime
 from pathlib import Path
 
 from flask import current_app
@@ -14,7 +20,10 @@ from sqlalchemy import select, update
 from events import emit
 from extensions import db
 from models.base import utcnow
-from models.projects import GeneratedProject, ProjectFile, RepositoryExport
+from models.projects import GeneratedProject, Project, ProjectFile, RepositoryExport
+from services import projects
+
+log = logging.getLogger(__name__)
 
 EXPORT_TRANSITIONS = {
     "running": ("pending",),
@@ -97,42 +106,142 @@ def _files(generated_id: int) -> list[ProjectFile]:
     ).all()
 
 
-def build_zip(generated_id: int, target: Path) -> None:
+def _checked_files(generated_id: int) -> list[ProjectFile]:
+    """The generation's files, checked again as validation checks them: rows may have
+    reached the database some other way, and an export must never carry a .git path."""
+    files = _files(generated_id)
+    try:
+        projects.check_layout([file.path for file in files])
+        for file in files:
+            projects.check_content(file.path, file.content)
+    except projects.PathError as exc:
+        raise ExportError(f"Export refused: {exc}") from exc
+    return files
+
+
+def project_folder(project: Project) -> str:
+    """The zip's single top-level folder: a slug of the project's name."""
+    ascii_name = unicodedata.normalize("NFKD", project.name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:60].strip("-")
+    return slug or f"project-{project.id}"
+
+
+def build_zip(generated: GeneratedProject, target: Path) -> None:
+    folder = project_folder(db.session.get(Project, generated.project_id))
+    when = (generated.completed_at or utcnow()).timetuple()[:6]
+    files = _checked_files(generated.id)
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for file in _files(generated_id):
-            archive.writestr(file.path, file.content)
+        for file in files:
+            entry = zipfile.ZipInfo(f"{folder}/{file.path}", date_time=when)
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            # A regular, non-executable file, as unzip on Unix reads the mode.
+            entry.create_system = 3
+            entry.external_attr = (stat.S_IFREG | 0o644) << 16
+            archive.writestr(entry, file.content.encode("utf-8"))
 
 
-def build_git_bundle(generated_id: int, target: Path, message: str) -> None:
-    env = {
-        **os.environ,
+GIT_TIMEOUT_SECONDS = 60
+# Settings no config file may change for the export's git commands.
+GIT_OVERRIDES = (
+    "core.hooksPath=/dev/null",
+    "core.fsmonitor=false",
+    "core.untrackedCache=false",
+    "core.attributesFile=/dev/null",
+    "core.autocrlf=false",
+    "core.safecrlf=false",
+    "gc.auto=0",
+    "maintenance.auto=false",
+    "protocol.allow=never",
+)
+
+
+def _config_args() -> list[str]:
+    return [arg for override in GIT_OVERRIDES for arg in ("-c", override)]
+
+
+def _git_env(home: Path, when: datetime) -> dict[str, str]:
+    """Only what git needs. HOME is the export's private directory, so no .gitconfig of
+    the worker, of $HOME or of the shared temp directory applies; the environment's
+    GIT_* variables (GIT_DIR, GIT_CONFIG_*) are not passed on either."""
+    date = f"{int(when.timestamp())} +0000"
+    return {
+        "PATH": os.environ.get("PATH") or os.defpath,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_CONFIG_SYSTEM": os.devnull,
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_ATTR_NOSYSTEM": "1",
+        "GIT_TERMINAL_PROMPT": "0",
         "GIT_AUTHOR_NAME": "Switchboard",
         "GIT_AUTHOR_EMAIL": "switchboard@localhost",
+        "GIT_AUTHOR_DATE": date,
         "GIT_COMMITTER_NAME": "Switchboard",
         "GIT_COMMITTER_EMAIL": "switchboard@localhost",
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "HOME": tempfile.gettempdir(),
+        "GIT_COMMITTER_DATE": date,
+        "GIT_INDEX_FILE": str(home / "index"),
+        "LC_ALL": "C",
     }
-    with tempfile.TemporaryDirectory(prefix="sb-export-") as tmp:
-        root = Path(tmp)
-        for file in _files(generated_id):
-            path = root / file.path
-            if root.resolve() not in path.resolve().parents:
-                raise ExportError(f"{file.path} would leave the repository.")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(file.content)
 
-        def git(*args: str) -> None:
+
+def build_git_bundle(generated: GeneratedProject, target: Path, message: str) -> None:
+    """One commit of the files as a bundle, built without any working tree.
+
+    Contents go in as blobs (no filters, no attributes) and paths only as index entries of a
+    bare repository, so no generated file can ever become git's config, a hook or a link to
+    another repository, and nothing git would run on a checkout runs here."""
+    files = _checked_files(generated.id)
+    private = Path(tempfile.mkdtemp(prefix="sb-export-"))  # mode 0700, unpredictable name
+    try:
+        env = _git_env(private, generated.completed_at or utcnow())
+        repo = private / "repo.git"
+
+        def git(step: str, *args: str, stdin: bytes | None = None) -> str:
+            command = ["git", *_config_args(), f"--git-dir={repo}", *args]
             done = subprocess.run(
-                ["git", *args], cwd=root, env=env, capture_output=True, text=True, timeout=60
+                command,
+                cwd=private,
+                env=env,
+                input=stdin,
+                capture_output=True,
+                timeout=GIT_TIMEOUT_SECONDS,
             )
             if done.returncode != 0:
-                raise ExportError(f"git {args[0]} failed: {done.stderr.strip()[:300]}")
+                log.error("export git %s failed: %s", args[0], done.stderr[:2000])
+                raise ExportError(f"git could not {step} (exit {done.returncode}).")
+            return done.stdout.decode()
 
-        git("init", "-q", "-b", "main")
-        git("add", "-A")
-        git("commit", "-q", "-m", message)
-        git("bundle", "create", str(target), "HEAD", "main")
+        git("create the repository", "init", "-q", "--bare", "--template=", "-b", "main")
+        blobs = private / "blobs"
+        blobs.mkdir()
+        # Blob files are named by number: no generated path ever touches the file system.
+        for number, file in enumerate(files):
+            (blobs / str(number)).write_bytes(file.content.encode("utf-8"))
+        names = "".join(f"blobs/{n}\n" for n in range(len(files))).encode()
+        shas = git(
+            "store the files", "hash-object", "-w", "--no-filters", "--stdin-paths", stdin=names
+        ).split()
+        if len(shas) != len(files):
+            raise ExportError("git could not store the files.")
+        entries = "".join(f"100644 {sha}\t{f.path}\0" for sha, f in zip(shas, files, strict=True))
+        git(
+            "build the tree",
+            "update-index",
+            "--add",
+            "-z",
+            "--index-info",
+            stdin=entries.encode("utf-8"),
+        )
+        tree = git("build the tree", "write-tree").strip()
+        # git skips paths it considers unsafe; the commit must hold every file or none.
+        listed = git("check the tree", "ls-tree", "-r", "-z", "--name-only", tree)
+        if sorted(p for p in listed.split("\0") if p) != sorted(f.path for f in files):
+            raise ExportError("Export refused: git did not accept every path.")
+        commit = git("commit", "commit-tree", tree, "-F", "-", stdin=message.encode()).strip()
+        git("commit", "update-ref", "refs/heads/main", commit)
+        git("write the bundle", "bundle", "create", "-q", str(target), "HEAD", "refs/heads/main")
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def build(export_id: int) -> RepositoryExport:
@@ -144,13 +253,19 @@ def build(export_id: int) -> RepositoryExport:
     target = exports_dir() / f"export-{export.id}.{suffix}"
     try:
         if export.format == "zip":
-            build_zip(generated.id, target)
+            build_zip(generated, target)
         else:
-            build_git_bundle(generated.id, target, f"Generated project: {generated.prompt[:60]}")
+            build_git_bundle(generated, target, f"Generated project: {generated.prompt[:60]}")
     except (ExportError, OSError, subprocess.SubprocessError) as exc:
+        if isinstance(exc, ExportError):
+            reason = str(exc)
+        else:
+            # OS and timeout errors name private paths; the log keeps them.
+            log.exception("export %s failed", export_id)
+            reason = f"The export could not be written ({type(exc).__name__})."
         db.session.rollback()
         target.unlink(missing_ok=True)
-        export = set_status(export_id, "failed", error=str(exc))
+        export = set_status(export_id, "failed", error=reason)
         db.session.commit()
         return export
     export = set_status(export_id, "completed", artifact=target.name)

@@ -33,7 +33,8 @@ FILES_SCHEMA = {
 SYSTEM_PROMPT = (
     "You generate small, working starter projects. Reply with JSON only, matching the schema: "
     '{"files": [{"path": "relative/path.ext", "content": "..."}]}. Use relative paths, no '
-    "binary files, at most 30 files, and include a README.md that explains how to run it."
+    "binary files, no .git folder, at most 30 files, and include a README.md that explains "
+    "how to run it."
 )
 
 

@@ -101,6 +101,20 @@ def start_generation(project: Project, prompt: str) -> GeneratedProject:
     return generated
 
 
+# Characters HFS+ ignores in names, so ".g\u200cit" is ".git" on a Mac (git's own list).
+_HFS_IGNORED = dict.fromkeys(
+    [0x200C, 0x200D, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x206A, 0x2070), 0xFEFF]
+)
+
+
+def is_git_name(part: str) -> bool:
+    """Whether a path component names git's own directory on some filesystem: any case,
+    Windows' trailing dots and spaces, its 8.3 short name and stream suffix, and the
+    characters macOS ignores. Such a component would let a file become repository config."""
+    name = part.split(":", 1)[0].translate(_HFS_IGNORED).lower().rstrip(". ")
+    return name in (".git", "git~1")
+
+
 def clean_path(raw: str) -> str:
     """A relative POSIX path inside the project, or PathError."""
     if not isinstance(raw, str) or not raw.strip():
@@ -110,14 +124,62 @@ def clean_path(raw: str) -> str:
         raise PathError(f"{raw!r} is absolute; paths must be relative to the project.")
     if any(part == ".." for part in path.split("/")):
         raise PathError(f"{raw!r} leaves the project (..).")
-    if any(ord(c) < 32 for c in path):
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
         raise PathError(f"{raw!r} contains control characters.")
+    if not _is_text(path):
+        raise PathError(f"{raw!r} is not valid text (UTF-8).")
     normal = posixpath.normpath(path)
     if normal in (".", "") or normal.startswith("../"):
         raise PathError(f"{raw!r} is not a file inside the project.")
     if len(normal) > MAX_PATH_LENGTH:
         raise PathError(f"{raw[:40]!r}… is longer than {MAX_PATH_LENGTH} characters.")
+    if any(is_git_name(part) for part in normal.split("/")):
+        raise PathError(
+            f"{raw!r} is inside a .git folder (or is one); generated files may not contain "
+            "git's own configuration, hooks or repository links."
+        )
     return normal
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from a JSON answer
+        return False
+    return True
+
+
+def check_layout(paths: list[str]) -> None:
+    """Clean, distinct paths that a file system and git can hold at once: no path may be
+    both a file and a folder (`a` and `a/b`)."""
+    files = set()
+    for path in paths:
+        if clean_path(path) != path:
+            raise PathError(f"{path!r} is not a clean relative path.")
+        if path in files:
+            raise PathError(f"{path} appears twice.")
+        files.add(path)
+    for path in paths:
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            folder = "/".join(parts[:depth])
+            if folder in files:
+                raise PathError(
+                    f"{folder!r} is both a file and a folder (it holds {path!r}); "
+                    "rename one of them."
+                )
+
+
+def check_content(path: str, content: object) -> int:
+    """The size in bytes of a file's content if it is storable text, else PathError."""
+    if not isinstance(content, str):
+        raise PathError(f"{path}: content must be text.")
+    if not _is_text(content):
+        raise PathError(f"{path}: content is not valid text (UTF-8).")
+    if "\x00" in content:
+        # PostgreSQL cannot store NUL in text, and a project's files are text.
+        raise PathError(f"{path}: content contains a NUL character; binary files are refused.")
+    return len(content.encode())
 
 
 @dataclass(frozen=True)
@@ -134,7 +196,6 @@ def validate_files(
         raise PathError("The generator returned no files.")
     if len(files) > max_files:
         raise PathError(f"{len(files)} files is more than the limit of {max_files}.")
-    seen: set[str] = set()
     specs: list[FileSpec] = []
     total = 0
     for item in files:
@@ -142,16 +203,12 @@ def validate_files(
             raise PathError("Each file must have a path and content.")
         path = clean_path(item.get("path", ""))
         content = item.get("content")
-        if not isinstance(content, str):
-            raise PathError(f"{path}: content must be text.")
-        size = len(content.encode())
+        size = check_content(path, content)
         if size > max_file_bytes:
             raise PathError(f"{path} is {size} bytes; the limit is {max_file_bytes}.")
-        if path in seen:
-            raise PathError(f"{path} appears twice.")
-        seen.add(path)
         total += size
         specs.append(FileSpec(path, content))
+    check_layout([spec.path for spec in specs])
     if total > max_total_bytes:
         raise PathError(f"The files total {total} bytes; the limit is {max_total_bytes}.")
     return specs

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from events.registry import Event, handler, task
 from extensions import db
 from models.accounts import User
-from models.projects import GeneratedProject, Project, ProjectFile
+from models.projects import GeneratedProject, Project, ProjectFile, RepositoryExport
 from services import exports, generator, projects
 from services.live import publish_after_commit, render_fragment, tenant_topic
 from services.notifications import notification_rule
@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 
 def project_members(event: Event) -> list[int]:
-    """Whoever created the project, and the tenant's admins."""
+    """Whoever created the project, the tenant's admins and, for an export, whoever
+    asked for it (an agent who is neither would otherwise never hear it is ready)."""
     project_id = event.payload.get("project_id")
     project = db.session.get(Project, project_id) if project_id else None
     ids = set(
@@ -34,6 +35,10 @@ def project_members(event: Event) -> list[int]:
     )
     if project is not None and project.created_by_id:
         ids.add(project.created_by_id)
+    if event.entity == "repository_export" and event.entity_id:
+        export = db.session.get(RepositoryExport, event.entity_id)
+        if export is not None and export.requested_by_id:
+            ids.add(export.requested_by_id)
     return sorted(ids)
 
 
@@ -80,10 +85,25 @@ def generate_project(generated_id: int) -> None:
             raise
         log.exception("generation %s failed for good", generated_id)
         try:
-            projects.transition(generated_id, "failed", error=f"Unexpected error: {exc}"[:500])
+            # A failed generation keeps no half of its files.
+            _delete_files(generated_id)
+            # Database errors quote the SQL and the file content: keep them in the log only.
+            reason = (
+                f"The generation stopped on an unexpected error ({type(exc).__name__}); "
+                "the worker log has the details."
+            )
+            projects.transition(generated_id, "failed", error=reason)
             db.session.commit()
         except projects.TransitionError:
             db.session.rollback()
+
+
+def _delete_files(generated_id: int) -> None:
+    for file in db.session.scalars(
+        select(ProjectFile).where(ProjectFile.generated_project_id == generated_id)
+    ):
+        db.session.delete(file)
+    db.session.flush()
 
 
 def run_generation(generated_id: int, progress=None) -> GeneratedProject | None:
@@ -96,10 +116,7 @@ def run_generation(generated_id: int, progress=None) -> GeneratedProject | None:
         db.session.commit()
     else:
         # A retry of an interrupted run: start again from no files.
-        for file in db.session.scalars(
-            select(ProjectFile).where(ProjectFile.generated_project_id == generated_id)
-        ):
-            db.session.delete(file)
+        _delete_files(generated_id)
         db.session.commit()
     try:
         files, source = generator.generate_files(generated.prompt)
@@ -145,8 +162,6 @@ def publish_project_progress(event: Event) -> None:
         file = db.session.get(ProjectFile, event.entity_id)
         generated = db.session.get(GeneratedProject, file.generated_project_id) if file else None
     elif event.entity == "repository_export":
-        from models.projects import RepositoryExport
-
         export = db.session.get(RepositoryExport, event.entity_id)
         generated = (
             db.session.get(GeneratedProject, export.generated_project_id) if export else None

@@ -298,7 +298,9 @@ def test_zip_and_git_exports_open_with_standard_tools(app, db, factory, tmp_path
     zip_export = exports.build(zip_export.id)
     assert zip_export.status == "completed"
     with zipfile.ZipFile(exports.exports_dir() / zip_export.artifact) as archive:
-        assert {n: archive.read(n).decode() for n in archive.namelist()} == stored
+        assert {n: archive.read(n).decode() for n in archive.namelist()} == {
+            f"exported/{path}": content for path, content in stored.items()
+        }
 
     git_export = exports.request_export(generated, "git", None)
     db.session.commit()
@@ -366,7 +368,7 @@ def test_project_pages_generate_export_download_and_isolation(app, db, client, w
     assert download.status_code == 200
     assert "attachment" in download.headers["Content-Disposition"]
     names = zipfile.ZipFile(io.BytesIO(download.data)).namelist()
-    assert "README.md" in names
+    assert "shop-api/README.md" in names
     download.close()
 
     stranger = app.test_client()
