@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -58,11 +59,36 @@ def _float(name: str, default: float) -> float:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from exc
 
 
+def _networks(name: str) -> str:
+    import ipaddress
+
+    raw = (_env(name) or "").strip()
+    for part in raw.replace(",", " ").split():
+        try:
+            ipaddress.ip_network(part, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"{name} must be comma-separated CIDRs, got {part!r}") from exc
+    return raw
+
+
 def _bool(name: str, default: bool) -> bool:
     raw = _env(name)
     if raw is None:
         return default
     return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _rate_limit(name: str, default: str) -> tuple[int, int]:
+    """A rate limit in the `limits` notation ("5/5minutes", "600 per minute") as
+    (hits, window in seconds)."""
+    import limits
+
+    raw = _env(name, default)
+    try:
+        item = limits.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must look like 5/5minutes or 600/minute, got {raw!r}") from exc
+    return item.amount, item.get_expiry()
 
 
 def _embedded_secret_key() -> str:
@@ -124,7 +150,20 @@ class Config:
         # Secure cookies unless debugging; `make run` (plain http on 127.0.0.1) sets it to 0.
         self.SESSION_COOKIE_SECURE = _bool("SESSION_COOKIE_SECURE", not self.DEBUG)
         self.REMEMBER_COOKIE_SECURE = self.SESSION_COOKIE_SECURE
+        # Strict-Transport-Security max-age (seconds) sent while cookies are Secure; 0: none.
+        self.HSTS_MAX_AGE = _int("HSTS_MAX_AGE", 31_536_000)
         self.REMEMBER_COOKIE_HTTPONLY = True
+        self.REMEMBER_COOKIE_SAMESITE = "Lax"
+        # How long "Keep me signed in" lasts; the server refuses older logins (session and
+        # remember cookie alike) even when a copied cookie carries no expiry date.
+        self.REMEMBER_COOKIE_DURATION = timedelta(days=_float("REMEMBER_COOKIE_DAYS", 14))
+        # Sign-in attempts (right or wrong) per client address and per email address, as
+        # Chatwoot's rack-attack rules count them.
+        self.LOGIN_LIMIT_PER_IP = _rate_limit("LOGIN_LIMIT_PER_IP", "5/5minutes")
+        self.LOGIN_LIMIT_PER_EMAIL = _rate_limit("LOGIN_LIMIT_PER_EMAIL", "10/15minutes")
+        # JSON API requests per user (API token or session) and per client address.
+        self.API_RATE_LIMIT_PER_TOKEN = _rate_limit("API_RATE_LIMIT_PER_TOKEN", "600/minute")
+        self.API_RATE_LIMIT_PER_IP = _rate_limit("API_RATE_LIMIT_PER_IP", "1200/minute")
         self.WTF_CSRF_TIME_LIMIT = None  # token lives as long as the session
         self.WTF_CSRF_HEADERS = ["X-CSRFToken"]
 
@@ -174,6 +213,11 @@ class Config:
 
         # Chats: the widget socket, replies and archiving.
         self.CHAT_RATE_LIMIT_PER_MINUTE = _int("CHAT_RATE_LIMIT_PER_MINUTE", 10)
+        # A new socket is a new visitor, so the widget's model costs are also capped per client
+        # address (per widget key) and per widget key as a whole.
+        self.CHAT_NEW_CHATS_PER_IP_PER_HOUR = _int("CHAT_NEW_CHATS_PER_IP_PER_HOUR", 10)
+        self.CHAT_MESSAGES_PER_IP_PER_MINUTE = _int("CHAT_MESSAGES_PER_IP_PER_MINUTE", 30)
+        self.CHAT_MESSAGES_PER_WIDGET_PER_MINUTE = _int("CHAT_MESSAGES_PER_WIDGET_PER_MINUTE", 300)
         self.CHAT_MAX_MESSAGE_LENGTH = _int("CHAT_MAX_MESSAGE_LENGTH", 2000)
         self.CHAT_HISTORY_MESSAGES = _int("CHAT_HISTORY_MESSAGES", 50)
         self.CHAT_RESPONSE_TIMEOUT = _float("CHAT_RESPONSE_TIMEOUT", 30.0)
@@ -205,6 +249,9 @@ class Config:
         # `flask serve` starts this many simulated Shure receivers for the demo tenant.
         self.DEVICES_SIMULATOR_RECEIVERS = _int("DEVICES_SIMULATOR_RECEIVERS", 0)
         # `flask serve` starts this many simulated receivers for the demo tenant (0: none).
+        # Networks receivers may be reached in (comma-separated CIDRs); empty: the private
+        # ranges, plus loopback while DEVICES_SIMULATOR_RECEIVERS > 0 (services/netpolicy.py).
+        self.DEVICES_ALLOWED_NETWORKS = _networks("DEVICES_ALLOWED_NETWORKS")
 
         # Projects: generation limits and where export artifacts are kept.
         self.PROJECT_MAX_FILES = _int("PROJECT_MAX_FILES", 200)
@@ -255,10 +302,17 @@ class TestConfig(Config):
         self.TESTING = True
         self.SESSION_COOKIE_SECURE = False
         self.REMEMBER_COOKIE_SECURE = False
+        # The suite signs many users in and calls the API from 127.0.0.1; the tests of the
+        # limits themselves set them explicitly.
+        self.LOGIN_LIMIT_PER_IP = self.LOGIN_LIMIT_PER_EMAIL = (10_000, 300)
+        self.API_RATE_LIMIT_PER_TOKEN = self.API_RATE_LIMIT_PER_IP = (100_000, 60)
         self.START_EMBEDDED_WORKER = False
         self.EVENTS_RELAY_INTERVAL = 0.2
         self.LIVE_COALESCE_MS = 20
-        # The tests' webhook receivers listen on 127.0.0.1.
+        # The tests' webhook receivers and simulated Shure receivers listen on 127.0.0.1.
         self.WEBHOOK_ALLOW_PRIVATE_NETWORKS = True
+        self.DEVICES_ALLOWED_NETWORKS = (
+            "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,127.0.0.0/8,::1/128"
+        )
         for key, value in overrides.items():
             setattr(self, key, value)

@@ -321,6 +321,9 @@ class _Visitor:
             frame = self.client.recv(min(timeout, 1.0))
         except websocket.WebSocketTimeoutException:
             return None
+        if frame.get("type") == "message" and frame.get("chat_id"):
+            # A chat exists from its first message on; its ack names it.
+            self.chat_id = frame["chat_id"]
         return time.perf_counter(), time.time(), frame
 
     def close(self) -> None:

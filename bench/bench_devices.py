@@ -105,6 +105,8 @@ APP_ENV = {
     "DEVICES_POLL_INTERVAL": "3600",
     "DEVICES_SHURE_BACKOFF_INITIAL": "0.1",
     "DEVICES_SHURE_BACKOFF_MAX": "0.5",
+    # The benchmark's simulated receivers listen on loopback.
+    "DEVICES_ALLOWED_NETWORKS": "127.0.0.0/8",
 }
 DEVICE_QUEUE = "devices"
 FLEET_KEY_ENV = "SWITCHBOARD_BENCH_FLEET_KEY"

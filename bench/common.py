@@ -317,6 +317,17 @@ def prod_app(
                 PYTHONPATH=str(ROOT),
                 PYTHONUNBUFFERED="1",
             )
+            # Every benchmark client comes from 127.0.0.1: the abuse limits (sign-ins,
+            # API calls, widget messages per address) would refuse the load itself.
+            full_env.update(
+                LOGIN_LIMIT_PER_IP="1000000/minute",
+                LOGIN_LIMIT_PER_EMAIL="1000000/minute",
+                API_RATE_LIMIT_PER_IP="1000000/minute",
+                API_RATE_LIMIT_PER_TOKEN="1000000/minute",
+                CHAT_MESSAGES_PER_IP_PER_MINUTE="1000000",
+                CHAT_NEW_CHATS_PER_IP_PER_HOUR="1000000",
+                CHAT_MESSAGES_PER_WIDGET_PER_MINUTE="1000000",
+            )
             full_env.update(env or {})
             from app import create_app
 

@@ -9,7 +9,7 @@ from typing import Any
 from markupsafe import escape
 
 from models.chats import Chat, Message
-from services.chats import chat_topic
+from services.chats import chat_topic, is_row_id
 from services.live import publish, render_fragment, tenant_topic
 from services.rendering import markdown_to_safe_html
 
@@ -18,6 +18,18 @@ HTML_REFRESH_SECONDS = 0.1
 
 def reply_id_for(visitor_message_id: int) -> str:
     return f"r{visitor_message_id}"
+
+
+def visitor_message_id_of(reply_id: object) -> int | None:
+    """The visitor message a reply id ("r123") answers, or None for anything else."""
+    if not isinstance(reply_id, str) or not reply_id.startswith("r"):
+        return None
+    digits = reply_id[1:]
+    # isdecimal() also takes other scripts' digits; int() would read them, but ids are ASCII.
+    if not (digits.isascii() and digits.isdecimal()) or len(digits) > 10:
+        return None
+    message_id = int(digits)
+    return message_id if is_row_id(message_id) else None
 
 
 def message_json(message: Message) -> dict[str, Any]:

@@ -126,9 +126,30 @@ def find_resumable(
     return chat
 
 
+# Row ids are 32-bit integer columns on PostgreSQL: a larger id names no row, and sent to the
+# database it is an error there (and an overflow in SQLite past 64 bits).
+MAX_ROW_ID = 2**31 - 1
+
+
+def is_row_id(value: Any) -> bool:
+    """A whole number that can be a row's id (bool is an int in Python, and is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_ROW_ID
+
+
 def clean_visitor_text(content: Any) -> str:
     if not isinstance(content, str) or not content.strip():
         raise ChatError("empty_message", "Type a message before sending.")
+    # Refused rather than stripped: the transcript keeps what the visitor sent or nothing.
+    # Nobody types NUL in the widget, and PostgreSQL cannot store it in text.
+    if "\x00" in content:
+        raise ChatError("invalid_characters", "Messages cannot contain NUL characters.")
+    try:
+        content.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON allows "\ud800"): no UTF-8 encoding, so no database takes it.
+        raise ChatError(
+            "invalid_characters", "Messages must be valid Unicode text (no lone surrogates)."
+        ) from None
     limit = current_app.config.get("CHAT_MAX_MESSAGE_LENGTH", 2000)
     if len(content) > limit:
         raise ChatError(
@@ -137,6 +158,65 @@ def clean_visitor_text(content: Any) -> str:
             limit=limit,
         )
     return content.strip()
+
+
+def _wait_text(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} s"
+    return f"{-(-seconds // 60)} minutes"
+
+
+def _refuse_if_limited(key: str, limit: int, window: int, scope: str, message: str) -> None:
+    decision = kv().hit(key, limit, window)
+    if not decision.allowed:
+        raise ChatError(
+            "rate_limited",
+            f"{message} Try again in {_wait_text(decision.retry_after)}.",
+            retry_after=decision.retry_after,
+            scope=scope,
+        )
+
+
+def check_visitor_message_limits(
+    tenant_id: int, client_ip: str, sender_key: str, *, starts_chat: bool
+) -> None:
+    """Count one widget message against every limit, or raise ChatError("rate_limited").
+
+    A new socket is a new visitor, so the per-visitor limit alone resets with every socket:
+    the client address and the widget key are limited too. Checked from the narrowest key to
+    the widest, so a message one limit refuses is not counted against the wider ones (an
+    address over its own limit does not use up its widget's ceiling for everyone else).
+    """
+    cfg = current_app.config
+    _refuse_if_limited(
+        f"chat-sender:{sender_key}",
+        cfg["CHAT_RATE_LIMIT_PER_MINUTE"],
+        60,
+        "visitor",
+        "You are sending messages too fast.",
+    )
+    _refuse_if_limited(
+        f"chat-ip-messages:t{tenant_id}:{client_ip}",
+        cfg["CHAT_MESSAGES_PER_IP_PER_MINUTE"],
+        60,
+        "ip",
+        "Too many messages from your network.",
+    )
+    if starts_chat:
+        _refuse_if_limited(
+            f"chat-ip-new-chats:t{tenant_id}:{client_ip}",
+            cfg["CHAT_NEW_CHATS_PER_IP_PER_HOUR"],
+            3600,
+            "ip_new_chats",
+            "Too many new conversations from your network.",
+        )
+    _refuse_if_limited(
+        f"chat-widget-messages:t{tenant_id}",
+        cfg["CHAT_MESSAGES_PER_WIDGET_PER_MINUTE"],
+        60,
+        "widget",
+        "This chat is very busy right now.",
+    )
 
 
 # A message's bump of its chat, built once (see _latest): activity time, count, and the title
@@ -255,10 +335,14 @@ def complete_chat(chat: Chat) -> None:
         )
 
 
-def rate_chat(chat: Chat, score: Any) -> None:
+def check_rating(score: Any) -> int:
     if not isinstance(score, int) or isinstance(score, bool) or not 1 <= score <= 5:
         raise ChatError("invalid_rating", "A rating is a whole number from 1 to 5.")
-    chat.satisfaction = score
+    return score
+
+
+def rate_chat(chat: Chat, score: Any) -> None:
+    chat.satisfaction = check_rating(score)
 
 
 def apply_sentiment(message: Message, sentiment: Sentiment) -> None:

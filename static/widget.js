@@ -198,7 +198,15 @@
       });
       if (frame.status === "completed") { rate.classList.add("on"); note("This chat has ended. How did we do?"); }
     },
-    message: function (frame) { renderMessage(frame.message); },
+    message: function (frame) {
+      // The visitor's first message creates the chat; its acknowledgement names it, so a
+      // reconnect (or a reload) resumes this chat.
+      if (frame.chat_id && frame.chat_id !== state.chat_id) {
+        state.chat_id = frame.chat_id;
+        save();
+      }
+      renderMessage(frame.message);
+    },
     history: function (frame) {
       frame.messages.slice().reverse().forEach(function (m) { renderMessage(m, true); });
       showMore(frame.has_more);

@@ -70,6 +70,8 @@ def make_app(tmp_path, **overrides):
 
     overrides.setdefault("SQLALCHEMY_DATABASE_URI", f"sqlite:///{tmp_path / 'test.db'}")
     overrides.setdefault("REDIS_URL", None)
+    # Each app its own export folder: a stale export-1.zip of another test is not this one's.
+    overrides.setdefault("EXPORTS_DIR", str(tmp_path / "exports"))
     application = create_app(TestConfig(**overrides))
     application.test_client_class = IsolatedClient
     return application

@@ -154,8 +154,9 @@ def test_reconnect_resumes_without_duplicates_or_gaps(app, worker, upstream, con
     first = connect()
     token = first.welcome["visitor_token"]
     first.send("session_init")
-    chat_id = first.expect("session")["chat_id"]
+    first.expect("session")
     first.send("message", content="Stream please")
+    chat_id = first.expect("message")["chat_id"]  # the first message creates the chat
     seen = [first.expect("delta") for _ in range(5)]
     reply_id = seen[-1]["reply_id"]
     first.close()  # the visitor's connection drops mid-stream
@@ -237,6 +238,10 @@ def test_bad_frames_get_clear_errors(connect):
     client.send("rate", score=9)
     assert client.expect("error")["code"] == "invalid_rating"
     client.send("rate", score=4)
+    assert client.expect("error")["code"] == "no_chat"  # nothing said yet, nothing to rate
+    client.send("message", content="hello")
+    client.expect("message")
+    client.send("rate", score=4)
     assert client.expect("rated")["score"] == 4
 
 
@@ -263,9 +268,9 @@ def test_origin_not_allowed_and_unknown_key_are_refused(live_server, tenant):
 def test_someone_elses_chat_id_opens_a_new_chat(app, connect):
     owner = connect()
     owner.send("session_init")
-    chat_id = owner.expect("session")["chat_id"]
+    owner.expect("session")
     owner.send("message", content="private words")
-    owner.expect("message")
+    chat_id = owner.expect("message")["chat_id"]
     stranger = connect()  # another visitor who learnt the chat id
     stranger.send("session_init", chat_id=chat_id)
     session = stranger.expect("session")
@@ -279,9 +284,9 @@ def test_a_chat_closed_while_the_socket_is_open_takes_no_more_messages(app, conn
 
     client = connect()
     client.send("session_init")
-    chat_id = client.expect("session")["chat_id"]
+    client.expect("session")
     client.send("message", content="first words")
-    client.expect("message")
+    chat_id = client.expect("message")["chat_id"]
     client.send("history", before=10**9)
     client.expect("history")
     with app.app_context():
@@ -371,8 +376,9 @@ def test_operator_watches_live_and_the_visitor_sees_the_operator(
     operator = factory.user(tenant, role="agent")
     visitor = connect()
     visitor.send("session_init")
-    chat_public = visitor.expect("session")["chat_id"]
+    visitor.expect("session")
     visitor.send("message", content="Is anyone there?")
+    chat_public = visitor.expect("message")["chat_id"]
     visitor.collect_reply()
     with app.app_context():
         chat_pk = _db(app).session.scalar(select(Chat.id))
@@ -412,7 +418,9 @@ def test_a_socket_that_falls_behind_catches_up_without_gaps(app, tenant, connect
     app.extensions["switchboard.live"].hub.buffer = 8  # tiny, so a burst overflows it
     client = connect()
     client.send("session_init")
-    public_id = client.expect("session")["chat_id"]
+    client.expect("session")
+    client.send("message", content="Tell me a lot")  # creates the chat
+    public_id = client.expect("message")["chat_id"]
     with app.app_context():
         chat = _db(app).session.scalar(select(Chat).where(Chat.public_id == uuid.UUID(public_id)))
         stream = ReplyStream(tenant.id, chat.id, "r-burst")

@@ -33,6 +33,8 @@ KNOWN_ERRORS = {
     "invalid_history",
     "nothing_to_cancel",
     "not_found",
+    "no_chat",
+    "invalid_characters",
 }
 
 
@@ -119,7 +121,7 @@ def test_oversize_frame_closes_with_1009_and_the_server_keeps_serving(live_serve
     client.ws.shutdown()
     again = ChatClient(live_server.url, tenant.widget_key, SITE)
     again.send("session_init")
-    assert again.expect("session")["chat_id"]
+    again.expect("session")
     again.ws.close()
 
 

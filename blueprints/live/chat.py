@@ -4,6 +4,10 @@ One thread reads the visitor's frames; a second pumps the chat topic's frames to
 Every write goes through one lock (flask-sock's send is not thread-safe). A reply stream is
 only ever sent to a socket that owns the chat: the widget's visitor (signed visitor token) or
 a logged-in user of the chat's tenant who started it.
+
+The chat itself is created by the visitor's first message, not by opening the widget, so the
+inbox holds no empty chats and the per-address limit on new chats counts real conversations.
+Every frame, however hostile, gets an answer (a typed error at worst) and the socket stays open.
 """
 
 from __future__ import annotations
@@ -82,6 +86,9 @@ class ChatSocket:
         self.tenant_id = tenant.id
         self.user_id = user_id
         self.visitor_id = visitor_id
+        # ProxyFix (PROXY_FIX_HOPS) has already put the client's own address here.
+        self.client_ip = request.remote_addr or "unknown"
+        self.session_started = False
         self.chat_id: int | None = None
         self.chat_public_id: str | None = None
         self.subscription = None
@@ -208,6 +215,9 @@ class ChatSocket:
             return
         try:
             frame = json.loads(raw)
+        except RecursionError:
+            self.error("invalid_json", "That frame nests too deeply.")
+            return
         except ValueError:
             self.error("invalid_json", "That frame is not valid JSON.")
             return
@@ -225,10 +235,24 @@ class ChatSocket:
         except ChatError as exc:
             db.session.rollback()
             self.error(exc.code, exc.message, **exc.extra)
+        except ConnectionClosed:
+            raise
+        except Exception:  # noqa: BLE001
+            # A frame this code did not foresee must not end the visitor's socket: the error
+            # is logged for us, the visitor gets an answer and can go on.
+            db.session.rollback()
+            log.exception("chat frame %r failed", frame["type"])
+            self.error("server_error", "That request could not be handled; please try again.")
 
-    def _chat(self) -> Chat:
-        if self.chat_id is None:
+    def _require_session(self) -> None:
+        if not self.session_started:
             raise ChatError("no_session", "Start a session (session_init) first.")
+
+    def _chat(self) -> Chat | None:
+        """The socket's chat; None before the visitor's first message has created it."""
+        self._require_session()
+        if self.chat_id is None:
+            return None
         # With its agent: a visitor's message asks whether the agent replies (one query, not
         # two, on the way to the reply).
         chat = db.session.execute(_CHAT_WITH_AGENT, {"chat_id": self.chat_id}).scalar()
@@ -237,38 +261,54 @@ class ChatSocket:
         return chat
 
     def on_session_init(self, frame: dict[str, Any]) -> None:
+        self.session_started = True
         chat = None
-        if frame.get("chat_id"):
+        chat_id = frame.get("chat_id")
+        if isinstance(chat_id, str) and chat_id:
             chat = chats.find_resumable(
-                self.tenant_id,
-                str(frame["chat_id"]),
-                visitor_id=self.visitor_id,
-                user_id=self.user_id,
+                self.tenant_id, chat_id, visitor_id=self.visitor_id, user_id=self.user_id
             )
         if chat is None:
-            chat = chats.start_chat(
-                self.tenant_id,
-                visitor_id=self.visitor_id,
-                user_id=self.user_id,
-                session_id=secrets.token_hex(8),
+            # No chat yet: the first message creates it (opening the widget is not a chat).
+            self._subscribe(None)
+            self.send(
+                {
+                    "type": "session",
+                    "chat_id": None,
+                    "status": "active",
+                    "satisfaction": None,
+                    "messages": [],
+                    "has_more": False,
+                }
             )
-            db.session.commit()
+            return
         resume = frame.get("resume") if isinstance(frame.get("resume"), dict) else {}
         self._attach(chat, resume)
 
-    def _attach(self, chat: Chat, resume: dict[str, Any]) -> None:
-        topic = chat_topic(chat.tenant_id, chat.id)
+    def _subscribe(self, chat: Chat | None) -> str | None:
+        """Follow `chat`'s topic (or none) from now on; the chat topic's name."""
+        topic = chat_topic(chat.tenant_id, chat.id) if chat is not None else None
         old = self.subscription
-        self.subscription = hub().subscribe([topic])  # subscribe first: nothing falls in a gap
+        # Subscribed before the old one closes and before anything is read: nothing falls in
+        # a gap.
+        self.subscription = hub().subscribe([topic]) if topic is not None else None
         if old is not None:
             old.close()
-        self.chat_id, self.chat_public_id = chat.id, str(chat.public_id)
+        self.chat_id = chat.id if chat is not None else None
+        self.chat_public_id = str(chat.public_id) if chat is not None else None
+        self.sent_seq, self.done_replies, self.sent_messages = {}, set(), set()
+        return topic
+
+    def _attach(self, chat: Chat, resume: dict[str, Any]) -> None:
+        topic = self._subscribe(chat)
+        # Only positions of this chat's replies: a bare cancel stops one of them.
         self.sent_seq = {
-            str(k): int(v)
-            for k, v in resume.items()
-            if isinstance(v, int) and not isinstance(v, bool)
+            reply: position
+            for reply, position in resume.items()
+            if chat_live.visitor_message_id_of(reply) is not None
+            and isinstance(position, int)
+            and not isinstance(position, bool)
         }
-        self.done_replies, self.sent_messages = set(), set()
         recent = chats.recent_messages(chat.id, HISTORY_PAGE + 1)
         has_more = len(recent) > HISTORY_PAGE
         recent = recent[-HISTORY_PAGE:]
@@ -310,25 +350,43 @@ class ChatSocket:
 
     def on_message(self, frame: dict[str, Any]) -> None:
         chat = self._chat()
-        cfg = self.app.config
         content = chats.clean_visitor_text(frame.get("content"))
-        identity = f"user:{self.user_id}" if self.user_id else f"visitor:{self.visitor_id}"
-        decision = kv().hit(f"chat:{identity}", cfg["CHAT_RATE_LIMIT_PER_MINUTE"], 60)
-        if not decision.allowed:
-            raise ChatError(
-                "rate_limited",
-                f"You are sending messages too fast. Try again in {decision.retry_after} s.",
-                retry_after=decision.retry_after,
+        if chat is not None and chat.status == "archived":
+            raise ChatError("no_session", "This chat is archived; start a new session.")
+        sender = f"user:{self.user_id}" if self.user_id else f"visitor:{self.visitor_id}"
+        chats.check_visitor_message_limits(
+            self.tenant_id, self.client_ip, sender, starts_chat=chat is None
+        )
+        if chat is None:
+            chat = chats.start_chat(
+                self.tenant_id,
+                visitor_id=self.visitor_id,
+                user_id=self.user_id,
+                session_id=secrets.token_hex(8),
             )
+            # Following the new chat before its commit: the reply's first frames can't be missed.
+            self._subscribe(chat)
+            try:
+                self._save_message(chat, content, frame)
+            except BaseException:
+                self._subscribe(None)  # the chat was not saved: the next message starts one
+                raise
+            return
         if chat.status == "completed":
             chat.status, chat.is_active = "active", True
-        elif chat.status == "archived":
-            raise ChatError("no_session", "This chat is archived; start a new session.")
+        self._save_message(chat, content, frame)
+
+    def _save_message(self, chat: Chat, content: str, frame: dict[str, Any]) -> None:
         message = chats.add_message(chat, "visitor", content)
+        client_id = frame.get("client_id")
+        if not (isinstance(client_id, str) and len(client_id) <= 128):
+            client_id = None  # echoed back as the client's own key only when it is one
         ack = {
             "type": "message",
             "message": chat_live.message_json(message),
-            "client_id": frame.get("client_id"),
+            "client_id": client_id,
+            # The widget learns its chat's id here when this message has just created it.
+            "chat_id": self.chat_public_id,
         }
         # The visitor's message is acknowledged the moment it is committed, before the reply
         # is queued: registered first, this runs first. Sent after commit() returned instead,
@@ -347,6 +405,8 @@ class ChatSocket:
 
     def on_typing(self, frame: dict[str, Any]) -> None:
         chat = self._chat()
+        if chat is None:
+            return  # nobody watches a chat that does not exist yet
         from services.live import publish
 
         publish(
@@ -363,21 +423,21 @@ class ChatSocket:
         if not isinstance(reply, str):
             streaming = [r for r in self.sent_seq if r not in self.done_replies]
             reply = streaming[-1] if streaming else None
-        if reply is None or not reply.startswith("r"):
+        if chat is None or reply is None:
             raise ChatError("nothing_to_cancel", "No reply is being generated.")
         # The reply must belong to this chat: its visitor message is in this chat.
         from models.chats import Message
 
-        try:
-            message = db.session.get(Message, int(reply[1:]))
-        except ValueError:
-            message = None
+        message_id = chat_live.visitor_message_id_of(reply)
+        message = db.session.get(Message, message_id) if message_id is not None else None
         if message is None or message.chat_id != chat.id:
             raise ChatError("nothing_to_cancel", "No such reply in this chat.")
         kv().set_flag(cancel_key(reply), ttl=300)
 
     def on_session_close(self, frame: dict[str, Any]) -> None:
         chat = self._chat()
+        if chat is None:
+            raise ChatError("no_chat", "There is no conversation to end yet.")
         chats.complete_chat(chat)
         db.session.commit()
         self.send(
@@ -393,10 +453,15 @@ class ChatSocket:
     def on_history(self, frame: dict[str, Any]) -> None:
         chat = self._chat()
         before = frame.get("before")
-        if not isinstance(before, int) or isinstance(before, bool):
-            raise ChatError("invalid_history", '"before" must be a message id.')
+        if not chats.is_row_id(before):
+            raise ChatError(
+                "invalid_history", f'"before" must be a message id (1 to {chats.MAX_ROW_ID}).'
+            )
         limit = frame.get("limit", HISTORY_PAGE)
         limit = min(max(int(limit), 1), 50) if isinstance(limit, int) else HISTORY_PAGE
+        if chat is None:  # nothing said yet, so nothing earlier
+            self.send({"type": "history", "messages": [], "has_more": False})
+            return
         rows = chats.messages_before(chat.id, before, limit + 1)
         has_more = len(rows) > limit
         rows = rows[-limit:]
@@ -410,7 +475,10 @@ class ChatSocket:
 
     def on_rate(self, frame: dict[str, Any]) -> None:
         chat = self._chat()
-        chats.rate_chat(chat, frame.get("score"))
+        score = chats.check_rating(frame.get("score"))
+        if chat is None:
+            raise ChatError("no_chat", "There is no conversation to rate yet.")
+        chats.rate_chat(chat, score)
         db.session.commit()
         self.send({"type": "rated", "score": chat.satisfaction})
 
