@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, g, jsonify, render_template, request, session
 from flask_login import current_user
 from flask_wtf.csrf import CSRFError
 
@@ -146,6 +146,12 @@ def _init_live(app: Flask) -> None:
 
 
 def _register_blueprints(app: Flask) -> None:
+    from blueprints import DatabaseIdConverter
+
+    # Every `<int:…>` in every blueprint is a database id: bounded here, once, so an id past
+    # the column's range is a 404 and never reaches the database. Rules bind their converter
+    # when added, so this comes before any blueprint.
+    app.url_map.converters["int"] = DatabaseIdConverter
     from blueprints.accounts import bp as accounts_bp
     from blueprints.api import bp as api_bp
     from blueprints.audit import bp as audit_bp
@@ -207,14 +213,15 @@ def _register_cli(app: Flask) -> None:
 
 def _register_hooks(app: Flask) -> None:
     from models.accounts import User
+    from services.accounts import user_for_session
+
+    # Sessions and remember cookies carry a revocable, expiring identity rather than the
+    # bare user id (get_id stays the id, for event actors).
+    login_manager.id_attribute = "session_identity"
 
     @login_manager.user_loader
-    def load_user(user_id: str) -> User | None:
-        try:
-            user = db.session.get(User, int(user_id))
-        except (TypeError, ValueError):
-            return None
-        return user if user is not None and user.is_active else None
+    def load_user(session_identity: str) -> User | None:
+        return user_for_session(session_identity, app.config["REMEMBER_COOKIE_DURATION"])
 
     @app.before_request
     def start_embedded_worker() -> None:
@@ -230,7 +237,26 @@ def _register_hooks(app: Flask) -> None:
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("Referrer-Policy", "same-origin")
+        hsts_max_age = app.config.get("HSTS_MAX_AGE", 0)
+        if app.config.get("SESSION_COOKIE_SECURE") and hsts_max_age:
+            # Secure cookies mean the site is served over https: browsers then refuse a
+            # downgrade to http (where the cookie would not be sent anyway).
+            response.headers.setdefault(
+                "Strict-Transport-Security", f"max-age={hsts_max_age}; includeSubDomains"
+            )
+        if _is_personal(response) and "no-store" not in response.headers.get("Cache-Control", ""):
+            # A logged-in page (an API token's page, a webhook secret, a tenant's data) must
+            # not stay in a shared proxy's cache or the browser's after logout.
+            response.headers["Cache-Control"] = "no-store"
         return response
+
+    def _is_personal(response) -> bool:
+        if request.endpoint == "static" or response.mimetype not in (
+            "text/html",
+            "application/json",
+        ):
+            return False
+        return session.get("_user_id") is not None or g.get("api_user") is not None
 
     from services.rendering import markdown_to_safe_html
 
@@ -269,23 +295,74 @@ def _register_hooks(app: Flask) -> None:
     def wants_json() -> bool:
         return request.path.startswith("/api/") or request.path == "/healthz"
 
+    def error_page(code: int, message: str):
+        """The error page, or for an htmx request only a short notice: htmx swaps 4xx
+        answers like any other, and a whole page must not land inside a list."""
+        from blueprints import is_partial_request
+
+        if is_partial_request():
+            response = app.make_response(
+                (render_template("_error_fragment.html", code=code, message=message), code)
+            )
+            # Just before the element that asked, which stays: replacing it would leave the
+            # page without the list (or form) the next, corrected request swaps into.
+            response.headers["HX-Reswap"] = "beforebegin"
+        else:
+            response = app.make_response(
+                (render_template("error.html", code=code, message=message), code)
+            )
+        response.headers.add("Vary", "HX-Request")
+        return response
+
     @app.errorhandler(CSRFError)
     def csrf_error(error: CSRFError):
         if wants_json():
             return jsonify(error="csrf_failed", message=error.description), 400
-        return render_template("error.html", code=400, message=error.description), 400
+        return error_page(400, error.description)
 
     @app.errorhandler(404)
     def not_found(error):
         if wants_json():
             return jsonify(error="not_found", message="Not found."), 404
-        return render_template("error.html", code=404, message="That page does not exist."), 404
+        return error_page(404, "That page does not exist.")
 
     @app.errorhandler(403)
     def forbidden(error):
         if wants_json():
             return jsonify(error="forbidden", message="Not allowed."), 403
-        return render_template("error.html", code=403, message="You may not do that."), 403
+        return error_page(403, "You may not do that.")
+
+    from werkzeug.exceptions import HTTPException
+
+    @app.errorhandler(HTTPException)
+    def client_error(error: HTTPException):
+        # Every other 4xx (400, 405, 413, 429, …) in the app's own page or JSON, keeping the
+        # headers it carries (Allow, Retry-After). Redirects raised by routing pass through.
+        if error.code is None or not 400 <= error.code < 500:
+            return error
+        headers = [(k, v) for k, v in error.get_headers() if k.lower() != "content-type"]
+        message = error.description or error.name
+        if wants_json():
+            kind = error.name.lower().replace(" ", "_").replace("'", "")
+            return jsonify(error=kind, message=message), error.code, headers
+        response = error_page(error.code, message)
+        response.headers.extend(headers)
+        return response
+
+    from sqlalchemy.exc import DataError
+
+    @app.errorhandler(DataError)
+    def value_out_of_range(error: DataError):
+        # A value the database cannot hold (a number past a column's range, …): the request
+        # was at fault, not the server. Routes check ids before they query; this is the net.
+        logging.getLogger("switchboard").info(
+            "database refused a value: %s", str(error.orig).splitlines()[0][:200]
+        )
+        db.session.rollback()
+        message = "A value in the request is out of range."
+        if wants_json():
+            return jsonify(error="invalid_parameter", message=message), 400
+        return error_page(400, message)
 
     from sqlalchemy.exc import InterfaceError, OperationalError
 

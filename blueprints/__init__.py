@@ -1,17 +1,47 @@
 """One package per area. Shared helpers for pages live here: partial-or-page rendering,
-tenant-scoped lookups and keyset pagination."""
+tenant-scoped lookups, keyset pagination, the range of ids a URL may carry, and safe
+redirect targets."""
 
 from __future__ import annotations
 
+import re
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-from flask import abort, make_response, render_template, request
+from flask import abort, make_response, render_template, request, url_for
 from flask_login import current_user
-from sqlalchemy import Select
+from sqlalchemy import BigInteger, Select
+from werkzeug.routing import IntegerConverter
 
 from extensions import db
 
 M = TypeVar("M")
+
+# Every id column is an INTEGER on PostgreSQL (a few append-only tables use BIGINT): a number
+# past the column's range makes the database raise instead of finding nothing, so it must be
+# refused before a query is built.
+DB_INT_MAX = 2**31 - 1
+DB_BIGINT_MAX = 2**63 - 1
+_DIGITS = re.compile(r"[0-9]{1,19}")
+
+
+def parse_id(raw: str | None, *, maximum: int = DB_INT_MAX) -> int | None:
+    """`raw` as a database id (1..maximum), or None when it is anything else."""
+    raw = (raw or "").strip()
+    if not _DIGITS.fullmatch(raw):
+        return None
+    value = int(raw)
+    return value if 1 <= value <= maximum else None
+
+
+class DatabaseIdConverter(IntegerConverter):
+    """`<int:…>` in every route: a positive id within the INTEGER range. Anything else
+    matches no route (404) rather than reaching the database."""
+
+    regex = r"[0-9]+"
+
+    def __init__(self, map, fixed_digits=0, min=1, max=DB_INT_MAX, signed=False) -> None:
+        super().__init__(map, fixed_digits=fixed_digits, min=min, max=max, signed=False)
 
 
 def is_partial_request() -> bool:
@@ -60,19 +90,47 @@ def get_owned_or_404(model: type[M], object_id: Any) -> M:
     return obj
 
 
-def int_arg(name: str) -> int | None:
+def int_arg(name: str, *, maximum: int = DB_INT_MAX) -> int | None:
+    """The query argument `name` as an id; absent or blank is None, anything else but an id
+    in 1..maximum is a 400 that says what was expected."""
     raw = request.args.get(name, "")
-    try:
-        return int(raw) if raw else None
-    except ValueError:
-        abort(400)
+    if not raw.strip():
+        return None
+    value = parse_id(raw, maximum=maximum)
+    if value is None:
+        abort(400, description=f"“{name}” must be a whole number from 1 to {maximum}.")
+    return value
+
+
+def id_max(column: Any) -> int:
+    """The largest id `column` can hold."""
+    return DB_BIGINT_MAX if isinstance(column.type, BigInteger) else DB_INT_MAX
 
 
 def keyset_page(stmt: Select, id_column: Any, limit: int) -> tuple[list[Any], int | None]:
     """Newest-first page of `stmt` before ?before=<id>; returns (rows, next before-id or None)."""
-    before = int_arg("before")
+    before = int_arg("before", maximum=id_max(id_column))
     if before is not None:
         stmt = stmt.where(id_column < before)
     rows = list(db.session.scalars(stmt.order_by(id_column.desc()).limit(limit + 1)))
     next_before = rows[limit - 1].id if len(rows) > limit else None
     return rows[:limit], next_before
+
+
+def safe_next(target: str | None, fallback: str | None = None) -> str:
+    """`target` if it is a path on this site, else `fallback` (the dashboard by default).
+
+    Browsers read a backslash as a slash and skip tabs and newlines inside a URL, so a
+    backslash or a control character anywhere makes the target unsafe, like a leading `//`."""
+    fallback = fallback or url_for("dashboard.home")
+    target = (target or "").strip()
+    if target.startswith(request.host_url):
+        target = "/" + target[len(request.host_url) :]
+    if any(ord(char) < 32 or char in "\\\x7f" for char in target):
+        return fallback
+    if not target.startswith("/") or target.startswith("//"):
+        return fallback
+    parts = urlsplit(target)
+    if parts.scheme or parts.netloc:
+        return fallback
+    return target

@@ -39,7 +39,8 @@ class Tenant(Timestamps, db.Model):
 class User(UserMixin, Tracked, Timestamps, db.Model):
     __tablename__ = "users"
     __entity__ = "user"
-    __event_exclude__ = frozenset({"password_hash", "api_token_hash"})
+    # session_version is a credential's counter: a sign-out is not an edit anyone reviews.
+    __event_exclude__ = frozenset({"password_hash", "api_token_hash", "session_version"})
     # A login is its own event (user.logged_in); the timestamp it stamps is not an edit.
     __event_routine__ = frozenset({"last_login_at"})
     __table_args__ = (CheckConstraint("role IN ('admin', 'agent')", name="role_valid"),)
@@ -55,8 +56,24 @@ class User(UserMixin, Tracked, Timestamps, db.Model):
     is_active_user: Mapped[bool] = mapped_column(Boolean, default=True)
     api_token_hash: Mapped[Optional[str]] = mapped_column(String(128), unique=True)
     last_login_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    # Every session and remember cookie names the version it was issued under; bumping it
+    # (sign out, sign out everywhere, deactivation) makes all of them stop working.
+    session_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
     tenant: Mapped[Tenant] = relationship(back_populates="users")
+
+    # What this login's cookies carry (see services.accounts.session_identity); set when the
+    # user is loaded from a session, so Flask-Login re-issues the same value.
+    login_identity = None
+
+    def session_identity(self) -> str:
+        """Flask-Login's id_attribute (app.py): the value a session and a remember cookie
+        carry. A new login gets a new one; a loaded session keeps its own."""
+        from services.accounts import new_session_identity
+
+        if self.login_identity is None:
+            self.login_identity = new_session_identity(self)
+        return self.login_identity
 
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password)

@@ -1,4 +1,4 @@
-"""Small shared state: sliding-window rate limits and short-lived flags.
+"""Small shared state: moving-window rate limits and short-lived flags.
 
 In-memory in embedded mode (one process), Redis in production so every web and worker
 process sees the same counts and flags.
@@ -6,37 +6,54 @@ process sees the same counts and flags.
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
-import uuid
-from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from flask import Flask, current_app
+from limits import RateLimitItemPerSecond
+from limits.errors import StorageError
+from limits.storage import MemoryStorage, RedisStorage, Storage
+from limits.strategies import MovingWindowRateLimiter
+
+logger = logging.getLogger("switchboard.kv")
 
 
 @dataclass(frozen=True)
 class RateDecision:
     allowed: bool
-    retry_after: int = 0  # whole seconds until one more message is allowed
+    retry_after: int = 0  # whole seconds until one more hit is allowed
 
 
-class MemoryKV:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._hits: dict[str, deque[float]] = defaultdict(deque)
-        self._flags: dict[str, float] = {}
+class _Limiter:
+    """Moving-window limits from the `limits` library over the given storage: the one rate
+    limiter of the app (chat socket, login, API)."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._limiter = MovingWindowRateLimiter(storage)
 
     def hit(self, key: str, limit: int, window: float) -> RateDecision:
-        now = time.monotonic()
-        with self._lock:
-            hits = self._hits[key]
-            while hits and hits[0] <= now - window:
-                hits.popleft()
-            if len(hits) >= limit:
-                return RateDecision(False, max(1, int(hits[0] + window - now + 0.999)))
-            hits.append(now)
+        """Count one hit against `limit` per `window` seconds for `key`, unless it is used up."""
+        item = RateLimitItemPerSecond(limit, max(1, math.ceil(window)))
+        try:
+            if self._limiter.hit(item, key):
+                return RateDecision(True)
+            reset_at, _remaining = self._limiter.get_window_stats(item, key)
+        except StorageError as exc:
+            # Redis is down: sign-ins, the API and chats keep working (unthrottled) rather
+            # than all failing until it is back.
+            logger.warning("rate limit %r not checked: %s", key.split(":")[0], exc)
             return RateDecision(True)
+        return RateDecision(False, max(1, math.ceil(reset_at - time.time())))
+
+
+class MemoryKV(_Limiter):
+    def __init__(self) -> None:
+        super().__init__(MemoryStorage())
+        self._lock = threading.Lock()
+        self._flags: dict[str, float] = {}
 
     def set_flag(self, key: str, ttl: float) -> None:
         with self._lock:
@@ -63,38 +80,15 @@ class MemoryKV:
             return True
 
 
-# Sliding log in a sorted set: drop hits older than the window, count, add when allowed.
-_HIT_SCRIPT = """
-local key, now, window, limit, member = KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]),
-  tonumber(ARGV[3]), ARGV[4]
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now - window)
-local count = redis.call('ZCARD', key)
-if count >= limit then
-  local oldest = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
-  return {0, tostring(tonumber(oldest[2]) + window - now)}
-end
-redis.call('ZADD', key, now, member)
-redis.call('PEXPIRE', key, math.ceil(window * 1000))
-return {1, '0'}
-"""
-
-
-class RedisKV:
+class RedisKV(_Limiter):
     def __init__(self, url: str, prefix: str) -> None:
         import redis
 
-        self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=3)
+        options = {"socket_timeout": 5, "socket_connect_timeout": 3}
+        storage = RedisStorage(url, key_prefix=prefix + "rl", wrap_exceptions=True, **options)
+        super().__init__(storage)
+        self.redis = redis.Redis.from_url(url, **options)
         self.prefix = prefix
-        self._hit = self.redis.register_script(_HIT_SCRIPT)
-
-    def hit(self, key: str, limit: int, window: float) -> RateDecision:
-        allowed, wait = self._hit(
-            keys=[self.prefix + "rl:" + key],
-            args=[time.time(), window, limit, uuid.uuid4().hex],
-        )
-        if int(allowed):
-            return RateDecision(True)
-        return RateDecision(False, max(1, int(float(wait) + 0.999)))
 
     def set_flag(self, key: str, ttl: float) -> None:
         self.redis.set(self.prefix + "flag:" + key, "1", px=max(1, int(ttl * 1000)))

@@ -11,13 +11,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
-import ipaddress
+import http.client
 import json
 import re
-import socket
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -28,6 +25,7 @@ from sqlalchemy import bindparam, select, update
 from extensions import db
 from models.base import utcnow
 from models.webhooks import WebhookEndpoint, new_webhook_secret
+from services import netpolicy
 
 SIGNATURE_HEADER = "X-Switchboard-Signature"
 TIMESTAMP_HEADER = "X-Switchboard-Timestamp"
@@ -46,7 +44,8 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,80}$")
 
 
 def validate_url(raw: str) -> str:
-    """A trimmed http(s) URL with a host; raises ValueError with a message for the form."""
+    """A trimmed http(s) URL whose host resolves only to addresses webhooks may go to;
+    raises ValueError with a message for the form."""
     url = (raw or "").strip()
     if not url:
         raise ValueError("Enter a URL.")
@@ -59,53 +58,20 @@ def validate_url(raw: str) -> str:
         raise ValueError("The URL needs a host.")
     if any(ch.isspace() for ch in url):
         raise ValueError("The URL must not contain spaces.")
-    if not current_app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"]:
-        host = parts.hostname.lower()
-        literal = _ip(host)
-        if host == "localhost" or host.endswith(".localhost") or (literal and _private(literal)):
-            raise ValueError(PRIVATE_REFUSED)
+    try:
+        port = parts.port or default_port(parts.scheme)
+    except ValueError:
+        raise ValueError("The URL's port must be a number from 1 to 65535.") from None
+    if not 0 < port < 65536:
+        raise ValueError("The URL's port must be a number from 1 to 65535.")
+    # Resolved now so the admin learns at once; delivery resolves and checks again, since
+    # what a name points to can change after it was saved.
+    netpolicy.checked_addresses(parts.hostname, port, netpolicy.webhook_checker(current_app.config))
     return url
 
 
-PRIVATE_REFUSED = (
-    "The URL points into a private network; webhooks only go to public addresses "
-    "(WEBHOOK_ALLOW_PRIVATE_NETWORKS allows them)."
-)
-
-
-def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-
-
-def _private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    mapped = getattr(address, "ipv4_mapped", None)
-    if mapped is not None:
-        address = mapped
-    return not address.is_global or address.is_multicast
-
-
-def private_destination(url: str) -> str | None:
-    """Why this URL may not be posted to (it resolves into a private network), or None.
-
-    Checked again at delivery time, because a name can start resolving elsewhere after the
-    endpoint was saved. Without this a tenant admin could make the workers probe the
-    internal network (Redis, PostgreSQL, cloud metadata) on their behalf.
-    """
-    if current_app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"]:
-        return None
-    parts = urlsplit(url)
-    try:
-        infos = socket.getaddrinfo(parts.hostname, parts.port or 443, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError):
-        return None  # the request itself reports the resolution error
-    for info in infos:
-        address = _ip(str(info[4][0]).split("%")[0])
-        if address is None or _private(address):
-            return PRIVATE_REFUSED
-    return None
+def default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
 
 
 def parse_topics(raw: str) -> list[str]:
@@ -215,20 +181,24 @@ class Attempt:
         return self.status_code >= 500 or self.status_code == 429
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirect would turn the POST into a GET without the body (and could point anywhere).
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-_opener = urllib.request.build_opener(_NoRedirect())
-
-
 def post(url: str, secret: str, topic: str, body: bytes, delivery_ref: str = "") -> Attempt:
-    """POST a signed body once; never raises for HTTP or network failures."""
-    refusal = private_destination(url)
-    if refusal:
-        return Attempt(status_code=None, latency_ms=0, error=refusal, refused=True)
+    """POST a signed body once; never raises for HTTP or network failures.
+
+    The host is resolved once here and the request goes to an address that passed the
+    policy (a pinned connection); redirects are never followed, since a redirect would turn
+    the POST into a GET without the body and could point anywhere."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        port = parts.port or default_port(parts.scheme)
+        addresses = netpolicy.checked_addresses(
+            host, port, netpolicy.webhook_checker(current_app.config)
+        )
+    except netpolicy.LookupFailed as exc:
+        # Fail closed: nothing is sent, and a later attempt looks the name up again.
+        return Attempt(status_code=None, latency_ms=0, error=f"{exc} Not sent."[:500])
+    except ValueError as exc:  # refused by the policy, or a URL that no longer parses
+        return Attempt(status_code=None, latency_ms=0, error=str(exc)[:500], refused=True)
     timestamp = int(time.time())
     headers = {
         "Content-Type": "application/json",
@@ -239,28 +209,30 @@ def post(url: str, secret: str, topic: str, body: bytes, delivery_ref: str = "")
     }
     if delivery_ref:
         headers[DELIVERY_HEADER] = delivery_ref
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     timeout = float(current_app.config["WEBHOOK_TIMEOUT_SECONDS"])
+    if parts.scheme == "https":
+        connection: http.client.HTTPConnection = netpolicy.PinnedHTTPSConnection(
+            host, port, addresses, timeout
+        )
+    else:
+        connection = netpolicy.PinnedHTTPConnection(host, port, addresses, timeout)
     started = time.monotonic()
     status: int | None = None
     error: str | None = None
     try:
-        with _opener.open(request, timeout=timeout) as response:
-            status = response.status
-            response.read(65536)
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-        error = f"HTTP {exc.code} {exc.reason}"[:500]
-        try:
-            exc.read(65536)
-        except Exception:  # noqa: BLE001 - the body does not matter
-            pass
-        finally:
-            exc.close()
-    except urllib.error.URLError as exc:
-        error = f"network error: {exc.reason}"[:500]
-    except (TimeoutError, OSError, ValueError) as exc:
+        connection.request("POST", target, body=body, headers=headers)
+        response = connection.getresponse()
+        status = response.status
+        response.read(65536)
+        if not 200 <= status < 300:
+            error = f"HTTP {status} {response.reason}"[:500]
+    except (OSError, http.client.HTTPException) as exc:
+        error = f"network error: {type(exc).__name__}: {exc}"[:500]
+    except ValueError as exc:  # e.g. control characters in the path
         error = f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        connection.close()
     latency = int((time.monotonic() - started) * 1000)
     return Attempt(status_code=status, latency_ms=latency, error=error)
 

@@ -340,21 +340,35 @@ def test_admin_pages_create_isolate_and_resend(app, client, worker, fast, factor
     assert agent_client.get(f"/webhooks/{endpoint_id}").status_code == 403
 
 
-def test_private_addresses_are_refused_unless_allowed(app, db, client, worker, fast, factory):
+def test_private_addresses_are_refused_unless_allowed(
+    app, db, client, worker, fast, factory, monkeypatch
+):
+    import socket
+
     from services import webhooks as svc
 
+    # No DNS here: the public name gets a public answer, every other lookup the real one.
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "hooks.example.com":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+        return real_getaddrinfo(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     app.config["WEBHOOK_ALLOW_PRIVATE_NETWORKS"] = False
     with app.test_request_context():
         for url in (
             "http://127.0.0.1:6379/",
             "http://localhost/hook",
             "http://[::1]/hook",
-            "http://169.254.169.254/latest/meta-data",
             "http://10.0.0.8/hook",
             "http://[::ffff:192.168.1.1]/hook",
         ):
             with pytest.raises(ValueError, match="private network"):
                 svc.validate_url(url)
+        with pytest.raises(ValueError, match="metadata"):
+            svc.validate_url("http://169.254.169.254/latest/meta-data")
         assert svc.validate_url("https://hooks.example.com/x") == "https://hooks.example.com/x"
 
     # The form says why, and stores nothing.

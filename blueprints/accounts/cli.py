@@ -51,12 +51,71 @@ def set_role_command(email: str, role: str) -> None:
     click.echo(f"{user.email} is now {role}.")
 
 
-@demo_cli.command("load")
+def _user_or_fail(email: str):
+    from services.accounts import user_by_email
+
+    user = user_by_email(email)
+    if user is None:
+        raise click.ClickException(f"No user with email {email}.")
+    return user
+
+
+@users_cli.command("logout-everywhere")
+@click.argument("email")
 @with_appcontext
-def demo_load() -> None:
+def logout_everywhere_command(email: str) -> None:
+    """End every session and remember-me cookie of a user (they sign in again)."""
+    from services.accounts import end_all_sessions
+
+    user = _user_or_fail(email)
+    end_all_sessions(user)
+    db.session.commit()
+    click.echo(f"{user.email} is signed out on every device.")
+
+
+@users_cli.command("deactivate")
+@click.argument("email")
+@with_appcontext
+def deactivate_command(email: str) -> None:
+    """Stop a user from signing in; their sessions and cookies stop working for good."""
+    from services.accounts import set_active
+
+    user = _user_or_fail(email)
+    set_active(user, False)
+    db.session.commit()
+    click.echo(f"{user.email} is deactivated and signed out everywhere.")
+
+
+@users_cli.command("activate")
+@click.argument("email")
+@with_appcontext
+def activate_command(email: str) -> None:
+    """Let a deactivated user sign in again (with their password; old cookies stay dead)."""
+    from services.accounts import set_active
+
+    user = _user_or_fail(email)
+    set_active(user, True)
+    db.session.commit()
+    click.echo(f"{user.email} can sign in again.")
+
+
+@demo_cli.command("load")
+@click.option("--force", is_flag=True, help="Load it even in production mode (REDIS_URL is set).")
+@with_appcontext
+def demo_load(force: bool) -> None:
     """Load the demo tenant, its admin login and sample records (safe to run twice)."""
+    from flask import current_app
+
     from services.demo import load_demo
 
+    if not current_app.config["EMBEDDED"] and not force:
+        # The demo admin's email and password are documented, so on a reachable server
+        # they are a way in.
+        raise click.ClickException(
+            "Refusing to load demo data in production mode (REDIS_URL is set): it creates "
+            "an admin login whose password is published (DEMO_EMAIL / DEMO_PASSWORD). "
+            "Run `flask demo load --force` if this really is a demo server."
+        )
     result = load_demo()
     db.session.commit()
     click.echo(result.describe())

@@ -1,22 +1,21 @@
-from urllib.parse import urlsplit
+import logging
 
-from flask import flash, redirect, render_template, request, url_for
+from flask import flash, g, redirect, render_template, request, session, url_for
 from flask_login import current_user, login_required, login_user, logout_user
 
+from blueprints import safe_next
 from blueprints.accounts import bp
 from blueprints.accounts.forms import LoginForm
 from events.outbox import emit
 from extensions import db
-from services.accounts import authenticate, record_failed_login
+from services.accounts import (
+    authenticate,
+    end_all_sessions,
+    login_attempt_allowed,
+    record_failed_login,
+)
 
-
-def _safe_next(target: str | None) -> str:
-    # Only same-site paths: never an absolute URL or a scheme-relative one.
-    if target and target.startswith("/") and not target.startswith("//"):
-        parts = urlsplit(target)
-        if not parts.scheme and not parts.netloc:
-            return target
-    return url_for("dashboard.home")
+logger = logging.getLogger("switchboard.accounts")
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -24,6 +23,18 @@ def login():
     if current_user.is_authenticated:
         return redirect(url_for("dashboard.home"))
     form = LoginForm()
+    if request.method == "POST":
+        decision = login_attempt_allowed(request.remote_addr, request.form.get("email", ""))
+        if not decision.allowed:
+            logger.warning("sign-in throttled for %s", request.remote_addr)
+            minutes = -(-decision.retry_after // 60)
+            flash(
+                "Too many sign-in attempts. "
+                f"Wait {minutes} minute{'s' if minutes != 1 else ''} and try again.",
+                "error",
+            )
+            page = render_template("accounts/login.html", form=form)
+            return page, 429, {"Retry-After": str(decision.retry_after)}
     if form.validate_on_submit():
         user = authenticate(form.email.data, form.password.data)
         if user is None:
@@ -40,14 +51,23 @@ def login():
             payload={"label": user.email},
         )
         db.session.commit()
+        # A new session for the signed-in user: nothing from before (a planted session, a
+        # CSRF token read on a shared screen) carries over.
+        session.clear()
+        g.pop("csrf_token", None)
         login_user(user, remember=form.remember.data)
-        return redirect(_safe_next(request.args.get("next")), code=303)
+        return redirect(safe_next(request.args.get("next")), code=303)
     return render_template("accounts/login.html", form=form)
 
 
 @bp.post("/logout")
 @login_required
 def logout():
-    logout_user()
+    # Server-side: a copy of this session or of the remember cookie is dead too. The session
+    # version is per user, so this signs the user out on their other devices as well.
+    end_all_sessions(current_user)
+    db.session.commit()
+    session.clear()
+    logout_user()  # after clear(): it leaves the order to delete the remember cookie
     flash("You are signed out.", "info")
     return redirect(url_for("accounts.login"), code=303)

@@ -1,10 +1,12 @@
-"""The user's own account page: the API token (shown once when issued)."""
+"""The user's own account page: the API token (shown once when issued) and signing out
+on every device."""
 
-from flask import flash, redirect, render_template, url_for
-from flask_login import current_user, login_required
+from flask import flash, redirect, render_template, session, url_for
+from flask_login import current_user, login_required, logout_user
 
 from blueprints.accounts import bp
 from extensions import db
+from services.accounts import end_all_sessions
 from services.api_tokens import issue_token, revoke_token
 
 
@@ -31,3 +33,14 @@ def revoke():
     db.session.commit()
     flash("Your API token no longer works.", "info")
     return redirect(url_for("accounts.account"), code=303)
+
+
+@bp.post("/account/sign-out-everywhere")
+@login_required
+def sign_out_everywhere():
+    end_all_sessions(current_user)
+    db.session.commit()
+    session.clear()
+    logout_user()
+    flash("You are signed out on every device.", "info")
+    return redirect(url_for("accounts.login"), code=303)

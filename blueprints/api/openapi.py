@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from blueprints import DB_INT_MAX
+
 _ERROR = {
     "type": "object",
     "required": ["error", "message"],
@@ -9,11 +11,26 @@ _ERROR = {
         "error": {"type": "string"},
         "message": {"type": "string"},
         "parameter": {"type": "string"},
+        "retry_after": {"type": "integer", "minimum": 0},
     },
 }
 
 _NULLABLE_STRING = {"type": "string", "nullable": True}
-INT64_MAX = 2**63 - 1
+MAX_PAGE_SIZE = 200
+
+
+def _id(description: str | None = None, *, nullable: bool = False) -> dict:
+    """An id: the columns are INTEGER, so 1 up to 2**31 - 1."""
+    schema: dict = {"type": "integer", "format": "int32", "minimum": 1, "maximum": DB_INT_MAX}
+    if nullable:
+        schema["nullable"] = True
+    if description:
+        schema["description"] = description
+    return schema
+
+
+def _date_time(description: str) -> dict:
+    return {"type": "string", "format": "date-time", "description": description}
 
 
 def _page_of(item_ref: str) -> dict:
@@ -37,6 +54,12 @@ def _errors() -> dict:
             "description": "No valid API token or session.",
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         },
+        "429": {
+            "description": "Too many requests from this token or address; retry after "
+            "the number of seconds in Retry-After.",
+            "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 0}}},
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        },
     }
 
 
@@ -47,14 +70,14 @@ _PAGING = [
         "required": False,
         "description": "Where the next page starts (the `next` link carries it): the id of "
         "the last item already seen.",
-        "schema": {"type": "integer", "format": "int64", "minimum": 1, "maximum": INT64_MAX},
+        "schema": _id(),
     },
     {
         "name": "limit",
         "in": "query",
         "required": False,
-        "description": "Page size (default 50).",
-        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
+        "description": f"Page size (default 50, at most {MAX_PAGE_SIZE}).",
+        "schema": {"type": "integer", "format": "int32", "minimum": 1, "maximum": MAX_PAGE_SIZE},
     },
 ]
 
@@ -80,7 +103,7 @@ def openapi_document(server: str) -> dict:
                             "name": "location",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+                            "schema": _id("Only devices at this location."),
                         },
                         {
                             "name": "online",
@@ -130,7 +153,7 @@ def openapi_document(server: str) -> dict:
                             "name": "device",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "integer", "minimum": 0, "maximum": INT64_MAX},
+                            "schema": _id("Only activity of this device."),
                         },
                         {
                             "name": "service",
@@ -142,13 +165,15 @@ def openapi_document(server: str) -> dict:
                             "name": "since",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "string", "format": "date-time"},
+                            "schema": _date_time(
+                                "From this moment on (RFC 3339, with its offset)."
+                            ),
                         },
                         {
                             "name": "until",
                             "in": "query",
                             "required": False,
-                            "schema": {"type": "string", "format": "date-time"},
+                            "schema": _date_time("Before this moment (RFC 3339, with its offset)."),
                         },
                         *_PAGING,
                     ],
@@ -182,7 +207,7 @@ def openapi_document(server: str) -> dict:
                         "state",
                     ],
                     "properties": {
-                        "id": {"type": "integer"},
+                        "id": _id(),
                         "api_device_id": {"type": "string"},
                         "manufacturer": {"type": "string"},
                         "kind": {"type": "string", "enum": ["receiver", "transmitter"]},
@@ -190,7 +215,7 @@ def openapi_document(server: str) -> dict:
                         "model": {"type": "string"},
                         "firmware": {"type": "string"},
                         "ip_address": _NULLABLE_STRING,
-                        "location_id": {"type": "integer", "nullable": True},
+                        "location_id": _id(nullable=True),
                         "is_online": {"type": "boolean"},
                         "last_seen": {"type": "string", "format": "date-time", "nullable": True},
                         "maintenance_mode": {"type": "boolean"},
@@ -201,13 +226,13 @@ def openapi_document(server: str) -> dict:
                     "type": "object",
                     "required": ["id", "activity_type", "status", "summary", "created_at"],
                     "properties": {
-                        "id": {"type": "integer"},
+                        "id": _id(),
                         "activity_type": {"type": "string"},
                         "operation": {"type": "string"},
                         "status": {"type": "string", "enum": ["success", "warning", "error"]},
                         "summary": {"type": "string"},
                         "details": {"type": "object", "additionalProperties": True},
-                        "device_id": {"type": "integer", "nullable": True},
+                        "device_id": _id(nullable=True),
                         "service_code": _NULLABLE_STRING,
                         "created_at": {"type": "string", "format": "date-time"},
                     },

@@ -1,3 +1,4 @@
+import re
 from datetime import datetime
 from functools import wraps
 
@@ -5,15 +6,19 @@ from flask import g, jsonify, request, url_for
 from flask_login import current_user
 from sqlalchemy import select
 
+from blueprints import DB_INT_MAX
 from blueprints.api import bp
-from blueprints.api.openapi import openapi_document
+from blueprints.api.openapi import MAX_PAGE_SIZE, openapi_document
 from extensions import csrf, db
 from models.devices import ACTIVITY_STATUSES, ActivityLog, Device, Manufacturer
-from services.api_tokens import user_for_token
+from services.api_tokens import api_hit_by_address, api_hit_by_user, user_for_token
 
 PAGE_SIZE = 50
-INT64_MAX = 2**63 - 1
-MAX_PAGE_SIZE = 200
+# RFC 3339, as the document's `date-time` says: a date alone or a time without its offset
+# would be read in some zone the caller did not choose.
+RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 
 csrf.exempt(bp)  # read-only, and token requests carry no cookie
 
@@ -35,6 +40,9 @@ def api_auth(view):
 
     @wraps(view)
     def wrapped(*args, **kwargs):
+        by_address = api_hit_by_address(request.remote_addr)
+        if not by_address.allowed:
+            return _rate_limited(by_address)
         header = request.headers.get("Authorization", "")
         if header:
             scheme, _, token = header.partition(" ")
@@ -45,10 +53,24 @@ def api_auth(view):
             user = current_user._get_current_object()
         else:
             return _unauthorized("Send an API token: Authorization: Bearer <token>.")
+        by_user = api_hit_by_user(user)
+        if not by_user.allowed:
+            return _rate_limited(by_user)
         g.api_user = user
         return view(*args, **kwargs)
 
     return wrapped
+
+
+def _rate_limited(decision):
+    response = jsonify(
+        error="rate_limited",
+        message=f"Too many requests. Try again in {decision.retry_after} s.",
+        retry_after=decision.retry_after,
+    )
+    response.status_code = 429
+    response.headers["Retry-After"] = str(decision.retry_after)
+    return response
 
 
 def _unauthorized(message: str):
@@ -58,42 +80,42 @@ def _unauthorized(message: str):
     return response
 
 
-def _int(name: str, *, minimum: int = 0, maximum: int | None = None) -> int | None:
+def _int(name: str, *, minimum: int = 1, maximum: int = DB_INT_MAX) -> int | None:
+    """An id, cursor or size: absent is None; present, it must be a whole number in range
+    (ids are INTEGER columns, so a larger number can match nothing and is refused)."""
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
-    if not raw.isdigit() or len(raw) > 19:
-        raise BadParameter(name, f"{name} must be a whole number.")
+    message = f"{name} must be a whole number from {minimum} to {maximum}."
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise BadParameter(name, message)
     value = int(raw)
-    maximum = INT64_MAX if maximum is None else maximum
     if value < minimum or value > maximum:
-        raise BadParameter(name, f"{name} must be between {minimum} and {maximum}.")
+        raise BadParameter(name, message)
     return value
 
 
 def _datetime(name: str) -> datetime | None:
     raw = request.args.get(name)
-    if not raw:
+    if raw is None:
         return None
+    message = f"{name} must be a date and time with its offset, e.g. 2026-01-31T08:00:00Z."
+    if not RFC3339.fullmatch(raw):
+        raise BadParameter(name, message)
     try:
-        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadParameter(name, f"{name} must be an ISO 8601 date or time.") from None
-    if value.tzinfo is None:
-        from datetime import UTC
-
-        value = value.replace(tzinfo=UTC)
-    return value
+        return datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
+    except ValueError:  # well-formed but no such moment (a 13th month, a leap second)
+        raise BadParameter(name, message) from None
 
 
 def _cursor() -> int | None:
     # The id of the last item of the previous page: items older than it come next.
-    return _int("cursor", minimum=1)
+    return _int("cursor")
 
 
 def _choice(name: str, choices) -> str | None:
     raw = request.args.get(name)
-    if raw is None or raw == "":
+    if raw is None:
         return None
     if raw not in choices:
         raise BadParameter(name, f"{name} must be one of: {', '.join(choices)}.")

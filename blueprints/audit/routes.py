@@ -11,7 +11,7 @@ from flask import Response, current_app, request, stream_with_context
 from flask_login import current_user
 from sqlalchemy import select
 
-from blueprints import admin_required, keyset_page, render
+from blueprints import admin_required, keyset_page, parse_id, render
 from blueprints.audit import bp
 from events.outbox import emit
 from extensions import db
@@ -50,8 +50,9 @@ def _filtered():
     if values["actor"] == "system":
         stmt = stmt.where(AuditLog.actor_user_id.is_(None))
     elif values["actor"]:
-        if values["actor"].isdigit():
-            stmt = stmt.where(AuditLog.actor_user_id == int(values["actor"]))
+        actor_id = parse_id(values["actor"])
+        if actor_id is not None:
+            stmt = stmt.where(AuditLog.actor_user_id == actor_id)
         else:
             errors.append("Choose an actor from the list.")
             values["actor"] = ""
@@ -65,7 +66,7 @@ def _filtered():
     if error:
         errors.append(error)
         values["until"] = ""
-    elif until:
+    elif until and until < date.max:  # up to the calendar's last day: no end at all
         end = datetime.combine(until + timedelta(days=1), time.min, UTC)
         stmt = stmt.where(AuditLog.created_at < end)
     return stmt, values, errors

@@ -5,7 +5,14 @@ from flask import abort, current_app, flash, redirect, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import exists, select, update
 
-from blueprints import admin_required, get_owned_or_404, is_partial_request, keyset_page, render
+from blueprints import (
+    admin_required,
+    get_owned_or_404,
+    is_partial_request,
+    keyset_page,
+    parse_id,
+    render,
+)
 from blueprints.chats import bp
 from blueprints.chats.forms import AgentForm, OperatorReplyForm, WidgetSettingsForm
 from extensions import db
@@ -23,8 +30,8 @@ def _date_arg(name: str):
         return None
     try:
         return datetime.strptime(raw, "%Y-%m-%d").date()
-    except ValueError:
-        abort(400)
+    except ValueError:  # a date field sends YYYY-MM-DD: this one was hand-made
+        abort(400, description=f"“{name}” must be a date (YYYY-MM-DD).")
 
 
 def _filtered_chats():
@@ -39,15 +46,18 @@ def _filtered_chats():
             exists().where(Message.chat_id == Chat.id, Message.sentiment_label == args["sentiment"])
         )
         filters["sentiment"] = args["sentiment"]
-    if args.get("agent", "").isdigit():
-        stmt = stmt.where(Chat.agent_id == int(args["agent"]))
-        filters["agent"] = args["agent"]
+    agent_id = parse_id(args.get("agent"))  # a choice of the form's list; anything else: none
+    if agent_id is not None:
+        stmt = stmt.where(Chat.agent_id == agent_id)
+        filters["agent"] = str(agent_id)
     start, end = _date_arg("from"), _date_arg("to")
     if start:
         stmt = stmt.where(Chat.created_at >= datetime.combine(start, time.min))
         filters["from"] = start.isoformat()
     if end:
-        stmt = stmt.where(Chat.created_at < datetime.combine(end + timedelta(days=1), time.min))
+        if end < end.max:  # up to the calendar's last day: no end at all
+            next_day = datetime.combine(end + timedelta(days=1), time.min)
+            stmt = stmt.where(Chat.created_at < next_day)
         filters["to"] = end.isoformat()
     q = args.get("q", "").strip()[:200]
     if q:
@@ -103,7 +113,8 @@ def detail(chat_id: int):
 
 @snapshot("chat")
 def chat_snapshot(tenant_id: int, user, chat_id: str = "") -> str:
-    chat = db.session.get(Chat, int(chat_id)) if chat_id.isdigit() else None
+    chat_pk = parse_id(chat_id)
+    chat = db.session.get(Chat, chat_pk) if chat_pk is not None else None
     if chat is None or chat.tenant_id != tenant_id:
         return ""
     return render_fragment(
@@ -162,8 +173,8 @@ def complete(chat_id: int):
 @login_required
 def change_agent(chat_id: int):
     chat = get_owned_or_404(Chat, chat_id)
-    agent_id = request.form.get("agent_id", "")
-    agent = db.session.get(Agent, int(agent_id)) if agent_id.isdigit() else None
+    agent_id = parse_id(request.form.get("agent_id"))
+    agent = db.session.get(Agent, agent_id) if agent_id is not None else None
     if agent is None or agent.tenant_id != current_user.tenant_id:
         abort(404)
     chats.change_agent(chat, agent)

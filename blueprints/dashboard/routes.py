@@ -2,9 +2,10 @@ from flask import current_app, jsonify
 from flask_login import current_user, login_required
 from sqlalchemy import text
 
-from blueprints import int_arg, render
+from blueprints import id_max, int_arg, render
 from blueprints.dashboard import bp
 from extensions import db
+from models.events import OutboxEvent
 from services import feed
 from services.live import render_fragment, snapshot
 
@@ -13,7 +14,7 @@ from services.live import render_fragment, snapshot
 @login_required
 def home():
     page_size = current_app.config["FEED_PAGE_SIZE"]
-    before = int_arg("before")
+    before = int_arg("before", maximum=id_max(OutboxEvent.id))  # the feed is the outbox
     items = feed.latest(current_user.tenant_id, before=before, limit=page_size)
     return render(
         "dashboard/home.html",

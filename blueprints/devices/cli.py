@@ -17,6 +17,10 @@ from services.manufacturers import endpoints as endpoint_service
 devices_cli = AppGroup("devices", help="Devices: manufacturer services, endpoints, simulator.")
 endpoints_cli = AppGroup("endpoints", help="Receiver addresses the services connect to.")
 devices_cli.add_command(endpoints_cli)
+manufacturers_cli = AppGroup(
+    "manufacturers", help="The manufacturer catalog every tenant chooses from (read-only to them)."
+)
+devices_cli.add_command(manufacturers_cli)
 
 
 def _tenant(ref: str):
@@ -81,9 +85,17 @@ def simulate_command(
                 f"  ({len(receiver.channels)} channels)"
             )
         if tenant is not None:
-            attach_endpoints(
-                tenant.id, fleet.endpoints, location_id=location.id if location else None
-            )
+            try:
+                attach_endpoints(
+                    tenant.id, fleet.endpoints, location_id=location.id if location else None
+                )
+            except ValueError as exc:
+                db.session.rollback()
+                raise click.ClickException(
+                    f"{exc} The pollers would refuse these receivers: add 127.0.0.0/8 to "
+                    "DEVICES_ALLOWED_NETWORKS (or run `flask serve` with "
+                    "DEVICES_SIMULATOR_RECEIVERS)."
+                ) from None
             db.session.commit()
             click.echo(f"Registered {len(fleet.endpoints)} endpoints for tenant {tenant.name!r}.")
         click.echo(f"{len(fleet.receivers)} simulated receivers running. Ctrl-C stops them.")
@@ -138,6 +150,9 @@ def _run_polls(tenant_ref: str | None, service: str | None, verb: str, quiet: bo
                 f"{result.online_count} online, {result.error_count} errors, "
                 f"status {result.status}, {result.duration_seconds:.2f} s"
             )
+            endpoints = device_service.endpoints_for(tenant_id, service_code)
+            for endpoint_id, problem in endpoint_service.connection_problems(endpoints).items():
+                click.echo(f"    endpoint #{endpoint_id}: {problem}")
             if result.status == "failed":
                 failed.append(f"{service_code} @ {name}: {result.error_message}")
     finally:
@@ -185,7 +200,8 @@ def sync_command(tenant_ref: str | None, service: str | None, quiet: bool) -> No
 @click.option("--location", "location_ref", help="Location name or id.")
 @click.option("--service", default="shure", show_default=True)
 def endpoints_add(address: str, tenant_ref: str, location_ref: str | None, service: str) -> None:
-    """Add a receiver address, HOST[:PORT] (port 2202 when not given)."""
+    """Add a receiver address, HOST[:PORT] (port 2202 when not given), inside
+    DEVICES_ALLOWED_NETWORKS."""
     code = _service_code(service)
     tenant = _tenant(tenant_ref)
     try:
@@ -193,12 +209,14 @@ def endpoints_add(address: str, tenant_ref: str, location_ref: str | None, servi
         location = (
             endpoint_service.resolve_location(tenant.id, location_ref) if location_ref else None
         )
+        endpoint, created = endpoint_service.upsert_endpoint(
+            tenant.id, host, port, service_code=code, location_id=location.id if location else None
+        )
     except (ValueError, LookupError) as exc:
+        db.session.rollback()
         raise click.ClickException(str(exc)) from None
-    endpoint, created = endpoint_service.upsert_endpoint(
-        tenant.id, host, port, service_code=code, location_id=location.id if location else None
-    )
     db.session.commit()
+    host = endpoint.host
     where = f" at {location.name!r}" if location else ""
     shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     verb = "Added" if created else "Updated"
@@ -223,3 +241,42 @@ def endpoints_list(tenant_ref: str | None) -> None:
             f"{row.feed_label()[:28]:<28} {(location.name if location else '-')[:20]:<20} "
             f"{'enabled' if row.enabled else 'disabled'}"
         )
+
+
+# ---------------------------------------------------------------- manufacturers
+
+
+@manufacturers_cli.command("seed")
+def manufacturers_seed() -> None:
+    """Add the services this code base provides to the catalog (safe to run again)."""
+    added = endpoint_service.seed_catalog()
+    db.session.commit()
+    click.echo(f"Added {', '.join(added)}." if added else "The catalog has every service.")
+
+
+@manufacturers_cli.command("add")
+@click.argument("code")
+@click.argument("name")
+def manufacturers_add(code: str, name: str) -> None:
+    """Add CODE with its display NAME to the catalog (or rename it); every tenant sees it."""
+    try:
+        manufacturer, created = endpoint_service.add_manufacturer(code, name)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    db.session.commit()
+    verb = "Added" if created else "Renamed"
+    click.echo(f"{verb} manufacturer {manufacturer.code!r}: {manufacturer.name}.")
+
+
+@manufacturers_cli.command("list")
+def manufacturers_list() -> None:
+    """List the catalog."""
+    from sqlalchemy import select
+
+    from models.devices import Manufacturer
+
+    rows = db.session.scalars(select(Manufacturer).order_by(Manufacturer.code)).all()
+    if not rows:
+        click.echo("The catalog is empty: `flask devices manufacturers seed` adds the services.")
+    for row in rows:
+        click.echo(f"{row.code:<32} {row.name}")

@@ -5,9 +5,9 @@ from flask_login import current_user, login_required
 from sqlalchemy import literal, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 
-from blueprints import admin_required, get_owned_or_404, int_arg, render
+from blueprints import admin_required, get_owned_or_404, int_arg, parse_id, render
 from blueprints.devices import bp
-from blueprints.devices.forms import DeviceForm, EndpointForm, LocationForm, ManufacturerForm
+from blueprints.devices.forms import DeviceForm, EndpointForm, LocationForm, fill_choices
 from extensions import db
 from models.devices import (
     ACTIVITY_STATUSES,
@@ -21,6 +21,7 @@ from models.devices import (
 from services.charts import Series, line_chart
 from services.devices import rf_percent
 from services.live import render_fragment, snapshot
+from services.manufacturers import endpoints as endpoint_service
 
 # Cards per dashboard page; "Show more" loads the next page (keyset).
 DASHBOARD_PAGE = 120
@@ -94,8 +95,8 @@ def _filters() -> dict:
     args = request.args
     filters = {}
     for key in ("location", "manufacturer"):
-        if args.get(key, "").isdigit():
-            filters[key] = args[key]
+        if parse_id(args.get(key)) is not None:  # anything else (or out of range): no filter
+            filters[key] = args[key].strip()
     if args.get("state") in ("online", "offline"):
         filters["state"] = args["state"]
     return filters
@@ -189,33 +190,40 @@ def detail(device_id: int):
 
 
 def _activity_query(tenant_id: int):
+    """The filtered statement, the filters applied, and what is wrong with the device
+    number typed by hand (said on the page, never a bare 400 swapped into the list)."""
     args = request.args
     stmt = select(ActivityLog).where(ActivityLog.tenant_id == tenant_id)
     filters: dict[str, str] = {}
+    errors: list[str] = []
     if args.get("type"):
         stmt = stmt.where(ActivityLog.activity_type == args["type"][:48])
         filters["type"] = args["type"][:48]
     if args.get("status") in ACTIVITY_STATUSES:
         stmt = stmt.where(ActivityLog.status == args["status"])
         filters["status"] = args["status"]
-    device = int_arg("device")
-    if device is not None:
-        stmt = stmt.where(ActivityLog.device_id == device)
-        filters["device"] = str(device)
+    raw_device = args.get("device", "").strip()
+    if raw_device:
+        device = parse_id(raw_device)
+        if device is None:
+            errors.append(f"“{raw_device[:40]}” is not a device number (a whole number).")
+        else:
+            stmt = stmt.where(ActivityLog.device_id == device)
+            filters["device"] = str(device)
     for key, op in (("from", "ge"), ("to", "lt")):
         raw = args.get(key, "")
         if raw:
             try:
                 day = datetime.strptime(raw, "%Y-%m-%d").date()
-            except ValueError:
-                abort(400)
+            except ValueError:  # a date field sends YYYY-MM-DD: this one was hand-made
+                abort(400, description=f"“{key}” must be a date (YYYY-MM-DD).")
             if op == "ge":
                 stmt = stmt.where(ActivityLog.created_at >= datetime.combine(day, time.min))
-            else:
+            elif day < datetime.max.date():  # up to the calendar's last day: no end at all
                 end = datetime.combine(day + timedelta(days=1), time.min)
                 stmt = stmt.where(ActivityLog.created_at < end)
             filters[key] = raw
-    return stmt, filters
+    return stmt, filters, errors
 
 
 def activity_types(tenant_id: int, limit: int = 50) -> list[str]:
@@ -239,7 +247,7 @@ def activity_types(tenant_id: int, limit: int = 50) -> list[str]:
 @bp.get("/activity")
 @login_required
 def activity():
-    stmt, filters = _activity_query(current_user.tenant_id)
+    stmt, filters, errors = _activity_query(current_user.tenant_id)
     before = int_arg("before")
     if before is not None:
         stmt = stmt.where(ActivityLog.id < before)
@@ -252,6 +260,7 @@ def activity():
         rows=rows[:ACTIVITY_PAGE],
         next_before=next_before,
         filters=filters,
+        errors=errors,
         types=sorted(types),
         statuses=ACTIVITY_STATUSES,
         live_topics=["activity"],
@@ -270,16 +279,20 @@ def activity_snapshot(tenant_id: int, user) -> str:
 @admin_required
 def settings():
     location_form = LocationForm(prefix="loc")
-    manufacturer_form = ManufacturerForm(prefix="man")
     endpoint_form = EndpointForm(prefix="ep")
     device_form = DeviceForm(prefix="dev")
+    # The catalog is global and read-only here: it is seeded from code (and extended only
+    # with `flask devices manufacturers add`), so one tenant cannot add what all see.
+    if endpoint_service.seed_catalog():
+        db.session.commit()
     manufacturers = _manufacturers()
     locations = _locations()
     for form in (endpoint_form, device_form):
-        form.manufacturer_id.choices = [(m.id, m.name) for m in manufacturers]
-        form.location_id.choices = [(0, "—")] + [(loc.id, loc.name) for loc in locations]
+        fill_choices(form, manufacturers, locations)
     tenant_id = current_user.tenant_id
     action = request.form.get("action")
+    if action == "manufacturer":
+        abort(403)
     try:
         if action == "location" and location_form.validate_on_submit():
             db.session.add(
@@ -292,18 +305,6 @@ def settings():
             )
             db.session.commit()
             flash("Location added.", "info")
-            return redirect(url_for("devices.settings"), code=303)
-        if action == "manufacturer" and manufacturer_form.validate_on_submit():
-            if not current_user.is_admin:
-                abort(403)
-            db.session.add(
-                Manufacturer(
-                    code=manufacturer_form.code.data.strip().lower(),
-                    name=manufacturer_form.name.data.strip(),
-                )
-            )
-            db.session.commit()
-            flash("Manufacturer added.", "info")
             return redirect(url_for("devices.settings"), code=303)
         if action == "endpoint" and endpoint_form.validate_on_submit():
             db.session.add(
@@ -338,23 +339,27 @@ def settings():
         db.session.rollback()
         flash("That already exists.", "error")
         return redirect(url_for("devices.settings"), code=303)
-    if request.method == "POST" and action:
+    invalid = request.method == "POST" and action
+    if invalid:
         flash("Please correct the highlighted fields.", "error")
     endpoints = db.session.scalars(
         select(DeviceEndpoint)
         .where(DeviceEndpoint.tenant_id == tenant_id)
         .order_by(DeviceEndpoint.id)
     ).all()
-    return render(
+    page = render(
         "devices/settings.html",
         location_form=location_form,
-        manufacturer_form=manufacturer_form,
         endpoint_form=endpoint_form,
         device_form=device_form,
         locations=locations,
         manufacturers=manufacturers,
         endpoints=endpoints,
+        endpoint_problems=endpoint_service.connection_problems(endpoints),
     )
+    if invalid:
+        page.status_code = 422
+    return page
 
 
 def _owned_location(location_id: int | None) -> int | None:

@@ -4,7 +4,7 @@ from flask import current_app, flash, redirect, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from blueprints import keyset_page, render
+from blueprints import keyset_page, render, safe_next
 from blueprints.notifications import bp
 from extensions import db
 from models.notifications import Notification, NotificationPreference
@@ -47,10 +47,9 @@ def index():
 
 
 def _back():
-    target = request.form.get("next") or request.referrer or ""
-    if target.startswith(request.host_url) or target.startswith("/"):
-        return redirect(target, code=303)
-    return redirect(url_for("notifications.index"), code=303)
+    # Back where the click came from, if that is a page of this site.
+    target = request.form.get("next") or request.referrer
+    return redirect(safe_next(target, url_for("notifications.index")), code=303)
 
 
 @bp.post("/<int:notification_id>/read")

@@ -1,15 +1,32 @@
-"""Device endpoints: the receiver addresses a tenant's manufacturer services connect to."""
+"""Device endpoints: the receiver addresses a tenant's manufacturer services connect to, and
+the manufacturer catalog they belong to.
+
+The catalog is global and read-only for tenants: it holds the services this code base
+provides (SERVICE_NAMES, seeded where needed) and whatever an operator adds with
+`flask devices manufacturers add`. An address is checked against the device network policy
+(services/netpolicy.py) when it is saved, and again by the poller each time it connects.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from flask import current_app
 from sqlalchemy import select
 
 from extensions import db
 from models.accounts import Tenant
 from models.devices import DeviceEndpoint, Location, Manufacturer
+from services import netpolicy
 from services.manufacturers.shure_protocol import DEFAULT_PORT
 
+# The manufacturer services this code base provides (the simulator speaks Shure's protocol
+# and registers its receivers as "shure" endpoints).
 SERVICE_NAMES = {"shure": "Shure"}
+
+_CODE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
 def manufacturer_for(code: str, *, create: bool = True) -> Manufacturer:
@@ -22,6 +39,65 @@ def manufacturer_for(code: str, *, create: bool = True) -> Manufacturer:
         db.session.add(found)
         db.session.flush()
     return found
+
+
+def seed_catalog() -> list[str]:
+    """Add the code base's services missing from the catalog; their codes (flushes)."""
+    have = set(db.session.scalars(select(Manufacturer.code)))
+    added = [code for code in SERVICE_NAMES if code not in have]
+    for code in added:
+        manufacturer_for(code)
+    return added
+
+
+def add_manufacturer(code: str, name: str) -> tuple[Manufacturer, bool]:
+    """Add a catalog entry, or rename the one with this code; (row, created). Flushes."""
+    code, name = code.strip().lower(), name.strip()
+    if not _CODE.match(code):
+        raise ValueError(
+            f"A code is 1-32 lower-case letters, digits, '-' or '_', starting with a letter; "
+            f"got {code[:40]!r}."
+        )
+    if not name or len(name) > 120:
+        raise ValueError("A name is 1-120 characters.")
+    found = db.session.scalar(select(Manufacturer).where(Manufacturer.code == code))
+    if found is not None:
+        found.name = name
+        db.session.flush()
+        return found, False
+    found = Manufacturer(code=code, name=name)
+    db.session.add(found)
+    db.session.flush()
+    return found, True
+
+
+def checked_address(host: str, port: int | None, config: Mapping[str, Any] | None = None) -> str:
+    """The host as it is stored (lower case; an IP address in its usual form), once its syntax,
+    the port and every address it resolves to pass the device network policy; ValueError
+    with a message for a form or the CLI otherwise."""
+    if port is None or not 0 < int(port) < 65536:
+        raise ValueError("The port must be a number between 1 and 65535.")
+    name = netpolicy.normalise_host(host)
+    literal = netpolicy.literal_address(name)
+    stored = str(literal) if literal is not None else name
+    checker = netpolicy.device_checker(config if config is not None else current_app.config)
+    netpolicy.checked_addresses(stored, int(port), checker)
+    return stored
+
+
+def connection_problems(endpoints: Iterable[DeviceEndpoint]) -> dict[int, str]:
+    """Why this process's poller cannot talk to each endpoint right now (refused by the
+    policy, lookup or connect errors), by endpoint id; only endpoints it has tried."""
+    from services.devices import REGISTRY
+
+    problems: dict[int, str] = {}
+    for endpoint in endpoints:
+        service = REGISTRY.get(endpoint.manufacturer.code)
+        problem_of = getattr(service, "connection_problem", None)
+        problem = problem_of(endpoint.host, endpoint.port) if problem_of else None
+        if problem:
+            problems[endpoint.id] = problem
+    return problems
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
@@ -81,7 +157,10 @@ def upsert_endpoint(
     service_code: str = "shure",
     location_id: int | None = None,
 ) -> tuple[DeviceEndpoint, bool]:
-    """Add (or re-enable and update) an endpoint; returns (endpoint, created). Flushes."""
+    """Add (or re-enable and update) an endpoint; returns (endpoint, created). Flushes.
+
+    ValueError when the address is refused by the device network policy."""
+    host = checked_address(host, port)
     manufacturer = manufacturer_for(service_code)
     endpoint = db.session.scalar(
         select(DeviceEndpoint).where(

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from services import netpolicy
 from services.devices import DeviceReport, ManufacturerService, register
 from services.manufacturers import shure_protocol as proto
 
@@ -173,9 +174,18 @@ class ConnectionStatus:
 class ReceiverConnection:
     """A persistent connection to one receiver, run by its own thread."""
 
-    def __init__(self, host: str, port: int, settings: ShureSettings) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        settings: ShureSettings,
+        address_problem: netpolicy.AddressCheck | None = None,
+    ) -> None:
         self.host, self.port = host, port
         self.settings = settings
+        # Why an address may not be connected to (the device network policy); the service
+        # hands over the app's current one on every poll. Without one, the defaults apply.
+        self.address_problem = address_problem or netpolicy.device_checker({})
         self.label = f"{host}:{port}"
         self._rng = random.Random()
         self._cond = threading.Condition()
@@ -292,9 +302,14 @@ class ReceiverConnection:
                     break
                 self._set(state="connecting")
                 try:
-                    sock = socket.create_connection(
-                        (self.host, self.port), timeout=self.settings.connect_timeout
-                    )
+                    sock = self._connect()
+                except netpolicy.DestinationError as exc:
+                    healthy = False
+                    refused = isinstance(exc, netpolicy.DestinationRefused)
+                    reason = f"{'refused' if refused else 'lookup failed'}: {exc}"
+                    if refused and reason != self.last_error:  # once, not every back-off
+                        log.warning("shure %s: not connecting: %s", self.label, exc)
+                    self._failed(reason)
                 except OSError as exc:
                     healthy = False
                     self._failed(f"connect: {exc}")
@@ -319,6 +334,12 @@ class ReceiverConnection:
 
     def _idle(self) -> bool:
         return time.monotonic() - self.last_used > self.settings.idle_timeout
+
+    def _connect(self) -> socket.socket:
+        """Resolve once, check every address, connect to one of those: a name that starts
+        resolving elsewhere (DNS rebinding) cannot slip a different address in between."""
+        addresses = netpolicy.checked_addresses(self.host, self.port, self.address_problem)
+        return netpolicy.connect(addresses, self.port, self.settings.connect_timeout)
 
     def _failed(self, reason: str) -> None:
         log.debug("shure %s: %s", self.label, reason)
@@ -480,6 +501,7 @@ class ShureService(ManufacturerService):
         self.settings = settings or ShureSettings()
         self._connections: dict[tuple[str, int], ReceiverConnection] = {}
         self._lock = threading.Lock()
+        self.address_problem: netpolicy.AddressCheck = netpolicy.device_checker({})
 
     def configure(self, **changes: Any) -> ShureSettings:
         """Change settings; connections opened from now on use them (shutdown() to apply
@@ -492,6 +514,7 @@ class ShureService(ManufacturerService):
 
         if not has_app_context():
             return
+        self.address_problem = netpolicy.device_checker(current_app.config)
         changes = {
             attr: type(getattr(self.settings, attr))(current_app.config[key])
             for key, attr in CONFIG_KEYS.items()
@@ -506,10 +529,21 @@ class ShureService(ManufacturerService):
         with self._lock:
             conn = self._connections.get(key)
             if conn is None or not conn.alive:
-                conn = ReceiverConnection(host, int(port), self.settings)
+                conn = ReceiverConnection(host, int(port), self.settings, self.address_problem)
                 self._connections[key] = conn
                 conn.start()
+            conn.address_problem = self.address_problem  # the policy as configured now
             return conn
+
+    def connection_problem(self, host: str, port: int) -> str | None:
+        """Why the connection to (host, port) is down (its last error), if this process has
+        one that is not connected."""
+        with self._lock:
+            conn = self._connections.get((host, int(port)))
+        if conn is None:
+            return None
+        status = conn.status()
+        return None if status.state == "connected" else (status.last_error or None)
 
     def fetch(self, endpoints, timeout: float) -> list[DeviceReport]:
         self._configure_from_app()
