@@ -257,7 +257,13 @@ class Config:
         self.PROJECT_MAX_FILES = _int("PROJECT_MAX_FILES", 200)
         self.PROJECT_MAX_FILE_BYTES = _int("PROJECT_MAX_FILE_BYTES", 256 * 1024)
         self.PROJECT_MAX_TOTAL_BYTES = _int("PROJECT_MAX_TOTAL_BYTES", 5 * 1024 * 1024)
+        # Seconds a whole generation may take, model retries included.
         self.PROJECT_GENERATION_TIMEOUT = _float("PROJECT_GENERATION_TIMEOUT", 120.0)
+        # A generation `generating` / an export `running` this long is ended by the sweeper.
+        self.PROJECT_STALE_AFTER_SECONDS = _float(
+            "PROJECT_STALE_AFTER_SECONDS", 2 * self.PROJECT_GENERATION_TIMEOUT
+        )
+        self.PROJECT_SWEEP_INTERVAL = _float("PROJECT_SWEEP_INTERVAL", 60.0)
         self.EXPORTS_DIR = _env("EXPORTS_DIR")  # default: instance/exports
 
         # Outgoing webhooks. Tries per event (the first POST and its retries) before giving up.

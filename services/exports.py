@@ -20,26 +20,31 @@ from sqlalchemy import select, update
 from events import emit
 from extensions import db
 from models.base import utcnow
-from models.projects import GeneratedProject, Project, ProjectFile, RepositoryExport
+from models.projects import (
+    EXPORT_TRANSITIONS,
+    GeneratedProject,
+    Project,
+    ProjectFile,
+    RepositoryExport,
+)
 from services import projects
 
 log = logging.getLogger(__name__)
-
-EXPORT_TRANSITIONS = {
-    "running": ("pending",),
-    "completed": ("running",),
-    "failed": ("pending", "running"),
-}
 
 
 class ExportError(RuntimeError):
     pass
 
 
-def exports_dir() -> Path:
-    path = Path(
+def exports_path() -> Path:
+    """Where artifacts are kept (not created: a download must not try to)."""
+    return Path(
         current_app.config.get("EXPORTS_DIR") or Path(current_app.instance_path) / "exports"
     )
+
+
+def exports_dir() -> Path:
+    path = exports_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -67,6 +72,8 @@ def set_status(export_id: int, to: str, *, artifact: str | None = None, error: s
         values["artifact"] = artifact
     if error:
         values["error"] = error[:4000]
+    if to == "pending":  # a retry starts clean
+        values.update(artifact=None, error=None)
     result = db.session.execute(
         update(RepositoryExport)
         .where(
@@ -76,6 +83,8 @@ def set_status(export_id: int, to: str, *, artifact: str | None = None, error: s
         execution_options={"synchronize_session": False},
     )
     export = db.session.get(RepositoryExport, export_id)
+    if export is None:
+        raise ExportError(f"No export #{export_id}.")
     db.session.refresh(export)
     if result.rowcount != 1:
         raise ExportError(f"Export #{export_id} is {export.status}; it cannot become {to}.")
@@ -245,29 +254,107 @@ def build_git_bundle(generated: GeneratedProject, target: Path, message: str) ->
 
 
 def build(export_id: int) -> RepositoryExport:
-    """Run one export: pending → running → completed | failed."""
+    """Run one export: pending → running → completed | failed. Whatever goes wrong (the
+    folder cannot be created or written, git fails, the worker is interrupted), the export
+    ends failed with a short reason; nothing stays `running`."""
     export = set_status(export_id, "running")
     db.session.commit()
-    generated = db.session.get(GeneratedProject, export.generated_project_id)
     suffix = "zip" if export.format == "zip" else "bundle"
-    target = exports_dir() / f"export-{export.id}.{suffix}"
+    target: Path | None = None
     try:
+        generated = db.session.get(GeneratedProject, export.generated_project_id)
+        target = exports_dir() / f"export-{export.id}.{suffix}"
         if export.format == "zip":
             build_zip(generated, target)
         else:
             build_git_bundle(generated, target, f"Generated project: {generated.prompt[:60]}")
-    except (ExportError, OSError, subprocess.SubprocessError) as exc:
-        if isinstance(exc, ExportError):
-            reason = str(exc)
-        else:
-            # OS and timeout errors name private paths; the log keeps them.
-            log.exception("export %s failed", export_id)
-            reason = f"The export could not be written ({type(exc).__name__})."
+    except BaseException as exc:  # noqa: BLE001 - the export must end, then interrupts go on
+        failed = _fail_build(export_id, target, exc)
+        if not isinstance(exc, Exception):
+            raise
+        return failed
+    try:
+        export = set_status(export_id, "completed", artifact=target.name)
+        db.session.commit()
+    except ExportError:  # cancelled or swept while it was being built
         db.session.rollback()
-        target.unlink(missing_ok=True)
+        _remove_artifact(target)
+        export = db.session.get(RepositoryExport, export_id)
+        db.session.refresh(export)
+    return export
+
+
+def _fail_build(export_id: int, target: Path | None, exc: BaseException) -> RepositoryExport:
+    if isinstance(exc, ExportError):
+        reason = str(exc)
+    else:
+        # OS and timeout errors name private paths; the log keeps them.
+        log.error("export %s failed", export_id, exc_info=exc)
+        reason = (
+            f"The export could not be written ({type(exc).__name__}); "
+            "the worker log has the details."
+        )
+    db.session.rollback()
+    _remove_artifact(target)
+    try:
         export = set_status(export_id, "failed", error=reason)
         db.session.commit()
-        return export
-    export = set_status(export_id, "completed", artifact=target.name)
-    db.session.commit()
+    except ExportError:  # cancelled or swept meanwhile: it has its reason already
+        db.session.rollback()
+        export = db.session.get(RepositoryExport, export_id)
+        db.session.refresh(export)
     return export
+
+
+def _remove_artifact(target: Path | None) -> None:
+    if target is None:
+        return
+    try:
+        target.unlink(missing_ok=True)
+    except OSError:  # a read-only folder: the export fails all the same
+        log.warning("could not remove the partial export %s", target, exc_info=True)
+
+
+def cancel_export(export_id: int, by: str) -> RepositoryExport:
+    """Cancel a pending or running export; a build still running keeps no artifact."""
+    try:
+        return set_status(export_id, "failed", error=f"Cancelled by {by}.")
+    except ExportError as exc:
+        export = db.session.get(RepositoryExport, export_id)
+        status = export.status if export else "gone"
+        raise ExportError(
+            f"Export #{export_id} is {status}; only a pending or running export can be cancelled."
+        ) from exc
+
+
+def retry_export(export_id: int) -> RepositoryExport:
+    """Queue a failed export again (the caller sends it to a worker after commit)."""
+    try:
+        return set_status(export_id, "pending")
+    except ExportError as exc:
+        export = db.session.get(RepositoryExport, export_id)
+        status = export.status if export else "gone"
+        raise ExportError(
+            f"Export #{export_id} is {status}: it cannot be retried (only a failed export can)."
+        ) from exc
+
+
+def sweep_stale_exports() -> list[int]:
+    """Fail every export `running` for longer than PROJECT_STALE_AFTER_SECONDS."""
+    age = projects.stale_after()
+    candidates = db.session.scalars(
+        select(RepositoryExport).where(
+            RepositoryExport.status == "running",
+            RepositoryExport.updated_at < utcnow() - age,
+        )
+    ).all()
+    swept = []
+    for export in candidates:
+        suffix = "zip" if export.format == "zip" else "bundle"
+        try:
+            set_status(export.id, "failed", error=projects.stale_reason(age))
+        except ExportError:
+            continue
+        _remove_artifact(exports_path() / f"export-{export.id}.{suffix}")
+        swept.append(export.id)
+    return swept

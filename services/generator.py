@@ -1,17 +1,40 @@
-"""Project generators: the configured model (structured output), or a built-in template.
+"""Project generators: the configured model (structured output), or a built-in template;
+and one generation's run from pending to completed or failed.
 
-Both return a list of {"path", "content"} dicts; services.projects.validate_files checks
-every path and limit before anything is stored.
+Both generators return a list of {"path", "content"} dicts; services.projects.validate_files
+checks every path and limit before anything is stored.
+
+PROJECT_GENERATION_TIMEOUT is a deadline for the whole run, counted from the moment the
+generation started: every model request gets only the time left (enforced around the whole
+request, so a model that trickles bytes cannot stretch it), retries of an unavailable model
+fit inside it, and a run redelivered after a crash is failed once it has passed. Answers that
+would fail again the same way (a refused request, invalid JSON, bad paths or content) are
+never retried.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
+import openai
 from flask import current_app
 
-from services.assistant import client_or_none
+from extensions import db
+from models.base import utcnow
+from models.projects import GeneratedProject
+from services import projects
+from services.assistant import is_configured
+
+log = logging.getLogger(__name__)
+
+# Requests to an unavailable model (429, 5xx, no connection) per generation, deadline allowing.
+MODEL_ATTEMPTS = 3
 
 FILES_SCHEMA = {
     "type": "object",
@@ -40,6 +63,14 @@ SYSTEM_PROMPT = (
 
 class GeneratorError(RuntimeError):
     """The model did not produce a usable project (the message is shown to the user)."""
+
+
+class ModelUnavailable(GeneratorError):
+    """A failure that may pass: rate limited, overloaded, unreachable. Worth another try."""
+
+
+class DeadlineExceeded(GeneratorError):
+    pass
 
 
 def _slug(prompt: str) -> str:
@@ -89,24 +120,22 @@ def template_project(prompt: str) -> list[dict[str, str]]:
     ]
 
 
-def generate_files(prompt: str) -> tuple[list[dict], str]:
-    """(files, source) where source is "model" or "template"."""
-    client = client_or_none(timeout=current_app.config.get("PROJECT_GENERATION_TIMEOUT", 120))
-    if client is None:
+def generate_files(prompt: str, timeout: float | None = None) -> tuple[list[dict], str]:
+    """(files, source) where source is "model" or "template". `timeout` bounds the whole
+    model request, first byte to last."""
+    if not is_configured():
         return template_project(prompt), "template"
-    response = client.chat.completions.create(
-        model=current_app.config["OPENAI_MODEL"],
-        temperature=0.2,
-        messages=[
-            {"role": "system", "content": SYSTEM_PROMPT},
-            {"role": "user", "content": prompt},
-        ],
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": "project_files", "schema": FILES_SCHEMA, "strict": True},
-        },
+    cfg = current_app.config
+    budget = float(timeout if timeout is not None else cfg["PROJECT_GENERATION_TIMEOUT"])
+    raw = asyncio.run(
+        _ask_model(
+            prompt,
+            budget,
+            api_key=cfg.get("OPENAI_API_KEY") or "not-needed",
+            base_url=cfg.get("OPENAI_BASE_URL") or None,
+            model=cfg["OPENAI_MODEL"],
+        )
     )
-    raw = response.choices[0].message.content or ""
     try:
         data = json.loads(raw)
     except ValueError as exc:
@@ -115,3 +144,143 @@ def generate_files(prompt: str) -> tuple[list[dict], str]:
     if not isinstance(files, list):
         raise GeneratorError('The model\'s answer has no "files" list.')
     return files, "model"
+
+
+async def _ask_model(prompt: str, budget: float, *, api_key, base_url, model) -> str:
+    # httpx's timeouts apply per read; only cancelling the request bounds it as a whole.
+    async with openai.AsyncOpenAI(
+        api_key=api_key, base_url=base_url, max_retries=0, timeout=budget
+    ) as client:
+        request = client.chat.completions.create(
+            model=model,
+            temperature=0.2,
+            messages=[
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": prompt},
+            ],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "project_files", "schema": FILES_SCHEMA, "strict": True},
+            },
+        )
+        try:
+            response = await asyncio.wait_for(request, timeout=budget)
+        except (TimeoutError, openai.APITimeoutError) as exc:
+            raise DeadlineExceeded("The model did not answer in time.") from exc
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            if status in (408, 409, 429) or status >= 500:
+                raise ModelUnavailable(f"the model answered {status}") from exc
+            raise GeneratorError(f"The model refused the request ({status}).") from exc
+        except openai.APIConnectionError as exc:
+            raise ModelUnavailable("the model could not be reached") from exc
+    return response.choices[0].message.content or ""
+
+
+def _seconds_left(deadline: datetime) -> float:
+    return (deadline - utcnow()).total_seconds()
+
+
+def _files_before(deadline: datetime, prompt: str) -> tuple[list[dict], str]:
+    timeout = current_app.config["PROJECT_GENERATION_TIMEOUT"]
+    too_late = f"The generation did not finish within {timeout:g} s (PROJECT_GENERATION_TIMEOUT)."
+    for attempt in range(1, MODEL_ATTEMPTS + 1):
+        left = _seconds_left(deadline)
+        if left <= 0:
+            raise DeadlineExceeded(too_late)
+        try:
+            return generate_files(prompt, timeout=left)
+        except DeadlineExceeded as exc:
+            raise DeadlineExceeded(too_late) from exc
+        except ModelUnavailable as exc:
+            pause = 0.5 * 2 ** (attempt - 1)
+            if attempt == MODEL_ATTEMPTS or _seconds_left(deadline) <= pause:
+                raise GeneratorError(
+                    f"The model was unavailable ({exc}) on {attempt} attempt(s) within "
+                    f"{timeout:g} s."
+                ) from exc
+            log.warning("generation model attempt %s: %s; trying again", attempt, exc)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def run_generation(
+    generated_id: int, progress: Callable[[str], None] | None = None
+) -> GeneratedProject | None:
+    """Run a pending generation (or restart an interrupted one) to completed or failed.
+
+    It never leaves the row `generating`: every error, interruptions included, fails it with
+    a short reason (the details go to the log). Only an error while recording that failure
+    propagates, so the worker retries and the sweeper remains the last resort."""
+    cfg = current_app.config
+    generated = db.session.get(GeneratedProject, generated_id)
+    if generated is None or generated.status not in ("pending", "generating"):
+        return generated
+    try:
+        if generated.status == "pending":
+            projects.transition(generated_id, "generating")
+        else:
+            # A redelivery of an interrupted run: start again from no files.
+            projects.delete_files(generated_id)
+        db.session.commit()
+    except projects.TransitionError:  # cancelled before it started
+        db.session.rollback()
+        return _reloaded(generated_id)
+    deadline = (generated.started_at or utcnow()) + timedelta(
+        seconds=float(cfg["PROJECT_GENERATION_TIMEOUT"])
+    )
+    try:
+        files, source = _files_before(deadline, generated.prompt)
+        specs = projects.validate_files(
+            files,
+            max_files=cfg["PROJECT_MAX_FILES"],
+            max_file_bytes=cfg["PROJECT_MAX_FILE_BYTES"],
+            max_total_bytes=cfg["PROJECT_MAX_TOTAL_BYTES"],
+        )
+        for spec in specs:
+            if _seconds_left(deadline) <= 0:
+                raise DeadlineExceeded(
+                    f"The generation did not finish within "
+                    f"{cfg['PROJECT_GENERATION_TIMEOUT']:g} s (PROJECT_GENERATION_TIMEOUT)."
+                )
+            if not projects.store_file_if_generating(generated, spec.path, spec.content):
+                db.session.rollback()  # cancelled or swept: whoever did it has the reason
+                log.info("generation %s stopped: no longer generating", generated_id)
+                return _reloaded(generated_id)
+            db.session.commit()
+            if progress:
+                progress(spec.path)
+        generated = projects.transition(generated_id, "completed")
+        db.session.commit()
+    except (projects.PathError, GeneratorError) as exc:
+        return _fail(generated_id, str(exc))
+    except Exception as exc:  # noqa: BLE001 - recorded as a failure below
+        log.exception("generation %s failed", generated_id)
+        # Database errors quote the SQL and the file content: keep them in the log only.
+        return _fail(
+            generated_id,
+            f"The generation stopped on an unexpected error ({type(exc).__name__}); "
+            "the worker log has the details.",
+        )
+    except BaseException:  # an interrupt (Ctrl-C, the worker's time limit): end it, go on
+        _fail(generated_id, "The generation was interrupted.")
+        raise
+    log.info("generation %s completed from the %s: %s files", generated_id, source, len(specs))
+    return generated
+
+
+def _fail(generated_id: int, reason: str) -> GeneratedProject | None:
+    db.session.rollback()
+    try:
+        projects.fail_generation(generated_id, reason)
+        db.session.commit()
+    except projects.TransitionError:  # cancelled, swept or finished meanwhile
+        db.session.rollback()
+    return _reloaded(generated_id)
+
+
+def _reloaded(generated_id: int) -> GeneratedProject | None:
+    generated = db.session.get(GeneratedProject, generated_id)
+    if generated is not None:
+        db.session.refresh(generated)
+    return generated

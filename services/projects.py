@@ -9,25 +9,35 @@ on SQLite and PostgreSQL alike. The ORM refuses any other status assignment too
 Totals: every ProjectFile insert, delete or size change adjusts its GeneratedProject's
 total_files / total_size with `SET total = total ± n` in the same transaction (mapper events
 in models/projects.py) — never read-add-write in Python; `recount` repairs drift.
+
+Nothing stays `generating`: a run has a deadline (services/generator.py), users can cancel a
+pending or generating generation and retry a failed one, and `sweep_stale` ends what a dead
+worker left behind.
 """
 
 from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
+from datetime import timedelta
 
+from flask import current_app
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from events import emit
 from extensions import db
 from models.base import utcnow
-from models.projects import TRANSITIONS, GeneratedProject, Project, ProjectFile
+from models.projects import (
+    GeneratedProject,
+    Project,
+    ProjectFile,
+    TransitionError,
+    content_size,
+    generation_sources,
+)
 
 MAX_PATH_LENGTH = 255
-
-
-class TransitionError(ValueError):
-    """A status change the lifecycle does not allow (or that lost a race)."""
 
 
 class PathError(ValueError):
@@ -44,7 +54,7 @@ EVENT_FOR_STATUS = {
 
 def transition(generated_id: int, to: str, *, error: str | None = None) -> GeneratedProject:
     """Move a generation to `to` if the lifecycle allows it from its current state."""
-    sources = [src for src, targets in TRANSITIONS.items() if to in targets]
+    sources = generation_sources(to)
     if not sources:
         raise TransitionError(f"Nothing can move to {to!r}.")
     values: dict = {"status": to, "updated_at": utcnow()}
@@ -85,6 +95,30 @@ def transition(generated_id: int, to: str, *, error: str | None = None) -> Gener
         payload=payload,
     )
     return generated
+
+
+class ProjectNameTaken(ValueError):
+    pass
+
+
+def create_project(
+    tenant_id: int, name: str, description: str = "", created_by_id: int | None = None
+) -> Project:
+    name = (name or "").strip()
+    if not name or len(name) > 120:
+        raise ValueError("A project needs a name (at most 120 characters).")
+    project = Project(
+        tenant_id=tenant_id,
+        name=name,
+        description=(description or "").strip(),
+        created_by_id=created_by_id,
+    )
+    try:
+        with db.session.begin_nested():
+            db.session.add(project)
+    except IntegrityError as exc:
+        raise ProjectNameTaken(f"A project named {name!r} already exists.") from exc
+    return project
 
 
 def start_generation(project: Project, prompt: str) -> GeneratedProject:
@@ -220,11 +254,104 @@ def add_file(generated: GeneratedProject, path: str, content: str) -> ProjectFil
         generated_project_id=generated.id,
         path=clean_path(path),
         content=content,
-        file_size=len(content.encode()),
+        file_size=content_size(content),
     )
     db.session.add(file)
     db.session.flush()
     return file
+
+
+def store_file_if_generating(generated: GeneratedProject, path: str, content: str) -> bool:
+    """Add a file only while the generation is still `generating`; False once it was
+    cancelled or swept. The guarded UPDATE holds the generation's row (PostgreSQL) or the
+    database's write lock (SQLite) until the caller commits, so a cancel that commits first
+    is seen, and one that comes later also removes this file."""
+    still_generating = db.session.execute(
+        update(GeneratedProject)
+        .where(GeneratedProject.id == generated.id, GeneratedProject.status == "generating")
+        .values(updated_at=utcnow()),
+        execution_options={"synchronize_session": False},
+    ).rowcount
+    if still_generating != 1:
+        return False
+    add_file(generated, path, content)
+    return True
+
+
+def delete_files(generated_id: int) -> None:
+    """Remove a generation's files (a failed generation keeps no half of them)."""
+    for file in db.session.scalars(
+        select(ProjectFile).where(ProjectFile.generated_project_id == generated_id)
+    ):
+        db.session.delete(file)
+    db.session.flush()
+
+
+def fail_generation(generated_id: int, reason: str) -> GeneratedProject:
+    """End a pending or generating generation as failed, without its files."""
+    generated = transition(generated_id, "failed", error=reason)
+    delete_files(generated_id)
+    return generated
+
+
+def cancel_generation(generated_id: int, by: str) -> GeneratedProject:
+    """Cancel a pending or generating generation; a worker still running it stops before
+    its next file (store_file_if_generating)."""
+    try:
+        return fail_generation(generated_id, f"Cancelled by {by}.")
+    except TransitionError as exc:
+        generated = db.session.get(GeneratedProject, generated_id)
+        status = generated.status if generated else "gone"
+        raise TransitionError(
+            f"Generation #{generated_id} is {status}: it cannot be cancelled (only a pending "
+            "or generating generation can)."
+        ) from exc
+
+
+def retry_generation(generated_id: int) -> GeneratedProject:
+    """A new pending generation with the prompt of a failed one (which stays as it was)."""
+    failed = db.session.get(GeneratedProject, generated_id)
+    if failed is None:
+        raise TransitionError("No such generation.")
+    if failed.status != "failed":
+        raise TransitionError(
+            f"Generation #{failed.id} is {failed.status}; only a failed generation can be retried."
+        )
+    return start_generation(db.session.get(Project, failed.project_id), failed.prompt)
+
+
+def stale_after() -> timedelta:
+    cfg = current_app.config
+    seconds = cfg.get("PROJECT_STALE_AFTER_SECONDS") or 2 * cfg["PROJECT_GENERATION_TIMEOUT"]
+    return timedelta(seconds=float(seconds))
+
+
+def stale_reason(age: timedelta) -> str:
+    return (
+        f"Stopped: no progress for more than {int(age.total_seconds())} s "
+        "(the worker running it may have died)."
+    )
+
+
+def sweep_stale_generations() -> list[int]:
+    """Fail every generation that has been `generating` for longer than
+    PROJECT_STALE_AFTER_SECONDS. Each is its own guarded transition, so one that finishes
+    meanwhile keeps its result."""
+    age = stale_after()
+    candidates = db.session.scalars(
+        select(GeneratedProject.id).where(
+            GeneratedProject.status == "generating",
+            GeneratedProject.started_at < utcnow() - age,
+        )
+    ).all()
+    swept = []
+    for generated_id in candidates:
+        try:
+            fail_generation(generated_id, stale_reason(age))
+        except TransitionError:
+            continue
+        swept.append(generated_id)
+    return swept
 
 
 @dataclass
@@ -235,32 +362,60 @@ class RecountFix:
 
 
 def recount(fix: bool = True) -> list[RecountFix]:
-    """Compare stored totals with the files; repair drift (in SQL) when asked."""
-    actual = {
-        row.generated_project_id: (row.n, row.size)
-        for row in db.session.execute(
-            select(
-                ProjectFile.generated_project_id,
-                func.count().label("n"),
-                func.coalesce(func.sum(ProjectFile.file_size), 0).label("size"),
-            ).group_by(ProjectFile.generated_project_id)
-        )
-    }
+    """Compare stored totals with the files; repair drift (in SQL) when asked.
+
+    Each generation's row is locked first, then its files are counted by a later statement:
+    a writer that changed the totals before the lock has committed and is counted; one that
+    comes after adds its own ± n to the repaired value. Reading counts and totals without
+    the lock could write an older count over a newer one."""
     fixes = []
-    for gid, files, size in db.session.execute(
-        select(GeneratedProject.id, GeneratedProject.total_files, GeneratedProject.total_size)
-    ):
-        n, s = actual.get(gid, (0, 0))
-        if (files, size) != (n, s):
-            fixes.append(RecountFix(gid, (files, n), (size, s)))
-            if fix:
-                db.session.execute(
-                    update(GeneratedProject)
-                    .where(GeneratedProject.id == gid)
-                    .values(total_files=n, total_size=s),
-                    execution_options={"synchronize_session": False},
+    for gid in db.session.scalars(select(GeneratedProject.id).order_by(GeneratedProject.id)):
+        recorded = db.session.execute(
+            select(GeneratedProject.total_files, GeneratedProject.total_size)
+            .where(GeneratedProject.id == gid)
+            .with_for_update()
+        ).first()
+        if recorded is None:
+            continue
+        of_this = ProjectFile.generated_project_id == GeneratedProject.id
+        files = select(func.count()).where(of_this).scalar_subquery()
+        size = select(func.coalesce(func.sum(ProjectFile.file_size), 0)).where(of_this)
+        size = size.scalar_subquery()
+        if fix:
+            # One statement: exact on SQLite too, where FOR UPDATE does not exist.
+            actual = db.session.execute(
+                update(GeneratedProject)
+                .where(
+                    GeneratedProject.id == gid,
+                    (GeneratedProject.total_files != files) | (GeneratedProject.total_size != size),
                 )
+                .values(total_files=files, total_size=size)
+                .returning(GeneratedProject.total_files, GeneratedProject.total_size),
+                execution_options={"synchronize_session": False},
+            ).first()
+        else:
+            actual = db.session.execute(
+                select(files, size).select_from(GeneratedProject).where(GeneratedProject.id == gid)
+            ).first()
+            if tuple(actual) == tuple(recorded):
+                actual = None
+        if actual is not None:
+            fixes.append(RecountFix(gid, (recorded[0], actual[0]), (recorded[1], actual[1])))
     return fixes
+
+
+@dataclass
+class SweepReport:
+    generations: list[int]
+    exports: list[int]
+
+
+def sweep_stale() -> SweepReport:
+    """End the generations and exports a dead worker left `generating` / `running` (the
+    caller commits; every one notifies through its failed event)."""
+    from services.exports import sweep_stale_exports
+
+    return SweepReport(sweep_stale_generations(), sweep_stale_exports())
 
 
 def generation_panel(generated: GeneratedProject) -> dict:

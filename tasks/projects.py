@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import logging
 
-from dramatiq.middleware import CurrentMessage
-from flask import current_app
 from sqlalchemy import select
 
-from events.registry import Event, handler, task
+from events.registry import Event, handler, periodic, task
 from extensions import db
 from models.accounts import User
 from models.projects import GeneratedProject, Project, ProjectFile, RepositoryExport
@@ -64,11 +62,6 @@ for topic, kind, title in (
     )
 
 
-def _retries_left(max_retries: int) -> bool:
-    message = CurrentMessage.get_current_message()
-    return message is not None and message.options.get("retries", 0) < max_retries
-
-
 GENERATE_RETRIES = 2
 
 
@@ -76,74 +69,22 @@ GENERATE_RETRIES = 2
     name="generate_project", queue="projects", max_retries=GENERATE_RETRIES, time_limit_ms=600_000
 )
 def generate_project(generated_id: int) -> None:
-    """Generate the files of a pending generation. Idempotent under retries."""
-    try:
-        run_generation(generated_id)
-    except Exception as exc:
-        db.session.rollback()
-        if _retries_left(GENERATE_RETRIES):
-            raise
-        log.exception("generation %s failed for good", generated_id)
-        try:
-            # A failed generation keeps no half of its files.
-            _delete_files(generated_id)
-            # Database errors quote the SQL and the file content: keep them in the log only.
-            reason = (
-                f"The generation stopped on an unexpected error ({type(exc).__name__}); "
-                "the worker log has the details."
-            )
-            projects.transition(generated_id, "failed", error=reason)
-            db.session.commit()
-        except projects.TransitionError:
-            db.session.rollback()
+    """Run a generation. It ends the row itself whatever happens; a retry only follows a
+    failure to record that (the database was away), and finds the deadline passed."""
+    generator.run_generation(generated_id)
 
 
-def _delete_files(generated_id: int) -> None:
-    for file in db.session.scalars(
-        select(ProjectFile).where(ProjectFile.generated_project_id == generated_id)
-    ):
-        db.session.delete(file)
-    db.session.flush()
-
-
-def run_generation(generated_id: int, progress=None) -> GeneratedProject | None:
-    cfg = current_app.config
-    generated = db.session.get(GeneratedProject, generated_id)
-    if generated is None or generated.status in ("completed", "failed", "archived"):
-        return generated
-    if generated.status == "pending":
-        projects.transition(generated_id, "generating")
-        db.session.commit()
-    else:
-        # A retry of an interrupted run: start again from no files.
-        _delete_files(generated_id)
-        db.session.commit()
-    try:
-        files, source = generator.generate_files(generated.prompt)
-        specs = projects.validate_files(
-            files,
-            max_files=cfg["PROJECT_MAX_FILES"],
-            max_file_bytes=cfg["PROJECT_MAX_FILE_BYTES"],
-            max_total_bytes=cfg["PROJECT_MAX_TOTAL_BYTES"],
-        )
-    except (projects.PathError, generator.GeneratorError) as exc:
-        generated = projects.transition(generated_id, "failed", error=str(exc))
-        db.session.commit()
-        return generated
-    for spec in specs:
-        projects.add_file(generated, spec.path, spec.content)
-        db.session.commit()
-        if progress:
-            progress(spec.path)
-    generated = projects.transition(generated_id, "completed")
-    db.session.commit()
-    log.info("generation %s completed from the %s: %s files", generated_id, source, len(specs))
-    return generated
-
-
-@task(name="build_export", queue="projects", max_retries=0, time_limit_ms=300_000)
+# Under the sweeper's default PROJECT_STALE_AFTER_SECONDS (240): an export still running
+# when the sweeper looks has been stopped by this limit, never a healthy slow one.
+@task(name="build_export", queue="projects", max_retries=0, time_limit_ms=180_000)
 def build_export(export_id: int) -> None:
     exports.build(export_id)
+
+
+@periodic("PROJECT_SWEEP_INTERVAL", name="sweep_stale_projects")
+def sweep_stale_projects() -> None:
+    projects.sweep_stale()
+    db.session.commit()
 
 
 @handler(

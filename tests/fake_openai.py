@@ -23,6 +23,9 @@ class Script:
     fail_first: int = 0
     fail_status: int = 500
     stall_seconds: float = 0.0  # wait this long before the first byte
+    # Send a non-streamed answer one byte at a time, this many seconds apart (a model that
+    # never goes quiet long enough for a read timeout, yet takes for ever).
+    trickle_seconds: float = 0.0
     # Structured JSON responses for non-streaming calls (e.g. sentiment or summaries).
     json_reply: str | None = None
 
@@ -44,6 +47,8 @@ class FakeOpenAI:
     server: ThreadingHTTPServer | None = None
     _failures: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set by stop(): stalled and trickling answers give up instead of outliving the test.
+    _stopping: threading.Event = field(default_factory=threading.Event)
 
     @property
     def base_url(self) -> str:
@@ -71,14 +76,33 @@ class FakeOpenAI:
                 if fail:
                     self._json(fake.script.fail_status, {"error": {"message": "scripted failure"}})
                     return
-                if fake.script.stall_seconds:
-                    time.sleep(fake.script.stall_seconds)
+                if fake.script.stall_seconds and fake._stopping.wait(fake.script.stall_seconds):
+                    return
                 if body.get("stream"):
                     self._stream(record, body)
                 else:
                     content = fake.script.json_reply or fake.script.reply
+                    if fake.script.trickle_seconds:
+                        self._trickle(record, _completion(body, content))
+                        return
                     self._json(200, _completion(body, content))
                     record.finished = True
+
+            def _trickle(self, record: Record, data: dict) -> None:
+                payload = json.dumps(data).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    for index in range(len(payload)):
+                        if fake._stopping.wait(fake.script.trickle_seconds):
+                            return
+                        self.wfile.write(payload[index : index + 1])
+                        self.wfile.flush()
+                    record.finished = True
+                except (BrokenPipeError, ConnectionResetError):
+                    record.client_gone = True
 
             def _json(self, status: int, data: dict) -> None:
                 payload = json.dumps(data).encode()
@@ -127,6 +151,7 @@ class FakeOpenAI:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.server:
             self.server.shutdown()
             self.server.server_close()

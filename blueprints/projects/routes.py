@@ -1,9 +1,8 @@
 from flask import abort, current_app, flash, redirect, request, send_file, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from blueprints import get_owned_or_404, keyset_page, render, scoped
+from blueprints import get_owned_or_404, is_partial_request, keyset_page, render, scoped
 from blueprints.projects import bp
 from blueprints.projects.forms import GenerateForm, ProjectForm
 from extensions import db
@@ -35,19 +34,18 @@ def create():
     if not form.validate_on_submit():
         flash("A project needs a name (at most 120 characters).", "error")
         return redirect(url_for("projects.index"), code=303)
-    project = Project(
-        tenant_id=current_user.tenant_id,
-        name=form.name.data.strip(),
-        description=(form.description.data or "").strip(),
-        created_by_id=current_user.id,
-    )
-    db.session.add(project)
     try:
-        db.session.commit()
-    except IntegrityError:
+        project = projects.create_project(
+            current_user.tenant_id,
+            form.name.data,
+            form.description.data or "",
+            created_by_id=current_user.id,
+        )
+    except ValueError as exc:
         db.session.rollback()
-        flash(f"A project named {form.name.data!r} already exists.", "error")
+        flash(str(exc), "error")
         return redirect(url_for("projects.index"), code=303)
+    db.session.commit()
     return redirect(url_for("projects.detail", project_id=project.id), code=303)
 
 
@@ -105,6 +103,88 @@ def archive(generated_id: int):
     return redirect(url_for("projects.detail", project_id=generated.project_id), code=303)
 
 
+@bp.get("/generations/<int:generated_id>")
+@login_required
+def generation(generated_id: int):
+    """One generation's card: the fragment htmx swaps after an action, or a page."""
+    generated = get_owned_or_404(GeneratedProject, generated_id)
+    return render(
+        "projects/generation.html",
+        "projects/_generation.html",
+        project=db.session.get(Project, generated.project_id),
+        item=projects.generation_panel(generated),
+        oob=False,
+    )
+
+
+def _back_to(generated: GeneratedProject):
+    """After an action: htmx swaps the generation's card, a plain form reloads the page."""
+    if is_partial_request():
+        return redirect(url_for("projects.generation", generated_id=generated.id), code=303)
+    return redirect(url_for("projects.detail", project_id=generated.project_id), code=303)
+
+
+@bp.post("/generations/<int:generated_id>/cancel")
+@login_required
+def cancel(generated_id: int):
+    generated = get_owned_or_404(GeneratedProject, generated_id)
+    try:
+        projects.cancel_generation(generated.id, current_user.email)
+        db.session.commit()
+        flash(f"Generation #{generated.id} cancelled.", "info")
+    except projects.TransitionError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+    return _back_to(generated)
+
+
+@bp.post("/generations/<int:generated_id>/retry")
+@login_required
+def retry(generated_id: int):
+    generated = get_owned_or_404(GeneratedProject, generated_id)
+    try:
+        retried = projects.retry_generation(generated.id)
+        db.session.commit()
+    except projects.TransitionError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        return _back_to(generated)
+    send("generate_project", retried.id)
+    flash(f"Generation #{retried.id} retries #{generated.id}.", "info")
+    return redirect(url_for("projects.detail", project_id=generated.project_id), code=303)
+
+
+@bp.post("/exports/<int:export_id>/cancel")
+@login_required
+def cancel_export(export_id: int):
+    export_row = get_owned_or_404(RepositoryExport, export_id)
+    try:
+        exports.cancel_export(export_row.id, current_user.email)
+        db.session.commit()
+        flash(f"Export #{export_row.id} cancelled.", "info")
+    except exports.ExportError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+    return _back_to(db.session.get(GeneratedProject, export_row.generated_project_id))
+
+
+@bp.post("/exports/<int:export_id>/retry")
+@login_required
+def retry_export(export_id: int):
+    export_row = get_owned_or_404(RepositoryExport, export_id)
+    generated = db.session.get(GeneratedProject, export_row.generated_project_id)
+    try:
+        exports.retry_export(export_row.id)
+        db.session.commit()
+    except exports.ExportError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        return _back_to(generated)
+    send("build_export", export_row.id)
+    flash(f"Building the {export_row.format} export again…", "info")
+    return _back_to(generated)
+
+
 @bp.post("/generations/<int:generated_id>/export")
 @login_required
 def export(generated_id: int):
@@ -127,7 +207,7 @@ def download(export_id: int):
     export_row = get_owned_or_404(RepositoryExport, export_id)
     if export_row.status != "completed" or not export_row.artifact:
         abort(404)
-    path = exports.exports_dir() / export_row.artifact
+    path = exports.exports_path() / export_row.artifact
     if not path.is_file():
         abort(404)
     name = f"generation-{export_row.generated_project_id}"
