@@ -286,6 +286,15 @@ class Config:
         self.SMTP_URL = _env("SMTP_URL")
         self.MAIL_FROM = _env("MAIL_FROM", "switchboard@localhost")
 
+        # Seconds between runs of the webhook relay, which sends due deliveries (retries, and
+        # those whose queue message was lost) and hands back claims whose worker died.
+        self.WEBHOOK_RELAY_INTERVAL = _float("WEBHOOK_RELAY_INTERVAL", 5.0)
+        # A due delivery whose queue message has not run after this long is sent again.
+        self.WEBHOOK_REQUEUE_AFTER_SECONDS = _float("WEBHOOK_REQUEUE_AFTER_SECONDS", 30.0)
+        # A delivery claimed this long ago with no outcome recorded (a killed worker, the
+        # database gone after the POST) is sent again, with the same webhook-id. Above the
+        # delivery task's 120 s time limit, so a slow attempt is not sent twice at once.
+        self.WEBHOOK_SEND_LEASE_SECONDS = _float("WEBHOOK_SEND_LEASE_SECONDS", 180.0)
         # /metrics: a bearer token, or a client address inside one of these networks.
         self.METRICS_TOKEN = _env("METRICS_TOKEN")
         self.METRICS_ALLOWED_NETWORKS = _env("METRICS_ALLOWED_NETWORKS", "127.0.0.1/32,::1/128")
@@ -321,4 +330,5 @@ class TestConfig(Config):
             "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,127.0.0.0/8,::1/128"
         )
         for key, value in overrides.items():
+        self.WEBHOOK_RELAY_INTERVAL = 0.2
             setattr(self, key, value)

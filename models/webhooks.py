@@ -1,7 +1,9 @@
-"""Outgoing webhooks: the endpoints a tenant's events are POSTed to, and every attempt made."""
+"""Outgoing webhooks: the endpoints a tenant's events are POSTed to, the durable state of each
+(endpoint, event) delivery, and every attempt made."""
 
 from __future__ import annotations
 
+import base64
 import secrets
 import uuid
 from datetime import datetime
@@ -17,6 +19,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     Uuid,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -27,7 +30,19 @@ from models.events import BigId
 
 
 def new_webhook_secret() -> str:
-    return "whsec_" + secrets.token_urlsafe(32)
+    # Standard Webhooks' form: the key is the base64 (standard alphabet) after the prefix.
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def webhook_message_id(endpoint_id: int, event_id: uuid.UUID) -> str:
+    """The `webhook-id` of one event sent to one endpoint: the same on every retry and
+    re-send, different for another endpoint (one receiver may serve several endpoints)."""
+    return "msg_" + uuid.uuid5(event_id, f"endpoint:{endpoint_id}").hex
+
+
+# What a message is doing: waiting for its next attempt, being POSTed by a worker that
+# claimed it, or finished.
+MESSAGE_STATUSES = ("pending", "sending", "delivered", "failed", "skipped")
 
 
 class WebhookEndpoint(Tracked, Timestamps, db.Model):
@@ -67,6 +82,45 @@ class WebhookEndpoint(Tracked, Timestamps, db.Model):
         return f"<WebhookEndpoint {self.id} {self.host!r}>"
 
 
+class WebhookMessage(db.Model):
+    """One event to be sent to one endpoint: the durable state of its delivery.
+
+    Written by the fan-out handler in its own transaction, so a delivery exists once the
+    event is handled, whatever happens to Redis or to the after-commit send. A worker
+    claims a due row (pending → sending, with a lease) and commits that before it POSTs:
+    a second copy of the delivery message finds it claimed and sends nothing. A retry is a
+    later `next_attempt_at` on the row, found by the periodic relay, never a delayed broker
+    message. A claim whose lease ran out (worker killed, database unreachable after the
+    POST) is retried with the same webhook-id: at least once, and receivers dedupe.
+    """
+
+    __tablename__ = "webhook_messages"
+    __table_args__ = (
+        UniqueConstraint("endpoint_id", "event_pk"),
+        # The relay's scan of due rows.
+        Index("ix_webhook_messages_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[int] = tenant_fk(index=False)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    event_pk: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    topic: Mapped[str] = mapped_column(String(80))
+    webhook_id: Mapped[str] = mapped_column(String(64), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # Attempts made in this round (the first send, or an admin's re-send).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    is_resend: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # A claim (status sending) older than this is taken to have died.
+    claimed_until: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    # When a delivery message was last sent for it; the relay sends another only after
+    # WEBHOOK_REQUEUE_AFTER_SECONDS, so a busy queue does not fill with copies.
+    enqueued_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
 class WebhookDelivery(db.Model):
     """One attempt to POST one event to one endpoint (not Tracked: no events about it)."""
 
@@ -83,6 +137,8 @@ class WebhookDelivery(db.Model):
     event_pk: Mapped[int] = mapped_column(BigInteger)
     event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
     topic: Mapped[str] = mapped_column(String(80))
+    # The webhook-id header sent (none on attempts recorded before it existed).
+    webhook_id: Mapped[Optional[str]] = mapped_column(String(64))
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     # Set when an admin asked for this delivery again from the endpoint page.
     is_resend: Mapped[bool] = mapped_column(Boolean, default=False)

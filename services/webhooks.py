@@ -1,21 +1,32 @@
-"""Outgoing webhooks: matching endpoints, signing and POSTing one event, scheduling retries.
+"""Outgoing webhooks: matching endpoints, signing, and the durable delivery of one event to
+one endpoint (a `WebhookMessage` row: claimed before it is POSTed, retried from the row).
 
-Receivers verify a request by recomputing
-    HMAC-SHA256(secret, f"{X-Switchboard-Timestamp}.{raw body}")
-and comparing it with the hex digest in `X-Switchboard-Signature: sha256=<hex>`; they should
-also reject timestamps far from their clock, so a captured request cannot be replayed later.
+Every request carries the Standard Webhooks headers:
+    webhook-id         msg_<hex>, the same for every attempt and re-send of one event to one
+                       endpoint: receivers dedupe on it (delivery is at least once)
+    webhook-timestamp  unix seconds
+    webhook-signature  v1,<base64 HMAC-SHA256(key, f"{webhook-id}.{webhook-timestamp}.{body}")>
+                       where key is the base64-decoded secret after `whsec_`
+and, as before, `X-Switchboard-Event`, `X-Switchboard-Timestamp` and
+`X-Switchboard-Signature: sha256=<hex HMAC-SHA256(secret, f"{timestamp}.{body}")>`. Receivers
+should reject timestamps far from their clock, so a captured request cannot be replayed later.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import fnmatch
 import hashlib
 import hmac
 import http.client
 import json
+import logging
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -24,13 +35,24 @@ from sqlalchemy import bindparam, select, update
 
 from extensions import db
 from models.base import utcnow
-from models.webhooks import WebhookEndpoint, new_webhook_secret
+from models.events import OutboxEvent
+from models.webhooks import (
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookMessage,
+    new_webhook_secret,
+    webhook_message_id,
+)
 from services import netpolicy
+
+log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Switchboard-Signature"
 TIMESTAMP_HEADER = "X-Switchboard-Timestamp"
 EVENT_HEADER = "X-Switchboard-Event"
-DELIVERY_HEADER = "X-Switchboard-Delivery"
+STANDARD_ID_HEADER = "webhook-id"
+STANDARD_TIMESTAMP_HEADER = "webhook-timestamp"
+STANDARD_SIGNATURE_HEADER = "webhook-signature"
 USER_AGENT = "Switchboard-Webhooks/1.0"
 
 # Topics never sent to endpoints (deliveries are not events; kept in case that changes).
@@ -160,6 +182,21 @@ def verify(secret: str, timestamp: str, body: bytes, signature: str) -> bool:
     return hmac.compare_digest(sign(secret, timestamp, body), signature or "")
 
 
+def standard_signing_key(secret: str) -> bytes:
+    """Standard Webhooks' key: the base64 after `whsec_`. Secrets issued before that form was
+    adopted are not valid base64; their bytes are the key (rotate to use a library)."""
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        return secret.encode()
+
+
+def standard_signature(secret: str, webhook_id: str, timestamp: int | str, body: bytes) -> str:
+    message = f"{webhook_id}.{timestamp}.".encode() + body
+    digest = hmac.new(standard_signing_key(secret), message, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
 @dataclass
 class Attempt:
     status_code: int | None
@@ -181,7 +218,7 @@ class Attempt:
         return self.status_code >= 500 or self.status_code == 429
 
 
-def post(url: str, secret: str, topic: str, body: bytes, delivery_ref: str = "") -> Attempt:
+def post(url: str, secret: str, topic: str, body: bytes, webhook_id: str) -> Attempt:
     """POST a signed body once; never raises for HTTP or network failures.
 
     The host is resolved once here and the request goes to an address that passed the
@@ -206,9 +243,10 @@ def post(url: str, secret: str, topic: str, body: bytes, delivery_ref: str = "")
         EVENT_HEADER: topic,
         TIMESTAMP_HEADER: str(timestamp),
         SIGNATURE_HEADER: sign(secret, timestamp, body),
+        STANDARD_ID_HEADER: webhook_id,
+        STANDARD_TIMESTAMP_HEADER: str(timestamp),
+        STANDARD_SIGNATURE_HEADER: standard_signature(secret, webhook_id, timestamp, body),
     }
-    if delivery_ref:
-        headers[DELIVERY_HEADER] = delivery_ref
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     timeout = float(current_app.config["WEBHOOK_TIMEOUT_SECONDS"])
     if parts.scheme == "https":
@@ -245,22 +283,423 @@ def backoff_ms(attempt: int) -> int:
     return max(0, min(cap, base * 2 ** max(0, attempt - 1)))
 
 
-def schedule_delivery(
-    endpoint_id: int,
-    event_pk: int,
-    attempt: int = 1,
-    is_resend: bool = False,
-    delay_ms: int | None = None,
-) -> None:
-    """Enqueue the delivery task (optionally delayed) on the app's broker."""
+# ---------------------------------------------------------------- durable deliveries
+
+# Rows the relay takes per tick, for each of its two scans.
+RELAY_BATCH = 500
+
+_INSERT_STMTS: dict[str, Any] = {}
+
+
+def _insert_messages_stmt(dialect: str):
+    """INSERT … ON CONFLICT (endpoint, event) DO NOTHING RETURNING id, built once per dialect:
+    a fan-out run twice for one event adds nothing the second time."""
+    stmt = _INSERT_STMTS.get(dialect)
+    if stmt is None:
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        table = WebhookMessage.__table__
+        stmt = (
+            insert(table)
+            .on_conflict_do_nothing(index_elements=["endpoint_id", "event_pk"])
+            .returning(table.c.id)
+        )
+        _INSERT_STMTS[dialect] = stmt
+    return stmt
+
+
+def _can_send_now() -> bool:
     from tasks.broker import tasks_state
 
-    actor = tasks_state().actors["webhooks.deliver"]
-    actor.send_with_options(
-        args=(endpoint_id, event_pk),
-        kwargs={"attempt": attempt, "is_resend": is_resend},
-        delay=delay_ms or None,
+    return tasks_state().can_dispatch_now()
+
+
+def create_messages(event: Any, endpoint_ids: Iterable[int]) -> list[int]:
+    """Write one pending delivery per endpoint for the event, in the caller's transaction;
+    the ids of the rows written (none for endpoints that already have this event)."""
+    now = utcnow()
+    # Marked as sent when the after-commit send will follow at once, so the relay does not
+    # send a second message for them in the meantime.
+    enqueued_at = now if _can_send_now() else None
+    rows = [
+        {
+            "tenant_id": event.tenant_id,
+            "endpoint_id": endpoint_id,
+            "event_pk": event.id,
+            "event_id": event.event_id,
+            "topic": event.topic,
+            "webhook_id": webhook_message_id(endpoint_id, event.event_id),
+            "status": "pending",
+            "attempts": 0,
+            "is_resend": False,
+            "next_attempt_at": now,
+            "enqueued_at": enqueued_at,
+            "created_at": now,
+        }
+        for endpoint_id in endpoint_ids
+    ]
+    if not rows:
+        return []
+    conn = db.session.connection()
+    return [row.id for row in conn.execute(_insert_messages_stmt(conn.dialect.name), rows)]
+
+
+def send_messages(message_ids: Iterable[int]) -> int:
+    """Send a delivery message for each row; returns how many were sent. A failed send only
+    delays the delivery: the row stays pending and the relay sends it again later."""
+    from tasks.broker import tasks_state
+
+    state = tasks_state()
+    if not state.can_dispatch_now():
+        return 0
+    actor = state.actors["webhooks.deliver"]
+    sent = 0
+    for message_id in message_ids:
+        try:
+            actor.send(message_id)
+        except Exception as exc:  # noqa: BLE001 - broker unreachable: the relay resends
+            log.warning("could not send webhook delivery %s to the broker: %s", message_id, exc)
+            break
+        sent += 1
+    return sent
+
+
+def send_after_commit(message_ids: list[int]) -> None:
+    from events.outbox import on_commit
+
+    if message_ids:
+        on_commit(lambda: send_messages(message_ids))
+
+
+def request_resend(endpoint: WebhookEndpoint, delivery: WebhookDelivery) -> str | None:
+    """Make the event of an earlier attempt due again as a re-send, with the same webhook-id;
+    returns why not, for the admin, or None. The caller commits."""
+    message = db.session.scalar(
+        select(WebhookMessage)
+        .where(
+            WebhookMessage.endpoint_id == endpoint.id,
+            WebhookMessage.event_pk == delivery.event_pk,
+        )
+        .with_for_update()
     )
+    if message is None:  # an attempt recorded before deliveries had rows of their own
+        message = WebhookMessage(
+            tenant_id=endpoint.tenant_id,
+            endpoint_id=endpoint.id,
+            event_pk=delivery.event_pk,
+            event_id=delivery.event_id,
+            topic=delivery.topic,
+            webhook_id=webhook_message_id(endpoint.id, delivery.event_id),
+        )
+        db.session.add(message)
+    elif message.status == "sending":
+        return "This delivery is being sent right now; re-send it once that attempt is listed."
+    now = utcnow()
+    message.status = "pending"
+    message.attempts = 0
+    message.is_resend = True
+    message.next_attempt_at = now
+    message.claimed_until = None
+    message.enqueued_at = now if _can_send_now() else None
+    db.session.flush()
+    send_after_commit([message.id])
+    return None
+
+
+@dataclass
+class Claim:
+    """A delivery this worker has claimed, as primitives."""
+
+    id: int
+    tenant_id: int
+    endpoint_id: int
+    event_pk: int
+    event_id: Any
+    topic: str
+    webhook_id: str
+    attempt: int
+    is_resend: bool
+
+
+def lease_seconds() -> float:
+    return float(current_app.config["WEBHOOK_SEND_LEASE_SECONDS"])
+
+
+def claim(message_id: int) -> Claim | None:
+    """Take a due pending delivery for this worker (pending → sending), counting the attempt;
+    None when another worker has it, it is finished, or its next attempt is not yet due.
+
+    One UPDATE with the state in its WHERE: on PostgreSQL a concurrent claim waits for the
+    row lock and then no longer matches, on SQLite writers take turns; either way exactly
+    one claimer wins, and the claim is committed before anything is POSTed."""
+    now = utcnow()
+    table = WebhookMessage.__table__
+    row = db.session.execute(
+        update(table)
+        .where(
+            table.c.id == message_id,
+            table.c.status == "pending",
+            table.c.next_attempt_at <= now,
+        )
+        .values(
+            status="sending",
+            attempts=table.c.attempts + 1,
+            claimed_until=now + timedelta(seconds=lease_seconds()),
+        )
+        .returning(
+            table.c.id,
+            table.c.tenant_id,
+            table.c.endpoint_id,
+            table.c.event_pk,
+            table.c.event_id,
+            table.c.topic,
+            table.c.webhook_id,
+            table.c.attempts,
+            table.c.is_resend,
+        )
+    ).first()
+    if row is None:
+        return None
+    return Claim(
+        id=row.id,
+        tenant_id=row.tenant_id,
+        endpoint_id=row.endpoint_id,
+        event_pk=row.event_pk,
+        event_id=row.event_id,
+        topic=row.topic,
+        webhook_id=row.webhook_id,
+        attempt=row.attempts,
+        is_resend=row.is_resend,
+    )
+
+
+def _finish(claimed: Claim, status: str, next_attempt_at=None) -> bool:
+    """Move our claimed row on; False when the claim was no longer ours (its lease ran out
+    and the relay handed it on), in which case the row is left to its new owner."""
+    table = WebhookMessage.__table__
+    values: dict[str, Any] = {"status": status, "claimed_until": None, "enqueued_at": None}
+    if next_attempt_at is not None:
+        values["next_attempt_at"] = next_attempt_at
+    result = db.session.execute(
+        update(table)
+        .where(
+            table.c.id == claimed.id,
+            table.c.status == "sending",
+            table.c.attempts == claimed.attempt,
+        )
+        .values(**values)
+    )
+    return result.rowcount == 1
+
+
+def _attempt_row(claimed: Claim, **fields: Any) -> WebhookDelivery:
+    return WebhookDelivery(
+        tenant_id=claimed.tenant_id,
+        endpoint_id=claimed.endpoint_id,
+        event_pk=claimed.event_pk,
+        event_id=claimed.event_id,
+        topic=claimed.topic,
+        webhook_id=claimed.webhook_id,
+        attempt=claimed.attempt,
+        is_resend=claimed.is_resend,
+        **fields,
+    )
+
+
+def deliver(message_id: int) -> None:
+    """Make one attempt at one delivery: claim it (committed), POST it with no transaction
+    open, record the outcome and, on a network error, 429 or 5xx, make the row due again
+    after the backoff. Commits; raises on database errors (the message is then retried,
+    and finds the row pending again or still claimed)."""
+    session = db.session
+    claimed = claim(message_id)
+    if claimed is None:
+        session.commit()
+        return  # a copy of this message, or the relay's, got there first
+    endpoint = session.get(WebhookEndpoint, claimed.endpoint_id)
+    if endpoint is None or (not endpoint.is_active and not claimed.is_resend):
+        _finish(claimed, "skipped")  # disabled meanwhile: an admin can re-send
+        session.commit()
+        return
+    event = session.get(OutboxEvent, claimed.event_pk)
+    if event is None:
+        _finish(claimed, "failed")
+        session.add(
+            _attempt_row(
+                claimed, error="The event is no longer stored; it cannot be sent.", final=True
+            )
+        )
+        session.commit()
+        return
+    body = event_body(event)
+    url, secret = endpoint.url, endpoint.secret
+    session.commit()  # the claim is durable before the POST; no transaction during it
+
+    result = post(url, secret, claimed.topic, body, claimed.webhook_id)
+
+    max_attempts = int(current_app.config["WEBHOOK_MAX_ATTEMPTS"])
+    final = result.succeeded or not result.retryable or claimed.attempt >= max_attempts
+    error = result.error
+    if final and not result.succeeded and result.retryable:
+        error = f"{error or 'failed'}; gave up after {claimed.attempt} attempts"
+    session.add(
+        _attempt_row(
+            claimed,
+            status_code=result.status_code,
+            latency_ms=result.latency_ms,
+            error=error,
+            succeeded=result.succeeded,
+            final=final,
+        )
+    )
+    if result.succeeded:
+        still_ours = _finish(claimed, "delivered")
+    elif final:
+        still_ours = _finish(claimed, "failed")
+    else:
+        due = utcnow() + timedelta(milliseconds=backoff_ms(claimed.attempt))
+        still_ours = _finish(claimed, "pending", next_attempt_at=due)
+    if still_ours:
+        _count_outcome(claimed.endpoint_id, result.succeeded, final)
+    session.commit()
+
+
+def _count_outcome(endpoint_id: int, succeeded: bool, final: bool) -> None:
+    if succeeded:
+        record_success(endpoint_id)
+    elif final:
+        failures = record_give_up(endpoint_id)
+        endpoint = db.session.get(WebhookEndpoint, endpoint_id)
+        if endpoint is not None:
+            disable_if_failing(endpoint, failures)
+
+
+def adopt_legacy_delivery(endpoint_id: int, event_pk: int) -> int | None:
+    """The row for a delivery message queued before deliveries had rows (its arguments were
+    the endpoint and the event); None when there is nothing left to send. Commits."""
+    message_id = db.session.scalar(
+        select(WebhookMessage.id).where(
+            WebhookMessage.endpoint_id == endpoint_id, WebhookMessage.event_pk == event_pk
+        )
+    )
+    if message_id is None:
+        event = db.session.get(OutboxEvent, event_pk)
+        if event is None or db.session.get(WebhookEndpoint, endpoint_id) is None:
+            db.session.commit()
+            return None
+        created = create_messages(event, [endpoint_id])
+        message_id = created[0] if created else None
+    db.session.commit()
+    return message_id
+
+
+@dataclass
+class RelayReport:
+    sent: int = 0
+    reclaimed: int = 0
+
+
+UNKNOWN_OUTCOME = (
+    "No outcome was recorded (the worker stopped, or the database was unreachable after "
+    "the request); sent again with the same webhook-id."
+)
+
+
+def relay() -> RelayReport:
+    """Hand claims whose lease ran out back to the queue, and send a message for every due
+    pending delivery that has none in flight. Safe to run in many processes at once."""
+    report = RelayReport()
+    report.reclaimed = _reclaim_expired()
+    due = _take_due()
+    if due:
+        report.sent = send_messages(due)
+        unsent = due[report.sent :]
+        if unsent:  # the broker is away: due again at the next tick
+            db.session.execute(
+                update(WebhookMessage)
+                .where(WebhookMessage.id.in_(unsent))
+                .values(enqueued_at=None)
+                .execution_options(synchronize_session=False)
+            )
+            db.session.commit()
+    return report
+
+
+def _reclaim_expired() -> int:
+    session = db.session
+    now = utcnow()
+    stmt = (
+        select(WebhookMessage)
+        .where(WebhookMessage.status == "sending", WebhookMessage.claimed_until <= now)
+        .order_by(WebhookMessage.id)
+        .limit(RELAY_BATCH)
+    )
+    if session.get_bind().dialect.name == "postgresql":
+        stmt = stmt.with_for_update(skip_locked=True)
+    expired = list(session.scalars(stmt))
+    max_attempts = int(current_app.config["WEBHOOK_MAX_ATTEMPTS"])
+    for message in expired:
+        claimed = Claim(
+            id=message.id,
+            tenant_id=message.tenant_id,
+            endpoint_id=message.endpoint_id,
+            event_pk=message.event_pk,
+            event_id=message.event_id,
+            topic=message.topic,
+            webhook_id=message.webhook_id,
+            attempt=message.attempts,
+            is_resend=message.is_resend,
+        )
+        final = message.attempts >= max_attempts
+        error = UNKNOWN_OUTCOME
+        if final:
+            error = f"No outcome was recorded; gave up after {message.attempts} attempts."
+        session.add(_attempt_row(claimed, error=error, final=final))
+        message.status = "failed" if final else "pending"
+        message.claimed_until = None
+        message.enqueued_at = None
+        message.next_attempt_at = now
+        if final:
+            session.flush()
+            _count_outcome(message.endpoint_id, False, True)
+    session.commit()
+    return len(expired)
+
+
+def _take_due() -> list[int]:
+    """Mark up to RELAY_BATCH due deliveries as sent now and return them, oldest due first.
+    A row sent less than WEBHOOK_REQUEUE_AFTER_SECONDS ago is left alone (its message is
+    probably still queued); after that its message is taken to be lost and sent again."""
+    now = utcnow()
+    requeue_after = timedelta(seconds=float(current_app.config["WEBHOOK_REQUEUE_AFTER_SECONDS"]))
+    table = WebhookMessage.__table__
+    due = (
+        select(table.c.id)
+        .where(
+            table.c.status == "pending",
+            table.c.next_attempt_at <= now,
+            (table.c.enqueued_at.is_(None)) | (table.c.enqueued_at <= now - requeue_after),
+        )
+        .order_by(table.c.next_attempt_at)
+        .limit(RELAY_BATCH)
+    )
+    session = db.session
+    if session.get_bind().dialect.name == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    # Read first: most ticks find nothing, and on SQLite an UPDATE takes the one write lock
+    # even when it matches no row.
+    ids = list(session.scalars(due))
+    if ids:
+        session.execute(
+            update(table)
+            .where(table.c.id.in_(ids))
+            .values(enqueued_at=now)
+            .execution_options(synchronize_session=False)
+        )
+    session.commit()
+    return ids
 
 
 # ---------------------------------------------------------------- endpoint health

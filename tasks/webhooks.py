@@ -1,27 +1,20 @@
 """Handlers and tasks for outgoing webhooks.
 
-`webhooks.fanout` runs once per event and, after its transaction commits, sends one
-`webhooks.deliver` task per active endpoint of the tenant whose topics match. Each delivery
-task makes one attempt, records it, and schedules the next one (exponential backoff) on a
-network error or a 5xx until WEBHOOK_MAX_ATTEMPTS; an endpoint that gave up on
+`webhooks.fanout` runs once per event and writes, in its own transaction, one pending
+delivery row per active endpoint of the tenant whose topics match; after the commit it sends
+one `webhooks.deliver` message per row. Each message makes one attempt (services/webhooks.py:
+claimed in the database before the POST, so a duplicate message sends nothing) and, on a
+network error, 429 or 5xx, makes the row due again after a backoff until WEBHOOK_MAX_ATTEMPTS.
+The periodic `webhooks.relay` sends due rows (retries, and rows whose message was lost with
+Redis or a dying worker) and hands back claims whose worker died. An endpoint that gave up on
 WEBHOOK_DISABLE_AFTER_FAILURES events in a row is disabled and its admins are notified.
 """
 
 from __future__ import annotations
 
-import logging
-
-from flask import current_app
-
-from events.outbox import on_commit
-from events.registry import Event, handler, task
-from extensions import db
-from models.events import OutboxEvent
-from models.webhooks import WebhookDelivery, WebhookEndpoint
+from events.registry import Event, handler, periodic, task
 from services import webhooks as svc
 from services.notifications import notification_rule
-
-log = logging.getLogger(__name__)
 
 notification_rule(
     "webhook_endpoint.disabled",
@@ -40,95 +33,33 @@ notification_rule(
 @handler("*", name="webhooks.fanout")
 def fanout(event: Event) -> None:
     targets = svc.matching_endpoint_ids(event.tenant_id, event.topic)
-    if not targets:
-        return
-
-    def send_all() -> None:
-        for endpoint_id in targets:
-            svc.schedule_delivery(endpoint_id, event.id)
-
-    on_commit(send_all)
+    if targets:
+        # The rows are the delivery's durable state; the after-commit send only saves the
+        # relay's delay, and losing it loses nothing.
+        svc.send_after_commit(svc.create_messages(event, targets))
 
 
-@task(name="webhooks.deliver", queue="webhooks", max_retries=0, time_limit_ms=120_000)
-def deliver(endpoint_id: int, event_pk: int, attempt: int = 1, is_resend: bool = False) -> None:
-    """One attempt to POST one event to one endpoint."""
-    session = db.session
-    endpoint = session.get(WebhookEndpoint, endpoint_id)
-    if endpoint is None:
-        return  # deleted meanwhile
-    if not endpoint.is_active and not is_resend:
-        return  # disabled meanwhile: no more attempts (an admin can re-send)
-    row = session.get(OutboxEvent, event_pk)
-    if row is None:
-        _record_missing(endpoint, event_pk, attempt, is_resend)
-        return
-    body = svc.event_body(row)
-    url, secret, topic = endpoint.url, endpoint.secret, row.topic
-    tenant_id, event_id = endpoint.tenant_id, row.event_id
-    session.commit()  # hold no transaction during the HTTP request
-
-    result = svc.post(url, secret, topic, body)
-
-    max_attempts = int(current_app.config["WEBHOOK_MAX_ATTEMPTS"])
-    final = result.succeeded or not result.retryable or attempt >= max_attempts
-    error = result.error
-    if final and not result.succeeded and result.retryable:
-        error = f"{error or 'failed'}; gave up after {attempt} attempts"
-    session.add(
-        WebhookDelivery(
-            tenant_id=tenant_id,
-            endpoint_id=endpoint_id,
-            event_pk=event_pk,
-            event_id=event_id,
-            topic=topic,
-            attempt=attempt,
-            is_resend=is_resend,
-            status_code=result.status_code,
-            latency_ms=result.latency_ms,
-            error=error,
-            succeeded=result.succeeded,
-            final=final,
-        )
-    )
-    if result.succeeded:
-        svc.record_success(endpoint_id)
-    elif final:
-        failures = svc.record_give_up(endpoint_id)
-        endpoint = session.get(WebhookEndpoint, endpoint_id)
-        if endpoint is not None:
-            svc.disable_if_failing(endpoint, failures)
-    session.commit()
-
-    if not final:
-        svc.schedule_delivery(
-            endpoint_id,
-            event_pk,
-            attempt=attempt + 1,
-            is_resend=is_resend,
-            delay_ms=svc.backoff_ms(attempt),
-        )
+# Retries of the message itself are for a database error before the POST; the delivery's own
+# retries are rows made due again. The time limit stays below WEBHOOK_SEND_LEASE_SECONDS.
+@task(
+    name="webhooks.deliver",
+    queue="webhooks",
+    max_retries=3,
+    time_limit_ms=120_000,
+    min_backoff_ms=1_000,
+    max_backoff_ms=30_000,
+)
+def deliver(message_id: int, event_pk: int | None = None, **_legacy: object) -> None:
+    """One attempt at one delivery row. A message queued before deliveries had rows
+    carried (endpoint id, event pk): its row is found or written first."""
+    if event_pk is not None:
+        adopted = svc.adopt_legacy_delivery(message_id, event_pk)
+        if adopted is None:
+            return
+        message_id = adopted
+    svc.deliver(message_id)
 
 
-def _record_missing(endpoint: WebhookEndpoint, event_pk: int, attempt: int, is_resend: bool):
-    import uuid
-
-    previous = db.session.scalar(
-        db.select(WebhookDelivery)
-        .where(WebhookDelivery.endpoint_id == endpoint.id, WebhookDelivery.event_pk == event_pk)
-        .limit(1)
-    )
-    db.session.add(
-        WebhookDelivery(
-            tenant_id=endpoint.tenant_id,
-            endpoint_id=endpoint.id,
-            event_pk=event_pk,
-            event_id=previous.event_id if previous else uuid.UUID(int=0),
-            topic=previous.topic if previous else "",
-            attempt=attempt,
-            is_resend=is_resend,
-            error="The event is no longer stored; it cannot be sent.",
-            final=True,
-        )
-    )
-    db.session.commit()
+@periodic("WEBHOOK_RELAY_INTERVAL", name="webhooks.relay")
+def relay() -> None:
+    svc.relay()

@@ -139,6 +139,11 @@ def resend(endpoint_id: int, delivery_id: int):
     delivery = db.session.get(WebhookDelivery, delivery_id)
     if delivery is None or delivery.endpoint_id != endpoint.id:
         abort(404)
-    svc.schedule_delivery(endpoint.id, delivery.event_pk, attempt=1, is_resend=True)
-    flash("Delivery queued again.", "info")
+    refused = svc.request_resend(endpoint, delivery)
+    if refused:
+        db.session.rollback()
+        flash(refused, "error")
+    else:
+        db.session.commit()
+        flash("Delivery queued again.", "info")
     return redirect(url_for("webhooks.detail", endpoint_id=endpoint.id), code=303)
