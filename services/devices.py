@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import abc
 import logging
+import re
 import threading
 import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -46,6 +47,17 @@ STATE_FIELDS = (
     "frequency_mhz",
     "rf_level",
     "audio_level",
+    # What operators watch besides battery and levels (families without one leave it out).
+    "group_channel",
+    "audio_gain_db",
+    "audio_muted",
+    "interference",
+    "encryption_warning",
+    "tx_offset_db",
+    "tx_lock",
+    "quality",
+    "antenna",
+    "family",
 )
 
 # Shure receivers report RF in dBm and audio in dBFS. Meters and charts show them as a share
@@ -81,6 +93,7 @@ class DeviceReport:
     online: bool = True
     state: dict[str, Any] = field(default_factory=dict)
     location_id: int | None = None
+    channel: int | None = None  # a transmitter's receiver channel
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)
@@ -335,6 +348,7 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
                 progress(done)
         pending.clear()
 
+    reports = resolve_identities(reports, known)
     for report in reports:
         seen.add(report.api_device_id)
         device = known.get(report.api_device_id)
@@ -387,6 +401,60 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
             events += _missed(tenant_id, service_code, device, misses_for_offline)
     commit_batch()
     return events
+
+
+_CHANNEL_SUFFIX = re.compile(r"/ch(\d+)$")
+
+
+def _channel_of(api_device_id: str) -> int | None:
+    match = _CHANNEL_SUFFIX.search(api_device_id or "")
+    return int(match.group(1)) if match else None
+
+
+def resolve_identities(reports: list[DeviceReport], known: dict[str, Any]) -> list[DeviceReport]:
+    """Which known device each report is about: the one at the same address (and channel)
+    first, the same api_device_id only where no address decides.
+
+    A receiver's DEVICE_ID is a name its operator sets: two receivers may share one (they stay
+    two devices: the second one's id is qualified with its address) and a receiver may be
+    renamed (it stays the device at its address: no new device, no offline alert for the
+    old name). Returns new reports; the given ones are left as they are."""
+    by_address: dict[tuple, Any] = {}
+    for device in known.values():
+        if device.ip_address and device.port:
+            key = (device.ip_address, device.port, device.kind, _channel_of(device.api_device_id))
+            by_address.setdefault(key, device)
+    resolved: list[DeviceReport] = []
+    taken: set[str] = set()
+    for report in reports:
+        api_id = report.api_device_id
+        channel = report.channel if report.channel is not None else _channel_of(api_id)
+        at_address = None
+        if report.ip_address and report.port:
+            at_address = by_address.get((report.ip_address, report.port, report.kind, channel))
+        if at_address is not None:
+            api_id = at_address.api_device_id
+        else:
+            same_id = known.get(api_id)
+            elsewhere = (
+                same_id is not None
+                and same_id.ip_address
+                and (same_id.ip_address, same_id.port) != (report.ip_address, report.port)
+            )
+            if elsewhere or api_id in taken:
+                api_id = _qualified(api_id, report)
+        taken.add(api_id)
+        resolved.append(replace(report, api_device_id=api_id))
+    return resolved
+
+
+def _qualified(api_id: str, report: DeviceReport) -> str:
+    """`RACK/ch2` reported from 10.0.0.7:2202 -> `RACK@10.0.0.7:2202/ch2`."""
+    match = _CHANNEL_SUFFIX.search(api_id)
+    base, suffix = (api_id[: match.start()], match.group(0)) if match else (api_id, "")
+    if "@" in base:
+        return api_id
+    return f"{base}@{report.ip_address}:{report.port}{suffix}"[:120]
 
 
 def _missed(tenant_id: int, service_code: str, device: Any, limit: int) -> int:

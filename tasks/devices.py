@@ -28,6 +28,7 @@ for topic, kind, title in (
     ("device.offline_reminder", "device_offline_reminder", "Still offline"),
     ("device.recovered", "device_recovered", "Device back online"),
     ("device.battery_low", "device_battery_low", "Battery low"),
+    ("device.interference", "device_interference", "RF interference"),
 ):
     notification_rule(
         topic,
@@ -332,7 +333,37 @@ def on_updated(event: Event) -> None:
                 "subject_suffix": "battery",
             },
         )
+    if new.get("interference") is True and old.get("interference") is not True:
+        alert_interference(event, device, state)
     publish_device(device)
+
+
+def alert_interference(event: Event, device: Device, state: dict[str, Any]) -> None:
+    """Once per episode: raised when the receiver starts reporting interference on the
+    channel, not again until it has reported it clear (like the low-battery alert)."""
+    if alerts_suppressed(device):
+        return
+    where = ", ".join(
+        part
+        for part in (
+            f"{state['frequency_mhz']} MHz" if state.get("frequency_mhz") else "",
+            f"group/channel {state['group_channel']}" if state.get("group_channel") else "",
+        )
+        if part
+    )
+    emit(
+        "device.interference",
+        tenant_id=device.tenant_id,
+        entity="device",
+        entity_id=device.id,
+        payload={
+            "name": device.name,
+            "device_id": device.api_device_id,
+            "label": f"{device.name}: RF interference detected",
+            "detail": f"The receiver detects interference{f' on {where}' if where else ''}.",
+            "subject_suffix": "interference",  # repeats within NOTIFY_DEDUPE_SECONDS: one
+        },
+    )
 
 
 @handler("device.synced", name="device_synced", queue="devices")

@@ -1,4 +1,4 @@
-"""The Shure service: a command-string client for ULX-D, QLX-D and Axient Digital receivers.
+"""The Shure service: a command-string client for ULX-D, QLX-D, SLX-D and Axient Digital receivers.
 
 Shure receivers push a REP whenever a property changes and a SAMPLE at the meter rate, so the
 client keeps one persistent connection per receiver (host, port), each in its own thread, and a
@@ -6,6 +6,11 @@ cached snapshot of what the receiver said. A poll (`fetch`) never talks to the r
 it asks every connection for a fresh round-trip (`< GET DEVICE_ID >`), waits for the answers
 against one shared deadline and builds reports from the snapshots. A receiver that is down,
 slow or hung therefore costs a poll at most its timeout, and never delays the others.
+
+A new connection first asks `< GET MODEL >`: Axient Digital and SLX-D answer with their model,
+ULX-D and QLX-D (which have no MODEL property) with `< REP ERR >` or not at all. Only then does
+it ask for everything and turn meters on, so every property and SAMPLE line is read with its
+family's names and layout (shure_protocol.FAMILIES).
 
 Connections reconnect on their own with jittered exponential back-off, and a silence watchdog
 drops a connection that has said nothing for `silence_timeout` seconds (a hung receiver keeps
@@ -53,6 +58,7 @@ class ShureSettings:
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     idle_timeout: float = 600.0  # close connections no poll asked about for this long
+    identify_timeout: float = 1.0  # no answer to GET MODEL by then: a ULX-D/QLX-D
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -111,6 +117,21 @@ def round_minutes(minutes: int | None) -> int | None:
 # ---------------------------------------------------------------- snapshot
 
 
+def merge_antennas(seen: list[str]) -> str | None:
+    """The antenna status over a poll's samples: a position counts as lit when any sample lit
+    it. Diversity hops between antennas many times a second; "which antennas carried the
+    signal since the last poll" is what stays still enough to show and log."""
+    if not seen:
+        return None
+    width = max(len(text) for text in seen)
+    merged = []
+    for position in range(width):
+        letters = [text[position] for text in seen if len(text) > position]
+        lit = [letter for letter in letters if letter != "X"]
+        merged.append(max(lit) if lit else "X")
+    return "".join(merged)
+
+
 @dataclass
 class ChannelState:
     number: int
@@ -119,13 +140,41 @@ class ChannelState:
     battery_bars: int | None = None
     battery_minutes: int | None = None
     frequency_mhz: float | None = None
-    antenna: str = ""
+    group_channel: str | None = None
+    audio_gain_db: int | None = None
+    audio_muted: bool | None = None
+    interference: bool | None = None
+    encryption_warning: bool | None = None
+    tx_offset_db: int | None = None
+    power_lock: bool | None = None
+    menu_lock: bool | None = None
+    lock: str | None = None  # Axient's TX_LOCK, as sent
+    reported_quality: int | None = None  # CHAN_QUALITY
+    reported_antenna: str | None = None  # ANTENNA_STATUS
+    antenna: str | None = None
+    quality: int | None = None
+    antennas_seen: list[str] = field(default_factory=list)
+    qualities_seen: list[int] = field(default_factory=list)
     rf: LevelBucket = field(default_factory=LevelBucket)
     audio: LevelBucket = field(default_factory=LevelBucket)
 
     @property
     def tx_on(self) -> bool:
         return proto.transmitter_present(self.tx_type)
+
+    @property
+    def tx_lock(self) -> str | None:
+        return self.lock or proto.combined_lock(self.power_lock, self.menu_lock)
+
+    def close_window(self) -> None:
+        """Fold the samples since the last poll into the values a poll reports."""
+        antenna = merge_antennas(self.antennas_seen)
+        if antenna is not None:
+            self.antenna = antenna
+        if self.qualities_seen:
+            self.quality = min(self.qualities_seen)  # the worst moment is what matters
+        self.antennas_seen.clear()
+        self.qualities_seen.clear()
 
     def state(self) -> dict[str, Any]:
         state = {
@@ -140,6 +189,19 @@ class ChannelState:
             state["rf_level"] = self.rf.bucket
         if self.audio.bucket is not None:
             state["audio_level"] = self.audio.bucket
+        # What the family reports at all; a family without a property leaves it out.
+        extras = {
+            "group_channel": self.group_channel,
+            "audio_gain_db": self.audio_gain_db,
+            "audio_muted": self.audio_muted,
+            "interference": self.interference,
+            "encryption_warning": self.encryption_warning,
+            "tx_offset_db": self.tx_offset_db,
+            "tx_lock": self.tx_lock,
+            "quality": self.quality if self.quality is not None else self.reported_quality,
+            "antenna": self.antenna or self.reported_antenna,
+        }
+        state.update({key: value for key, value in extras.items() if value is not None})
         return state
 
 
@@ -152,6 +214,7 @@ class ReceiverSnapshot:
     model: str = ""
     firmware: str = ""
     device_id: str = ""
+    family: str = ""
     channels: dict[int, dict[str, Any]] = field(default_factory=dict)
     channel_names: dict[int, str] = field(default_factory=dict)
     tx_types: dict[int, str] = field(default_factory=dict)
@@ -166,9 +229,18 @@ class ConnectionStatus:
     failures: int
     frames: int
     last_error: str
+    errors: int = 0
+    family: str = ""
 
 
 # ---------------------------------------------------------------- one receiver
+
+MAX_CHANNELS = 8  # the largest receivers have 4; a hostile "channel 99" makes no state
+MAX_WINDOW = 1000  # samples folded per poll (10 per second for 100 s)
+# Sent by ULX-D receivers and never by QLX-D ones (which share the dialect otherwise).
+ULXD_ONLY_PROPERTIES = frozenset(
+    {"HIGH_DENSITY", "AUDIO_SUMMING_MODE", "FREQUENCY_DIVERSITY_MODE", "RF_INT_DET", "AUDIO_MUTE"}
+)
 
 
 class ReceiverConnection:
@@ -195,6 +267,12 @@ class ReceiverConnection:
         self._wake_w.setblocking(False)
         self._probe_wanted = False
         self._synced = False  # this session's hello was answered
+        # This session's GET MODEL: sent at, and answered (by REP MODEL, REP ERR or silence).
+        self._identify_sent_at: float | None = None
+        self._identified = False
+        self.family: proto.Family | None = None
+        self._ulxd_markers: set[str] = set()  # properties only a ULX-D (not a QLX-D) has
+        self.errors = 0  # REP ERR answers
         # Guarded by _cond:
         self.state = "idle"  # idle | connecting | connected | backoff | stopped
         self.connects = 0
@@ -260,10 +338,11 @@ class ReceiverConnection:
                 port=self.port,
                 connected=self.state == "connected",
                 fresh=fresh,
-                model=self.model,
+                model=self._model_name(),
                 firmware=self.firmware,
                 device_id=self.device_id,
-                channels={n: ch.state() for n, ch in sorted(self.channels.items())},
+                family=self._family().label if self.family else "",
+                channels=self._channel_states(),
                 channel_names={n: ch.name for n, ch in self.channels.items()},
                 tx_types={n: ch.tx_type for n, ch in self.channels.items()},
             )
@@ -278,7 +357,33 @@ class ReceiverConnection:
                 self.failures,
                 self.frames,
                 self.last_error,
+                self.errors,
+                self._family().code if self.family else "",
             )
+
+    def _family(self) -> proto.Family:
+        """ULX-D until told otherwise; a ULX-D without any ULX-D-only property is a QLX-D."""
+        family = self.family or proto.ULXD
+        if family is proto.ULXD and self._is_qlxd():
+            return proto.QLXD
+        return family
+
+    def _is_qlxd(self) -> bool:
+        if any(ch.tx_type.upper().startswith("QLXD") for ch in self.channels.values()):
+            return True
+        return not self._ulxd_markers and len(self.channels) == 1
+
+    def _model_name(self) -> str:
+        if self.model or self.family is None or self.family.sample_layout != "ulxd":
+            return self.model
+        return proto.ulxd_model_name(len(self.channels), self._is_qlxd())
+
+    def _channel_states(self) -> dict[int, dict[str, Any]]:
+        states = {}
+        for number, channel in sorted(self.channels.items()):
+            channel.close_window()
+            states[number] = channel.state()
+        return states
 
     def _wake(self) -> None:
         try:
@@ -363,14 +468,25 @@ class ReceiverConnection:
                 self.connects += 1
                 self.last_frame_at = now
                 self._synced = False
+                self._identified = False
+                self._identify_sent_at = now
                 self._probe_wanted = False  # the hello below answers any pending probe
                 self.state = "connected"
                 self._cond.notify_all()
-            sock.sendall(self._hello())
+            # Alone, so that a REP ERR can only be its answer.
+            sock.sendall(proto.format_get("MODEL"))
             selector.register(sock, selectors.EVENT_READ, "receiver")
             selector.register(self._wake_r, selectors.EVENT_READ, "wake")
             keepalive_sent = 0.0
             while not (self._stop.is_set() or self._idle()):
+                if not self._identified and (
+                    time.monotonic() - (self._identify_sent_at or 0.0)
+                    > self.settings.identify_timeout
+                ):
+                    # Some firmware ignores what it does not know rather than answer REP ERR.
+                    with self._cond:
+                        self._identify(None)
+                    sock.sendall(self._hello())
                 silence = time.monotonic() - self.last_frame_at
                 if silence > self.settings.silence_timeout:
                     self._failed(f"silent for {silence:.1f} s")
@@ -385,7 +501,7 @@ class ReceiverConnection:
                 for key, _ in selector.select(timeout=min(0.25, self.settings.silence_timeout)):
                     if key.data == "wake":
                         self._drain_wake()
-                        if self._probe_wanted:
+                        if self._probe_wanted and self._identified:
                             self._probe_wanted = False
                             # Until the receiver answered the hello (it may have been hung
                             # when we connected), ask for everything again.
@@ -399,7 +515,8 @@ class ReceiverConnection:
                     frames = parser.feed(data)
                     if frames:
                         answered = True
-                        self._apply(frames)
+                        if self._apply(frames):
+                            sock.sendall(self._hello())
             return answered
         except OSError as exc:
             self._failed(f"{type(exc).__name__}: {exc}")
@@ -409,10 +526,9 @@ class ReceiverConnection:
             sock.close()
 
     def _hello(self) -> bytes:
-        """What a new connection asks: everything, then meters on."""
+        """What an identified connection asks: everything, then meters on."""
         return (
             proto.format_get("ALL", 0)
-            + proto.format_get("MODEL")
             + proto.format_get("FW_VER")
             + proto.format_meter_rate(self.settings.meter_rate_ms)
             # Last, so its answer means every answer before it has arrived.
@@ -432,62 +548,120 @@ class ReceiverConnection:
             channel = self.channels[number] = ChannelState(number)
         return channel
 
-    def _apply(self, frames: Iterable[proto.Frame]) -> None:
+    def _identify(self, model: str | None) -> None:
+        """The answer to this session's GET MODEL (None: REP ERR or no answer)."""
+        self._identified = True
+        family = proto.family_for_model(model)
+        if model is not None:
+            self.model = proto.text_value(model)
+        self.family = family or proto.ULXD
+        log.debug("shure %s: %s (%s)", self.label, self.family.label, self.model or "no MODEL")
+
+    def _apply(self, frames: Iterable[proto.Frame]) -> bool:
+        """Apply frames; True when they identified the receiver (the hello is due)."""
         now = time.monotonic()
+        identified_now = False
         with self._cond:
             for frame in frames:
                 self.frames += 1
                 self.last_frame_at = now
                 if frame.kind == "ERR":
-                    log.debug("shure %s: REP ERR", self.label)
+                    self.errors += 1
+                    if not self._identified:
+                        self._identify(None)
+                        identified_now = True
+                    else:
+                        log.debug("shure %s: REP ERR", self.label)
                     continue
-                if frame.kind == "SAMPLE" and frame.channel and len(frame.values) >= 3:
-                    channel = self._channel(frame.channel)
-                    if not channel.tx_on:
-                        # Without a transmitter the meters read the noise floor: nothing to
-                        # report, and the next transmitter's levels start afresh.
-                        channel.rf.reset()
-                        channel.audio.reset()
-                        continue
-                    channel.antenna = frame.values[0]
-                    rf, audio = proto.rf_dbm(frame.values[1]), proto.audio_dbfs(frame.values[2])
-                    if rf is not None:
-                        channel.rf.add(rf)
-                    if audio is not None:
-                        channel.audio.add(audio)
+                if frame.kind == "SAMPLE":
+                    if frame.channel and frame.channel <= MAX_CHANNELS and frame.key == "ALL":
+                        self._apply_sample(self._channel(frame.channel), frame.values)
                     continue
                 if frame.kind != "REP":
                     continue
                 if frame.channel is None:
+                    if frame.key == "MODEL" and not self._identified:
+                        self._identify(frame.value or "")
+                        identified_now = True
+                        continue
                     self._apply_device(frame)
-                elif frame.channel > 0:
+                elif 0 < frame.channel <= MAX_CHANNELS:
                     self._apply_channel(self._channel(frame.channel), frame)
             self._cond.notify_all()
+        return identified_now
+
+    def _apply_sample(self, channel: ChannelState, values: tuple[str, ...]) -> None:
+        if not channel.tx_on:
+            # Without a transmitter the meters read the noise floor: nothing to report, and
+            # the next transmitter's levels start afresh.
+            channel.rf.reset()
+            channel.audio.reset()
+            return
+        sample = proto.parse_sample(self._family().sample_layout, values)
+        if sample is None:
+            return  # truncated, or not this family's layout: nothing in it can be trusted
+        if sample.antenna is not None and len(channel.antennas_seen) < MAX_WINDOW:
+            channel.antennas_seen.append(sample.antenna)
+        if sample.quality is not None and len(channel.qualities_seen) < MAX_WINDOW:
+            channel.qualities_seen.append(sample.quality)
+        if sample.rf_dbm is not None:
+            channel.rf.add(sample.rf_dbm)
+        if sample.audio_dbfs is not None:
+            channel.audio.add(sample.audio_dbfs)
 
     def _apply_device(self, frame: proto.Frame) -> None:
         value = frame.value or ""
         if frame.key == "MODEL":
-            self.model = value
+            self.model = proto.text_value(value)
         elif frame.key == "FW_VER":
-            self.firmware = value
+            self.firmware = proto.text_value(value)
         elif frame.key == "DEVICE_ID":
-            self.device_id = value
+            self.device_id = proto.text_value(value)
             self.probe_reply_at = time.monotonic()
             self._synced = True
+        elif frame.key in ULXD_ONLY_PROPERTIES:
+            self._ulxd_markers.add(frame.key)
 
-    @staticmethod
-    def _apply_channel(channel: ChannelState, frame: proto.Frame) -> None:
+    def _apply_channel(self, channel: ChannelState, frame: proto.Frame) -> None:
+        if frame.key in ULXD_ONLY_PROPERTIES:
+            self._ulxd_markers.add(frame.key)
+        family = self._family()
+        target = family.properties.get(frame.key)
+        if target is None:
+            return
         value = frame.value
-        if frame.key == "CHAN_NAME":
-            channel.name = value or ""
-        elif frame.key in ("TX_TYPE", "TX_MODEL"):
-            channel.tx_type = value or ""
-        elif frame.key == "BATT_BARS":
+        if target == "name":
+            channel.name = proto.text_value(value)
+        elif target == "tx_model":
+            channel.tx_type = proto.text_value(value)
+        elif target == "battery_bars":
             channel.battery_bars = proto.battery_bars(value)
-        elif frame.key == "BATT_RUN_TIME":
+        elif target == "battery_minutes":
             channel.battery_minutes = proto.battery_minutes(value)
-        elif frame.key == "FREQUENCY":
+        elif target == "frequency":
             channel.frequency_mhz = proto.frequency_mhz(value)
+        elif target == "group_channel":
+            channel.group_channel = proto.group_channel(value)
+        elif target == "audio_gain":
+            channel.audio_gain_db = proto.audio_gain_db(value)
+        elif target == "audio_mute":
+            channel.audio_muted = proto.on_off(value)
+        elif target == "interference":
+            channel.interference = proto.interference(value)
+        elif target == "encryption_warning":
+            channel.encryption_warning = proto.encryption_warning(value)
+        elif target == "tx_offset":
+            channel.tx_offset_db = proto.tx_offset_db(value, family.tx_offset_bias)
+        elif target == "power_lock":
+            channel.power_lock = proto.on_off(value)
+        elif target == "menu_lock":
+            channel.menu_lock = proto.on_off(value)
+        elif target == "tx_lock":
+            channel.lock = proto.tx_lock(value)
+        elif target == "quality":
+            channel.reported_quality = proto.ascii_int(value, 0, 5)
+        elif target == "antenna":
+            channel.reported_antenna = proto.antenna_text(value)
 
 
 # ---------------------------------------------------------------- the service
@@ -574,9 +748,10 @@ class ShureService(ManufacturerService):
         address = f"{snap.host}:{snap.port}"
         receiver_id = snap.device_id or address
         if used is not None:
+            # Kept as it is: the poll tells receivers apart by address (services.devices),
+            # so two receivers sharing a DEVICE_ID stay two devices.
             if receiver_id in used:
                 log.warning("shure %s: DEVICE_ID %r is not unique", address, receiver_id)
-                receiver_id = address
             used.add(receiver_id)
         online = snap.connected and snap.fresh
         reports = [
@@ -589,6 +764,7 @@ class ShureService(ManufacturerService):
                 ip_address=snap.host,
                 port=snap.port,
                 online=online,
+                state={"family": snap.family} if snap.family else {},
                 location_id=location_id,
             )
         ]
@@ -610,6 +786,7 @@ class ShureService(ManufacturerService):
                     online=True,
                     state=dict(state),
                     location_id=location_id,
+                    channel=number,
                 )
             )
         return reports

@@ -1,4 +1,4 @@
-"""Shure command strings: the ASCII protocol of ULX-D, QLX-D and Axient Digital receivers.
+"""Shure command strings: the ASCII protocol of ULX-D, QLX-D, SLX-D and Axient Digital receivers.
 
 Every message is one frame between `<` and `>`, tokens separated by spaces:
 
@@ -14,6 +14,11 @@ Every message is one frame between `<` and `>`, tokens separated by spaces:
 Strings are braced and space-padded to a fixed width. TCP is a byte stream: one read may hold
 half a frame or several frames, and a line may carry noise, so `FrameParser` buffers, resyncs
 on the next `<` and drops what is not a frame.
+
+The families share the framing but not the vocabulary: each names its properties and lays out
+its SAMPLE line its own way (see `FAMILIES`). A receiver says which family it is by answering
+`< GET MODEL >` (Axient Digital, SLX-D) or by answering it with `< REP ERR >` (ULX-D, QLX-D,
+which have no MODEL property).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ RF_OFFSET = 128
 AUDIO_OFFSET = 50
 
 _TOKEN = re.compile(r"\{([^{}]*)\}|([^\s{}]+)")
-_CHANNEL = re.compile(r"\d{1,2}")
+_ASCII_NUMBER = re.compile(r"[0-9]{1,7}")
+_CHANNEL = re.compile(r"[0-9]{1,2}")  # ASCII: "\d" would take other scripts' digits
 
 
 @dataclass(frozen=True)
@@ -208,12 +214,11 @@ class FrameParser:
 
 
 def parse_int(text: str | None) -> int | None:
-    if text is None:
+    """ASCII digits only: Python's int() also reads other scripts' digits and 4,000-digit
+    numbers, neither of which a receiver sends."""
+    if text is None or not _ASCII_NUMBER.fullmatch(text):
         return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
+    return int(text)
 
 
 def battery_bars(text: str | None) -> int | None:
@@ -246,3 +251,300 @@ def rf_dbm(raw: str | int | None) -> int | None:
 def audio_dbfs(raw: str | int | None) -> int | None:
     value = parse_int(raw) if isinstance(raw, str) else raw
     return None if value is None else value - AUDIO_OFFSET
+
+
+# ---------------------------------------------------------------- families
+#
+# Framing, REP ERR and GET ALL from Shure's command-string documents (pubs.shure.com
+# command-strings ULXD and SLXD, Axient Digital command strings); property names and SAMPLE
+# layouts as micboard and the Companion Shure module configure each family:
+#
+#   ULX-D / QLX-D  < SAMPLE x ALL aa bbb ccc >
+#                  aa antenna LEDs (A/B lit, X dark), bbb RF 000-115 = dBm + 128,
+#                  ccc audio 000-050 = dBFS + 50
+#   Axient Digital < SAMPLE x ALL qual audBitmap audPeak audRms rfAntStats
+#                                 rfBitmapA rfRssiA rfBitmapB rfRssiB [rfBitmapC rfRssiC …] >
+#                  qual 0-5 (255 unknown); audio peak/RMS and RSSI 000-120 = dBFS/dBm + 120
+#   SLX-D          < SAMPLE x ALL audPeak audRms rfRssi >, all 000-120 = dBFS/dBm + 120
+
+ULXD_RF_OFFSET, ULXD_AUDIO_OFFSET = RF_OFFSET, AUDIO_OFFSET
+WIDE_OFFSET = 120  # Axient Digital and SLX-D meters
+QUALITY_UNKNOWN = 255
+TX_OFFSET_UNKNOWN = 255
+AUDIO_GAIN_OFFSET = 18  # AUDIO_GAIN 000-060 is -18 … +42 dB on every family
+
+_ANTENNA = re.compile(r"[A-Z]{1,4}")
+_GROUP_CHANNEL = re.compile(r"([0-9]{1,3}|--),([0-9]{1,3}|--)")
+
+
+@dataclass(frozen=True)
+class Family:
+    """One family's vocabulary: which property means what, and its SAMPLE layout."""
+
+    code: str
+    label: str
+    # property name -> the channel field it sets (see ChannelReading in shure.py)
+    properties: dict[str, str]
+    sample_layout: str  # "ulxd", "axient" or "slxd"
+    tx_offset_bias: int = 0  # dB subtracted from TX_OFFSET
+
+
+_COMMON = {
+    "CHAN_NAME": "name",
+    "FREQUENCY": "frequency",
+    "AUDIO_GAIN": "audio_gain",
+    "GROUP_CHAN": "group_channel",
+    "GROUP_CHANNEL": "group_channel",
+}
+
+ULXD = Family(
+    code="ulxd",
+    label="ULX-D",
+    properties={
+        **_COMMON,
+        "TX_TYPE": "tx_model",
+        "BATT_BARS": "battery_bars",
+        "BATT_RUN_TIME": "battery_minutes",
+        "AUDIO_MUTE": "audio_mute",
+        "RF_INT_DET": "interference",  # NONE | CRITICAL
+        "ENCRYPTION_WARNING": "encryption_warning",  # OFF | ON
+        "TX_OFFSET": "tx_offset",  # 0-21 dB, 255 unknown
+        "TX_PWR_LOCK": "power_lock",  # OFF | ON | UNKN
+        "TX_MENU_LOCK": "menu_lock",
+    },
+    sample_layout="ulxd",
+)
+# QLX-D speaks ULX-D's dialect minus mute, interference detection and the receiver extras.
+QLXD = Family(
+    code="qlxd",
+    label="QLX-D",
+    properties={k: v for k, v in ULXD.properties.items() if k not in ("AUDIO_MUTE", "RF_INT_DET")},
+    sample_layout="ulxd",
+)
+AXIENT = Family(
+    code="axient",
+    label="Axient Digital",
+    properties={
+        **_COMMON,
+        "TX_MODEL": "tx_model",
+        "TX_BATT_BARS": "battery_bars",
+        "TX_BATT_MINS": "battery_minutes",
+        "AUDIO_MUTE": "audio_mute",
+        "INTERFERENCE_STATUS": "interference",  # NONE | DETECTED
+        "ENCRYPTION_STATUS": "encryption_warning",  # OK | ERROR
+        "TX_OFFSET": "tx_offset",  # 0-32 = -12 … +20 dB, 255 unknown
+        "TX_LOCK": "tx_lock",  # ALL | POWER | MENU | NONE | UNKNOWN
+        "CHAN_QUALITY": "quality",  # 0-5, 255 unknown
+        "ANTENNA_STATUS": "antenna",
+    },
+    sample_layout="axient",
+    tx_offset_bias=12,
+)
+SLXD = Family(
+    code="slxd",
+    label="SLX-D",
+    properties={
+        **_COMMON,
+        "TX_TYPE": "tx_model",
+        "TX_MODEL": "tx_model",
+        "TX_BATT_BARS": "battery_bars",
+        "TX_BATT_MINS": "battery_minutes",
+        # SLX-D+ adds these; plain SLX-D never sends them.
+        "INTERFERENCE_STATUS": "interference",
+        "ENCRYPTION_STATUS": "encryption_warning",
+        "ANTENNA_STATUS": "antenna",
+    },
+    sample_layout="slxd",
+)
+FAMILIES = {family.code: family for family in (ULXD, QLXD, AXIENT, SLXD)}
+
+# Receiver models per family (the MODEL answer of AD and SLX-D; inferred for ULX-D/QLX-D).
+_MODEL_PREFIXES = (("AD", AXIENT), ("SLXD", SLXD), ("ULXD", ULXD), ("QLXD", QLXD))
+
+
+def family_for_model(model: str | None) -> Family | None:
+    text = (model or "").strip().upper()
+    for prefix, family in _MODEL_PREFIXES:
+        if text.startswith(prefix):
+            return family
+    return None
+
+
+def ulxd_model_name(channels: int, is_qlxd: bool) -> str:
+    """ULX-D and QLX-D have no MODEL property: name them by their channel count."""
+    if is_qlxd:
+        return "QLXD4"
+    return {2: "ULXD4D", 4: "ULXD4Q"}.get(channels, "ULXD4")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One SAMPLE line in common units; None where the line had no usable value."""
+
+    antenna: str | None = None
+    rf_dbm: int | None = None
+    audio_dbfs: int | None = None
+    audio_peak_dbfs: int | None = None
+    quality: int | None = None
+
+
+def ascii_int(text: str | None, low: int, high: int) -> int | None:
+    """A zero-padded ASCII number within [low, high]; anything else (other scripts' digits,
+    signs, huge numbers, sentinels outside the range) is None."""
+    if text is None or not _ASCII_NUMBER.fullmatch(text):
+        return None
+    value = int(text)
+    return value if low <= value <= high else None
+
+
+def _offset(text: str | None, offset: int, high: int) -> int | None:
+    raw = ascii_int(text, 0, high)
+    return None if raw is None else raw - offset
+
+
+def antenna_text(text: str | None) -> str | None:
+    return text if text is not None and _ANTENNA.fullmatch(text) else None
+
+
+def parse_sample(layout: str, values: tuple[str, ...]) -> Sample | None:
+    """The values after `SAMPLE x ALL`, read with a family's layout; None when the line does not
+    have that layout's shape (truncated, or another family's) or any of its meters is out of
+    range: one broken field means the line cannot be trusted."""
+    sample = _read_sample(layout, values)
+    if sample is None or None in (sample.rf_dbm, sample.audio_dbfs):
+        return None
+    return sample
+
+
+def _read_sample(layout: str, values: tuple[str, ...]) -> Sample | None:
+    if layout == "ulxd":
+        if len(values) != 3 or antenna_text(values[0]) is None:
+            return None
+        return Sample(
+            antenna=values[0],
+            rf_dbm=_offset(values[1], ULXD_RF_OFFSET, ULXD_RF_OFFSET),
+            audio_dbfs=_offset(values[2], ULXD_AUDIO_OFFSET, ULXD_AUDIO_OFFSET),
+        )
+    if layout == "axient":
+        # Two RSSI pairs, or four with quadversity on.
+        if len(values) not in (9, 13) or antenna_text(values[4]) is None:
+            return None
+        rssi = [_offset(values[i], WIDE_OFFSET, WIDE_OFFSET) for i in range(6, len(values), 2)]
+        quality = ascii_int(values[0], 0, QUALITY_UNKNOWN)
+        peak = _offset(values[2], WIDE_OFFSET, WIDE_OFFSET)
+        if None in rssi or quality is None or peak is None:
+            return None
+        return Sample(
+            antenna=values[4],
+            rf_dbm=max(rssi),  # diversity: the stronger antenna carries the signal
+            audio_dbfs=_offset(values[3], WIDE_OFFSET, WIDE_OFFSET),
+            audio_peak_dbfs=peak,
+            quality=quality if quality <= 5 else None,
+        )
+    if layout == "slxd":
+        if len(values) != 3 or antenna_text(values[0]) is not None:
+            return None
+        peak = _offset(values[0], WIDE_OFFSET, WIDE_OFFSET)
+        if peak is None:
+            return None
+        return Sample(
+            rf_dbm=_offset(values[2], WIDE_OFFSET, WIDE_OFFSET),
+            audio_dbfs=_offset(values[1], WIDE_OFFSET, WIDE_OFFSET),
+            audio_peak_dbfs=peak,
+        )
+    return None
+
+
+def format_family_sample(layout: str, channel: int, sample: Sample) -> bytes:
+    """A SAMPLE line as `layout`'s receivers send it (for the simulator)."""
+
+    def wide(level: int | None) -> str:
+        level = -WIDE_OFFSET if level is None else level
+        return number(min(WIDE_OFFSET, max(0, level + WIDE_OFFSET)), 3)
+
+    if layout == "ulxd":
+        rf_dbm = -ULXD_RF_OFFSET if sample.rf_dbm is None else sample.rf_dbm
+        audio_dbfs = -ULXD_AUDIO_OFFSET if sample.audio_dbfs is None else sample.audio_dbfs
+        rf = min(115, max(0, rf_dbm + ULXD_RF_OFFSET))
+        audio = min(50, max(0, audio_dbfs + ULXD_AUDIO_OFFSET))
+        return format_sample(channel, sample.antenna or "XX", rf, audio)
+    peak = sample.audio_peak_dbfs if sample.audio_peak_dbfs is not None else sample.audio_dbfs
+    if layout == "slxd":
+        values = (wide(peak), wide(sample.audio_dbfs), wide(sample.rf_dbm))
+    else:
+        quality = QUALITY_UNKNOWN if sample.quality is None else sample.quality
+        antenna = sample.antenna or "XX"
+        rssi_b = None if sample.rf_dbm is None else sample.rf_dbm - 6  # the farther antenna
+        values = (
+            number(quality, 3),
+            "031",
+            wide(peak),
+            wide(sample.audio_dbfs),
+            antenna,
+            "031" if antenna[:1] != "X" else "000",
+            wide(sample.rf_dbm),
+            "031" if antenna[1:2] != "X" else "000",
+            wide(rssi_b),
+        )
+    return format_frame("SAMPLE", "ALL", channel, *values)
+
+
+def text_value(text: str | None, width: int = NAME_WIDTH) -> str:
+    """A string property as shown: printable ASCII only, at most `width` characters."""
+    return "".join(c for c in (text or "") if " " <= c <= "~").strip()[:width]
+
+
+def group_channel(text: str | None) -> str | None:
+    """`GROUP_CHAN 01,12` -> "1,12"; "--,--" (no group) and malformed values -> None."""
+    match = _GROUP_CHANNEL.fullmatch((text or "").strip())
+    if not match or "--" in match.groups():
+        return None
+    return f"{int(match.group(1))},{int(match.group(2))}"
+
+
+def audio_gain_db(text: str | None) -> int | None:
+    raw = ascii_int(text, 0, 60)
+    return None if raw is None else raw - AUDIO_GAIN_OFFSET
+
+
+def tx_offset_db(text: str | None, bias: int) -> int | None:
+    raw = ascii_int(text, 0, 32)
+    return None if raw is None else raw - bias
+
+
+def on_off(text: str | None, on: str = "ON", off: str = "OFF") -> bool | None:
+    value = (text or "").strip().upper()
+    return True if value == on else False if value == off else None
+
+
+def interference(text: str | None) -> bool | None:
+    """ULX-D RF_INT_DET NONE/CRITICAL, Axient INTERFERENCE_STATUS NONE/DETECTED."""
+    value = (text or "").strip().upper()
+    if value in ("CRITICAL", "DETECTED"):
+        return True
+    return False if value == "NONE" else None
+
+
+def encryption_warning(text: str | None) -> bool | None:
+    """ULX-D ENCRYPTION_WARNING ON/OFF, Axient ENCRYPTION_STATUS ERROR/OK."""
+    value = (text or "").strip().upper()
+    if value in ("ON", "ERROR"):
+        return True
+    return False if value in ("OFF", "OK") else None
+
+
+TX_LOCKS = ("all", "power", "menu", "none")
+
+
+def tx_lock(text: str | None) -> str | None:
+    value = (text or "").strip().lower()
+    return value if value in TX_LOCKS else None
+
+
+def combined_lock(power: bool | None, menu: bool | None) -> str | None:
+    """ULX-D reports the power and menu locks apart; say it the way Axient does."""
+    if power is None or menu is None:
+        return None
+    return {(True, True): "all", (True, False): "power", (False, True): "menu"}.get(
+        (power, menu), "none"
+    )

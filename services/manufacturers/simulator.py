@@ -1,10 +1,12 @@
 """Simulated Shure receivers: TCP servers that speak the command-string protocol.
 
-`SimulatedReceiver` is one receiver (ULXD4D/ULXD4Q, QLXD4, AD4D/AD4Q) on 127.0.0.1. Like the
-real device it answers GET/SET with REP, sends an unsolicited REP when a property changes and
-a SAMPLE per channel at each client's METER_RATE; it serves several clients at once. Tests
-break it on purpose: `drop()` (receiver down), `restore()`, `mute()` (accepts connections and
-never answers: hung), `set_battery`, `tx_off`/`tx_on`, `rename`.
+`SimulatedReceiver` is one receiver (ULXD4D/ULXD4Q, QLXD4, SLXD4D, AD4D/AD4Q) on 127.0.0.1.
+Like the real device it answers GET/SET with REP (and REP ERR for what its family does not
+have: a ULX-D or QLX-D has no MODEL), sends an unsolicited REP when a property changes and a
+SAMPLE per channel at each client's METER_RATE, each in its family's names and layout
+(shure_protocol.FAMILIES); it serves several clients at once. Tests break it on purpose:
+`drop()` (receiver down), `restore()`, `mute()` (accepts connections and never answers: hung),
+`set_battery`, `tx_off`/`tx_on`, `rename`, `set_interference`.
 
 `Fleet` runs N receivers and, every `tick` seconds, animates them with a seeded RNG: batteries
 drain, a transmitter now and then switches off and back on, a receiver now and then drops
@@ -36,9 +38,22 @@ MODELS: dict[str, dict[str, Any]] = {
     "ULXD4D": {"channels": 2, "firmware": "2.7.6", "tx": "ULXD2", "band": (470_000, 534_000)},
     "ULXD4Q": {"channels": 4, "firmware": "2.7.6", "tx": "ULXD1", "band": (534_000, 598_000)},
     "QLXD4": {"channels": 1, "firmware": "2.4.13", "tx": "QLXD2", "band": (606_000, 670_000)},
+    "SLXD4D": {"channels": 2, "firmware": "2.0.15.2", "tx": "SLXD2", "band": (470_000, 514_000)},
     "AD4D": {"channels": 2, "firmware": "1.2.12", "tx": "AD2", "band": (470_000, 636_000)},
     "AD4Q": {"channels": 4, "firmware": "1.2.12", "tx": "AD1", "band": (470_000, 636_000)},
 }
+# Models the fleet picks from when none are named (the demo's mix).
+FLEET_MODELS = ("ULXD4D", "ULXD4Q", "QLXD4", "AD4D", "AD4Q")
+# How each family says "no transmitter".
+NO_TX = {"ulxd": "UNKN", "qlxd": "UNKN", "slxd": "UNKNOWN", "axient": "UNKNOWN"}
+
+
+def family_of(model: str) -> proto.Family:
+    if model.startswith("QLXD"):
+        return proto.QLXD
+    return proto.family_for_model(model) or proto.ULXD
+
+
 CHANNEL_NAMES = (
     "Lead Vocal",
     "Backing Vocal",
@@ -78,6 +93,13 @@ class SimChannel:
     # Centre of the levels the samples scatter around (dBm, dBFS).
     rf_dbm: int = -65
     audio_dbfs: int = -25
+    group_channel: str = "01,05"
+    audio_gain_raw: int = 18  # 0 dB
+    muted: bool = False
+    interference: bool = False
+    encryption_error: bool = False
+    tx_offset_raw: int = 0
+    antenna: str = "AB"  # steady: both antennas carry the signal
 
     @property
     def tx_on(self) -> bool:
@@ -110,6 +132,7 @@ class SimulatedReceiver:
             raise ValueError(f"unknown model {model!r} (have: {', '.join(MODELS)})")
         spec = MODELS[model]
         self.model = model
+        self.family = family_of(model)
         self.firmware = firmware or spec["firmware"]
         self.device_id = device_id or f"{model}-{random.Random(seed).getrandbits(16):04X}"
         self.host = host
@@ -127,6 +150,8 @@ class SimulatedReceiver:
                 # Levels centred in the middle of a 10 dB step, like a steady real link.
                 rf_dbm=self._rng.choice((-85, -75, -65, -55)),
                 audio_dbfs=self._rng.choice((-35, -25, -15)),
+                group_channel=f"{number:02d},{self._rng.randrange(1, 40):02d}",
+                antenna="BB" if self.family is proto.AXIENT else "AB",
             )
         self._lock = threading.RLock()
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -221,8 +246,8 @@ class SimulatedReceiver:
     def tx_off(self, ch: int) -> None:
         with self._lock:
             channel = self.channel(ch)
-            channel.tx_type = "UNKN"
-            frames = [proto.format_rep("TX_TYPE", "UNKN", ch), *self._battery_frames(channel)]
+            channel.tx_type = NO_TX[self.family.code]
+            frames = [self._rep("tx_model", channel.tx_type, ch), *self._battery_frames(channel)]
         self._broadcast(frames)
 
     def tx_on(self, ch: int, tx_type: str | None = None) -> None:
@@ -230,10 +255,18 @@ class SimulatedReceiver:
             channel = self.channel(ch)
             channel.tx_type = tx_type or MODELS[self.model]["tx"]
             frames = [
-                proto.format_rep("TX_TYPE", channel.tx_type, ch),
+                self._rep("tx_model", channel.tx_type, ch),
                 *self._battery_frames(channel),
             ]
         self._broadcast(frames)
+
+    def set_interference(self, ch: int, detected: bool = True) -> None:
+        """The receiver detects (or no longer detects) interference on a channel."""
+        with self._lock:
+            channel = self.channel(ch)
+            channel.interference = detected
+            frames = [self._interference_frame(channel)]
+        self._broadcast([f for f in frames if f])
 
     def rename(self, ch: int, name: str) -> None:
         with self._lock:
@@ -261,32 +294,96 @@ class SimulatedReceiver:
 
     # ------------------------------------------------------------ protocol
 
+    def _name_for(self, target: str) -> str | None:
+        """The family's property name for a reading (the first listed), if it has one."""
+        for name, field_name in self.family.properties.items():
+            if field_name == target and not (self.family is proto.SLXD and name == "TX_MODEL"):
+                return name
+        return None
+
+    def _rep(self, target: str, value: str, channel: int) -> bytes:
+        name = self._name_for(target)
+        assert name is not None, f"{self.family.label} has no {target}"
+        return proto.format_rep(name, value, channel)
+
     def _battery_frames(self, channel: SimChannel) -> list[bytes]:
         if channel.tx_on:
             bars, minutes = channel.battery_bars, channel.battery_minutes
         else:
             bars, minutes = proto.BATT_BARS_UNKNOWN, 65535
         return [
-            proto.format_rep("BATT_BARS", proto.number(bars, 3), channel.number),
-            proto.format_rep("BATT_RUN_TIME", proto.number(minutes, 5), channel.number),
+            self._rep("battery_bars", proto.number(bars, 3), channel.number),
+            self._rep("battery_minutes", proto.number(minutes, 5), channel.number),
         ]
 
+    def _interference_frame(self, channel: SimChannel) -> bytes | None:
+        name = self._name_for("interference")
+        if name is None or self.family is proto.SLXD:  # plain SLX-D does not detect it
+            return None
+        if name == "RF_INT_DET":
+            value = "CRITICAL" if channel.interference else "NONE"
+        else:
+            value = "DETECTED" if channel.interference else "NONE"
+        return proto.format_rep(name, value, channel.number)
+
     def _device_frames(self) -> list[bytes]:
-        return [
-            proto.format_rep("MODEL", proto.braced(self.model, None)),
+        frames = []
+        if self.family in (proto.AXIENT, proto.SLXD):
+            # ULX-D and QLX-D have no MODEL property: GET MODEL gets REP ERR.
+            frames.append(proto.format_rep("MODEL", proto.braced(self.model, None)))
+        frames += [
             proto.format_rep("FW_VER", proto.braced(self.firmware, None)),
             proto.format_rep("DEVICE_ID", proto.braced(self.device_id)),
         ]
+        if self.family is proto.ULXD:
+            frames.append(proto.format_rep("HIGH_DENSITY", "OFF"))
+        return frames
 
     def _channel_frames(self, channel: SimChannel, client: _Client) -> list[bytes]:
-        n = channel.number
-        return [
+        n, family = channel.number, self.family
+        frames = [
             proto.format_rep("CHAN_NAME", proto.braced(channel.name), n),
-            proto.format_rep("TX_TYPE", channel.tx_type if channel.tx_on else "UNKN", n),
+            self._rep("tx_model", channel.tx_type if channel.tx_on else NO_TX[family.code], n),
             *self._battery_frames(channel),
             proto.format_rep("FREQUENCY", proto.number(channel.frequency_khz, 7), n),
+            proto.format_rep(
+                "GROUP_CHANNEL" if family is proto.AXIENT else "GROUP_CHAN",
+                channel.group_channel,
+                n,
+            ),
+            proto.format_rep("AUDIO_GAIN", proto.number(channel.audio_gain_raw, 3), n),
             proto.format_rep("METER_RATE", proto.number(client.meter_ms.get(n, 0), 5), n),
         ]
+        if family in (proto.ULXD, proto.AXIENT):
+            frames.append(proto.format_rep("AUDIO_MUTE", "ON" if channel.muted else "OFF", n))
+        interference = self._interference_frame(channel)
+        if interference:
+            frames.append(interference)
+        tx_on = channel.tx_on
+        if family in (proto.ULXD, proto.QLXD):
+            frames += [
+                proto.format_rep(
+                    "ENCRYPTION_WARNING", "ON" if channel.encryption_error else "OFF", n
+                ),
+                proto.format_rep(
+                    "TX_OFFSET", proto.number(channel.tx_offset_raw if tx_on else 255, 3), n
+                ),
+                proto.format_rep("TX_PWR_LOCK", "OFF" if tx_on else "UNKN", n),
+                proto.format_rep("TX_MENU_LOCK", "OFF" if tx_on else "UNKN", n),
+            ]
+        elif family is proto.AXIENT:
+            frames += [
+                proto.format_rep(
+                    "ENCRYPTION_STATUS", "ERROR" if channel.encryption_error else "OK", n
+                ),
+                proto.format_rep(
+                    "TX_OFFSET", proto.number(channel.tx_offset_raw + 12 if tx_on else 255, 3), n
+                ),
+                proto.format_rep("TX_LOCK", "NONE" if tx_on else "UNKNOWN", n),
+                proto.format_rep("CHAN_QUALITY", proto.number(5 if tx_on else 255, 3), n),
+                proto.format_rep("ANTENNA_STATUS", channel.antenna if tx_on else "XX", n),
+            ]
+        return frames
 
     def _answer(self, client: _Client, frame: proto.Frame) -> list[bytes]:
         err = [b"< REP ERR >"]
@@ -343,17 +440,16 @@ class SimulatedReceiver:
     def _sample(self, channel: SimChannel) -> bytes:
         rng = self._rng
         if channel.tx_on:
-            antenna = rng.choice(("AX", "XB", "AB", "AB"))
-            rf = channel.rf_dbm + rng.randint(-3, 3)
-            audio = channel.audio_dbfs + rng.randint(-3, 3)
+            sample = proto.Sample(
+                antenna=channel.antenna,
+                rf_dbm=channel.rf_dbm + rng.randint(-3, 3),
+                audio_dbfs=channel.audio_dbfs + rng.randint(-3, 3),
+                audio_peak_dbfs=min(0, channel.audio_dbfs + 8),
+                quality=5,
+            )
         else:
-            antenna, rf, audio = "XX", -118 + rng.randint(0, 4), -50
-        return proto.format_sample(
-            channel.number,
-            antenna,
-            min(115, max(0, rf + proto.RF_OFFSET)),
-            min(50, max(0, audio + proto.AUDIO_OFFSET)),
-        )
+            sample = proto.Sample(antenna="XX", rf_dbm=-118 + rng.randint(0, 4), audio_dbfs=-120)
+        return proto.format_family_sample(self.family.sample_layout, channel.number, sample)
 
     # ------------------------------------------------------------ the loop thread
 
@@ -602,7 +698,7 @@ class Fleet:
         tag = f"{self.rng.getrandbits(16):04X}"
         names = list(CHANNEL_NAMES)
         self.rng.shuffle(names)
-        pool = models or list(MODELS)
+        pool = models or list(FLEET_MODELS)
         self.receivers: list[SimulatedReceiver] = []
         try:
             for index in range(receivers):
