@@ -185,6 +185,9 @@ class Config:
         self.EVENTS_REDELIVER_AFTER = _float("EVENTS_REDELIVER_AFTER", 120.0)
         self.EVENTS_RELAY_BATCH = _int("EVENTS_RELAY_BATCH", 500)
         self.EVENTS_BATCH = _int("EVENTS_BATCH", 50)
+        # One scheduler per deployment enqueues the periodic jobs: the worker process holding
+        # this lease in Redis; another takes over within this long after it dies.
+        self.SCHEDULER_LEASE_SECONDS = _float("SCHEDULER_LEASE_SECONDS", 10.0)
         self.WORKER_THREADS = _int("WORKER_THREADS", 4)
         # Production `dramatiq` processes: queues this process leaves to another (Procfile).
         self.WORKER_SKIP_QUEUES = _list("WORKER_SKIP_QUEUES")
@@ -220,13 +223,26 @@ class Config:
         self.CHAT_MESSAGES_PER_WIDGET_PER_MINUTE = _int("CHAT_MESSAGES_PER_WIDGET_PER_MINUTE", 300)
         self.CHAT_MAX_MESSAGE_LENGTH = _int("CHAT_MAX_MESSAGE_LENGTH", 2000)
         self.CHAT_HISTORY_MESSAGES = _int("CHAT_HISTORY_MESSAGES", 50)
-        self.CHAT_RESPONSE_TIMEOUT = _float("CHAT_RESPONSE_TIMEOUT", 30.0)
+        # A streamed reply's time limits (seconds): its first text (retries and a 429's
+        # Retry-After included), the longest silence once text flows, and the whole reply
+        # (kept under the reply task's 120 s time limit). A reply cut after text has come
+        # is saved and shown labelled as cut.
+        self.CHAT_FIRST_TOKEN_TIMEOUT = _float("CHAT_FIRST_TOKEN_TIMEOUT", 30.0)
+        self.CHAT_STREAM_IDLE_TIMEOUT = _float("CHAT_STREAM_IDLE_TIMEOUT", 20.0)
+        self.CHAT_RESPONSE_MAX_SECONDS = _float("CHAT_RESPONSE_MAX_SECONDS", 100.0)
         self.CHAT_SESSION_EXPIRY_HOURS = _float("CHAT_SESSION_EXPIRY_HOURS", 24.0)
         self.CHAT_INACTIVITY_HOURS = _float("CHAT_INACTIVITY_HOURS", 24.0)
         self.CHAT_ARCHIVE_INTERVAL = _float("CHAT_ARCHIVE_INTERVAL", 300.0)
-        # vader (default, offline) or llm (the configured model; falls back to VADER).
-        self.SENTIMENT_BACKEND = _env("SENTIMENT_BACKEND", "vader")
+        # lexicon (default, offline: VADER for English, our lexicons for Spanish and
+        # Portuguese), vader (VADER alone), or llm (the configured model, batched; the
+        # lexicon answers when it fails).
+        self.SENTIMENT_BACKEND = _env("SENTIMENT_BACKEND", "lexicon")
         self.SENTIMENT_THRESHOLD = _float("SENTIMENT_THRESHOLD", 0.05)
+        # The languages a visitor message is told apart among (ISO 639-1, comma-separated).
+        self.SENTIMENT_LANGUAGES = _env("SENTIMENT_LANGUAGES", "en,es,pt")
+        self.SENTIMENT_LLM_MODEL = _env("SENTIMENT_LLM_MODEL", "")  # empty: OPENAI_MODEL
+        self.SENTIMENT_LLM_TIMEOUT = _float("SENTIMENT_LLM_TIMEOUT", 5.0)
+        self.SENTIMENT_LLM_BATCH = _int("SENTIMENT_LLM_BATCH", 20)
 
         # Devices: polling, offline detection, alerts.
         self.DEVICES_POLL_INTERVAL = _float("DEVICES_POLL_INTERVAL", 10.0)
@@ -279,13 +295,6 @@ class Config:
         # An endpoint is disabled (and its tenant's admins notified) after this many events
         # in a row were given up on; 0 never disables.
         self.WEBHOOK_DISABLE_AFTER_FAILURES = _int("WEBHOOK_DISABLE_AFTER_FAILURES", 5)
-
-        # Notifications: one per (type, subject, recipient) within this many seconds.
-        self.NOTIFY_DEDUPE_SECONDS = _int("NOTIFY_DEDUPE_SECONDS", 3600)
-        # smtp://user:pass@host:port, smtps://… or smtp://…?starttls=1; unset sends no email.
-        self.SMTP_URL = _env("SMTP_URL")
-        self.MAIL_FROM = _env("MAIL_FROM", "switchboard@localhost")
-
         # Seconds between runs of the webhook relay, which sends due deliveries (retries, and
         # those whose queue message was lost) and hands back claims whose worker died.
         self.WEBHOOK_RELAY_INTERVAL = _float("WEBHOOK_RELAY_INTERVAL", 5.0)
@@ -295,6 +304,13 @@ class Config:
         # database gone after the POST) is sent again, with the same webhook-id. Above the
         # delivery task's 120 s time limit, so a slow attempt is not sent twice at once.
         self.WEBHOOK_SEND_LEASE_SECONDS = _float("WEBHOOK_SEND_LEASE_SECONDS", 180.0)
+
+        # Notifications: one per (type, subject, recipient) within this many seconds.
+        self.NOTIFY_DEDUPE_SECONDS = _int("NOTIFY_DEDUPE_SECONDS", 3600)
+        # smtp://user:pass@host:port, smtps://… or smtp://…?starttls=1; unset sends no email.
+        self.SMTP_URL = _env("SMTP_URL")
+        self.MAIL_FROM = _env("MAIL_FROM", "switchboard@localhost")
+
         # /metrics: a bearer token, or a client address inside one of these networks.
         self.METRICS_TOKEN = _env("METRICS_TOKEN")
         self.METRICS_ALLOWED_NETWORKS = _env("METRICS_ALLOWED_NETWORKS", "127.0.0.1/32,::1/128")
@@ -323,6 +339,7 @@ class TestConfig(Config):
         self.API_RATE_LIMIT_PER_TOKEN = self.API_RATE_LIMIT_PER_IP = (100_000, 60)
         self.START_EMBEDDED_WORKER = False
         self.EVENTS_RELAY_INTERVAL = 0.2
+        self.WEBHOOK_RELAY_INTERVAL = 0.2
         self.LIVE_COALESCE_MS = 20
         # The tests' webhook receivers and simulated Shure receivers listen on 127.0.0.1.
         self.WEBHOOK_ALLOW_PRIVATE_NETWORKS = True
@@ -330,5 +347,4 @@ class TestConfig(Config):
             "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,127.0.0.0/8,::1/128"
         )
         for key, value in overrides.items():
-        self.WEBHOOK_RELAY_INTERVAL = 0.2
             setattr(self, key, value)

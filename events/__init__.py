@@ -2,9 +2,11 @@
 
 A change committed to the database becomes an outbox row in the same transaction; after
 commit the row is sent to Dramatiq; handlers run idempotently and publish live fragments.
+Background jobs take the same path: `enqueue(task_name, *args)` writes one in the current
+transaction, and it runs (at least once) after the commit.
 """
 
-from events.outbox import emit, on_commit
+from events.outbox import emit, enqueue, on_commit
 from events.registry import Event, handler, periodic, registry, task
 
-__all__ = ["Event", "emit", "handler", "on_commit", "periodic", "registry", "task"]
+__all__ = ["Event", "emit", "enqueue", "handler", "on_commit", "periodic", "registry", "task"]

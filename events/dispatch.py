@@ -5,6 +5,11 @@ sent, so the after-commit path and any number of relays never send the same row 
 the normal course; a failed send puts it back to pending. A row that was sent but whose
 handlers have not all recorded a result after EVENTS_REDELIVER_AFTER seconds (a lost message,
 a Redis restart, a killed embedded worker) is sent again to the missing handlers only.
+
+Jobs (events.enqueue: rows whose topic is `job:<task>`) take the same path to one task's
+actor, with the row's event id in the message (option `job`); the task's wrapper marks the
+row done when it has finished. A job dispatched and not done after its own redelivery window
+(job_redeliver_after: long enough for every try the task may make) is sent again.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import and_, bindparam, func, select, update
 
-from events.registry import registry
+from events.outbox import job_name
+from events.registry import TaskSpec, registry
 from extensions import db
 from models.base import utcnow
 from models.events import OutboxEvent, ProcessedEvent
@@ -48,6 +54,8 @@ def _send(app: Flask, rows: Sequence[tuple[int, str]], only: dict[int, set[str]]
     empty: list[int] = []
     by_group: dict[str, list[int]] = {}
     for event_pk, topic in rows:
+        if job_name(topic) is not None:
+            raise ValueError("jobs are sent by _send_jobs")
         names = registry.handler_names_for(topic)
         if only is not None:
             names = tuple(n for n in names if n in only.get(event_pk, set()))
@@ -74,6 +82,41 @@ def _send(app: Flask, rows: Sequence[tuple[int, str]], only: dict[int, set[str]]
     return sent, lost, empty
 
 
+def send_job(app: Flask, name: str, args: Sequence[Any], job_id: uuid.UUID) -> None:
+    """Send one job to its task's actor; raises when the broker cannot take it."""
+    actor = _state(app).actors[name]
+    actor.send_with_options(args=tuple(args), job=str(job_id))
+
+
+def _send_jobs(app: Flask, rows: Sequence[Any]) -> tuple[list[int], list[int], list[int]]:
+    """Send claimed job rows (id, event_id, topic, payload). Returns (sent, failed, unknown)
+    ids: a job whose task no longer exists is done (logged), not retried for ever."""
+    sent, failed, unknown = [], [], []
+    for row in rows:
+        name = job_name(row.topic)
+        if name not in registry.tasks:
+            log.error("job %s names no registered task (%s); dropped", row.id, row.topic)
+            unknown.append(row.id)
+            continue
+        try:
+            send_job(app, name, (row.payload or {}).get("args", ()), row.event_id)
+        except Exception as exc:  # noqa: BLE001 - broker unreachable: the row waits
+            log.warning("could not send job %s to the broker: %s", row.id, exc)
+            failed.append(row.id)
+        else:
+            sent.append(row.id)
+    return sent, failed, unknown
+
+
+def job_redeliver_after(app: Flask, spec: TaskSpec) -> float:
+    """Seconds after which a dispatched job with no result is presumed lost: every try
+    the task may make, with its back-offs, plus EVENTS_REDELIVER_AFTER. Sooner, a job still
+    being retried by Dramatiq would run a second time alongside."""
+    tries = spec.max_retries + 1
+    busy_ms = tries * spec.time_limit_ms + spec.max_retries * spec.max_backoff_ms
+    return float(app.config["EVENTS_REDELIVER_AFTER"]) + busy_ms / 1000
+
+
 def group_actor_name(group: str) -> str:
     return f"spine_{group}"
 
@@ -91,7 +134,8 @@ def _returning(conn) -> list:
     return returning
 
 
-def _claim(conn, condition, limit: int | None = None) -> list[tuple[int, str]]:
+def _claim(conn, condition, limit: int | None = None) -> list[Any]:
+    """Claim rows (the relay's): (id, topic, event_id, payload) each."""
     table = OutboxEvent.__table__
     ids = select(table.c.id).where(condition).order_by(table.c.id)
     if limit:
@@ -102,9 +146,19 @@ def _claim(conn, condition, limit: int | None = None) -> list[tuple[int, str]]:
         update(table)
         .where(table.c.id.in_(ids.scalar_subquery()))
         .values(status="dispatched", dispatched_at=utcnow(), attempts=table.c.attempts + 1)
-        .returning(*_returning(conn))
+        .returning(*_returning(conn), table.c.event_id, table.c.payload)
     )
-    return [(row.id, row.topic) for row in conn.execute(stmt)]
+    return list(conn.execute(stmt))
+
+
+def _split_jobs(rows: Sequence[Any]) -> tuple[list[tuple[int, str]], list[Any]]:
+    events, jobs = [], []
+    for row in rows:
+        if job_name(row.topic) is None:
+            events.append((row.id, row.topic))
+        else:
+            jobs.append(row)
+    return events, jobs
 
 
 _CLAIM_NEW: dict[str, Any] = {}
@@ -143,13 +197,32 @@ def _mark(conn, ids: Sequence[int], status: str) -> None:
         conn.execute(update(table).where(table.c.id.in_(ids)).values(status=status))
 
 
+def send_new_jobs(app: Flask, jobs: Sequence[tuple[uuid.UUID, str, Sequence[Any]]]) -> set:
+    """Called right after a commit, first of all, with the jobs (event id, task, args) it
+    wrote: someone may be waiting for one (a visitor for a reply), so they go out before any
+    round trip to the database. Returns the ids of those not sent: they stay pending for the
+    relay, and dispatch_new must leave them out of its claim."""
+    if not jobs or not _state(app).can_dispatch_now():
+        return {job_id for job_id, _, _ in jobs}
+    unsent = set()
+    for job_id, name, args in jobs:
+        try:
+            send_job(app, name, args, job_id)
+        except Exception as exc:  # noqa: BLE001 - the row stays pending; the relay sends it
+            log.warning("could not send job %s (%s) after commit: %s", job_id, name, exc)
+            unsent.add(job_id)
+    return unsent
+
+
 def dispatch_new(app: Flask, event_ids: Sequence[uuid.UUID]) -> None:
-    """Called right after a commit with the ids of the events it wrote."""
+    """Called right after a commit with the ids of the events it wrote, and of the jobs
+    send_new_jobs sent: one claim marks them all dispatched."""
     state = _state(app)
-    if not state.can_dispatch_now():
+    if not state.can_dispatch_now() or not event_ids:
         return  # embedded CLI process: the web process's relay delivers them
     with db.engine.begin() as conn:
-        rows = _claim_new(conn, event_ids)
+        claimed = _claim_new(conn, event_ids)
+    rows = [(pk, topic) for pk, topic in claimed if job_name(topic) is None]
     if not rows:
         return
     sent, failed, empty = _send(app, rows)
@@ -176,14 +249,16 @@ def relay(app: Flask, *, limit: int | None = None, min_age_seconds: float = 1.0)
             ),
             limit,
         )
-    if rows:
-        sent, failed, empty = _send(app, rows)
-        report.sent += len(sent)
-        report.failed_sends += len(failed)
+    events, jobs = _split_jobs(rows)
+    if events or jobs:
+        sent, failed, empty = _send(app, events)
+        sent_jobs, failed_jobs, unknown_jobs = _send_jobs(app, jobs)
+        report.sent += len(sent) + len(sent_jobs)
+        report.failed_sends += len(failed) + len(failed_jobs)
         with db.engine.begin() as conn:
-            _mark(conn, failed, "pending")
-            _mark(conn, empty, "done")
-        report.completed += len(empty)
+            _mark(conn, failed + failed_jobs, "pending")
+            _mark(conn, empty + unknown_jobs, "done")
+        report.completed += len(empty) + len(unknown_jobs)
 
     # 2. Dispatched rows: done when every handler has a result; else redeliver when stale.
     redeliver_after = timedelta(seconds=app.config["EVENTS_REDELIVER_AFTER"])
@@ -204,8 +279,17 @@ def relay(app: Flask, *, limit: int | None = None, min_age_seconds: float = 1.0)
             )
         ):
             done_by.setdefault(event_pk, set()).add(name)
-        finished, stale = [], []
+        finished, stale, stale_jobs = [], [], []
         for cand in candidates:
+            name = job_name(cand.topic)
+            if name is not None:  # done only by its task's wrapper (tasks.broker)
+                spec = registry.tasks.get(name)
+                window = job_redeliver_after(app, spec) if spec else 0.0
+                if cand.dispatched_at is None or cand.dispatched_at <= now - timedelta(
+                    seconds=window
+                ):
+                    stale_jobs.append(cand.id)
+                continue
             missing = set(registry.handler_names_for(cand.topic)) - done_by.get(cand.id, set())
             if not missing:
                 finished.append(cand.id)
@@ -213,13 +297,30 @@ def relay(app: Flask, *, limit: int | None = None, min_age_seconds: float = 1.0)
                 stale.append((cand.id, cand.topic, missing))
         _mark(conn, finished, "done")
         report.completed += len(finished)
-        if stale:
-            stale_ids = [s[0] for s in stale]
+        if stale or stale_jobs:
+            stale_ids = [s[0] for s in stale] + stale_jobs
             conn.execute(
                 update(table)
                 .where(table.c.id.in_(stale_ids))
                 .values(dispatched_at=now, attempts=table.c.attempts + 1)
             )
+        job_rows = (
+            conn.execute(
+                select(table.c.id, table.c.topic, table.c.event_id, table.c.payload).where(
+                    table.c.id.in_(stale_jobs)
+                )
+            ).all()
+            if stale_jobs
+            else []
+        )
+    if job_rows:
+        sent_jobs, failed_jobs, unknown_jobs = _send_jobs(app, job_rows)
+        report.redelivered += len(sent_jobs)
+        report.failed_sends += len(failed_jobs)
+        if unknown_jobs or failed_jobs:
+            with db.engine.begin() as conn:
+                _mark(conn, unknown_jobs, "done")
+                _mark(conn, failed_jobs, "pending")  # the next relay tries again soon
     if stale:
         only = {s[0]: s[2] for s in stale}
         sent, failed, _ = _send(app, [(s[0], s[1]) for s in stale], only=only)

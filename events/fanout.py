@@ -21,12 +21,14 @@ thread sends it a fresh snapshot. A socket's thread otherwise sleeps until the c
 something or goes.
 
 Ticks: a frame after a quiet spell goes out at once; frames that come within LIVE_COALESCE_MS
-of a send wait for the window to end and go out together, newest per key.
+of a send wait for the window to end and go out together, coalesced: of frames that replace
+the same thing only the newest; appends (keys made by `append_key`) always.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import ssl
 import struct
@@ -94,6 +96,55 @@ def encode_text(text: str, wire: Wire) -> bytes:
     else:
         header = struct.pack("!BBQ", first, 127, size)
     return header + payload
+
+
+APPEND_PREFIX = "append:"
+
+
+def append_key(name: str) -> str:
+    """The key of a frame that adds something to a page (a new message, a new row): such a
+    frame is never merged away, whatever frames come after it."""
+    return APPEND_PREFIX + name
+
+
+def coalesce(frames: Iterable[Frame]) -> list[Frame]:
+    """A tick's frames as they go out, in arrival order: of frames that replace the same thing
+    (one key) only the newest, at its own place; every append, once. A replace of something
+    whose append comes later in the tick goes after that append: on the page it would
+    otherwise find nothing to replace.
+
+    Merging by key alone once let a message's sentiment update (a replace) swallow the
+    message itself (an append with the same key): the page never showed it."""
+    out: list[Frame | None] = []
+    replaces: dict[str, int] = {}
+    appends: set[str] = set()
+    for frame in frames:
+        if frame.key.startswith(APPEND_PREFIX):
+            if frame.key not in appends:  # the same append delivered twice is one
+                appends.add(frame.key)
+                out.append(frame)
+                early = replaces.pop(frame.key[len(APPEND_PREFIX) :], None)
+                if early is not None:
+                    replaces[out[early].key] = len(out)
+                    out.append(out[early])
+                    out[early] = None
+            continue
+        earlier = replaces.get(frame.key)
+        if earlier is not None:
+            out[earlier] = None
+        replaces[frame.key] = len(out)
+        out.append(frame)
+    return [frame for frame in out if frame is not None]
+
+
+def take_queued(sub: Subscription) -> list[Frame]:
+    """Every frame queued on `sub` now, oldest first."""
+    frames = []
+    while True:
+        try:
+            frames.append(sub.frames.get_nowait())
+        except queue.Empty:
+            return frames
 
 
 class Peer:
@@ -327,13 +378,13 @@ class Broadcaster:
         with self._lock:
             return any(not sub.frames.empty() or sub.overflowed for sub, _ in self._topics.values())
 
-    def _take(self) -> dict[str, dict[str, Frame]]:
-        """Each topic's frames since the last tick, newest per key, in arrival order."""
+    def _take(self) -> dict[str, list[Frame]]:
+        """Each topic's frames since the last tick, coalesced (see `coalesce`)."""
         with self._lock:
             entries = [(topic, sub, set(peers)) for topic, (sub, peers) in self._topics.items()]
-        batch: dict[str, dict[str, Frame]] = {}
+        batch: dict[str, list[Frame]] = {}
         for topic, sub, peers in entries:
-            frames = sub.drain()
+            frames = coalesce(take_queued(sub))
             if sub.overflowed:
                 # This process's hub dropped frames of the topic: every page on it re-snapshots.
                 sub.overflowed = False
@@ -345,7 +396,7 @@ class Broadcaster:
                 batch[topic] = frames
         return batch
 
-    def _send(self, batch: dict[str, dict[str, Frame]]) -> None:
+    def _send(self, batch: dict[str, list[Frame]]) -> None:
         if not batch:
             return
         with self._lock:
@@ -360,7 +411,7 @@ class Broadcaster:
             key = (peer.wire, mine)
             if key not in messages:
                 # Pages swap HTML; JSON-only frames (for the chat widget) are not for them.
-                parts = [f.html for t in mine for f in batch[t].values() if f.html]
+                parts = [f.html for t in mine for f in batch[t] if f.html]
                 text = "".join(parts)
                 messages[key] = (encode_text(text, peer.wire), len(parts)) if parts else None
             message = messages[key]

@@ -4,6 +4,8 @@
   changed fields as old→new pairs, through the flush's own connection (so a rolled-back
   transaction or savepoint takes its rows with it).
 - `emit()` adds an explicit domain event (e.g. `device.offline`) to the current session.
+- `enqueue()` adds a background job the same way: an outbox row whose topic is
+  `job:<task name>`, sent to its task's actor right after commit and relayed like an event.
 - At the outermost commit only (releasing a savepoint commits nothing, and rolling one back
   drops the events and callbacks registered inside it), the new event ids go to the
   dispatcher and `on_commit` callbacks run. Both happen once the transaction has *ended*
@@ -19,6 +21,7 @@ import contextlib
 import decimal
 import enum
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterable
 from datetime import date, datetime
@@ -35,8 +38,10 @@ from models.events import OutboxEvent
 log = logging.getLogger(__name__)
 
 EVENT_IDS = "sb_outbox_event_ids"
+JOBS = "sb_outbox_jobs"
 AFTER_COMMIT = "sb_after_commit"
 BEFORE_COMMIT = "sb_before_commit"
+AT_COMMIT = "sb_at_commit"
 COMMITTED = "sb_committed_work"
 SAVEPOINT_MARKS = "sb_savepoint_marks"
 
@@ -182,6 +187,54 @@ def emit(
     return row.event_id
 
 
+def enqueue(name: str, *args: Any, session: Session | None = None) -> uuid.UUID:
+    """Run the registered task `name` with `args` once the current transaction commits.
+
+    The job is an outbox row written in this transaction (topic `job:<name>`, the arguments
+    as JSON): a rollback drops it, and a commit makes it durable. Right after the commit it
+    is sent to the task's actor, ahead of the commit's events; if Redis is unreachable then,
+    or the message is lost later (a Redis restart, a worker killed before it finished), the
+    relay sends it again. Delivery is at-least-once: a task must tolerate running twice for
+    one enqueue (check the state it moves on, or claim the work, before doing it).
+
+    Jobs are sent before the commit's `before_events` callbacks and its events.
+
+    Arguments must be JSON primitives (ids, strings, numbers, lists, dicts). The row is
+    marked done when the task returns, or when it raised and has no retries left."""
+    from events.registry import registry
+    from extensions import db
+
+    if name not in registry.tasks:
+        raise ValueError(f"no task is registered as {name!r}")
+    session = _in_transaction(session or db.session())
+    arguments = to_primitive(list(args))
+    row = OutboxEvent(
+        event_id=uuid.uuid4(),
+        topic=job_topic(name),
+        tenant_id=None,  # not a tenant's event: no feed row, no webhooks
+        payload={"args": arguments},
+        status="pending",
+        attempts=0,
+        created_at=utcnow(),
+    )
+    session.add(row)
+    session.info.setdefault(EVENT_IDS, []).append(row.event_id)
+    session.info.setdefault(JOBS, []).append((row.event_id, name, arguments))
+    return row.event_id
+
+
+JOB_TOPIC_PREFIX = "job:"
+
+
+def job_topic(name: str) -> str:
+    return JOB_TOPIC_PREFIX + name
+
+
+def job_name(topic: str) -> str | None:
+    """The task a job row runs, or None for an event."""
+    return topic[len(JOB_TOPIC_PREFIX) :] if topic.startswith(JOB_TOPIC_PREFIX) else None
+
+
 def on_commit(
     fn: Callable[[], None], session: Session | None = None, *, before_events: bool = False
 ) -> None:
@@ -207,6 +260,39 @@ def before_commit(fn: Callable[[], None], session: Session | None = None) -> Non
     session.info.setdefault(BEFORE_COMMIT, []).append(fn)
 
 
+def at_commit(fn: Callable[[], None], session: Session | None = None) -> None:
+    """Run `fn` at the last moment before the outermost COMMIT (after the before-commit work
+    and its flush), never if the transaction rolls back before it.
+
+    For an effect that must not be lost when the process dies just after the commit, and that
+    may be repeated: should the COMMIT itself then fail, the work is retried and does it
+    again (an event handler's transaction is)."""
+    from extensions import db
+
+    session = _in_transaction(session or db.session())
+    session.info.setdefault(AT_COMMIT, []).append(fn)
+
+
+_handler_transactions = threading.local()
+
+
+@contextlib.contextmanager
+def handler_transaction():
+    """Marks the transactions of an event handler's message on this thread: their live
+    frames are published at commit (services.live), so a worker dying between its commit
+    and its after-commit callbacks loses none (the handlers' records are committed by then,
+    and a redelivery would skip them)."""
+    _handler_transactions.active = True
+    try:
+        yield
+    finally:
+        _handler_transactions.active = False
+
+
+def in_handler_transaction() -> bool:
+    return getattr(_handler_transactions, "active", False)
+
+
 def _in_transaction(session: Session) -> Session:
     """Work registered between transactions belongs to the next one: begun now, so that a
     rollback before any statement drops the work too (a session with no transaction ignores
@@ -229,6 +315,12 @@ def prepare_commit(session: Session) -> None:
 def _before_commit(session: Session) -> None:
     if not session.in_nested_transaction():
         prepare_commit(session)
+        work = session.info.pop(AT_COMMIT, None)
+        if work:
+            with contextlib.ExitStack() as scopes:
+                for scope in _callback_scopes:
+                    scopes.enter_context(scope())
+                _run_callbacks(work)
 
 
 def _after_commit(session: Session) -> None:
@@ -239,13 +331,20 @@ def _after_commit(session: Session) -> None:
     # Committed; the work runs in _after_transaction_end, once the connection is released.
     event_ids = session.info.pop(EVENT_IDS, None)
     callbacks = session.info.pop(AFTER_COMMIT, None)
+    jobs = session.info.pop(JOBS, None)
     if event_ids or callbacks:
-        session.info[COMMITTED] = (event_ids, callbacks)
+        session.info[COMMITTED] = (event_ids, callbacks, jobs)
 
 
 def _run_committed_work(session: Session) -> None:
-    event_ids, callbacks = session.info.pop(COMMITTED)
+    event_ids, callbacks, jobs = session.info.pop(COMMITTED)
     callbacks = callbacks or ()
+    if jobs and has_app_context():
+        from events.dispatch import send_new_jobs
+
+        unsent = send_new_jobs(current_app._get_current_object(), jobs)
+        if unsent:  # pending for the relay: not to be claimed as sent
+            event_ids = [event_id for event_id in event_ids if event_id not in unsent]
     _run_callbacks(fn for fn, before_events in callbacks if before_events)
     if event_ids and has_app_context():
         from events.dispatch import dispatch_new
@@ -282,7 +381,8 @@ def _after_transaction_create(session: Session, transaction: Any) -> None:
     if transaction.nested:  # remember what was registered before the savepoint
         marks = session.info.setdefault(SAVEPOINT_MARKS, {})
         marks[transaction] = {
-            key: len(session.info.get(key, ())) for key in (EVENT_IDS, AFTER_COMMIT, BEFORE_COMMIT)
+            key: len(session.info.get(key, ()))
+            for key in (EVENT_IDS, AFTER_COMMIT, BEFORE_COMMIT, AT_COMMIT, JOBS)
         }
 
 
@@ -302,8 +402,10 @@ def _after_transaction_end(session: Session, transaction: Any) -> None:
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     if previous_transaction.parent is None:
         session.info.pop(EVENT_IDS, None)
+        session.info.pop(JOBS, None)
         session.info.pop(AFTER_COMMIT, None)
         session.info.pop(BEFORE_COMMIT, None)
+        session.info.pop(AT_COMMIT, None)
         session.info.pop(SAVEPOINT_MARKS, None)
         session.info.pop(COMMITTED, None)
 

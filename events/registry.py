@@ -86,10 +86,19 @@ class TaskSpec:
 
 @dataclass
 class PeriodicSpec:
+    """A job the scheduler enqueues every `every` seconds; it runs as its own actor, one run
+    at a time (a tick that finds the previous run still going is skipped)."""
+
     name: str
     fn: Callable[[], Any]
-    # A number of seconds, or the name of a config key holding one.
+    # A number of seconds, or the name of a config key holding one; 0 (or a missing key)
+    # turns the job off.
     every: float | str = 60.0
+    queue: str = "periodic"
+    max_retries: int = 0  # the next tick is the usual retry
+    time_limit_ms: int = 60_000
+    min_backoff_ms: int = 1_000
+    max_backoff_ms: int = 30_000
 
 
 @dataclass
@@ -144,7 +153,9 @@ def handler(*topics: str, name: str | None = None, **options: Any):
 
 
 def task(name: str | None = None, **options: Any):
-    """Register a plain background task; send it with `tasks.broker.send(name, *args)`."""
+    """Register a plain background task. Ask for it with `events.enqueue(name, *args)` in
+    the transaction that needs it (durable, at-least-once: the task must tolerate running
+    twice); `tasks.broker.send` is only for work that may be lost with Redis."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         spec = TaskSpec(name=name or fn.__name__, fn=fn, **options)
@@ -154,11 +165,12 @@ def task(name: str | None = None, **options: Any):
     return decorate
 
 
-def periodic(every: float | str, name: str | None = None):
-    """Register a job the scheduler runs every `every` seconds (or config key)."""
+def periodic(every: float | str, name: str | None = None, **options: Any):
+    """Register a job the scheduler enqueues every `every` seconds (or config key); options
+    are PeriodicSpec's (queue, max_retries, time_limit_ms, backoffs)."""
 
     def decorate(fn: Callable[[], Any]) -> Callable[[], Any]:
-        spec = PeriodicSpec(name=name or fn.__name__, fn=fn, every=every)
+        spec = PeriodicSpec(name=name or fn.__name__, fn=fn, every=every, **options)
         registry.periodic[spec.name] = spec
         return fn
 

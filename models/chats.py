@@ -16,6 +16,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
     Uuid,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
@@ -26,6 +27,7 @@ from models.base import Timestamps, Tracked, UTCDateTime, tenant_fk, utcnow
 CHAT_STATUSES = ("active", "completed", "archived")
 SENDERS = ("visitor", "assistant", "operator", "system")
 CONTENT_TYPES = ("text", "image", "file", "audio")
+INTERRUPTIONS = ("stopped", "cut")
 
 
 class Agent(Tracked, Timestamps, db.Model):
@@ -123,6 +125,12 @@ class Message(Tracked, db.Model):
     completion_tokens: Mapped[Optional[int]] = mapped_column(Integer)
     total_tokens: Mapped[Optional[int]] = mapped_column(Integer)
     processing_ms: Mapped[Optional[int]] = mapped_column(Integer)
+    # A reply that did not finish: "stopped" by the visitor, or "cut" by a timeout. NULL: whole.
+    interrupted: Mapped[Optional[str]] = mapped_column(String(16))
+    # The visitor's language (ISO 639-1, detected offline when the message is analysed).
+    language: Mapped[Optional[str]] = mapped_column(String(8))
+    # Why the message escalated ("negative −0.72", "phrase: reembolso"); NULL: it did not.
+    escalation_reason: Mapped[Optional[str]] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     chat: Mapped[Chat] = relationship(back_populates="messages")
@@ -130,3 +138,24 @@ class Message(Tracked, db.Model):
     def feed_label(self) -> str:
         text = " ".join(self.content.split())
         return f"{self.sender}: {text[:80]}" + ("…" if len(text) > 80 else "")
+
+
+ANY_LANGUAGE = "any"
+
+
+class EscalationRule(Tracked, Timestamps, db.Model):
+    """A phrase that escalates a visitor message whatever its sentiment ("reembolso",
+    "cancel my account"), in one language or in any."""
+
+    __tablename__ = "escalation_rules"
+    __entity__ = "escalation_rule"
+    __table_args__ = (UniqueConstraint("tenant_id", "language", "phrase"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk()
+    language: Mapped[str] = mapped_column(String(8), default=ANY_LANGUAGE)
+    phrase: Mapped[str] = mapped_column(String(200))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+    def feed_label(self) -> str:
+        return f"Escalation phrase “{self.phrase}” ({self.language})"

@@ -8,8 +8,10 @@ from typing import Any
 
 from markupsafe import escape
 
+from events.fanout import append_key
+from extensions import db
 from models.chats import Chat, Message
-from services.chats import chat_topic, is_row_id
+from services.chats import chat_topic, is_row_id, row_facts
 from services.live import publish, render_fragment, tenant_topic
 from services.rendering import markdown_to_safe_html
 
@@ -43,6 +45,7 @@ def message_json(message: Message) -> dict[str, Any]:
         "html": html,
         "created_at": message.created_at.isoformat(),
         "in_response_to": message.in_response_to_id,
+        "interrupted": message.interrupted,
     }
 
 
@@ -50,27 +53,59 @@ def _message_html(message: Message) -> str:
     return render_fragment("chats/_message.html", m=message)
 
 
+def visitor_typing_slot(chat_id: int, typing: bool) -> str:
+    inner = '<p class="typing">Visitor is typing…</p>' if typing else ""
+    return f'<div id="chat-{chat_id}-visitor-typing" hx-swap-oob="innerHTML">{inner}</div>'
+
+
 def publish_message(message: Message, *, updated: bool = False) -> None:
+    """A message reaches the console (an append, then replaces of it, e.g. its sentiment
+    badge) and the widget; the chat's header and list row follow (its count and last message
+    change in SQL, which raises no `chat.updated`)."""
     topic = chat_topic(message.tenant_id, message.chat_id)
     if updated:
         html = render_fragment("chats/_message_push.html", m=message, replace=True)
         publish(topic, f"message-{message.id}", html=html)
-        return
-    html = render_fragment("chats/_message_push.html", m=message, replace=False)
-    publish(
-        topic,
-        f"message-{message.id}",
-        html=html,
-        json_data={"type": "message", "message": message_json(message)},
-    )
+    else:
+        html = render_fragment("chats/_message_push.html", m=message, replace=False)
+        if message.sender == "visitor":
+            html += visitor_typing_slot(message.chat_id, False)
+        publish(
+            topic,
+            append_key(f"message-{message.id}"),
+            html=html,
+            json_data={"type": "message", "message": message_json(message)},
+        )
+    chat = db.session.get(Chat, message.chat_id)
+    if chat is not None:
+        publish_chat_row(chat)
+
+
+def status_json(chat: Chat) -> dict[str, Any]:
+    """The widget's `status` frame: the chat ended (by the visitor or an operator) or was
+    rated; the widget keeps the transcript and asks for a rating once."""
+    return {
+        "type": "status",
+        "chat_id": str(chat.public_id),
+        "status": chat.status,
+        "satisfaction": chat.satisfaction,
+    }
 
 
 def publish_chat_row(chat: Chat, *, created: bool = False) -> None:
-    html = render_fragment("chats/_row_push.html", chat=chat, created=created)
-    publish(tenant_topic(chat.tenant_id, "chats"), f"chat-row-{chat.id}", html=html)
-    # The chat's own page refreshes its header (status, satisfaction, summary).
+    facts = row_facts([chat.id])
+    html = render_fragment("chats/_row_push.html", chat=chat, created=created, row_facts=facts)
+    # A new chat's row is an append: no later update of the row may merge it away.
+    key = append_key(f"chat-row-{chat.id}") if created else f"chat-row-{chat.id}"
+    publish(tenant_topic(chat.tenant_id, "chats"), key, html=html)
+    # The chat's own page refreshes its header (status, count, satisfaction, summary).
     header = render_fragment("chats/_header.html", chat=chat, oob=True)
-    publish(chat_topic(chat.tenant_id, chat.id), f"chat-header-{chat.id}", html=header)
+    publish(
+        chat_topic(chat.tenant_id, chat.id),
+        f"chat-header-{chat.id}",
+        html=header,
+        json_data=status_json(chat),
+    )
 
 
 class ReplyStream:
@@ -136,6 +171,10 @@ class ReplyStream:
                 "cancelled": cancelled,
             },
         )
+        if message is not None:
+            chat = db.session.get(Chat, message.chat_id)
+            if chat is not None:
+                publish_chat_row(chat)  # its count and last message
         if error_code:
             publish(
                 self.topic,

@@ -11,15 +11,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from flask import current_app
 from sqlalchemy import bindparam, func, select, update
 
-from events import emit, on_commit
+from events import emit, enqueue, on_commit
 from extensions import db
 from models.base import utcnow
-from models.chats import Agent, Chat, Message
+from models.chats import INTERRUPTIONS, Agent, Chat, Message
+from services.escalation import escalation_reason
 from services.kv import kv
 from services.sentiment import NEGATIVE, POSITIVE, Sentiment
 
@@ -237,8 +238,12 @@ def add_message(
     in_response_to_id: int | None = None,
     usage: dict | None = None,
     processing_ms: int | None = None,
+    interrupted: str | None = None,
 ) -> Message:
-    """Save a message and bump the chat's activity and count in SQL (no lost updates)."""
+    """Save a message and bump the chat's activity and count in SQL (no lost updates).
+    `interrupted` marks a reply that did not finish ("stopped" or "cut")."""
+    if interrupted is not None and interrupted not in INTERRUPTIONS:
+        raise ValueError(f"unknown interruption {interrupted!r}")
     now = utcnow()
     usage = usage or {}
     message = Message(
@@ -252,6 +257,7 @@ def add_message(
         completion_tokens=usage.get("completion_tokens"),
         total_tokens=usage.get("total_tokens"),
         processing_ms=processing_ms,
+        interrupted=interrupted,
         created_at=now,
     )
     db.session.add(message)
@@ -346,9 +352,12 @@ def rate_chat(chat: Chat, score: Any) -> None:
 
 
 def apply_sentiment(message: Message, sentiment: Sentiment) -> None:
-    """Store the sentiment, emit message.analyzed, escalate and adjust the tone."""
+    """Store the sentiment and language, emit message.analyzed, escalate (with the reason:
+    one of the tenant's phrases, or negative sentiment) and adjust the tone."""
     message.sentiment_label = sentiment.label
     message.sentiment_score = sentiment.score
+    message.language = sentiment.language or message.language
+    reason = message.escalation_reason = escalation_reason(message, sentiment)
     chat = db.session.get(Chat, message.chat_id)
     excerpt = message.content[:200]
     emit(
@@ -364,15 +373,16 @@ def apply_sentiment(message: Message, sentiment: Sentiment) -> None:
             "backend": sentiment.backend,
         },
     )
-    if sentiment.label == NEGATIVE:
+    if reason:
         emit(
             "escalation.triggered",
             tenant_id=message.tenant_id,
             entity="chat",
             entity_id=message.chat_id,
             payload={
-                "label": f"Negative message in {chat.feed_label() if chat else 'a chat'}",
-                "reason": "negative_sentiment",
+                "label": f"Escalated ({reason}): {chat.feed_label() if chat else 'a chat'}",
+                "reason": reason,
+                "language": message.language,
                 "message_id": message.id,
                 "score": sentiment.score,
                 "excerpt": excerpt,
@@ -414,12 +424,25 @@ def extractive_summary(messages: list[Message], max_sentences: int = 3) -> str:
 
 
 def summarise(chat: Chat) -> str:
+    return summarise_history(recent_history(chat.id, SUMMARY_MESSAGES))
+
+
+SUMMARY_MESSAGES = 200
+
+
+class _Said(NamedTuple):
+    sender: str
+    content: str
+
+
+def summarise_history(history: list[tuple[str, str]]) -> str:
+    """A summary of (sender, content) pairs, oldest first: the model's, else an extractive
+    one. It may wait long for the model: call it with no transaction open."""
     from services.assistant import complete
 
-    messages = recent_messages(chat.id, 200)
-    if not messages:
+    if not history:
         return "No messages were exchanged."
-    transcript = "\n".join(f"{m.sender}: {m.content}" for m in messages)[-12000:]
+    transcript = "\n".join(f"{sender}: {content}" for sender, content in history)[-12000:]
     llm = complete(
         [
             {
@@ -430,13 +453,13 @@ def summarise(chat: Chat) -> str:
             {"role": "user", "content": transcript},
         ]
     )
-    return llm or extractive_summary(messages)
+    return llm or extractive_summary([_Said(sender, content) for sender, content in history])
 
 
-def archive_chat(chat: Chat) -> None:
+def archive_chat(chat: Chat, summary: str | None = None) -> None:
     if chat.status == "archived":
         return
-    chat.summary = summarise(chat)
+    chat.summary = summary if summary is not None else summarise(chat)
     chat.status = "archived"
     chat.is_active = False
     chat.archived_at = utcnow()
@@ -449,22 +472,50 @@ def archive_chat(chat: Chat) -> None:
     )
 
 
+def _archivable(cutoff: datetime):
+    return (Chat.status == "completed") | (
+        (Chat.status == "active") & (Chat.last_activity < cutoff)
+    )
+
+
+def archive_if_still_due(chat_id: int, cutoff: datetime) -> bool:
+    """Archive one candidate of the sweep without holding a transaction while the model
+    writes its summary: read the transcript (short transaction), summarise (none), then
+    archive in a short transaction of its own if the chat is still due (a visitor may have
+    written meanwhile). Commits; True if archived."""
+    due = db.session.scalar(select(Chat.id).where(Chat.id == chat_id, _archivable(cutoff)))
+    history = recent_history(chat_id, SUMMARY_MESSAGES) if due else []
+    db.session.rollback()  # nothing written: end the read transaction before the model call
+    if not due:
+        return False
+    summary = summarise_history(history)
+    chat = db.session.scalar(
+        select(Chat).where(Chat.id == chat_id, _archivable(cutoff)).with_for_update()
+    )
+    if chat is None:
+        db.session.rollback()
+        return False
+    archive_chat(chat, summary)
+    db.session.commit()
+    return True
+
+
 @dataclass
 class ArchiveCandidates:
     ids: list[int]
     cutoff: datetime
 
 
-def archive_candidates(now: datetime | None = None, limit: int = 500) -> ArchiveCandidates:
-    """Completed chats, and active ones idle longer than CHAT_INACTIVITY_HOURS."""
+def archive_candidates(
+    now: datetime | None = None, limit: int = 500, after_id: int = 0
+) -> ArchiveCandidates:
+    """Completed chats, and active ones idle longer than CHAT_INACTIVITY_HOURS (ids above
+    `after_id`, in order: the sweep reads them a batch at a time)."""
     now = now or utcnow()
     cutoff = now - timedelta(hours=current_app.config.get("CHAT_INACTIVITY_HOURS", 24))
     ids = db.session.scalars(
         select(Chat.id)
-        .where(
-            (Chat.status == "completed")
-            | ((Chat.status == "active") & (Chat.last_activity < cutoff))
-        )
+        .where(_archivable(cutoff), Chat.id > after_id)
         .order_by(Chat.id)
         .limit(limit)
     ).all()
@@ -478,6 +529,47 @@ def message_counts(chat_ids: list[int]) -> dict[int, int]:
         .group_by(Message.chat_id)
     )
     return dict(rows.all())
+
+
+@dataclass(frozen=True)
+class RowFacts:
+    """What a chat's row in the inbox shows besides the chat's own columns."""
+
+    last_sender: str
+    last_text: str
+    sentiment: str | None  # the latest analysed visitor message's
+
+
+def row_facts(chat_ids: list[int]) -> dict[int, RowFacts]:
+    """The last message and latest visitor sentiment of each chat, in two queries."""
+    if not chat_ids:
+        return {}
+    last_ids = (
+        select(func.max(Message.id)).where(Message.chat_id.in_(chat_ids)).group_by(Message.chat_id)
+    )
+    last = db.session.execute(
+        select(Message.chat_id, Message.sender, Message.content).where(Message.id.in_(last_ids))
+    ).all()
+    felt_ids = (
+        select(func.max(Message.id))
+        .where(
+            Message.chat_id.in_(chat_ids),
+            Message.sender == "visitor",
+            Message.sentiment_label.is_not(None),
+        )
+        .group_by(Message.chat_id)
+    )
+    felt = dict(
+        db.session.execute(
+            select(Message.chat_id, Message.sentiment_label).where(Message.id.in_(felt_ids))
+        ).all()
+    )
+    facts = {}
+    for chat_id, sender, content in last:
+        text = " ".join(content.split())
+        text = text[:80] + ("…" if len(text) > 80 else "")
+        facts[chat_id] = RowFacts(sender, text, felt.get(chat_id))
+    return facts
 
 
 def reply_claim_key(message_id: int) -> str:
@@ -496,22 +588,22 @@ REPLY_CLAIM_SECONDS = 150.0
 
 def start_reply_now(message_id: int) -> None:
     """For the web process that saves a visitor message wanting an automatic reply
-    (should_auto_reply): enqueue the reply as soon as the transaction commits, before the
-    commit's events go to their handlers, instead of waiting for the message.created event's
-    `chat_auto_reply` handler. That saves two queue hops and a handler transaction, and the
-    reply is not queued behind (nor its worker busy with) the sentiment, metrics and audit
-    work the event starts. The handler stays: if this process dies between its commit and
-    this send, the event still starts the reply, and when both fire the claim in
-    generate_reply lets one of them stream."""
-    app = current_app._get_current_object()
+    (should_auto_reply): enqueue the reply in the message's transaction. The job is sent as
+    soon as the transaction commits, before the commit's events go to their handlers, instead
+    of waiting for the message.created event's `chat_auto_reply` handler: that saves two queue
+    hops and a handler transaction, and the reply is not queued behind (nor its worker busy
+    with) the sentiment, metrics and audit work the event starts. Being a durable job, it
+    is sent again by the relay if Redis is down at the commit or this process dies before the
+    send. The handler stays for messages saved elsewhere; when both start a reply, the claim
+    in generate_reply lets one of them stream."""
+    enqueue("generate_reply", message_id)
 
-    def send() -> None:
+    def mark_queued() -> None:
+        # Runs after the job's send, off the reply's path: the fallback handler, which may
+        # run before generate_reply claims the message, then knows not to queue a second one.
         try:
-            app.extensions["switchboard.tasks"].send("generate_reply", message_id)
-            # After the send, off the reply's path: the fallback handler, which may run before
-            # generate_reply claims the message, then knows not to queue a second one.
             kv().set_flag(reply_queued_key(message_id), ttl=REPLY_CLAIM_SECONDS)
-        except Exception as exc:  # noqa: BLE001 - the event's handler starts it instead
-            log.warning("could not enqueue the reply to message %s now: %s", message_id, exc)
+        except Exception as exc:  # noqa: BLE001 - at worst a second job, which the claim stops
+            log.warning("could not flag the reply to message %s as queued: %s", message_id, exc)
 
-    on_commit(send, before_events=True)
+    on_commit(mark_queued, before_events=True)

@@ -19,7 +19,7 @@ from flask.ctx import RequestContext
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from events.live import encode
-from events.outbox import around_commit_callbacks, on_commit
+from events.outbox import around_commit_callbacks, at_commit, in_handler_transaction, on_commit
 
 log = logging.getLogger(__name__)
 SnapshotFn = Callable[..., str]
@@ -93,7 +93,14 @@ def publish(topic: str, key: str, *, html: str | None = None, json_data: Any = N
 def publish_after_commit(topic: str, key: str, *, html: str | None = None, json_data: Any = None):
     """Publish once the transaction commits. A commit's frames go out together, in one
     round trip, when its last after-commit callback has run (a batch of fifty device events
-    publishes a hundred and fifty frames)."""
+    publishes a hundred and fifty frames).
+
+    In an event handler's transaction they go out at the commit instead, just before it
+    (events.outbox.at_commit): the handlers' records are in that commit, so a worker that
+    died after it and before its callbacks would lose the frames for good (a redelivery
+    skips recorded handlers). Should the COMMIT fail, the message is retried and its frames
+    sent again; a frame for what was not committed is replaced by the next one or by the
+    page's next snapshot."""
     app = current_app._get_current_object()
     data = encode(key, html=html, json_data=json_data)
 
@@ -105,7 +112,10 @@ def publish_after_commit(topic: str, key: str, *, html: str | None = None, json_
         with app.app_context():
             bus().publish(topic, data)
 
-    on_commit(_send)
+    if in_handler_transaction():
+        at_commit(_send)
+    else:
+        on_commit(_send)
 
 
 _gathering = threading.local()

@@ -36,6 +36,7 @@ from sqlalchemy import func, select, text, update
 from events.registry import Event, HandlerSpec, registry
 from extensions import db
 from models.base import utcnow
+from services.kv import kv
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +186,11 @@ def deliver_event(event: Event) -> None:
             if in_app:
                 publish_bell_after_commit(event.tenant_id, user_id)
             if email and current_app.config.get("SMTP_URL"):
-                from events.outbox import on_commit
-                from tasks.broker import send
+                from events.outbox import enqueue
 
-                note_id = note.id
-                on_commit(lambda note_id=note_id: send("notifications.email", note_id))
+                # In the handler's transaction: the email goes out if and only if the
+                # notification is recorded, even when Redis is down at its commit.
+                enqueue("notifications.email", note.id)
 
 
 # ---------------------------------------------------------------- the bell
@@ -310,7 +311,18 @@ def email_notification(notification_id: int) -> bool:
     user = db.session.get(User, note.recipient_id)
     if user is None or not user.is_active_user:
         return False
+    # A job can be delivered twice (at-least-once): the flag set after a send keeps a
+    # redelivery from mailing the same notification again.
+    sent_key = f"notification-emailed:{note.id}"
+    if kv().has_flag(sent_key):
+        return False
     link = urljoin(current_app.config["PUBLIC_URL"], note.link) if note.link else ""
     body = "\n\n".join(part for part in (note.body, link) if part)
     send_email(user.email, f"[Switchboard] {note.title}", body or note.title)
+    kv().set_flag(sent_key, ttl=EMAILED_FLAG_SECONDS)
     return True
+
+
+# Longer than any redelivery of an email job can come (the job's own retries and the relay's
+# window for it take minutes, not days).
+EMAILED_FLAG_SECONDS = 7 * 24 * 3600.0

@@ -1,17 +1,41 @@
-"""Sentiment of visitor messages: VADER by default, the LLM when SENTIMENT_BACKEND=llm."""
+"""Language and sentiment of visitor messages.
+
+Backends (SENTIMENT_BACKEND):
+- `lexicon` (default, offline): English is VADER plus the customer-service phrases VADER
+  lacks; Spanish and Portuguese use our own lexicons and VADER's rules (services/lexicons).
+- `vader`: VADER alone, whatever the language (the old default, kept for comparison).
+- `llm`: the configured OpenAI-compatible model, a burst of messages in one request with a
+  JSON answer and a short timeout; the offline lexicon answers whenever the model does not.
+
+The language comes from py3langid, whose model ships inside the package (nothing is
+downloaded), restricted to SENTIMENT_LANGUAGES: on short chat messages a three-way choice is
+far more reliable than a choice among 97 languages.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+import re
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from functools import lru_cache
 
-from flask import current_app
+import openai
+from flask import current_app, has_app_context
+
+from services import lexicons
 
 log = logging.getLogger(__name__)
 
 POSITIVE, NEUTRAL, NEGATIVE = "positive", "neutral", "negative"
+LABELS = (NEGATIVE, NEUTRAL, POSITIVE)
+BACKENDS = ("lexicon", "vader", "llm")
+DEFAULT_LANGUAGES = ("en", "es", "pt")
+# Fewer letters than this ("ok", "??", "👍") say nothing about the language.
+MIN_LETTERS_FOR_LANGUAGE = 2
+LANGUAGE_NAMES = {"en": "English", "es": "Spanish", "pt": "Portuguese"}
 
 
 @dataclass(frozen=True)
@@ -19,13 +43,11 @@ class Sentiment:
     label: str
     score: float  # -1 (very negative) .. 1 (very positive)
     backend: str
+    language: str | None = None
 
 
-@lru_cache(maxsize=1)
-def _vader():
-    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-
-    return SentimentIntensityAnalyzer()
+def _config(name: str, default):
+    return current_app.config.get(name, default) if has_app_context() else default
 
 
 def label_for(score: float, threshold: float) -> str:
@@ -36,45 +58,276 @@ def label_for(score: float, threshold: float) -> str:
     return NEUTRAL
 
 
-def vader(text: str, threshold: float = 0.05) -> Sentiment:
+# ------------------------------------------------------------------ language
+
+
+def configured_languages() -> tuple[str, ...]:
+    raw = _config("SENTIMENT_LANGUAGES", ",".join(DEFAULT_LANGUAGES))
+    languages = tuple(dict.fromkeys(code.strip().lower() for code in raw.split(",") if code))
+    return languages or DEFAULT_LANGUAGES
+
+
+# Greetings and courtesies that open most chats, and that a character-based model, with so
+# few letters to go on, often takes for a neighbouring language ("hola" for English).
+SHORT_MESSAGE_MARKERS = {
+    "en": frozenset("hi hello hey thanks thank thx please bye cheers".split()),
+    "es": frozenset("hola gracias buenas buenos tal vale adios porfa saludos".split()),
+    "pt": frozenset("oi ola obrigado obrigada valeu vlw tudo bom boa tchau beleza blz".split()),
+}
+SHORT_MESSAGE_LETTERS = 20
+
+_identifier_lock = threading.Lock()
+
+
+@lru_cache(maxsize=4)
+def _identifier(languages: tuple[str, ...]):
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=False)
+    if len(languages) > 1:
+        identifier.set_languages(list(languages))
+    return identifier
+
+
+def warm_up() -> None:
+    """Load the language model (one to two seconds) in the background, so that the first
+    reply to a visitor does not wait for it."""
+
+    def load() -> None:
+        with _identifier_lock:
+            _identifier(DEFAULT_LANGUAGES)
+
+    threading.Thread(target=load, name="langid-warm-up", daemon=True).start()
+
+
+def detect_language(text: str, languages: Sequence[str] | None = None) -> str | None:
+    """ISO 639-1 code of the message's language among `languages`, or None for a message
+    with (almost) no letters."""
+    if sum(ch.isalpha() for ch in text or "") < MIN_LETTERS_FOR_LANGUAGE:
+        return None
+    choices = tuple(languages or configured_languages())
+    if len(choices) == 1:
+        return choices[0]
+    if sum(ch.isalpha() for ch in text) < SHORT_MESSAGE_LETTERS:
+        words = set(re.findall(r"\w+", lexicons.normalise(text)))
+        marked = [code for code in choices if words & SHORT_MESSAGE_MARKERS.get(code, set())]
+        if len(marked) == 1:
+            return marked[0]
+    with _identifier_lock:  # built once per process (one to two seconds); classify is cheap
+        try:
+            identifier = _identifier(choices)
+        except ValueError as exc:  # a code py3langid does not know, in SENTIMENT_LANGUAGES
+            log.error("SENTIMENT_LANGUAGES %s: %s; using %s", choices, exc, DEFAULT_LANGUAGES)
+            identifier = _identifier(DEFAULT_LANGUAGES)
+    return identifier.classify(text)[0]
+
+
+# ------------------------------------------------------------------ offline backends
+
+
+@lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+@lru_cache(maxsize=1)
+def _vader_for_support():
+    """VADER with the few words support chats use otherwise re-rated (en.tsv's "=word")."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    analyser = SentimentIntensityAnalyzer()
+    analyser.lexicon = {**analyser.lexicon, **lexicons.lexicon_for("en").vader_overrides}
+    return analyser
+
+
+def vader(text: str, threshold: float = 0.05, language: str | None = None) -> Sentiment:
     score = float(_vader().polarity_scores(text or "")["compound"])
-    return Sentiment(label_for(score, threshold), round(score, 4), "vader")
+    return Sentiment(label_for(score, threshold), round(score, 4), "vader", language)
 
 
-def _llm(text: str, threshold: float) -> Sentiment:
+def lexicon_score(text: str, language: str) -> float:
+    """The offline compound score: our lexicons for Spanish and Portuguese; for English (and
+    languages without a lexicon) VADER, plus the English customer-service phrases."""
+    if language in ("es", "pt"):
+        return lexicons.score(text, language).compound
+    if language != "en":
+        return float(_vader().polarity_scores(text or "")["compound"])
+    compound = float(_vader_for_support().polarity_scores(text or "")["compound"])
+    phrases = lexicons.score(text, "en", beside_vader=True)
+    if not phrases.hits:
+        return compound
+    return lexicons.squash(lexicons.unsquash(compound) + phrases.total)
+
+
+def offline(text: str, language: str | None = None, threshold: float | None = None) -> Sentiment:
+    threshold = _config("SENTIMENT_THRESHOLD", 0.05) if threshold is None else threshold
+    language = language or detect_language(text)
+    score = lexicon_score(text or "", language or "en")
+    return Sentiment(label_for(score, threshold), round(score, 4), "lexicon", language)
+
+
+# ------------------------------------------------------------------ the LLM backend
+
+LLM_SYSTEM_PROMPT = (
+    "You rate the sentiment of messages that customers wrote to a support chat, in any "
+    "language (often Spanish or Portuguese, with typos and without accents). Judge what the "
+    "customer feels about the service: complaints, threats to cancel, sarcasm and repeated "
+    "waiting are negative; plain questions are neutral; thanks and praise are positive. "
+    'Answer with JSON only, in this shape: {"results": [{"id": <the message id>, '
+    '"score": <number from -1 (very negative) to 1 (very positive)>}]}, one result per message.'
+)
+
+
+class LLMSentimentError(RuntimeError):
+    pass
+
+
+def _llm_scores(texts: Sequence[str]) -> list[float | None]:
+    """One request for all `texts`; a score per text, None where the answer lacks it."""
     from services.assistant import client_or_none
 
-    client = client_or_none()
+    client = client_or_none(timeout=_config("SENTIMENT_LLM_TIMEOUT", 5.0))
     if client is None:
-        return vader(text, threshold)
-    response = client.chat.completions.create(
-        model=current_app.config["OPENAI_MODEL"],
-        temperature=0,
-        max_tokens=20,
-        messages=[
-            {
-                "role": "system",
-                "content": "Rate the sentiment of the user's message. Answer with JSON only: "
-                '{"score": <number from -1 (very negative) to 1 (very positive)>}',
-            },
-            {"role": "user", "content": text[:4000]},
+        raise LLMSentimentError("no model configured")
+    payload = [{"id": index, "text": text[:2000]} for index, text in enumerate(texts)]
+    request = {
+        "model": _config("SENTIMENT_LLM_MODEL", "") or _config("OPENAI_MODEL", "gpt-4o-mini"),
+        "temperature": 0,
+        "max_tokens": 40 + 20 * len(texts),
+        "response_format": {"type": "json_object"},
+        "messages": [
+            {"role": "system", "content": LLM_SYSTEM_PROMPT},
+            {"role": "user", "content": json.dumps({"messages": payload}, ensure_ascii=False)},
         ],
-    )
-    raw = response.choices[0].message.content or ""
+    }
     try:
-        score = max(-1.0, min(1.0, float(json.loads(raw)["score"])))
-    except (ValueError, KeyError, TypeError):
-        log.warning("LLM sentiment answer was not JSON (%r); using VADER", raw[:80])
-        return vader(text, threshold)
-    return Sentiment(label_for(score, threshold), round(score, 4), "llm")
+        response = client.chat.completions.create(**request)
+    except openai.BadRequestError:
+        # Some OpenAI-compatible servers have no JSON mode: the prompt asks for JSON anyway.
+        del request["response_format"]
+        response = client.chat.completions.create(**request)
+    raw = (response.choices[0].message.content or "").strip()
+    try:
+        results = json.loads(raw)["results"]
+        scores: list[float | None] = [None] * len(texts)
+        for item in results:
+            index = item["id"]
+            if isinstance(index, int) and 0 <= index < len(texts):
+                scores[index] = max(-1.0, min(1.0, float(item["score"])))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise LLMSentimentError(f"answer was not the JSON asked for: {raw[:80]!r}") from exc
+    return scores
 
 
-def analyse(text: str) -> Sentiment:
-    cfg = current_app.config
-    threshold = cfg.get("SENTIMENT_THRESHOLD", 0.05)
-    if cfg.get("SENTIMENT_BACKEND", "vader") == "llm":
+def _llm_many(texts: Sequence[str], languages: Sequence[str | None], threshold: float):
+    batch = max(1, int(_config("SENTIMENT_LLM_BATCH", 20)))
+    results: list[Sentiment] = []
+    for start in range(0, len(texts), batch):
+        chunk = texts[start : start + batch]
+        chunk_languages = languages[start : start + batch]
         try:
-            return _llm(text, threshold)
+            scores = _llm_scores(chunk)
         except Exception as exc:  # noqa: BLE001 - a provider error must not lose the analysis
-            log.warning("LLM sentiment failed (%s); using VADER", exc)
-    return vader(text, threshold)
+            log.warning("LLM sentiment failed (%s); using the offline lexicon", exc)
+            scores = [None] * len(chunk)
+        for text, language, score in zip(chunk, chunk_languages, scores, strict=True):
+            if score is None:
+                results.append(offline(text, language, threshold))
+            else:
+                label = label_for(score, threshold)
+                results.append(Sentiment(label, round(score, 4), "llm", language))
+    return results
+
+
+# ------------------------------------------------------------------ entry points
+
+
+def backend_name(backend: str | None = None) -> str:
+    name = (backend or _config("SENTIMENT_BACKEND", "lexicon")).strip().lower()
+    return name if name in BACKENDS else "lexicon"
+
+
+def analyse_many(
+    texts: Sequence[str],
+    languages: Sequence[str | None] | None = None,
+    *,
+    backend: str | None = None,
+) -> list[Sentiment]:
+    """Sentiment of each text, in order; `languages` (detected when None) are kept on them."""
+    texts = [text or "" for text in texts]
+    if languages is None:
+        languages = [detect_language(text) for text in texts]
+    threshold = _config("SENTIMENT_THRESHOLD", 0.05)
+    name = backend_name(backend)
+    if name == "llm":
+        return _llm_many(texts, list(languages), threshold)
+    if name == "vader":
+        return [vader(t, threshold, lang) for t, lang in zip(texts, languages, strict=True)]
+    return [offline(t, lang, threshold) for t, lang in zip(texts, languages, strict=True)]
+
+
+def analyse(text: str, language: str | None = None, *, backend: str | None = None) -> Sentiment:
+    return analyse_many([text], [language or detect_language(text)], backend=backend)[0]
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+@dataclass
+class EvalResult:
+    language: str
+    n: int = 0
+    correct: int = 0
+    negatives: int = 0
+    negatives_escalated: int = 0
+    others: int = 0
+    others_escalated: int = 0
+    fallbacks: int = 0  # answered by the offline lexicon instead of the backend asked for
+    confusions: list[tuple[str, str, float, str]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.negatives_escalated / self.negatives if self.negatives else 0.0
+
+    @property
+    def false_escalation(self) -> float:
+        return self.others_escalated / self.others if self.others else 0.0
+
+    def line(self) -> str:
+        return (
+            f"lang={self.language} n={self.n} accuracy={self.accuracy:.2f} "
+            f"recall={self.recall:.2f} false_escalation={self.false_escalation:.2f}"
+        )
+
+
+def evaluate(
+    rows: Iterable[tuple[str, str, str]], *, backend: str | None = None
+) -> dict[str, EvalResult]:
+    """(label, language, text) rows scored with `backend`; a message escalates when it is
+    labelled negative. The language given in the row is the one analysed."""
+    rows = list(rows)
+    sentiments = analyse_many(
+        [text for _, _, text in rows], [lang for _, lang, _ in rows], backend=backend
+    )
+    results: dict[str, EvalResult] = {}
+    for (label, language, text), sentiment in zip(rows, sentiments, strict=True):
+        result = results.setdefault(language, EvalResult(language))
+        result.n += 1
+        result.fallbacks += sentiment.backend != backend_name(backend)
+        result.correct += sentiment.label == label
+        escalated = sentiment.label == NEGATIVE
+        if label == NEGATIVE:
+            result.negatives += 1
+            result.negatives_escalated += escalated
+        else:
+            result.others += 1
+            result.others_escalated += escalated
+        if sentiment.label != label:
+            result.confusions.append((label, sentiment.label, sentiment.score, text))
+    return dict(sorted(results.items()))

@@ -37,6 +37,11 @@
     ".operator{background:#fff4d6}",
     ".note{align-self:center;color:#667085;font-size:12px;text-align:center}",
     ".error{color:#c0362c}",
+    ".pending{opacity:.6}",
+    ".failed{opacity:.6;text-decoration:line-through}",
+    ".divider{align-self:stretch;border-top:1px solid #d9dde5;padding-top:6px}",
+    ".interrupted{margin-top:4px;font-style:italic}",
+    ".head button:disabled{opacity:.5;cursor:default}",
     "form{display:flex;gap:6px;padding:8px;border-top:1px solid #e3e6ec}",
     "textarea{flex:1;resize:none;height:40px;padding:8px;border:1px solid #d9dde5;border-radius:8px;font-size:14px}",
     "form button,.more,.stop{border:0;border-radius:8px;background:#2f5bea;color:#fff;padding:0 12px;cursor:pointer}",
@@ -117,9 +122,18 @@
   var socket = null;
   var attempt = 0;
   var refused = false;
-  var bubbles = {};   // message id or reply id -> element
+  var connectedOnce = false; // a session was up before: a drop now is a reconnect
+  var ready = false;         // this socket's session is up: messages may be sent
+  var bubbles = {};          // message id ("m12") or reply id ("r11") -> element
+  var shownChat = null;      // the chat whose messages are on screen
   var firstId = null;
   var moreButton = null;
+  var outbox = [];           // messages typed before the session was up, oldest first
+  var pending = {};          // client id -> the visitor's bubble until the server has it
+  var streaming = {};        // reply ids being streamed now
+  var ended = false;         // the chat on screen has ended
+  var endNote = null;
+  var connectNote = null;
 
   function note(text, isError) {
     var node = el("div", "note" + (isError ? " error" : ""), text);
@@ -128,18 +142,34 @@
     return node;
   }
 
+  var MARKERS = {
+    stopped: "(stopped: this reply is incomplete)",
+    cut: "(cut off before the end: this reply is incomplete)"
+  };
+  function fill(node, message) {
+    node.innerHTML = message.html;  // sanitised by the server
+    if (MARKERS[message.interrupted]) {
+      node.appendChild(el("div", "note interrupted", MARKERS[message.interrupted]));
+    }
+  }
+
+  function messageNode(message) {
+    var node = el("div", "msg " + message.sender);
+    fill(node, message);
+    bubbles["m" + message.id] = node;
+    if (firstId === null || message.id < firstId) firstId = message.id;
+    return node;
+  }
+
   function renderMessage(message, prepend) {
     if (bubbles["m" + message.id]) return bubbles["m" + message.id];
-    var node = el("div", "msg " + message.sender);
-    node.innerHTML = message.html;  // sanitised by the server
-    bubbles["m" + message.id] = node;
+    var node = messageNode(message);
     if (prepend) {
       log.insertBefore(node, moreButton ? moreButton.nextSibling : log.firstChild);
     } else {
       log.appendChild(node);
       log.scrollTop = log.scrollHeight;
     }
-    if (firstId === null || message.id < firstId) firstId = message.id;
     return node;
   }
 
@@ -165,10 +195,71 @@
     return node;
   }
 
+  function setStreaming(replyId, on) {
+    if (on) streaming[replyId] = true; else delete streaming[replyId];
+    stopButton.classList.toggle("on", Object.keys(streaming).length > 0);
+  }
+
+  // A reply that finished while this widget was away: its bubble (partial or not yet shown)
+  // becomes the saved message, once.
+  function finishReply(replyId, message) {
+    var node = bubbles[replyId];
+    if (node && message && bubbles["m" + message.id] && bubbles["m" + message.id] !== node) {
+      node.remove();  // the saved message is on screen already
+      node = bubbles["m" + message.id];
+    } else if (node && message) {
+      fill(node, message);
+      bubbles["m" + message.id] = node;
+    } else if (message) {
+      node = renderMessage(message);
+    }
+    delete bubbles[replyId];
+    delete state.resume[replyId];
+    setStreaming(replyId, false);
+    save();
+    return node;
+  }
+
   var typingNote = null;
   function setTyping(on) {
     if (on && !typingNote) typingNote = note("Assistant is typing…");
     if (!on && typingNote) { typingNote.remove(); typingNote = null; }
+  }
+
+  function setConnectNote(text) {
+    if (connectNote) { connectNote.remove(); connectNote = null; }
+    if (text) connectNote = note(text);
+  }
+
+  function showEnded(satisfaction) {
+    ended = true;
+    endButton.disabled = true;
+    if (!endNote) {
+      endNote = note("This chat has ended. Write below to start a new conversation.");
+      endNote.classList.add("ended");
+    }
+    if (satisfaction) {
+      rate.classList.remove("on");
+      endNote.textContent = "This chat has ended. You rated it " + satisfaction +
+        " of 5. Write below to start a new conversation.";
+    } else {
+      rate.classList.add("on");
+    }
+  }
+
+  function clearEnded() {
+    ended = false;
+    endButton.disabled = false;
+    endNote = null;
+    rate.classList.remove("on");
+  }
+
+  function flushOutbox() {
+    while (ready && outbox.length) {
+      var item = outbox[0];
+      if (!sendFrame({ type: "message", content: item.content, client_id: item.clientId })) return;
+      outbox.shift();
+    }
   }
 
   var handlers = {
@@ -185,27 +276,60 @@
       if (frame.chat_id !== state.chat_id) { state.resume = {}; }
       state.chat_id = frame.chat_id;
       save();
-      var streaming = {};
-      Object.keys(state.resume).forEach(function (id) { if (bubbles[id]) streaming[id] = bubbles[id]; });
-      log.textContent = "";
-      bubbles = {};
-      firstId = null;
-      frame.messages.forEach(function (m) { renderMessage(m); });
-      showMore(frame.has_more);
-      Object.keys(streaming).forEach(function (id) {  // replies still streaming stay as they were
-        bubbles[id] = streaming[id];
-        log.appendChild(streaming[id]);
+      if (frame.chat_id !== shownChat) {
+        // Another chat than the one on screen (a page load, or ours expired): start afresh,
+        // keeping only bubbles of messages still waiting to be sent.
+        log.textContent = "";
+        bubbles = {};
+        streaming = {};
+        firstId = null;
+        endNote = null;
+        connectNote = null;
+        Object.keys(pending).forEach(function (id) { log.appendChild(pending[id]); });
+        shownChat = frame.chat_id;
+      }
+      var waiting = Object.keys(pending).map(function (id) { return pending[id]; });
+      frame.messages.forEach(function (m) {
+        var reply = m.sender === "assistant" && m.in_response_to ? "r" + m.in_response_to : null;
+        if (reply && bubbles[reply]) { finishReply(reply, m); return; }
+        var node = renderMessage(m);
+        // Messages missed while away go above the ones still being sent.
+        if (waiting.length && node.parentNode === log) log.insertBefore(node, waiting[0]);
       });
-      if (frame.status === "completed") { rate.classList.add("on"); note("This chat has ended. How did we do?"); }
+      // Bubbles of replies that are neither finished nor still resumable are dropped.
+      Object.keys(bubbles).forEach(function (id) {
+        if (id.charAt(0) === "r" && state.resume[id] === undefined) {
+          bubbles[id].remove();
+          delete bubbles[id];
+          setStreaming(id, false);
+        }
+      });
+      stopButton.classList.toggle("on", Object.keys(streaming).length > 0);
+      showMore(frame.has_more);
+      if (frame.status === "completed") showEnded(frame.satisfaction); else if (ended) clearEnded();
+      ready = true;
+      connectedOnce = true;
+      setConnectNote(null);
+      flushOutbox();
     },
     message: function (frame) {
       // The visitor's first message creates the chat; its acknowledgement names it, so a
       // reconnect (or a reload) resumes this chat.
       if (frame.chat_id && frame.chat_id !== state.chat_id) {
         state.chat_id = frame.chat_id;
+        state.resume = {};
         save();
       }
-      renderMessage(frame.message);
+      if (frame.chat_id) shownChat = frame.chat_id;
+      var mine = frame.client_id && pending[frame.client_id];
+      if (mine && !bubbles["m" + frame.message.id]) {
+        mine.replaceWith(messageNode(frame.message));
+      } else if (mine) {
+        mine.remove();
+      } else {
+        renderMessage(frame.message);
+      }
+      if (frame.client_id) delete pending[frame.client_id];
     },
     history: function (frame) {
       frame.messages.slice().reverse().forEach(function (m) { renderMessage(m, true); });
@@ -214,7 +338,7 @@
     typing: function (frame) { if (frame.from === "assistant") setTyping(true); },
     delta: function (frame) {
       setTyping(false);
-      stopButton.classList.add("on");
+      setStreaming(frame.reply_id, true);
       var node = replyBubble(frame.reply_id);
       node.appendChild(document.createTextNode(frame.text));
       state.resume[frame.reply_id] = frame.seq;
@@ -222,19 +346,31 @@
     },
     done: function (frame) {
       setTyping(false);
-      stopButton.classList.remove("on");
-      var node = replyBubble(frame.reply_id);
-      if (frame.message) {
-        node.innerHTML = frame.message.html;  // sanitised by the server
-        bubbles["m" + frame.message.id] = node;
-      }
-      if (frame.cancelled) node.appendChild(el("div", "note", "(stopped)"));
-      delete state.resume[frame.reply_id];
-      save();
+      var node = finishReply(frame.reply_id, frame.message);
+      if (!frame.message && node) node.remove();
+      log.scrollTop = log.scrollHeight;
     },
-    rated: function () { rate.classList.remove("on"); note("Thank you for your feedback!"); },
+    status: function (frame) {
+      if (frame.chat_id !== state.chat_id) return;  // about a chat no longer on screen
+      if (frame.status === "completed") showEnded(frame.satisfaction);
+    },
+    rated: function (frame) {
+      rate.classList.remove("on");
+      note("Thank you for your feedback!");
+      if (endNote) {
+        endNote.textContent = "This chat has ended. You rated it " + frame.score +
+          " of 5. Write below to start a new conversation.";
+      }
+    },
     error: function (frame) {
       var text = frame.message || "Something went wrong.";
+      var refusedBubble = frame.client_id && pending[frame.client_id];
+      if (refusedBubble) {  // that message was not saved: say so on it
+        refusedBubble.classList.remove("pending");
+        refusedBubble.classList.add("failed");
+        refusedBubble.title = "Not sent";
+        delete pending[frame.client_id];
+      }
       if (frame.code === "no_session") {
         state.chat_id = null;
         save();
@@ -255,6 +391,7 @@
   function connect() {
     var url = WS_BASE + "?key=" + encodeURIComponent(KEY) +
       (state.visitor ? "&visitor=" + encodeURIComponent(state.visitor) : "");
+    ready = false;
     socket = new WebSocket(url);
     socket.addEventListener("message", function (event) {
       var frame;
@@ -263,12 +400,15 @@
       if (handle) handle(frame);
     });
     socket.addEventListener("close", function (event) {
+      ready = false;
       setTyping(false);
       if (event.code === 1008) {  // policy: wrong key or origin; retrying won't help
         refused = true;
+        setConnectNote(null);
         note("Chat is not available on this site.", true);
         return;
       }
+      if (outbox.length) setConnectNote(connectedOnce ? "Reconnecting…" : "Connecting…");
       attempt += 1;
       var delay = Math.min(30000, 500 * Math.pow(2, attempt - 1));
       delay = delay * (0.7 + Math.random() * 0.6);
@@ -283,15 +423,29 @@
       input.focus();
     }
   });
+  var sequence = 0;
   form.addEventListener("submit", function (event) {
     event.preventDefault();
     var text = input.value;
-    if (!text.trim()) return;
-    if (sendFrame({ type: "message", content: text })) {
-      input.value = "";
-    } else {
-      note("Reconnecting… your message was not sent yet.", true);
+    if (!text.trim() || refused) return;
+    input.value = "";
+    stopTyping();
+    if (ended) {
+      // A new message after the end starts a new conversation: say so where it begins.
+      clearEnded();
+      var divider = note("New conversation");
+      divider.classList.add("divider");
     }
+    sequence += 1;
+    var clientId = "c" + Date.now().toString(36) + "-" + sequence;
+    var bubble = el("div", "msg visitor pending", text);
+    pending[clientId] = bubble;
+    log.appendChild(bubble);
+    log.scrollTop = log.scrollHeight;
+    outbox.push({ content: text, clientId: clientId });
+    if (ready) flushOutbox();
+    else setConnectNote(connectedOnce ? "Reconnecting… your message will be sent." :
+      "Connecting… your message will be sent.");
   });
   input.addEventListener("keydown", function (event) {
     if (event.key === "Enter" && !event.shiftKey) {
@@ -299,10 +453,23 @@
       form.requestSubmit();
     }
   });
+  // The console shows "Visitor is typing…" from the first key until the box empties, the
+  // message goes, or the visitor pauses.
   var lastTyping = 0;
+  var typingIdle = null;
+  function stopTyping() {
+    if (typingIdle === null) return;
+    clearTimeout(typingIdle);
+    typingIdle = null;
+    lastTyping = 0;
+    if (ready) sendFrame({ type: "typing", state: "stop" });
+  }
   input.addEventListener("input", function () {
+    if (!input.value) { stopTyping(); return; }
     var now = Date.now();
-    if (now - lastTyping > 3000) { lastTyping = now; sendFrame({ type: "typing" }); }
+    if (ready && now - lastTyping > 3000) { lastTyping = now; sendFrame({ type: "typing" }); }
+    clearTimeout(typingIdle);
+    typingIdle = setTimeout(stopTyping, 6000);
   });
   stopButton.addEventListener("click", function () { sendFrame({ type: "cancel" }); });
   endButton.addEventListener("click", function () { sendFrame({ type: "session_close" }); });

@@ -12,6 +12,7 @@ import itertools
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +21,10 @@ import dramatiq
 from dramatiq.brokers.stub import StubBroker
 from dramatiq.middleware import CurrentMessage, Middleware
 from flask import Flask, current_app
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import bindparam, func, select, update
 
 from events.dispatch import group_actor_name
-from events.outbox import prepare_commit
+from events.outbox import handler_transaction, prepare_commit
 from events.registry import BATCH_CACHE, Event, HandlerSpec, PeriodicSpec, TaskSpec, registry
 from extensions import db
 from models.base import utcnow
@@ -71,13 +72,21 @@ class AppContextMiddleware(Middleware):
 
 
 class SchedulerMiddleware(Middleware):
-    """Runs the periodic jobs inside `dramatiq` worker processes (production mode)."""
+    """Runs the scheduler inside `dramatiq` worker processes (production mode), but only in
+    those that consume a periodic job's queue: the `assistant` process (`--queues assistant`)
+    spends its threads on replies and schedules nothing. Of the processes that do, the one
+    holding the lease enqueues (Scheduler)."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
         self.scheduler: Scheduler | None = None
 
     def after_worker_boot(self, broker, worker):
+        consumed = worker.consumer_whitelist
+        queues = {spec.queue for spec in registry.periodic.values()}
+        if consumed is not None and not queues & set(consumed):
+            log.info("this worker consumes no periodic queue: no scheduler here")
+            return
         self.scheduler = Scheduler(self.app)
         self.scheduler.start()
 
@@ -249,7 +258,7 @@ def _run_group(group: str, event_pks: int | list[int]) -> None:
     A message carries one event id, or a list of them (the events of one commit, see
     events.dispatch._send)."""
     turns = tasks_state().sqlite_turns
-    with turns if turns is not None else contextlib.nullcontext():
+    with turns if turns is not None else contextlib.nullcontext(), handler_transaction():
         if isinstance(event_pks, int):
             _run_group_in_transaction(group, event_pks)
         elif not _run_batch_in_transaction(group, event_pks):
@@ -395,13 +404,54 @@ def _group_fn(group: str) -> Callable[[int | list[int]], None]:
 
 def _task_fn(spec: TaskSpec) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
+        message = CurrentMessage.get_current_message()
+        job_id = message.options.get("job") if message else None
         try:
-            return spec.fn(*args, **kwargs)
+            result = spec.fn(*args, **kwargs)
+        except BaseException as exc:  # a time limit interrupts with a BaseException
+            db.session.remove()
+            retries = message.options.get("retries", 0) if message else 0
+            if job_id and retries >= spec.max_retries:
+                _finish_job(job_id, spec.name, repr(exc)[:2000])
+            raise
         finally:
             db.session.remove()
+        if job_id:
+            _finish_job(job_id, spec.name)
+        return result
 
     run.__name__ = spec.name
     return run
+
+
+def _finish_job(job_id: str, name: str, error: str | None = None) -> None:
+    """Mark a job's outbox row done (the relay stops redelivering it); a job that gave up
+    also gets a failed ProcessedEvent record, so `flask events list --failed` shows it."""
+    from models.events import OutboxEvent
+
+    table = OutboxEvent.__table__
+    try:
+        with db.engine.begin() as conn:
+            pk = conn.execute(
+                update(table)
+                .where(table.c.event_id == uuid.UUID(job_id))
+                .values(status="done")
+                .returning(table.c.id)
+            ).scalar()
+            if pk is not None and error is not None:
+                conn.execute(
+                    _record_stmt(conn.dialect.name),
+                    {
+                        "event_id": pk,
+                        "handler": name,
+                        "status": "failed",
+                        "error": error,
+                        "processed_at": utcnow(),
+                    },
+                )
+                log.error("job %s (%s) gave up: %s", pk, name, error)
+    except Exception:  # noqa: BLE001 - the job ran; at worst the relay runs it again
+        log.exception("could not mark job %s (%s) done", job_id, name)
 
 
 def _actor(broker, name: str, fn, queue: str, spec) -> dramatiq.Actor:
@@ -461,12 +511,37 @@ class TaskState:
         return self.actors[name].send(*args, **kwargs)
 
 
+def periodic_actor_name(name: str) -> str:
+    return f"p_{name}"
+
+
+def periodic_interval(app: Flask, spec: PeriodicSpec) -> float:
+    """Seconds between a periodic job's ticks; 0 when it is off."""
+    if isinstance(spec.every, str):
+        return float(app.config.get(spec.every) or 0)
+    return float(spec.every)
+
+
 class Scheduler:
-    """Runs periodic jobs in a daemon thread. With Redis, a lock per job and tick makes each
-    tick run in one process even when many workers run a scheduler."""
+    """Enqueues the periodic jobs, and only that: each tick becomes a message to the job's
+    own actor (its queue, time limit and retries), so a slow device poll or archive sweep
+    never holds up the outbox relay's tick.
+
+    With Redis, one scheduler per deployment does the enqueuing: the one holding a lease
+    (SCHEDULER_LEASE_SECONDS, renewed while it lives, taken over by another when it lapses).
+    A per-job key for each tick also keeps a tick from being enqueued twice across a
+    takeover. Embedded, the one process's scheduler enqueues to its own worker threads."""
+
+    # Renew the lease only if this scheduler still holds it (atomically: another may have
+    # taken it over after it lapsed).
+    _RENEW = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+    )
 
     def __init__(self, app: Flask) -> None:
         self.app = app
+        self.owner = uuid.uuid4().hex
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._redis = None
@@ -474,11 +549,15 @@ class Scheduler:
             import redis
 
             self._redis = redis.Redis.from_url(app.config["REDIS_URL"], socket_timeout=5)
+        self._leased_until = 0.0
+        self._next_run: dict[str, float] = {}
+
+    @property
+    def lease_key(self) -> str:
+        return f"{self.app.config['REDIS_PREFIX']}scheduler:lease"
 
     def interval(self, spec: PeriodicSpec) -> float:
-        if isinstance(spec.every, str):
-            return float(self.app.config[spec.every])
-        return float(spec.every)
+        return periodic_interval(self.app, spec)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="scheduler", daemon=True)
@@ -488,8 +567,34 @@ class Scheduler:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+        if self._redis is not None:
+            with contextlib.suppress(Exception):  # let another take over at once
+                if self._redis.get(self.lease_key) == self.owner.encode():
+                    self._redis.delete(self.lease_key)
 
-    def _claim(self, spec: PeriodicSpec, interval: float) -> bool:
+    def holds_lease(self) -> bool:
+        """Take or renew the lease; True while this scheduler holds it."""
+        if self._redis is None:
+            return True
+        now = time.monotonic()
+        if now < self._leased_until - self.lease_seconds / 2:
+            return True  # renewed recently enough
+        ttl_ms = int(self.lease_seconds * 1000)
+        try:
+            held = bool(self._redis.set(self.lease_key, self.owner, nx=True, px=ttl_ms)) or bool(
+                self._redis.eval(self._RENEW, 1, self.lease_key, self.owner, ttl_ms)
+            )
+        except Exception as exc:  # noqa: BLE001 - no Redis, no ticks: the relay waits too
+            log.warning("scheduler lease unavailable: %s", exc)
+            held = False
+        self._leased_until = now + self.lease_seconds if held else 0.0
+        return held
+
+    @property
+    def lease_seconds(self) -> float:
+        return float(self.app.config["SCHEDULER_LEASE_SECONDS"])
+
+    def _claim_tick(self, spec: PeriodicSpec, interval: float) -> bool:
         if self._redis is None:
             return True
         key = f"{self.app.config['REDIS_PREFIX']}sched:{spec.name}"
@@ -499,26 +604,100 @@ class Scheduler:
             log.warning("scheduler lock unavailable (%s); skipping %s this tick", exc, spec.name)
             return False
 
-    def run_once(self, spec: PeriodicSpec) -> None:
-        with self.app.app_context():
-            try:
-                spec.fn()
-            except Exception:  # noqa: BLE001 - a failing job must not kill the scheduler
-                log.exception("periodic job %s failed", spec.name)
-            finally:
-                db.session.remove()
+    def enqueue(self, spec: PeriodicSpec) -> None:
+        actor = self.app.extensions["switchboard.tasks"].actors[periodic_actor_name(spec.name)]
+        try:
+            actor.send(time.time())
+        except Exception as exc:  # noqa: BLE001 - the next tick tries again
+            log.warning("could not enqueue periodic job %s: %s", spec.name, exc)
+
+    def tick(self) -> None:
+        """Enqueue every job whose time has come (if this scheduler holds the lease)."""
+        now = time.monotonic()
+        due = []
+        for name, spec in list(registry.periodic.items()):
+            interval = self.interval(spec)
+            if interval <= 0:
+                continue
+            if now >= self._next_run.get(name, now):
+                self._next_run[name] = now + interval
+                due.append((spec, interval))
+        if not due or not self.holds_lease():
+            return
+        for spec, interval in due:
+            if self._claim_tick(spec, interval):
+                self.enqueue(spec)
 
     def _loop(self) -> None:
-        next_run = {name: time.monotonic() for name in registry.periodic}
         while not self._stop.is_set():
-            now = time.monotonic()
-            for name, spec in list(registry.periodic.items()):
-                interval = self.interval(spec)
-                if now >= next_run.get(name, now):
-                    next_run[name] = now + interval
-                    if self._claim(spec, interval):
-                        self.run_once(spec)
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the scheduler must outlive any one failure
+                log.exception("scheduler tick failed")
             self._stop.wait(0.05)
+
+
+class PeriodicGuard:
+    """One run of a periodic job at a time, across the deployment: a tick that finds the
+    previous run still going is skipped (the job is due again next tick anyway), so a job
+    slower than its interval does not fill every worker thread with copies of itself."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self._local: dict[str, threading.Lock] = {}
+        self._redis = None
+        if app.config.get("REDIS_URL"):
+            import redis
+
+            self._redis = redis.Redis.from_url(app.config["REDIS_URL"], socket_timeout=5)
+
+    @contextlib.contextmanager
+    def running(self, spec: PeriodicSpec):
+        if self._redis is None:
+            lock = self._local.setdefault(spec.name, threading.Lock())
+            if not lock.acquire(blocking=False):
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                lock.release()
+            return
+        key = f"{self.app.config['REDIS_PREFIX']}running:{spec.name}"
+        token = uuid.uuid4().hex
+        # Held at most as long as the job may run: a killed worker's hold lapses by itself.
+        if not self._redis.set(key, token, nx=True, px=spec.time_limit_ms + 1000):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(Exception):
+                self._redis.eval(
+                    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+                    "return redis.call('del', KEYS[1]) else return 0 end",
+                    1,
+                    key,
+                    token,
+                )
+
+
+def _periodic_fn(app: Flask, spec: PeriodicSpec, guard: PeriodicGuard) -> Callable[[float], None]:
+    def run(scheduled_at: float) -> None:
+        interval = periodic_interval(app, spec)
+        message = CurrentMessage.get_current_message()
+        first_try = not (message and message.options.get("retries"))
+        if first_try and time.time() - scheduled_at > max(2 * interval, 60.0):
+            return  # a backlog's old tick: a newer one is queued behind it
+        try:
+            with guard.running(spec) as mine:
+                if mine:
+                    spec.fn()
+        finally:
+            db.session.remove()
+
+    run.__name__ = periodic_actor_name(spec.name)
+    return run
 
 
 def init_broker(app: Flask) -> TaskState:
@@ -563,6 +742,11 @@ def init_broker(app: Flask) -> TaskState:
         )
     for spec in registry.tasks.values():
         state.actors[spec.name] = _actor(broker, f"t_{spec.name}", _task_fn(spec), spec.queue, spec)
+    guard = PeriodicGuard(app)
+    for periodic_spec in registry.periodic.values():
+        name = periodic_actor_name(periodic_spec.name)
+        fn = _periodic_fn(app, periodic_spec, guard)
+        state.actors[name] = _actor(broker, name, fn, periodic_spec.queue, periodic_spec)
     app.extensions["switchboard.tasks"] = state
     return state
 

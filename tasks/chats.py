@@ -9,7 +9,7 @@ from flask import current_app
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import aliased
 
-from events import on_commit
+from events import enqueue
 from events.registry import Event, handler, periodic, task
 from extensions import db
 from models.chats import Agent, Chat, Message
@@ -21,9 +21,10 @@ from services.assistant import (
     is_configured,
     stream_reply,
 )
+from services.escalation import analysis_burst
 from services.kv import kv
 from services.notifications import notification_rule
-from services.sentiment import analyse
+from services.sentiment import analyse_many, backend_name, detect_language, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,14 @@ notification_rule(
     "escalation.triggered",
     type="escalation",
     recipients="tenant_admins",
-    title=lambda e: "A visitor is unhappy",
-    body=lambda e: e.payload.get("excerpt", ""),
+    title=lambda e: (
+        "A chat needs attention"
+        if str(e.payload.get("reason", "")).startswith("phrase:")
+        else "A visitor is unhappy"
+    ),
+    body=lambda e: " · ".join(
+        part for part in (e.payload.get("reason"), e.payload.get("excerpt", "")) if part
+    ),
     link=lambda e: f"/chats/{e.entity_id}",
     subject=lambda e: f"chat:{e.entity_id}",
 )
@@ -51,8 +58,24 @@ def analyse_sentiment(event: Event) -> None:
         return
     chat = db.session.get(Chat, message.chat_id)
     if chat is not None and not (chat.settings or {}).get("sentiment_analysis", True):
+        message.language = message.language or detect_language(message.content)
         return
-    chats.apply_sentiment(message, analyse(message.content))
+    # The model is asked once for a burst of messages (the visitor typed several before the
+    # first was analysed); the offline backends take one at a time, as cheap as it gets.
+    limit = current_app.config.get("SENTIMENT_LLM_BATCH", 20) if backend_name() == "llm" else 1
+    burst = analysis_burst(message, limit)
+    if not burst:
+        return  # another handler is analysing this message with its own burst
+    languages = [m.language or detect_language(m.content) for m in burst]
+    for analysed, sentiment in zip(
+        burst, analyse_many([m.content for m in burst], languages), strict=True
+    ):
+        chats.apply_sentiment(analysed, sentiment)
+
+
+# Replies name the visitor's language (services.assistant.build_messages): the language model
+# loads now, in the background, not on the way to a visitor's first reply.
+warm_up()
 
 
 # The fallback for the reply the web process sends itself right after the message commits
@@ -71,8 +94,7 @@ def start_auto_reply(event: Event) -> None:
         chats.reply_claim_key(message.id)
     ):
         return  # the web process that saved the message started the reply already
-    app = current_app._get_current_object()
-    on_commit(lambda: app.extensions["switchboard.tasks"].send("generate_reply", message.id))
+    enqueue("generate_reply", message.id)
 
 
 @handler("message.created", "message.updated", name="chat_live_messages", queue="chats")
@@ -164,6 +186,7 @@ def generate_reply(message_id: int) -> None:
 
     stream = chat_live.ReplyStream(tenant_id, chat_id, reply_id)
     stream.start()
+    interrupted = None  # or how the reply ended early: "stopped" or "cut" (see ReplyResult)
     if not is_configured():
         result_text, failed, usage, cancelled, ms = NOT_CONFIGURED_REPLY, True, None, False, 0
         stream.delta(result_text)
@@ -172,11 +195,11 @@ def generate_reply(message_id: int) -> None:
         started = time.monotonic()
         result = stream_reply(
             **request,
-            budget_seconds=cfg.get("CHAT_RESPONSE_TIMEOUT", 30),
             on_delta=stream.delta,
             should_cancel=lambda: kv().has_flag(cancel_key(reply_id)),
         )
         cancelled, usage, ms = result.cancelled, result.usage, result.processing_ms
+        interrupted = result.interrupted
         failed = result.failed and not result.cancelled
         result_text = result.content
         error_code = None
@@ -196,16 +219,25 @@ def generate_reply(message_id: int) -> None:
             in_response_to_id=message_id,
             usage=usage,
             processing_ms=ms,
+            interrupted=interrupted,
         )
     db.session.commit()
     stream.done(saved, usage=usage, cancelled=cancelled, error_code=error_code)
 
 
-@periodic("CHAT_ARCHIVE_INTERVAL", name="archive_inactive_chats")
+@periodic("CHAT_ARCHIVE_INTERVAL", name="archive_inactive_chats", time_limit_ms=900_000)
 def archive_inactive_chats() -> None:
-    candidates = chats.archive_candidates()
-    for chat_id in candidates.ids:
-        chat = db.session.get(Chat, chat_id)
-        if chat is not None:
-            chats.archive_chat(chat)
-            db.session.commit()
+    """Archive (and summarise) due chats a batch of ids at a time; each chat in short
+    transactions of its own around a model call made with none open."""
+    after_id = 0
+    while True:
+        candidates = chats.archive_candidates(limit=ARCHIVE_BATCH, after_id=after_id)
+        db.session.rollback()  # the read's transaction ends before any model call
+        for chat_id in candidates.ids:
+            chats.archive_if_still_due(chat_id, candidates.cutoff)
+        if len(candidates.ids) < ARCHIVE_BATCH:
+            return
+        after_id = candidates.ids[-1]
+
+
+ARCHIVE_BATCH = 50

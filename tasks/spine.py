@@ -8,6 +8,7 @@ from events.dispatch import relay
 from events.registry import periodic
 
 
-@periodic("EVENTS_RELAY_INTERVAL", name="relay_events")
+# A queue of its own, so that a backlog of other periodic jobs never delays it.
+@periodic("EVENTS_RELAY_INTERVAL", name="relay_events", queue="spine", time_limit_ms=30_000)
 def relay_events() -> None:
     relay(current_app._get_current_object())

@@ -28,6 +28,11 @@ class Script:
     trickle_seconds: float = 0.0
     # Structured JSON responses for non-streaming calls (e.g. sentiment or summaries).
     json_reply: str | None = None
+    # A stream that goes quiet mid-reply: after this many tokens, wait stall_mid_seconds.
+    stall_after_tokens: int = 0
+    stall_mid_seconds: float = 0.0
+    # Sent as Retry-After with the scripted failures (e.g. a 429's "2").
+    retry_after: str | None = None
 
 
 @dataclass
@@ -38,6 +43,7 @@ class Record:
     chunks_sent: int = 0
     client_gone: bool = False
     finished: bool = False
+    at: float = field(default_factory=time.monotonic)  # when the request came
 
 
 @dataclass
@@ -74,7 +80,12 @@ class FakeOpenAI:
                     if fail:
                         fake._failures += 1
                 if fail:
-                    self._json(fake.script.fail_status, {"error": {"message": "scripted failure"}})
+                    headers = {"Retry-After": fake.script.retry_after}
+                    self._json(
+                        fake.script.fail_status,
+                        {"error": {"message": "scripted failure"}},
+                        headers if fake.script.retry_after else None,
+                    )
                     return
                 if fake.script.stall_seconds and fake._stopping.wait(fake.script.stall_seconds):
                     return
@@ -104,9 +115,11 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     record.client_gone = True
 
-            def _json(self, status: int, data: dict) -> None:
+            def _json(self, status: int, data: dict, headers: dict | None = None) -> None:
                 payload = json.dumps(data).encode()
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -126,6 +139,10 @@ class FakeOpenAI:
                             delta["role"] = "assistant"
                         self._event(_chunk(body, delta))
                         record.chunks_sent += 1
+                        if index + 1 == fake.script.stall_after_tokens and fake._stopping.wait(
+                            fake.script.stall_mid_seconds
+                        ):
+                            return
                         if fake.script.chunk_delay:
                             time.sleep(fake.script.chunk_delay)
                     usage = {

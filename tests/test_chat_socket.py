@@ -97,7 +97,10 @@ def test_streamed_reply_arrives_in_order_and_is_saved(app, worker, upstream, con
     assert upstream.records[-1].authorization == "Bearer test-key"
     sent = upstream.records[-1].body
     assert sent["model"] == "fake-model" and sent["stream"] is True
-    assert sent["messages"][0] == {"role": "system", "content": "You help shoppers."}
+    # (followed by the reply-language instruction, in the visitor's language)
+    system = sent["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith("You help shoppers.\n\n")
+    assert "Always reply in English" in system["content"]
     assert sent["messages"][-1] == {"role": "user", "content": "When will my order ship?"}
 
 
@@ -345,7 +348,7 @@ def test_provider_errors_are_retried_then_fall_back(app, worker, upstream, conne
     assert len(upstream.records) == 3
 
     upstream.script.fail_first = 10_000  # now it never recovers
-    app.config["CHAT_RESPONSE_TIMEOUT"] = 1.5
+    app.config["CHAT_FIRST_TOKEN_TIMEOUT"] = 1.5
     client.send("message", content="Still there?")
     deltas, done = client.collect_reply()
     assert "unavailable" in done["message"]["html"]

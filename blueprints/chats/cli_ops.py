@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import sys
+import time
 import uuid
 from datetime import timedelta
 
@@ -16,6 +18,8 @@ from extensions import db
 from models.base import utcnow
 from models.chats import Chat, Message
 from services import chats as chat_service
+from services.assistant import is_configured
+from services.sentiment import BACKENDS, LABELS, backend_name, evaluate
 
 
 def _find_chat(ref: str) -> Chat | None:
@@ -167,10 +171,90 @@ def export_command(ref: str) -> None:
     db.session.commit()
 
 
+EVAL_COLUMNS = ("label", "lang", "text")
+
+
+def read_eval_rows(path: str, split: str | None) -> list[tuple[str, str, str]]:
+    """(label, language, text) rows of a labelled TSV file with a header line naming at least
+    the columns label, lang and text (a `split` column, if any, can select rows)."""
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+        missing = [c for c in EVAL_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise click.ClickException(
+                f"{path}: the first line must name the tab-separated columns label, lang and "
+                f"text (missing: {', '.join(missing)})."
+            )
+        if split and "split" not in reader.fieldnames:
+            raise click.ClickException(f"{path} has no `split` column to choose {split!r} from.")
+        rows = []
+        for number, row in enumerate(reader, 2):
+            label = (row.get("label") or "").strip().lower()
+            language = (row.get("lang") or "").strip().lower()
+            text = row.get("text") or ""
+            if not label and not text.strip():
+                continue  # a blank line
+            if label not in LABELS:
+                raise click.ClickException(
+                    f"{path}:{number}: label must be negative, neutral or positive, not {label!r}."
+                )
+            if not language or not text.strip():
+                raise click.ClickException(f"{path}:{number}: the lang and text are required.")
+            if split and (row.get("split") or "").strip() != split:
+                continue
+            rows.append((label, language, text))
+    if not rows:
+        raise click.ClickException(f"{path}: no labelled messages to evaluate.")
+    return rows
+
+
+@click.command("sentiment-eval")
+@click.argument("path", metavar="FILE.tsv", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    help="Score with this backend instead of SENTIMENT_BACKEND.",
+)
+@click.option("--compare", is_flag=True, help="Also print every other backend's figures.")
+@click.option("--split", help="Only the rows whose `split` column has this value.")
+@click.option("--confusions", is_flag=True, help="List the messages scored wrongly.")
+@with_appcontext
+def sentiment_eval_command(
+    path: str, backend: str | None, compare: bool, split: str | None, confusions: bool
+) -> None:
+    """Accuracy, escalation recall and false escalations per language on a labelled TSV file
+    (columns label, lang, text; label negative|neutral|positive). A message escalates when
+    the backend labels it negative; the last lines are one per language, for scripts."""
+    rows = read_eval_rows(path, split)
+    chosen = backend_name(backend)
+    others = [b for b in BACKENDS if b != chosen] if compare else []
+    if "llm" in others and not is_configured():
+        click.echo("backend=llm skipped: no OPENAI_API_KEY or OPENAI_BASE_URL is configured")
+        others.remove("llm")
+    for name in [*others, chosen]:
+        started = time.perf_counter()
+        results = evaluate(rows, backend=name)
+        elapsed_ms = (time.perf_counter() - started) * 1000 / len(rows)
+        click.echo(f"backend={name} ({elapsed_ms:.2f} ms a message)")
+        for result in results.values():
+            click.echo(
+                f"  {result.language}: {result.n} messages, accuracy {result.accuracy:.2f}, "
+                f"escalated {result.negatives_escalated}/{result.negatives} negatives, "
+                f"{result.others_escalated}/{result.others} others"
+                + (f" ({result.fallbacks} by the offline fallback)" if result.fallbacks else "")
+            )
+            if confusions:
+                for label, got, score, text in result.confusions:
+                    click.echo(f"    {label} -> {got} ({score:+.2f}): {text}")
+    for result in results.values():
+        click.echo(result.line())
+
+
 COMMANDS = [
     cleanup_command,
     validate_command,
     anonymize_command,
     archive_inactive_command,
     export_command,
+    sentiment_eval_command,
 ]

@@ -84,6 +84,7 @@ def index():
         "chats/index.html",
         "chats/_rows.html",
         chats=rows,
+        row_facts=chats.row_facts([c.id for c in rows]),
         next_before=next_before,
         filters=filters,
         agents=_agents(),

@@ -234,7 +234,11 @@ class ChatSocket:
             handler(frame)
         except ChatError as exc:
             db.session.rollback()
-            self.error(exc.code, exc.message, **exc.extra)
+            extra = dict(exc.extra)
+            client_id = frame.get("client_id")
+            if isinstance(client_id, str) and len(client_id) <= 128:
+                extra["client_id"] = client_id  # which of the widget's messages was refused
+            self.error(exc.code, exc.message, **extra)
         except ConnectionClosed:
             raise
         except Exception:  # noqa: BLE001
@@ -355,9 +359,14 @@ class ChatSocket:
             raise ChatError("no_session", "This chat is archived; start a new session.")
         sender = f"user:{self.user_id}" if self.user_id else f"visitor:{self.visitor_id}"
         chats.check_visitor_message_limits(
-            self.tenant_id, self.client_ip, sender, starts_chat=chat is None
+            self.tenant_id,
+            self.client_ip,
+            sender,
+            starts_chat=chat is None or chat.status == "completed",
         )
-        if chat is None:
+        if chat is None or chat.status == "completed":
+            # A chat that has ended is not silently reopened: the visitor's next message
+            # starts a new one (its ack names it; the widget marks where it begins).
             chat = chats.start_chat(
                 self.tenant_id,
                 visitor_id=self.visitor_id,
@@ -372,8 +381,6 @@ class ChatSocket:
                 self._subscribe(None)  # the chat was not saved: the next message starts one
                 raise
             return
-        if chat.status == "completed":
-            chat.status, chat.is_active = "active", True
         self._save_message(chat, content, frame)
 
     def _save_message(self, chat: Chat, content: str, frame: dict[str, Any]) -> None:
@@ -409,10 +416,13 @@ class ChatSocket:
             return  # nobody watches a chat that does not exist yet
         from services.live import publish
 
+        typing = frame.get("state") != "stop"  # the widget says "stop" when the box empties
         publish(
             chat_topic(chat.tenant_id, chat.id),
             f"typing-visitor-{chat.id}",
-            json_data={"type": "typing", "from": "visitor"},
+            # The console's pages swap HTML; the JSON is for other sockets of the chat.
+            html=chat_live.visitor_typing_slot(chat.id, typing),
+            json_data={"type": "typing", "from": "visitor", "typing": typing},
         )
 
     def on_cancel(self, frame: dict[str, Any]) -> None:
@@ -440,15 +450,8 @@ class ChatSocket:
             raise ChatError("no_chat", "There is no conversation to end yet.")
         chats.complete_chat(chat)
         db.session.commit()
-        self.send(
-            {
-                "type": "session",
-                "chat_id": self.chat_public_id,
-                "status": chat.status,
-                "messages": [],
-                "has_more": False,
-            }
-        )
+        # The transcript stays on the visitor's screen: this says only that the chat ended.
+        self.send(chat_live.status_json(chat))
 
     def on_history(self, frame: dict[str, Any]) -> None:
         chat = self._chat()

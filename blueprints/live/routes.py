@@ -2,7 +2,8 @@
 
 The socket first gets a snapshot of every topic (so a missed frame heals on reconnect), then
 the topics' frames, coalesced: frames that arrive within LIVE_COALESCE_MS of the last send go
-out as one message, and of several frames with the same key only the newest is sent.
+out as one message, coalesced by events.fanout.coalesce (replaces of one thing merge; appends
+never do).
 
 The process's broadcaster (events/fanout.py) writes the frames: each message is built and
 encoded once for every socket that shares it. The socket's own thread renders snapshots and
@@ -22,7 +23,7 @@ from flask import Flask, current_app, request
 from flask_login import current_user
 from simple_websocket import ConnectionClosed
 
-from events.fanout import wire_of
+from events.fanout import coalesce, take_queued, wire_of
 from extensions import db, sock
 from services.live import hub, pages, render_snapshot, verify_topics
 
@@ -133,7 +134,7 @@ def register_live_routes(app: Flask) -> None:
 
 def _relay_by_thread(ws, topics: list[str], user) -> None:
     """Serve one socket from its own thread (a socket the broadcaster cannot write to)."""
-    coalesce = current_app.config["LIVE_COALESCE_MS"] / 1000
+    window = current_app.config["LIVE_COALESCE_MS"] / 1000
     subscription = hub().subscribe(topics)
     try:
         ws.send(_snapshot(topics, user))
@@ -148,10 +149,10 @@ def _relay_by_thread(ws, topics: list[str], user) -> None:
             except queue.Empty:
                 _drain_incoming(ws)
                 continue
-            if coalesce > 0:
-                time.sleep(coalesce)
-            batch = subscription.drain({first.key: first})
-            html = "".join(f.html for f in batch.values() if f.html)
+            if window > 0:
+                time.sleep(window)
+            batch = coalesce([first, *take_queued(subscription)])
+            html = "".join(f.html for f in batch if f.html)
             if html:
                 ws.send(html)
             _drain_incoming(ws)

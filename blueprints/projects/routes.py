@@ -5,12 +5,12 @@ from sqlalchemy import select
 from blueprints import get_owned_or_404, is_partial_request, keyset_page, render, scoped
 from blueprints.projects import bp
 from blueprints.projects.forms import GenerateForm, ProjectForm
+from events import enqueue
 from extensions import db
 from models.projects import GeneratedProject, Project, ProjectFile, RepositoryExport
 from services import exports, projects
 from services.file_tree import highlighted
 from services.live import render_fragment, snapshot
-from tasks.broker import send
 
 
 @bp.get("/")
@@ -84,8 +84,9 @@ def generate(project_id: int):
         flash("Describe the project to generate (at most 4000 characters).", "error")
         return redirect(url_for("projects.detail", project_id=project.id), code=303)
     generated = projects.start_generation(project, form.prompt.data)
+    # In the same transaction: a broker outage at commit delays the generation, never loses it.
+    enqueue("generate_project", generated.id)
     db.session.commit()
-    send("generate_project", generated.id)
     return redirect(url_for("projects.detail", project_id=project.id), code=303)
 
 
@@ -144,12 +145,12 @@ def retry(generated_id: int):
     generated = get_owned_or_404(GeneratedProject, generated_id)
     try:
         retried = projects.retry_generation(generated.id)
+        enqueue("generate_project", retried.id)
         db.session.commit()
     except projects.TransitionError as exc:
         db.session.rollback()
         flash(str(exc), "error")
         return _back_to(generated)
-    send("generate_project", retried.id)
     flash(f"Generation #{retried.id} retries #{generated.id}.", "info")
     return redirect(url_for("projects.detail", project_id=generated.project_id), code=303)
 
@@ -175,12 +176,12 @@ def retry_export(export_id: int):
     generated = db.session.get(GeneratedProject, export_row.generated_project_id)
     try:
         exports.retry_export(export_row.id)
+        enqueue("build_export", export_row.id)
         db.session.commit()
     except exports.ExportError as exc:
         db.session.rollback()
         flash(str(exc), "error")
         return _back_to(generated)
-    send("build_export", export_row.id)
     flash(f"Building the {export_row.format} export again…", "info")
     return _back_to(generated)
 
@@ -191,12 +192,12 @@ def export(generated_id: int):
     generated = get_owned_or_404(GeneratedProject, generated_id)
     try:
         row = exports.request_export(generated, request.form.get("format", ""), current_user.id)
+        enqueue("build_export", row.id)
         db.session.commit()
     except exports.ExportError as exc:
         db.session.rollback()
         flash(str(exc), "error")
         return redirect(url_for("projects.detail", project_id=generated.project_id), code=303)
-    send("build_export", row.id)
     flash(f"Building the {row.format} export…", "info")
     return redirect(url_for("projects.detail", project_id=generated.project_id), code=303)
 
