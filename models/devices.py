@@ -86,6 +86,7 @@ class Device(Tracked, Timestamps, db.Model):
             "state",
             "offline_alerted_at",
             "offline_reminded_at",
+            "state_version",
         }
     )
     # api_device_id is unique per manufacturer *within a tenant*: two tenants may own
@@ -121,6 +122,10 @@ class Device(Tracked, Timestamps, db.Model):
     offline_reminded_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     # Battery bars / run time, RF and audio levels, frequency, channel name.
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Bumped by the poll in the transaction that applies what a receiver reported (fields,
+    # readings, online flag) and carried by the device.* events it emits, so a handler can
+    # tell an event older than the row (delivered late or again) and leave the row alone.
+    state_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     manufacturer: Mapped[Manufacturer] = relationship()
     location: Mapped[Optional[Location]] = relationship()

@@ -9,8 +9,12 @@ compares those reports with the tenant's devices and emits lifecycle events onto
     device.updated     changed fields, with old and new values
     device.synced      the run's counts, status, duration and error
 
-The handlers in tasks/devices.py apply them (mark devices, write the activity log, alert).
-The poll itself only keeps its own bookkeeping (missed polls, last seen).
+The poll applies what it observed to the device rows in the transaction that writes these
+events (fields, readings, online flag, and a new device when DEVICES_AUTO_PROVISION is on), and
+numbers each device's state (`Device.state_version`, carried by the events as `version`). It
+compares the next reports with that applied state, so a change is reported once however long
+the handlers take; and a handler (tasks/devices.py: activity log, readings, alerts, live
+cards) can tell an event older than the row, delivered late or again, and leave the row alone.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from flask import current_app
-from sqlalchemy import inspect, select, text, update
+from sqlalchemy import bindparam, inspect, select, text, update
 
 from events import emit
 from extensions import db
@@ -309,13 +313,14 @@ def _poll_service(tenant_id: int, service_code: str, *, progress=None) -> SyncRe
 
 
 def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport], progress) -> int:
-    """Turn one poll's reports into device bookkeeping and events.
+    """Turn one poll's reports into device changes and the events that describe them.
 
     Commits every DEVICES_POLL_COMMIT_EVERY reports rather than after each: a fleet's poll is
     hundreds of reports, and a commit (with its outbox dispatch) per report made a poll of
     700 devices take over half a minute. "Seen" timestamps of a batch are one UPDATE."""
     cfg = current_app.config
     misses_for_offline = cfg["DEVICES_OFFLINE_AFTER_MISSES"]
+    provision = bool(cfg["DEVICES_AUTO_PROVISION"])
     batch_size = max(1, cfg["DEVICES_POLL_COMMIT_EVERY"])
     manufacturer = db.session.scalar(select(Manufacturer).where(Manufacturer.code == service_code))
     # Plain copies of the rows: they outlive the batch commits, which expire ORM objects
@@ -334,14 +339,29 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
     seen: set[str] = set()
     answered: list[int] = []
     pending: list[DeviceReport] = []
+    provisioned: list[tuple[Device, DeviceReport]] = []
+    applied: list[dict[str, Any]] = []
 
     def commit_batch() -> None:
+        nonlocal events
+        if applied:
+            # One executemany of plain table UPDATEs: no record-change events (the device.*
+            # events describe these changes), and a device deleted meanwhile is no error. In
+            # id order, the order a handler batch's flush locks rows in.
+            applied.sort(key=lambda row: row["device_pk"])
+            db.session.execute(_APPLY_REPORT, applied)
+            applied.clear()
         if answered:
             db.session.execute(
                 update(Device).where(Device.id.in_(answered)).values(missed_polls=0, last_seen=now),
                 execution_options={"synchronize_session": False},
             )
             answered.clear()
+        if provisioned:
+            db.session.flush()  # their ids, for the events (one INSERT for the batch)
+            for device, report in provisioned:
+                events += _discovered(tenant_id, service_code, report, device)
+            provisioned.clear()
         db.session.commit()
         if progress:
             for done in pending:
@@ -353,43 +373,13 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
         seen.add(report.api_device_id)
         device = known.get(report.api_device_id)
         if device is None:
-            if report.online:
-                _event(
-                    "device.discovered",
-                    tenant_id,
-                    service_code,
-                    report.api_device_id,
-                    label=f"Discovered {report.kind} {report.name or report.api_device_id}",
-                    device=report.to_payload(),
-                )
-                events += 1
+            if report.online and provision:
+                provisioned.append((_provision(tenant_id, manufacturer.id, report, now), report))
+            elif report.online:
+                events += _discovered(tenant_id, service_code, report, None)
         elif report.online:
             answered.append(device.id)
-            if not device.is_online:
-                _event(
-                    "device.online",
-                    tenant_id,
-                    service_code,
-                    device.api_device_id,
-                    pk=device.id,
-                    kind=device.kind,
-                    label=f"{device.name} is online",
-                )
-                events += 1
-            old, new = _diff(device, report)
-            if new:
-                _event(
-                    "device.updated",
-                    tenant_id,
-                    service_code,
-                    device.api_device_id,
-                    pk=device.id,
-                    kind=device.kind,
-                    old=old,
-                    new=new,
-                    label=f"{device.name}: {', '.join(sorted(new))} changed",
-                )
-                events += 1
+            events += _apply_report(tenant_id, service_code, device, report, applied)
         else:
             events += _missed(tenant_id, service_code, device, misses_for_offline)
         pending.append(report)
@@ -400,6 +390,119 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
         if api_id not in seen:
             events += _missed(tenant_id, service_code, device, misses_for_offline)
     commit_batch()
+    return events
+
+
+READING_FIELDS = ("battery_bars", "battery_minutes", "rf_level", "audio_level")
+_APPLY_REPORT = (
+    Device.__table__.update()
+    .where(Device.__table__.c.id == bindparam("device_pk"))
+    .values({name: bindparam(name) for name in (*REPORTED_FIELDS, "state", "is_online")})
+    .values(state_version=bindparam("state_version"))
+)
+
+
+def _provision(tenant_id: int, manufacturer_id: int, report: DeviceReport, now) -> Device:
+    """A device for a report no known device matches, added to the poll's session (it is
+    created here, not by the discovery handler, so the next poll knows it however long the
+    handlers take)."""
+    device = Device(
+        tenant_id=tenant_id,
+        manufacturer_id=manufacturer_id,
+        api_device_id=report.api_device_id,
+        kind=report.kind or "receiver",
+        name=report.name or report.api_device_id,
+        model=report.model or "",
+        firmware=report.firmware or "",
+        ip_address=report.ip_address,
+        port=report.port,
+        location_id=report.location_id,
+        is_online=True,
+        last_seen=now,
+        state=dict(report.state),
+        state_version=1,
+    )
+    db.session.add(device)
+    return device
+
+
+def _discovered(
+    tenant_id: int, service_code: str, report: DeviceReport, device: Device | None
+) -> int:
+    """A discovery: of a device the poll has just provisioned, or (provisioning off) of one
+    the tenant does not have, which the handler logs as a warning."""
+    extra = {"pk": device.id, "version": device.state_version} if device is not None else {}
+    _event(
+        "device.discovered",
+        tenant_id,
+        service_code,
+        report.api_device_id,
+        label=f"Discovered {report.kind} {report.name or report.api_device_id}",
+        device=report.to_payload(),
+        provisioned=device is not None,
+        **extra,
+    )
+    return 1
+
+
+def _apply_report(
+    tenant_id: int,
+    service_code: str,
+    device: Any,
+    report: DeviceReport,
+    applied: list[dict[str, Any]],
+) -> int:
+    """Emit what an answering device's report changed (online, field diffs) under a new state
+    version, and add the row's new values to `applied` (written with the events)."""
+    went_online = not device.is_online
+    old, new = _diff(device, report)
+    if not went_online and not new:
+        return 0
+    version = (device.state_version or 0) + 1
+    state = dict(device.state or {})
+    state.update((name, value) for name, value in new.items() if name not in REPORTED_FIELDS)
+    # Every applied device's row gets the same columns, so a batch's are one executemany.
+    values: dict[str, Any] = {
+        **{name: new.get(name, getattr(device, name)) for name in REPORTED_FIELDS},
+        "state": state,
+        "is_online": True,
+        "state_version": version,
+    }
+    applied.append({"device_pk": device.id, **values})
+    events = 0
+    if went_online:
+        _event(
+            "device.online",
+            tenant_id,
+            service_code,
+            device.api_device_id,
+            pk=device.id,
+            kind=device.kind,
+            version=version,
+            label=f"{device.name} is online",
+        )
+        events += 1
+    if new:
+        data: dict[str, Any] = {"old": old, "new": new}
+        if any(name in new for name in READING_FIELDS):
+            # The readings as observed, for the charts: by the time the handler runs the
+            # row may hold a later observation.
+            data["reading"] = {name: state.get(name) for name in READING_FIELDS}
+        _event(
+            "device.updated",
+            tenant_id,
+            service_code,
+            device.api_device_id,
+            pk=device.id,
+            kind=device.kind,
+            version=version,
+            label=f"{device.name}: {', '.join(sorted(new))} changed",
+            **data,
+        )
+        events += 1
+    # The copy now holds what the row holds (should the poll look at the device again).
+    for name, value in values.items():
+        setattr(device, name, value)
     return events
 
 
@@ -459,23 +562,31 @@ def _qualified(api_id: str, report: DeviceReport) -> str:
 
 def _missed(tenant_id: int, service_code: str, device: Any, limit: int) -> int:
     misses = (device.missed_polls or 0) + 1
+    values: dict[str, Any] = {"missed_polls": Device.missed_polls + 1}
+    goes_offline = device.is_online and misses >= limit
+    if goes_offline:
+        version = (device.state_version or 0) + 1
+        values.update(is_online=False, state_version=version)
+        device.is_online, device.state_version = False, version
     db.session.execute(
-        update(Device).where(Device.id == device.id).values(missed_polls=Device.missed_polls + 1),
+        update(Device).where(Device.id == device.id).values(**values),
         execution_options={"synchronize_session": False},
     )
-    if device.is_online and misses >= limit:
-        _event(
-            "device.offline",
-            tenant_id,
-            service_code,
-            device.api_device_id,
-            pk=device.id,
-            kind=device.kind,
-            missed_polls=misses,
-            label=f"{device.name} is offline ({misses} missed polls)",
-        )
-        return 1
-    return 0
+    device.missed_polls = misses
+    if not goes_offline:
+        return 0
+    _event(
+        "device.offline",
+        tenant_id,
+        service_code,
+        device.api_device_id,
+        pk=device.id,
+        kind=device.kind,
+        version=device.state_version,
+        missed_polls=misses,
+        label=f"{device.name} is offline ({misses} missed polls)",
+    )
+    return 1
 
 
 def tenants_with_endpoints() -> list[tuple[int, str]]:

@@ -1,7 +1,11 @@
-"""Device lifecycle handlers: mark devices, write the activity log, alert, update pages live.
+"""Device lifecycle handlers: write the activity log, alert, update pages live.
 
-Every handler writes an ActivityLog row. Alerts go out as events with notification rules
-(tenant admins) — and, like every event, to matching webhooks.
+The poll has already applied what its events report to the device rows (services/devices.py);
+an event carries the state version it was applied under, and one older than the row (late, or
+delivered again) is logged as history but neither changes, shows nor alerts on the device. An
+event without a version (emitted by hand) is applied here. Every handler writes an ActivityLog
+row. Alerts go out as events with notification rules (tenant admins) — and, like every event,
+to matching webhooks.
 """
 
 from __future__ import annotations
@@ -134,6 +138,21 @@ def _unknown(event: Event, what: str) -> None:
     )
 
 
+def event_version(event: Event) -> int | None:
+    """The device state version a poll applied this event's change under; None for an event
+    the poll did not apply (emitted by hand, or queued by a release before versions), whose
+    change the handler applies itself."""
+    version = event.payload.get("version")
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def is_stale(event: Event, device: Device) -> bool:
+    """The row has moved on since this event (it arrives late, or again): what it says is
+    history for the log, not what the device is now, so it must not be shown or acted on."""
+    version = event_version(event)
+    return version is not None and version < (device.state_version or 0)
+
+
 def alerts_suppressed(device: Device) -> bool:
     location = db.session.get(Location, device.location_id) if device.location_id else None
     return device.maintenance_mode or bool(location and location.maintenance_mode)
@@ -148,6 +167,12 @@ def alerts_wanted(device: Device) -> bool:
 def on_discovered(event: Event) -> None:
     data = event.payload.get("device") or {}
     device = _device(event)
+    if event.payload.get("provisioned"):  # the poll created it
+        if device is None:
+            _unknown(event, "discovery")  # removed since
+        else:
+            _provisioned(event, device, data)
+        return
     if device is not None:
         log_activity(
             event, "discovery", f"Discovered {device.name} again (already known)", device=device
@@ -186,6 +211,10 @@ def on_discovered(event: Event) -> None:
     preloaded = _preloaded()
     if preloaded is not None:
         preloaded[_key(event)] = device  # for the batch's later events about it
+    _provisioned(event, device, data)
+
+
+def _provisioned(event: Event, device: Device, data: dict[str, Any]) -> None:
     log_activity(
         event,
         "discovery",
@@ -209,9 +238,12 @@ def on_online(event: Event) -> None:
     if device is None:
         _unknown(event, "online")
         return
-    old = "online" if device.is_online else "offline"
-    device.is_online = True
-    device.last_seen = max(device.last_seen or event.created_at, event.created_at)
+    if event_version(event) is None:
+        old = "online" if device.is_online else "offline"
+        device.is_online = True
+        device.last_seen = max(device.last_seen or event.created_at, event.created_at)
+    else:
+        old = "offline"  # the poll emits it on the transition only
     log_activity(
         event,
         "status",
@@ -220,6 +252,8 @@ def on_online(event: Event) -> None:
         operation="update",
         details={"old": {"status": old}, "new": {"status": "online"}},
     )
+    if is_stale(event, device):
+        return  # it went down again since: no recovery to announce, no card to show
     if device.offline_alerted_at is not None:
         down_for = event.created_at - device.offline_alerted_at
         emit(
@@ -245,8 +279,11 @@ def on_offline(event: Event) -> None:
     if device is None:
         _unknown(event, "offline")
         return
-    old = "online" if device.is_online else "offline"
-    device.is_online = False
+    if event_version(event) is None:
+        old = "online" if device.is_online else "offline"
+        device.is_online = False
+    else:
+        old = "online"  # the poll emits it on the transition only
     log_activity(
         event,
         "status",
@@ -260,6 +297,8 @@ def on_offline(event: Event) -> None:
             "missed_polls": event.payload.get("missed_polls"),
         },
     )
+    if is_stale(event, device):
+        return  # it answered again since: nothing to alert, no card to show
     if old == "online" and alerts_wanted(device):
         device.offline_alerted_at = event.created_at
         emit(
@@ -285,39 +324,48 @@ def on_updated(event: Event) -> None:
         _unknown(event, "update")
         return
     old, new = event.payload.get("old") or {}, event.payload.get("new") or {}
-    state = dict(device.state or {})
-    for name, value in new.items():
-        if name in device_service.REPORTED_FIELDS:
-            setattr(device, name, value)
-        else:
-            state[name] = value
-    device.state = state
+    reading = event.payload.get("reading")
+    if event_version(event) is None:
+        state = dict(device.state or {})
+        for name, value in new.items():
+            if name in device_service.REPORTED_FIELDS:
+                setattr(device, name, value)
+            else:
+                state[name] = value
+        device.state = state
+        reading = state
     log_activity(
         event,
         "update",
-        f"{device.name}: {', '.join(sorted(new))} changed",
+        # Named as the event saw it: a late one is about the device's name back then.
+        f"{new.get('name') or device.name}: {', '.join(sorted(new))} changed",
         device=device,
         operation="update",
         details={"old": old, "new": new},
     )
-    if any(k in new for k in ("battery_bars", "battery_minutes", "rf_level", "audio_level")):
+    if any(k in new for k in device_service.READING_FIELDS):
+        reading = reading or device.state or {}
         db.session.add(
             DeviceReading(
                 tenant_id=device.tenant_id,
                 device_id=device.id,
-                battery_bars=state.get("battery_bars"),
-                battery_minutes=state.get("battery_minutes"),
-                rf_level=state.get("rf_level"),
-                audio_level=state.get("audio_level"),
+                battery_bars=reading.get("battery_bars"),
+                battery_minutes=reading.get("battery_minutes"),
+                rf_level=reading.get("rf_level"),
+                audio_level=reading.get("audio_level"),
                 at=event.created_at,
             )
         )
+    # Alerts on what the event reports only while the device still reports it: an event
+    # that arrives after a newer one must not raise an alert the device has cleared since.
+    current = device.state or {}
     threshold = current_app.config["DEVICES_LOW_BATTERY_BARS"]
     bars, before = new.get("battery_bars"), old.get("battery_bars")
     if (
         isinstance(bars, int)
         and 0 <= bars <= threshold
         and (before is None or before > threshold or before == 255)
+        and _battery_low(current.get("battery_bars"), threshold)
         and not alerts_suppressed(device)
     ):
         emit(
@@ -333,9 +381,19 @@ def on_updated(event: Event) -> None:
                 "subject_suffix": "battery",
             },
         )
-    if new.get("interference") is True and old.get("interference") is not True:
-        alert_interference(event, device, state)
+    if (
+        new.get("interference") is True
+        and old.get("interference") is not True
+        and current.get("interference") is True
+    ):
+        alert_interference(event, device, current)
+    if is_stale(event, device):
+        return  # the card shows the row, and a later event's handler shows it
     publish_device(device)
+
+
+def _battery_low(bars: Any, threshold: int) -> bool:
+    return isinstance(bars, int) and 0 <= bars <= threshold
 
 
 def alert_interference(event: Event, device: Device, state: dict[str, Any]) -> None:
