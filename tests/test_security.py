@@ -20,7 +20,7 @@ from tests.helpers import Browserless, receive_until
 SITE = "http://fuzz.example"
 KNOWN_TYPES = ["session_init", "message", "typing", "session_close", "cancel", "history", "rate"]
 SERVER_TYPES = {"welcome", "session", "message", "delta", "done", "typing", "error", "history",
-                "rated", "closed", "notice"}  # fmt: skip
+                "rated", "closed", "notice", "status"}  # fmt: skip
 KNOWN_ERRORS = {
     "invalid_json",
     "unknown_type",
@@ -170,7 +170,7 @@ def _tenant_b_objects(app, db, runner) -> dict[str, int]:
     from sqlalchemy import select
 
     from models.chats import Agent as AgentModel
-    from models.chats import Chat
+    from models.chats import Chat, EscalationRule
     from models.devices import Device, Location
     from models.notifications import Notification
     from models.projects import GeneratedProject, Project, ProjectFile, RepositoryExport
@@ -201,6 +201,8 @@ def _tenant_b_objects(app, db, runner) -> dict[str, int]:
         attempt=1, succeeded=False, final=True,
     )  # fmt: skip
     db.session.add(delivery)
+    rule = EscalationRule(tenant_id=tenant_id, language="any", phrase="private phrase")
+    db.session.add(rule)
     db.session.commit()
 
     def first(model) -> int:
@@ -212,6 +214,7 @@ def _tenant_b_objects(app, db, runner) -> dict[str, int]:
         "device_id": first(Device),
         "location_id": first(Location),
         "notification_id": note.id,
+        "rule_id": rule.id,
         "project_id": first(Project),
         "generated_id": generated.id,
         "export_id": export.id,
