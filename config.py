@@ -230,6 +230,15 @@ class Config:
         self.CHAT_FIRST_TOKEN_TIMEOUT = _float("CHAT_FIRST_TOKEN_TIMEOUT", 30.0)
         self.CHAT_STREAM_IDLE_TIMEOUT = _float("CHAT_STREAM_IDLE_TIMEOUT", 20.0)
         self.CHAT_RESPONSE_MAX_SECONDS = _float("CHAT_RESPONSE_MAX_SECONDS", 100.0)
+        # A reply being written holds a lease (seconds) its process renews; a reply whose
+        # lease ran out (the process died) is started again by a sweep run this often
+        # (seconds; 0 turns it off), for visitor messages up to CHAT_REPLY_RESUME_WINDOW
+        # seconds old. A reply that cannot be saved (the database away) is retried for up
+        # to CHAT_REPLY_SAVE_RETRY_SECONDS.
+        self.CHAT_REPLY_LEASE_SECONDS = _float("CHAT_REPLY_LEASE_SECONDS", 15.0)
+        self.CHAT_REPLY_SWEEP_INTERVAL = _float("CHAT_REPLY_SWEEP_INTERVAL", 5.0)
+        self.CHAT_REPLY_RESUME_WINDOW = _float("CHAT_REPLY_RESUME_WINDOW", 600.0)
+        self.CHAT_REPLY_SAVE_RETRY_SECONDS = _float("CHAT_REPLY_SAVE_RETRY_SECONDS", 60.0)
         self.CHAT_SESSION_EXPIRY_HOURS = _float("CHAT_SESSION_EXPIRY_HOURS", 24.0)
         self.CHAT_INACTIVITY_HOURS = _float("CHAT_INACTIVITY_HOURS", 24.0)
         self.CHAT_ARCHIVE_INTERVAL = _float("CHAT_ARCHIVE_INTERVAL", 300.0)
@@ -250,6 +259,9 @@ class Config:
         self.DEVICES_OFFLINE_AFTER_MISSES = _int("DEVICES_OFFLINE_AFTER_MISSES", 3)
         self.DEVICES_AUTO_PROVISION = _bool("DEVICES_AUTO_PROVISION", False)
         self.DEVICES_ALERT_REMINDER_MINUTES = _float("DEVICES_ALERT_REMINDER_MINUTES", 30.0)
+        # A device answering again after an alerted outage is announced back only once it
+        # has answered this long; going down again meanwhile is the same outage (a flap).
+        self.DEVICES_RECOVERY_CONFIRM_SECONDS = _float("DEVICES_RECOVERY_CONFIRM_SECONDS", 60.0)
         self.DEVICES_LOW_BATTERY_BARS = _int("DEVICES_LOW_BATTERY_BARS", 1)
         # Reports a poll applies per commit (its events are dispatched at each commit).
         self.DEVICES_POLL_COMMIT_EVERY = _int("DEVICES_POLL_COMMIT_EVERY", 50)
@@ -322,6 +334,15 @@ class Config:
         self.DEMO_PASSWORD = _env("DEMO_PASSWORD", "switchboard-demo")
 
         self.TESTING = False
+
+    @property
+    def DEVICES_ALERT_CHECK_SECONDS(self) -> float:  # noqa: N802 - a setting's name
+        """How often the reminder / recovery job runs: a quarter of the shorter of the two
+        intervals it serves, between 1 and 15 s, so a reminder set below a minute is kept."""
+        reminder = self.DEVICES_ALERT_REMINDER_MINUTES * 60.0
+        confirm = self.DEVICES_RECOVERY_CONFIRM_SECONDS
+        shortest = min(reminder, confirm) if confirm > 0 else reminder
+        return min(15.0, max(1.0, shortest / 4.0))
 
 
 class TestConfig(Config):

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Optional
 
 from flask_login import UserMixin
-from sqlalchemy import Boolean, CheckConstraint, ForeignKey, Integer, String
+from sqlalchemy import Boolean, CheckConstraint, ForeignKey, Integer, String, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -59,6 +59,8 @@ class User(UserMixin, Tracked, Timestamps, db.Model):
     # Every session and remember cookie names the version it was issued under; bumping it
     # (sign out, sign out everywhere, deactivation) makes all of them stop working.
     session_version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # On duty: receives escalations of the tenant's chats (toggled on the account page).
+    on_duty: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     tenant: Mapped[Tenant] = relationship(back_populates="users")
 

@@ -62,6 +62,7 @@ class Chat(Tracked, Timestamps, db.Model):
         CheckConstraint("message_count >= 0", name="message_count_nonnegative"),
         Index("ix_chats_tenant_status_activity", "tenant_id", "status", "last_activity"),
         Index("ix_chats_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_chats_tenant_escalated", "tenant_id", "escalated_at"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -86,6 +87,14 @@ class Chat(Tracked, Timestamps, db.Model):
     satisfaction: Mapped[Optional[int]] = mapped_column(Integer)
     summary: Mapped[Optional[str]] = mapped_column(Text)
     archived_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    # The operator responsible for the chat (set when one takes it over); notified first.
+    assignee_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    # Set when a visitor message escalates; only an operator clears it (Resolve escalation):
+    # a later friendly message does not mean the problem was dealt with.
+    escalated_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    escalation_reason: Mapped[Optional[str]] = mapped_column(String(200))
 
     agent: Mapped[Optional[Agent]] = relationship()
     messages: Mapped[list[Message]] = relationship(

@@ -87,6 +87,8 @@ class Device(Tracked, Timestamps, db.Model):
             "offline_alerted_at",
             "offline_reminded_at",
             "state_version",
+            "flap_count",
+            "back_online_at",
         }
     )
     # api_device_id is unique per manufacturer *within a tenant*: two tenants may own
@@ -120,6 +122,11 @@ class Device(Tracked, Timestamps, db.Model):
     # When the current outage was alerted and last reminded (None while online).
     offline_alerted_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     offline_reminded_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    # An alerted outage stays open until the device has answered for
+    # DEVICES_RECOVERY_CONFIRM_SECONDS (from back_online_at); each drop meanwhile is a flap
+    # of the same outage, counted here rather than alerted again.
+    back_online_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
+    flap_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Battery bars / run time, RF and audio levels, frequency, channel name.
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Bumped by the poll in the transaction that applies what a receiver reported (fields,
@@ -129,6 +136,65 @@ class Device(Tracked, Timestamps, db.Model):
 
     manufacturer: Mapped[Manufacturer] = relationship()
     location: Mapped[Optional[Location]] = relationship()
+
+    @property
+    def availability(self) -> str:
+        """What the card says: "online"; "pending" (missing polls, not yet offline);
+        "tx_off" (its receiver answers and reports no transmitter); "unreachable" (a
+        transmitter whose receiver cannot be reached); "offline" (a receiver that cannot)."""
+        if self.is_online:
+            if self.kind == "transmitter" and (self.state or {}).get("tx_on") is False:
+                return "tx_off"
+            return "pending" if self.missed_polls else "online"
+        return "unreachable" if self.kind == "transmitter" else "offline"
+
+
+class MaintenanceWindow(db.Model):
+    """A scheduled time without alerts: for the tenant's devices at one location, one device,
+    or (neither given) all of them. Besides the manual flags on devices and locations."""
+
+    __tablename__ = "maintenance_windows"
+    __table_args__ = (
+        CheckConstraint("ends_at > starts_at", name="ends_after_start"),
+        Index("ix_maintenance_windows_tenant_ends", "tenant_id", "ends_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk(index=False)
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    ends_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    location_id: Mapped[Optional[int]] = mapped_column(
+        ForeignKey("locations.id", ondelete="CASCADE")
+    )
+    device_id: Mapped[Optional[int]] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    note: Mapped[str] = mapped_column(String(200), default="")
+
+    location: Mapped[Optional[Location]] = relationship()
+    device: Mapped[Optional[Device]] = relationship()
+
+
+class DiscoveredDevice(db.Model):
+    """A device a poll found that the tenant does not have, while auto-provisioning is off:
+    logged once when first found, listed until an admin adds it (or it is added otherwise)."""
+
+    __tablename__ = "discovered_devices"
+    __table_args__ = (UniqueConstraint("tenant_id", "manufacturer_id", "api_device_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk(index=False)
+    manufacturer_id: Mapped[int] = mapped_column(ForeignKey("manufacturers.id", ondelete="CASCADE"))
+    api_device_id: Mapped[str] = mapped_column(String(120))
+    kind: Mapped[str] = mapped_column(String(16), default="receiver")
+    name: Mapped[str] = mapped_column(String(120), default="")
+    model: Mapped[str] = mapped_column(String(120), default="")
+    ip_address: Mapped[Optional[str]] = mapped_column(String(64))
+    port: Mapped[Optional[int]] = mapped_column(Integer)
+    # The report as found (firmware, location, state), for the device an admin adds.
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    first_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    manufacturer: Mapped[Manufacturer] = relationship()
 
 
 class DeviceReading(db.Model):

@@ -37,9 +37,140 @@ from sqlalchemy import bindparam, inspect, select, text, update
 from events import emit
 from extensions import db
 from models.base import utcnow
-from models.devices import Device, DeviceEndpoint, Manufacturer, ServiceSyncLog
+from models.devices import (
+    Device,
+    DeviceEndpoint,
+    DiscoveredDevice,
+    Manufacturer,
+    ServiceSyncLog,
+)
 
 log = logging.getLogger(__name__)
+
+# The activity feed's live rows: the main feed's topic, and one per activity type (a page
+# filtered by type takes only its own). Routine rows (a poll's bookkeeping) are left out of
+# the main feed, on the page and live.
+ACTIVITY_TOPIC = "activity"
+ROUTINE_ACTIVITY_TYPES = ("sync",)
+ACTIVITY_TYPE_NAME = re.compile(r"[a-z_]{1,48}")
+
+
+ACTIVITY_PAGE_SIZE = 50  # rows a page of the activity feed shows
+
+
+def activity_type_topic(activity_type: str) -> str:
+    return f"activity-type-{activity_type}"
+
+
+def activity_topics(activity_type: str) -> list[str]:
+    """The live topics a new activity row of this type goes to."""
+    topics = [] if activity_type in ROUTINE_ACTIVITY_TYPES else [ACTIVITY_TOPIC]
+    if ACTIVITY_TYPE_NAME.fullmatch(activity_type):
+        topics.append(activity_type_topic(activity_type))
+    return topics
+
+
+def activity_pushed_out(tenant_id: int, topic: str, row_id: int) -> int | None:
+    """The row a page showing this topic's latest rows drops when row `row_id` arrives (the
+    page keeps its size): the one a page's length below it, among the rows the topic shows."""
+    from models.devices import ActivityLog
+
+    stmt = select(ActivityLog.id).where(
+        ActivityLog.tenant_id == tenant_id, ActivityLog.id <= row_id
+    )
+    if topic == ACTIVITY_TOPIC:
+        stmt = stmt.where(ActivityLog.activity_type.not_in(ROUTINE_ACTIVITY_TYPES))
+    else:
+        stmt = stmt.where(ActivityLog.activity_type == topic.removeprefix(activity_type_topic("")))
+    return db.session.scalar(
+        stmt.order_by(ActivityLog.id.desc()).offset(ACTIVITY_PAGE_SIZE).limit(1)
+    )
+
+
+def in_maintenance_window(device: Device, at) -> bool:
+    """A scheduled maintenance window covers the device at `at`: one for the device, its
+    location, or the whole tenant."""
+    from sqlalchemy import and_, or_
+
+    from models.devices import MaintenanceWindow
+
+    scope = [and_(MaintenanceWindow.location_id.is_(None), MaintenanceWindow.device_id.is_(None))]
+    scope.append(MaintenanceWindow.device_id == device.id)
+    if device.location_id is not None:
+        scope.append(MaintenanceWindow.location_id == device.location_id)
+    return (
+        db.session.scalar(
+            select(MaintenanceWindow.id)
+            .where(
+                MaintenanceWindow.tenant_id == device.tenant_id,
+                MaintenanceWindow.ends_at > at,
+                MaintenanceWindow.starts_at <= at,
+                or_(*scope),
+            )
+            .limit(1)
+        )
+        is not None
+    )
+
+
+@dataclass
+class Outage:
+    start: Any
+    end: Any | None  # None: still down
+
+    def seconds(self, now) -> float:
+        return ((self.end or now) - self.start).total_seconds()
+
+
+def downtime(device: Device, since, now) -> tuple[float | None, list[Outage]]:
+    """Uptime percentage since `since` and the outages in that time, newest first, read
+    from the device's status rows in the activity log (what the poll saw; a pending spell
+    of missed polls counts as up, as in Uptime Kuma). None when nothing is known."""
+    from models.devices import ActivityLog
+
+    rows = db.session.execute(
+        select(ActivityLog.created_at, ActivityLog.details)
+        .where(
+            ActivityLog.device_id == device.id,
+            ActivityLog.activity_type == "status",
+            ActivityLog.created_at >= since,
+        )
+        .order_by(ActivityLog.id)
+        .limit(10_000)
+    ).all()
+    before = db.session.execute(
+        select(ActivityLog.details)
+        .where(
+            ActivityLog.device_id == device.id,
+            ActivityLog.activity_type == "status",
+            ActivityLog.created_at < since,
+        )
+        .order_by(ActivityLog.id.desc())
+        .limit(1)
+    ).scalar()
+    known_from = since if before is not None else (rows[0][0] if rows else None)
+    if known_from is None:
+        return None, []
+    outages: list[Outage] = []
+    down_at = since if before is not None and _went_down(before) else None
+    for at, details in rows:
+        if _went_down(details):
+            down_at = down_at or at
+        elif down_at is not None:
+            outages.append(Outage(down_at, at))
+            down_at = None
+    if down_at is not None:
+        outages.append(Outage(down_at, None))
+    period = (now - known_from).total_seconds()
+    down = sum(o.seconds(now) for o in outages)
+    percent = round(100.0 * max(0.0, period - down) / period, 2) if period > 0 else None
+    return percent, list(reversed(outages))
+
+
+def _went_down(details: Any) -> bool:
+    new = (details or {}).get("new") if isinstance(details, dict) else None
+    return isinstance(new, dict) and new.get("status") in ("offline", "unreachable")
+
 
 # The device fields a report can change (state holds the live readings).
 REPORTED_FIELDS = ("name", "model", "firmware", "ip_address", "port", "kind")
@@ -334,6 +465,17 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
             )
         )
     }
+    # Devices found earlier and not added (auto-provisioning off): told once, when first
+    # found, not at every poll.
+    discovered = set(
+        db.session.scalars(
+            select(DiscoveredDevice.api_device_id).where(
+                DiscoveredDevice.tenant_id == tenant_id,
+                DiscoveredDevice.manufacturer_id == manufacturer.id,
+            )
+        )
+    )
+    found_again: list[str] = []
     now = utcnow()
     events = 0
     seen: set[str] = set()
@@ -357,6 +499,18 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
                 execution_options={"synchronize_session": False},
             )
             answered.clear()
+        if found_again:
+            db.session.execute(
+                update(DiscoveredDevice)
+                .where(
+                    DiscoveredDevice.tenant_id == tenant_id,
+                    DiscoveredDevice.manufacturer_id == manufacturer.id,
+                    DiscoveredDevice.api_device_id.in_(found_again),
+                )
+                .values(last_seen=now),
+                execution_options={"synchronize_session": False},
+            )
+            found_again.clear()
         if provisioned:
             db.session.flush()  # their ids, for the events (one INSERT for the batch)
             for device, report in provisioned:
@@ -369,13 +523,20 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
         pending.clear()
 
     reports = resolve_identities(reports, known)
+    # Receivers that answered this poll, by address: a transmitter of one of them that the
+    # poll does not mention is switched off (the receiver says so), not unreachable.
+    answering = {(r.ip_address, r.port) for r in reports if r.kind == "receiver" and r.online}
     for report in reports:
         seen.add(report.api_device_id)
         device = known.get(report.api_device_id)
         if device is None:
             if report.online and provision:
                 provisioned.append((_provision(tenant_id, manufacturer.id, report, now), report))
+            elif report.online and report.api_device_id in discovered:
+                found_again.append(report.api_device_id)
             elif report.online:
+                discovered.add(report.api_device_id)
+                db.session.add(_found(tenant_id, manufacturer.id, report, now))
                 events += _discovered(tenant_id, service_code, report, None)
         elif report.online:
             answered.append(device.id)
@@ -387,13 +548,34 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
             commit_batch()
     # Known devices no report mentions any more count as missed too.
     for api_id, device in known.items():
-        if api_id not in seen:
+        if api_id in seen:
+            continue
+        if device.kind == "transmitter" and (device.ip_address, device.port) in answering:
+            answered.append(device.id)
+            events += _apply_report(tenant_id, service_code, device, _switched_off(device), applied)
+        else:
             events += _missed(tenant_id, service_code, device, misses_for_offline)
     commit_batch()
     return events
 
 
 READING_FIELDS = ("battery_bars", "battery_minutes", "rf_level", "audio_level")
+
+
+def _switched_off(device: Any) -> DeviceReport:
+    """What an answering receiver tells of a channel without a transmitter: it is off, and
+    its last battery and levels are no longer readings (micboard shows such a slot as TX off,
+    apart from a receiver that cannot be reached)."""
+    return DeviceReport(
+        api_device_id=device.api_device_id,
+        kind=device.kind,
+        name=device.name,
+        ip_address=device.ip_address,
+        port=device.port,
+        state={"tx_on": False, **dict.fromkeys(READING_FIELDS)},
+    )
+
+
 _APPLY_REPORT = (
     Device.__table__.update()
     .where(Device.__table__.c.id == bindparam("device_pk"))
@@ -423,6 +605,45 @@ def _provision(tenant_id: int, manufacturer_id: int, report: DeviceReport, now) 
         state_version=1,
     )
     db.session.add(device)
+    return device
+
+
+def _found(tenant_id: int, manufacturer_id: int, report: DeviceReport, now) -> DiscoveredDevice:
+    return DiscoveredDevice(
+        tenant_id=tenant_id,
+        manufacturer_id=manufacturer_id,
+        api_device_id=report.api_device_id,
+        kind=report.kind or "receiver",
+        name=(report.name or report.api_device_id)[:120],
+        model=report.model or "",
+        ip_address=report.ip_address,
+        port=report.port,
+        report=report.to_payload(),
+        first_seen=now,
+        last_seen=now,
+    )
+
+
+def add_discovered(found: DiscoveredDevice) -> Device:
+    """The device an admin adds from a discovery (in the session, not committed); the
+    discovery is done with. The next poll applies what the device reports."""
+    data = found.report or {}
+    device = Device(
+        tenant_id=found.tenant_id,
+        manufacturer_id=found.manufacturer_id,
+        api_device_id=found.api_device_id,
+        kind=found.kind if found.kind in ("receiver", "transmitter") else "receiver",
+        name=found.name or found.api_device_id,
+        model=found.model or "",
+        firmware=str(data.get("firmware") or "")[:64],
+        ip_address=found.ip_address,
+        port=found.port,
+        location_id=data.get("location_id") if isinstance(data.get("location_id"), int) else None,
+        is_online=False,
+        state={},
+    )
+    db.session.add(device)
+    db.session.delete(found)
     return device
 
 
@@ -584,6 +805,8 @@ def _missed(tenant_id: int, service_code: str, device: Any, limit: int) -> int:
         kind=device.kind,
         version=device.state_version,
         missed_polls=misses,
+        # A transmitter is only ever reached through its receiver.
+        reason="receiver_unreachable" if device.kind == "transmitter" else "unreachable",
         label=f"{device.name} is offline ({misses} missed polls)",
     )
     return 1

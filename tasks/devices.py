@@ -73,9 +73,11 @@ def log_activity(
     db.session.add(row)
 
     def publish() -> None:  # once the row has its id (one flush for a batch's rows)
-        html = render_fragment("devices/_activity_push.html", a=row, device=device)
-        topic = tenant_topic(event.tenant_id, "activity")
-        publish_after_commit(topic, f"activity-{row.id}", html=html)
+        for name in device_service.activity_topics(activity_type):
+            drop = device_service.activity_pushed_out(event.tenant_id, name, row.id)
+            html = render_fragment("devices/_activity_push.html", a=row, drop_id=drop)
+            topic = tenant_topic(event.tenant_id, name)
+            publish_after_commit(topic, f"activity-{row.id}", html=html)
 
     before_commit(publish)
     return row
@@ -153,14 +155,17 @@ def is_stale(event: Event, device: Device) -> bool:
     return version is not None and version < (device.state_version or 0)
 
 
-def alerts_suppressed(device: Device) -> bool:
+def alerts_suppressed(device: Device, at=None) -> bool:
+    """Maintenance: the device's or its location's flag, or a scheduled window now."""
     location = db.session.get(Location, device.location_id) if device.location_id else None
-    return device.maintenance_mode or bool(location and location.maintenance_mode)
+    if device.maintenance_mode or bool(location and location.maintenance_mode):
+        return True
+    return device_service.in_maintenance_window(device, at or utcnow())
 
 
-def alerts_wanted(device: Device) -> bool:
+def alerts_wanted(device: Device, at=None) -> bool:
     location = db.session.get(Location, device.location_id) if device.location_id else None
-    return bool(location and location.alert_on_offline) and not alerts_suppressed(device)
+    return bool(location and location.alert_on_offline) and not alerts_suppressed(device, at)
 
 
 @handler("device.discovered", name="device_discovered", queue="devices", preload=preload_devices)
@@ -183,7 +188,7 @@ def on_discovered(event: Event) -> None:
             event,
             "discovery",
             f"Discovered unknown {data.get('kind', 'device')} {data.get('api_device_id')} "
-            f"({data.get('model') or 'unknown model'}); auto-provisioning is off",
+            f"({data.get('model') or 'unknown model'}), not added: auto-provisioning is off",
             status="warning",
             details=data,
         )
@@ -255,22 +260,37 @@ def on_online(event: Event) -> None:
     if is_stale(event, device):
         return  # it went down again since: no recovery to announce, no card to show
     if device.offline_alerted_at is not None:
-        down_for = event.created_at - device.offline_alerted_at
-        emit(
-            "device.recovered",
-            tenant_id=device.tenant_id,
-            entity="device",
-            entity_id=device.id,
-            payload={
-                "name": device.name,
-                "device_id": device.api_device_id,
-                "label": f"{device.name} recovered",
-                "detail": f"Back after {int(down_for.total_seconds() // 60)} min.",
-                "subject_suffix": f"recovered:{device.offline_alerted_at.isoformat()}",
-            },
-        )
-        device.offline_alerted_at = device.offline_reminded_at = None
+        if current_app.config["DEVICES_RECOVERY_CONFIRM_SECONDS"] > 0:
+            # Announced once it has stayed up (offline_reminders): a flap is no recovery.
+            device.back_online_at = event.created_at
+        else:
+            announce_recovery(device, event.created_at)
     publish_device(device)
+
+
+def announce_recovery(device: Device, at) -> None:
+    """The one "back online" of an alerted outage, with how often it flapped meanwhile."""
+    down_for = (device.back_online_at or at) - device.offline_alerted_at
+    flaps = device.flap_count or 0
+    detail = f"Back after {int(down_for.total_seconds() // 60)} min."
+    if flaps:
+        detail += f" It flapped {flaps} times before staying up."
+    emit(
+        "device.recovered",
+        tenant_id=device.tenant_id,
+        entity="device",
+        entity_id=device.id,
+        payload={
+            "name": device.name,
+            "device_id": device.api_device_id,
+            "label": f"{device.name} recovered",
+            "detail": detail,
+            "flaps": flaps,
+            "subject_suffix": f"recovered:{device.offline_alerted_at.isoformat()}",
+        },
+    )
+    device.offline_alerted_at = device.offline_reminded_at = device.back_online_at = None
+    device.flap_count = 0
 
 
 @handler("device.offline", name="device_offline", queue="devices", preload=preload_devices)
@@ -284,22 +304,35 @@ def on_offline(event: Event) -> None:
         device.is_online = False
     else:
         old = "online"  # the poll emits it on the transition only
+    # A transmitter is reached through its receiver: its receiver's outage is the one alert.
+    unreachable = device.kind == "transmitter"
+    flapping = device.offline_alerted_at is not None and not unreachable
+    summary = (
+        f"{device.name}: receiver unreachable"
+        if unreachable
+        else f"{device.name} is offline"
+        + (f" again (flap {(device.flap_count or 0) + 1})" if flapping else "")
+    )
     log_activity(
         event,
         "status",
-        f"{device.name} is offline",
+        summary,
         device=device,
         status="warning",
         operation="update",
         details={
             "old": {"status": old},
-            "new": {"status": "offline"},
+            "new": {"status": "unreachable" if unreachable else "offline"},
             "missed_polls": event.payload.get("missed_polls"),
         },
     )
     if is_stale(event, device):
         return  # it answered again since: nothing to alert, no card to show
-    if old == "online" and alerts_wanted(device):
+    if flapping and old == "online":
+        # Down again before its recovery was confirmed: the same outage, not a new alert.
+        device.flap_count = (device.flap_count or 0) + 1
+        device.back_online_at = None
+    elif old == "online" and not unreachable and alerts_wanted(device, event.created_at):
         device.offline_alerted_at = event.created_at
         emit(
             "device.offline_alert",
@@ -453,10 +486,24 @@ def poll_devices() -> None:
         device_service.poll_service(tenant_id, code)
 
 
-@periodic(60, name="device_offline_reminders")
+@periodic("DEVICES_ALERT_CHECK_SECONDS", name="device_offline_reminders")
 def offline_reminders() -> None:
-    every = timedelta(minutes=current_app.config["DEVICES_ALERT_REMINDER_MINUTES"])
+    """Remind of alerted outages still down; announce those back for long enough."""
+    cfg = current_app.config
+    every = timedelta(minutes=cfg["DEVICES_ALERT_REMINDER_MINUTES"])
+    confirm = timedelta(seconds=cfg["DEVICES_RECOVERY_CONFIRM_SECONDS"])
     now = utcnow()
+    back = db.session.scalars(
+        select(Device).where(
+            Device.is_online.is_(True),
+            Device.offline_alerted_at.is_not(None),
+            Device.back_online_at.is_not(None),
+            Device.back_online_at <= now - confirm,
+        )
+    ).all()
+    for device in back:
+        announce_recovery(device, now)
+        db.session.commit()
     rows = db.session.scalars(
         select(Device).where(Device.is_online.is_(False), Device.offline_alerted_at.is_not(None))
     ).all()

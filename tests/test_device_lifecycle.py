@@ -70,6 +70,8 @@ def _topics(db):
 
 def test_offline_then_online_marks_logs_alerts_and_recovers(app, db, worker, venue):
     tenant, device, decoy, _ = venue
+    # Recovery announced as soon as the device answers (flap damping: test_device_alerts.py).
+    app.config["DEVICES_RECOVERY_CONFIRM_SECONDS"] = 0
     _emit(db, "device.offline", tenant.id, "ULXD-1", missed_polls=3)
     drain(app)
     db.session.expire_all()

@@ -355,6 +355,8 @@ def test_dropped_receiver_goes_offline_after_missed_polls_alerts_and_recovers(
     app, db, worker, venue, fleet
 ):
     tenant, admin, _ = venue
+    # Recovery announced at once (confirmation and flaps: tests/test_device_alerts.py).
+    app.config["DEVICES_RECOVERY_CONFIRM_SECONDS"] = 0
     poll(app, db, tenant.id)
     down = fleet.receivers[0]
     down.drop()

@@ -194,7 +194,8 @@ def devices():
 @api_auth
 def activity_logs():
     stmt = select(ActivityLog).where(ActivityLog.tenant_id == g.api_user.tenant_id)
-    activity_type = request.args.get("activity_type")
+    # `type` is the activity page's name for the same filter.
+    activity_type = request.args.get("activity_type") or request.args.get("type")
     if activity_type:
         stmt = stmt.where(ActivityLog.activity_type == activity_type[:48])
     status = _choice("status", ACTIVITY_STATUSES)
@@ -211,7 +212,37 @@ def activity_logs():
         stmt = stmt.where(ActivityLog.created_at >= since)
     if until:
         stmt = stmt.where(ActivityLog.created_at < until)
-    return _page(stmt, ActivityLog.id, activity_json, "api.activity_logs")
+    return _activity_page(stmt)
+
+
+def _activity_page(stmt):
+    """Newest first, pages linked both ways: `next` (older rows, `cursor`) and `previous`
+    (newer rows, `after`), each a URL or null."""
+    limit = _int("limit", minimum=1, maximum=MAX_PAGE_SIZE) or PAGE_SIZE
+    after = _int("after")
+    cursor = None if after is not None else _cursor()
+    column = ActivityLog.id
+    if after is not None:
+        newer = list(
+            db.session.scalars(stmt.where(column > after).order_by(column.asc()).limit(limit + 1))
+        )
+        more_newer = len(newer) > limit
+        rows = list(reversed(newer[:limit]))
+        has_previous, has_next = more_newer, bool(rows)
+    else:
+        if cursor is not None:
+            stmt = stmt.where(column < cursor)
+        rows = list(db.session.scalars(stmt.order_by(column.desc()).limit(limit + 1)))
+        has_next = len(rows) > limit
+        rows = rows[:limit]
+        has_previous = cursor is not None and bool(rows)
+    args = {k: v for k, v in request.args.items() if k not in ("cursor", "after")}
+    next_url = previous_url = None
+    if has_next and rows:
+        next_url = url_for("api.activity_logs", _external=True, cursor=rows[-1].id, **args)
+    if has_previous and rows:
+        previous_url = url_for("api.activity_logs", _external=True, after=rows[0].id, **args)
+    return jsonify(results=[activity_json(r) for r in rows], next=next_url, previous=previous_url)
 
 
 @bp.get("/openapi.json")

@@ -113,7 +113,30 @@ def simulate_command(
 # ---------------------------------------------------------------- poll / sync
 
 
-def _run_polls(tenant_ref: str | None, service: str | None, verb: str, quiet: bool) -> None:
+def _poll_when_free(tenant_id: int, service_code: str, name: str, wait: float, progress):
+    """Poll once the running poll of the same tenant and service (a worker's, another
+    command's) has finished, waiting at most `wait` seconds; None if it never did."""
+    deadline = time.monotonic() + wait
+    said = False
+    while True:
+        result = device_service.poll_service(tenant_id, service_code, progress=progress)
+        if result.status != "skipped":
+            return result
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        if not said:
+            click.echo(
+                f"  Another poll of {service_code} for {name!r} is running; "
+                f"waiting up to {wait:g} s for it…"
+            )
+            said = True
+        time.sleep(min(0.25, left))
+
+
+def _run_polls(
+    tenant_ref: str | None, service: str | None, verb: str, quiet: bool, wait: float = 0.0
+) -> None:
     code = _service_code(service) if service else None
     tenant = _tenant(tenant_ref) if tenant_ref else None
     targets = [
@@ -142,9 +165,14 @@ def _run_polls(tenant_ref: str | None, service: str | None, verb: str, quiet: bo
                 failed.append(f"{service_code} @ {name}: {problem}")
                 continue
             click.echo(f"{verb.capitalize()}ing {service_code} for {name!r}…")
-            result = device_service.poll_service(
-                tenant_id, service_code, progress=None if quiet else progress
+            result = _poll_when_free(
+                tenant_id, service_code, name, wait, None if quiet else progress
             )
+            if result is None:
+                problem = f"another poll is still running after {wait:g} s; nothing was polled"
+                click.echo(f"  {service_code} @ {name}: {problem}.")
+                failed.append(f"{service_code} @ {name}: {problem}")
+                continue
             click.echo(
                 f"  {service_code} @ {name}: {result.device_count} devices, "
                 f"{result.online_count} online, {result.error_count} errors, "
@@ -168,6 +196,13 @@ _poll_options = [
     click.option("--tenant", "tenant_ref", help="Only this tenant (name or id)."),
     click.option("--service", help="Only this manufacturer service (e.g. shure)."),
     click.option("--quiet", "-q", is_flag=True, help="Only the summary lines."),
+    click.option(
+        "--wait",
+        type=click.FloatRange(0, 3600),
+        default=60.0,
+        show_default=True,
+        help="Seconds to wait for a poll already running (a worker's); then fail.",
+    ),
 ]
 
 
@@ -179,16 +214,16 @@ def _with_poll_options(fn):
 
 @devices_cli.command("poll")
 @_with_poll_options
-def poll_command(tenant_ref: str | None, service: str | None, quiet: bool) -> None:
+def poll_command(tenant_ref: str | None, service: str | None, quiet: bool, wait: float) -> None:
     """Poll every tenant's receivers once and apply what changed."""
-    _run_polls(tenant_ref, service, "poll", quiet)
+    _run_polls(tenant_ref, service, "poll", quiet, wait)
 
 
 @devices_cli.command("sync")
 @_with_poll_options
-def sync_command(tenant_ref: str | None, service: str | None, quiet: bool) -> None:
+def sync_command(tenant_ref: str | None, service: str | None, quiet: bool, wait: float) -> None:
     """Sync devices now: discover new ones, mark online/offline, record changes."""
-    _run_polls(tenant_ref, service, "sync", quiet)
+    _run_polls(tenant_ref, service, "sync", quiet, wait)
 
 
 # ---------------------------------------------------------------- endpoints

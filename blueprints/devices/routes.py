@@ -1,4 +1,4 @@
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 from flask import abort, flash, redirect, request, url_for
 from flask_login import current_user, login_required
@@ -15,17 +15,28 @@ from models.devices import (
     Device,
     DeviceEndpoint,
     DeviceReading,
+    DiscoveredDevice,
     Location,
+    MaintenanceWindow,
     Manufacturer,
 )
 from services.charts import Series, line_chart
-from services.devices import rf_percent
+from services.devices import (
+    ACTIVITY_PAGE_SIZE,
+    ACTIVITY_TOPIC,
+    ACTIVITY_TYPE_NAME,
+    ROUTINE_ACTIVITY_TYPES,
+    activity_type_topic,
+    add_discovered,
+    downtime,
+    rf_percent,
+)
 from services.live import render_fragment, snapshot
 from services.manufacturers import endpoints as endpoint_service
 
 # Cards per dashboard page; "Show more" loads the next page (keyset).
 DASHBOARD_PAGE = 120
-ACTIVITY_PAGE = 50
+ACTIVITY_PAGE = ACTIVITY_PAGE_SIZE  # what a live row's push trims the page back to
 
 
 def _locations():
@@ -124,9 +135,50 @@ def index():
         "devices/_grid.html",
         locations=locations,
         manufacturers=_manufacturers(),
+        discovered=_discovered() if current_user.is_admin else [],
         live_topics=["devices"],
         **context,
     )
+
+
+DISCOVERED_SHOWN = 50
+
+
+def _discovered() -> list[DiscoveredDevice]:
+    return list(
+        db.session.scalars(
+            select(DiscoveredDevice)
+            .where(DiscoveredDevice.tenant_id == current_user.tenant_id)
+            .order_by(DiscoveredDevice.first_seen.desc(), DiscoveredDevice.id.desc())
+            .limit(DISCOVERED_SHOWN)
+        )
+    )
+
+
+@bp.post("/discovered/<int:found_id>/add")
+@admin_required
+def add_discovered_device(found_id: int):
+    found = get_owned_or_404(DiscoveredDevice, found_id)
+    location_id = (found.report or {}).get("location_id")
+    if location_id is not None and not db.session.scalar(
+        select(Location.id).where(Location.id == location_id, Location.tenant_id == found.tenant_id)
+    ):
+        found.report = {**found.report, "location_id": None}
+    known = db.session.scalar(
+        select(Device.id).where(
+            Device.tenant_id == found.tenant_id,
+            Device.manufacturer_id == found.manufacturer_id,
+            Device.api_device_id == found.api_device_id,
+        )
+    )
+    if known is not None:  # added meanwhile (another admin, or provisioning turned on)
+        db.session.delete(found)
+        db.session.commit()
+        return redirect(url_for("devices.detail", device_id=known), code=303)
+    device = add_discovered(found)
+    db.session.commit()
+    flash(f"{device.name} added; the next poll fills in its state.", "info")
+    return redirect(url_for("devices.detail", device_id=device.id), code=303)
 
 
 @snapshot("devices")
@@ -180,13 +232,21 @@ def detail(device_id: int):
             ),
         ]
     )
+    now = datetime.now().astimezone()
+    uptime, outages = downtime(device, since, now)
     return render(
         "devices/detail.html",
         device=device,
         activity=activity,
         chart=chart,
+        uptime=uptime,
+        outages=outages[:OUTAGES_SHOWN],
+        now=now,
         live_topics=["devices"],
     )
+
+
+OUTAGES_SHOWN = 20
 
 
 def _activity_query(tenant_id: int):
@@ -199,6 +259,10 @@ def _activity_query(tenant_id: int):
     if args.get("type"):
         stmt = stmt.where(ActivityLog.activity_type == args["type"][:48])
         filters["type"] = args["type"][:48]
+    else:
+        # A poll's bookkeeping is a row every poll interval: the main feed leaves it out,
+        # the type filter shows it.
+        stmt = stmt.where(ActivityLog.activity_type.not_in(ROUTINE_ACTIVITY_TYPES))
     if args.get("status") in ACTIVITY_STATUSES:
         stmt = stmt.where(ActivityLog.status == args["status"])
         filters["status"] = args["status"]
@@ -263,8 +327,21 @@ def activity():
         errors=errors,
         types=sorted(types),
         statuses=ACTIVITY_STATUSES,
-        live_topics=["activity"],
+        live_topics=activity_live_topics(filters, before),
     )
+
+
+def activity_live_topics(filters: dict[str, str], before: int | None) -> list[str]:
+    """The live rows this view of the feed takes: the main feed's, or one type's; none for
+    an older page or a combination of filters no topic matches (reloading shows new rows)."""
+    if before is not None:
+        return []
+    if not filters:
+        return [ACTIVITY_TOPIC]
+    kind = filters.get("type", "")
+    if set(filters) == {"type"} and ACTIVITY_TYPE_NAME.fullmatch(kind):
+        return [activity_type_topic(kind)]
+    return []
 
 
 @snapshot("activity")
@@ -349,6 +426,7 @@ def settings():
     ).all()
     page = render(
         "devices/settings.html",
+        windows=_windows(tenant_id),
         location_form=location_form,
         endpoint_form=endpoint_form,
         device_form=device_form,
@@ -379,6 +457,86 @@ def update_location(location_id: int):
     location.maintenance_mode = request.form.get("maintenance_mode") == "1"
     db.session.commit()
     flash(f"{location.name} saved.", "info")
+    return redirect(url_for("devices.settings"), code=303)
+
+
+WINDOWS_SHOWN = 50
+
+
+def _windows(tenant_id: int) -> list[MaintenanceWindow]:
+    """Current and coming windows, soonest first."""
+    return list(
+        db.session.scalars(
+            select(MaintenanceWindow)
+            .where(
+                MaintenanceWindow.tenant_id == tenant_id,
+                MaintenanceWindow.ends_at > datetime.now().astimezone(),
+            )
+            .order_by(MaintenanceWindow.starts_at, MaintenanceWindow.id)
+            .limit(WINDOWS_SHOWN)
+        )
+    )
+
+
+def _utc_field(name: str, label: str, errors: list[str]) -> datetime | None:
+    raw = request.form.get(name, "").strip()
+    try:
+        if not raw:
+            return None
+        value = datetime.fromisoformat(raw)
+        # The form's fields are UTC; a value with its own offset is taken as it says.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except ValueError:
+        errors.append(f"{label} must be a date and time (YYYY-MM-DDTHH:MM, UTC).")
+        return None
+
+
+@bp.post("/maintenance-windows")
+@admin_required
+def add_maintenance_window():
+    tenant_id = current_user.tenant_id
+    errors: list[str] = []
+    starts = _utc_field("starts_at", "Start", errors)
+    ends = _utc_field("ends_at", "End", errors)
+    if not errors and (starts is None or ends is None):
+        errors.append("Give a start and an end.")
+    elif not errors and ends <= starts:
+        errors.append("The end must be after the start.")
+    location_id = _owned_location(parse_id(request.form.get("location_id") or ""))
+    device_id = parse_id(request.form.get("device_id") or "")
+    raw_device = (request.form.get("device_id") or "").strip()
+    if raw_device and (
+        device_id is None
+        or not db.session.scalar(
+            select(Device.id).where(Device.id == device_id, Device.tenant_id == tenant_id)
+        )
+    ):
+        errors.append(f"“{raw_device[:40]}” is not one of your device numbers.")
+    if errors:
+        for error in errors:
+            flash(error, "error")
+        return redirect(url_for("devices.settings"), code=303)
+    db.session.add(
+        MaintenanceWindow(
+            tenant_id=tenant_id,
+            starts_at=starts,
+            ends_at=ends,
+            location_id=location_id,
+            device_id=device_id,
+            note=(request.form.get("note") or "").strip()[:200],
+        )
+    )
+    db.session.commit()
+    flash("Maintenance window scheduled: no alerts for what it covers while it lasts.", "info")
+    return redirect(url_for("devices.settings"), code=303)
+
+
+@bp.post("/maintenance-windows/<int:window_id>/delete")
+@admin_required
+def delete_maintenance_window(window_id: int):
+    db.session.delete(get_owned_or_404(MaintenanceWindow, window_id))
+    db.session.commit()
+    flash("Maintenance window removed.", "info")
     return redirect(url_for("devices.settings"), code=303)
 
 
