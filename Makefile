@@ -22,7 +22,8 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(BIN)/flask --app wsgi db upgrade
-	$(BIN)/flask --app wsgi demo load
+# Quiet: `flask serve` prints the demo login once, next to the address.
+	$(BIN)/flask --app wsgi demo load >/dev/null
 	SESSION_COOKIE_SECURE=$${SESSION_COOKIE_SECURE:-0} DEVICES_AUTO_PROVISION=$${DEVICES_AUTO_PROVISION:-1} \
 		DEVICES_SIMULATOR_RECEIVERS=$${DEVICES_SIMULATOR_RECEIVERS:-4} \
 		$(BIN)/flask --app wsgi serve --host $(HOST) --port $(PORT)

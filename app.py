@@ -265,6 +265,10 @@ def _register_hooks(app: Flask) -> None:
 
     app.jinja_env.filters["rf_percent"] = rf_percent
     app.jinja_env.filters["audio_percent"] = audio_percent
+    from services.charts import as_utc
+
+    # Timestamps go to the page as UTC instants; static/js/console.js shows them locally.
+    app.jinja_env.filters["utc"] = as_utc
 
     @app.context_processor
     def inject_globals() -> dict[str, Any]:

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from markupsafe import Markup, escape
 from sqlalchemy import case, func, select
 
 from events.outbox import before_commit
 from events.registry import batch_cache
 from extensions import db
 from models.metrics import MetricCounter
+from services.charts import bar_chart, share_bar
 
 CHATS_CREATED = "chats_created_total"
 MESSAGES_CREATED = "messages_created_total"
@@ -464,87 +464,10 @@ def generations_by_outcome(tenant_id: int, start: date, end: date) -> dict[str, 
     return dict(totals)
 
 
-# ---------------------------------------------------------------- SVG charts
+# ---------------------------------------------------------------- the Metrics page
 
 
-PALETTE = {
-    "chats": "#3b6fd8",
-    "messages": "#1f9d74",
-    "positive": "#1f9d74",
-    "neutral": "#98a2b3",
-    "negative": "#d64545",
-    "completed": "#1f9d74",
-    "failed": "#d64545",
-    "online": "#1f9d74",
-    "offline": "#d0d5dd",
-}
-
-
-def bar_chart(
-    days: list[date], values: list[float], color: str, title: str, width: int = 640, height=180
-) -> Markup:
-    """Daily bars with the maximum and the first/last day labelled."""
-    if not days or not any(values):
-        return Markup(f'<p class="empty">No {escape(title.lower())} in this range yet.</p>')
-    pad = 28
-    inner_w, inner_h = width - 2 * pad, height - 2 * pad
-    top = max(values) or 1
-    slot = inner_w / len(days)
-    bar = max(slot * 0.7, 1.0)
-    parts = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
-        f'aria-label="{escape(title)} per day" xmlns="http://www.w3.org/2000/svg">',
-        f'<rect x="{pad}" y="{pad}" width="{inner_w}" height="{inner_h}" fill="#fafbfc" '
-        'stroke="#e3e6ec"/>',
-    ]
-    for i, (day, value) in enumerate(zip(days, values, strict=True)):
-        h = inner_h * value / top
-        x = pad + i * slot + (slot - bar) / 2
-        parts.append(
-            f'<rect x="{x:.1f}" y="{pad + inner_h - h:.1f}" width="{bar:.1f}" height="{h:.1f}" '
-            f'fill="{color}"><title>{day:%Y-%m-%d}: {value:g}</title></rect>'
-        )
-    parts.append(
-        f'<text x="{pad}" y="{pad - 8}" font-size="12" fill="{color}">'
-        f"{escape(title)} (max {top:g}/day, total {sum(values):g})</text>"
-        f'<text x="{pad}" y="{height - 8}" font-size="11" fill="#667085">{days[0]:%Y-%m-%d}</text>'
-        f'<text x="{width - pad}" y="{height - 8}" font-size="11" fill="#667085" '
-        f'text-anchor="end">{days[-1]:%Y-%m-%d}</text></svg>'
-    )
-    return Markup("".join(parts))
-
-
-def share_bar(parts_in: Iterable[tuple[str, float]], title: str, width: int = 640) -> Markup:
-    """One horizontal bar split into shares, with a legend underneath."""
-    items = [(name, value) for name, value in parts_in if value > 0]
-    total = sum(value for _, value in items)
-    if not total:
-        return Markup(f'<p class="empty">No {escape(title.lower())} yet.</p>')
-    height, pad, bar_h = 70, 8, 28
-    inner_w = width - 2 * pad
-    parts = [
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" role="img" '
-        f'aria-label="{escape(title)}" xmlns="http://www.w3.org/2000/svg">'
-    ]
-    x = float(pad)
-    legend_x = pad
-    for name, value in items:
-        w = inner_w * value / total
-        color = PALETTE.get(name, "#667085")
-        share = 100 * value / total
-        parts.append(
-            f'<rect x="{x:.1f}" y="{pad}" width="{w:.1f}" height="{bar_h}" fill="{color}">'
-            f"<title>{escape(name)}: {value:g} ({share:.0f}%)</title></rect>"
-        )
-        parts.append(
-            f'<rect x="{legend_x}" y="{pad + bar_h + 14}" width="10" height="10" fill="{color}"/>'
-            f'<text x="{legend_x + 14}" y="{pad + bar_h + 23}" font-size="12" fill="#344054">'
-            f"{escape(name)} {value:g} ({share:.0f}%)</text>"
-        )
-        x += w
-        legend_x += 170
-    parts.append("</svg>")
-    return Markup("".join(parts))
+PALETTE = {"chats": "#3b6fd8", "messages": "#1f9d74"}
 
 
 def dashboard(tenant_id: int, days: int) -> dict[str, object]:
@@ -574,8 +497,10 @@ def dashboard(tenant_id: int, days: int) -> dict[str, object]:
             "devices": total,
             "active_chats": active_chats_by_tenant().get(tenant_id, 0),
         },
-        "chats_chart": bar_chart(axis, chat_values, PALETTE["chats"], "Chats"),
-        "messages_chart": bar_chart(axis, message_values, PALETTE["messages"], "Messages"),
+        "chats_chart": bar_chart(axis, chat_values, PALETTE["chats"], "Chats", "chats"),
+        "messages_chart": bar_chart(
+            axis, message_values, PALETTE["messages"], "Messages", "messages"
+        ),
         "sentiment_chart": share_bar(ordered_mix, "Analysed messages"),
         "devices_chart": share_bar([("online", on), ("offline", total - on)], "Devices"),
         "generations_chart": share_bar(

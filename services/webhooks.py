@@ -59,7 +59,12 @@ USER_AGENT = "Switchboard-Webhooks/1.0"
 EXCLUDED_TOPICS = ("webhook_delivery.*",)
 
 MAX_TOPICS = 50
-_TOPIC_RE = re.compile(r"^[A-Za-z0-9_.*?\[\]!-]{1,80}$")
+# Topics are `<entity>.<action>` in lower case (chat.created, device_record.updated). A pattern
+# is such a name with shell wildcards (*, ?, [abc], [!abc]) in its parts, or one part that has
+# a * (`*`, `chat*`); anything else could never match and is refused when it is entered.
+_TOPIC_PART = r"(?:[a-z0-9_*?-]|\[!?[a-z0-9_-]+\])+"
+_TOPIC_RE = re.compile(rf"^(?:{_TOPIC_PART}(?:\.{_TOPIC_PART})+|[a-z0-9_?-]*\*[a-z0-9_*?-]*)$")
+MAX_TOPIC_LENGTH = 80
 
 
 # ---------------------------------------------------------------- validation
@@ -102,8 +107,11 @@ def parse_topics(raw: str) -> list[str]:
     for part in re.split(r"[,\s]+", raw or ""):
         if not part:
             continue
-        if not _TOPIC_RE.match(part):
-            raise ValueError(f"Not a topic pattern: {part[:80]!r}.")
+        if len(part) > MAX_TOPIC_LENGTH or not _TOPIC_RE.match(part):
+            raise ValueError(
+                f"“{part[:MAX_TOPIC_LENGTH]}” is not a topic pattern: use entity.action in lower "
+                "case, such as chat.created or device.*, or * for every event."
+            )
         if part not in topics:
             topics.append(part)
     if len(topics) > MAX_TOPICS:

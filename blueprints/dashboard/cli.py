@@ -24,11 +24,29 @@ def serve_command(host: str, port: int) -> None:
         else:
             click.echo("Production mode: run `dramatiq tasks.worker` for the worker processes.")
         click.echo(f"Switchboard on http://{host}:{port}/")
-        click.echo(f"Log in as {app.config['DEMO_EMAIL']} / {app.config['DEMO_PASSWORD']}")
+        if _demo_login_exists(app):
+            click.echo(f"Log in as {app.config['DEMO_EMAIL']} / {app.config['DEMO_PASSWORD']}")
         run_simple(host, port, app, threaded=True, use_reloader=False, use_debugger=False)
     finally:
         if fleet is not None:
             fleet.stop()
+
+
+def _demo_login_exists(app) -> bool:
+    """Only a login that works is printed (none on a server without the demo data)."""
+    from sqlalchemy import select
+
+    from extensions import db
+    from models.accounts import User
+
+    with app.app_context():
+        try:
+            return (
+                db.session.scalar(select(User.id).where(User.email == app.config["DEMO_EMAIL"]))
+                is not None
+            )
+        finally:
+            db.session.remove()
 
 
 def _start_simulated_receivers(app):

@@ -13,27 +13,33 @@ from services.file_tree import highlighted
 from services.live import render_fragment, snapshot
 
 
-@bp.get("/")
-@login_required
-def index():
+def _index_page(form: ProjectForm, status: int = 200):
     stmt = scoped(select(Project), Project)
     rows, next_before = keyset_page(stmt, Project.id, current_app.config["LIST_PAGE_SIZE"])
-    return render(
+    response = render(
         "projects/index.html",
         "projects/_rows.html",
         projects=rows,
         next_before=next_before,
-        form=ProjectForm(),
+        form=form,
     )
+    response.status_code = status
+    return response
+
+
+@bp.get("/")
+@login_required
+def index():
+    return _index_page(ProjectForm())
 
 
 @bp.post("/")
 @login_required
 def create():
     form = ProjectForm()
+    # An invalid form comes back as it was typed, with the errors beside the fields.
     if not form.validate_on_submit():
-        flash("A project needs a name (at most 120 characters).", "error")
-        return redirect(url_for("projects.index"), code=303)
+        return _index_page(form, 422)
     try:
         project = projects.create_project(
             current_user.tenant_id,
@@ -43,23 +49,28 @@ def create():
         )
     except ValueError as exc:
         db.session.rollback()
-        flash(str(exc), "error")
-        return redirect(url_for("projects.index"), code=303)
+        form.name.errors = [*form.name.errors, str(exc)]
+        return _index_page(form, 422)
     db.session.commit()
     return redirect(url_for("projects.detail", project_id=project.id), code=303)
+
+
+def _detail_page(project: Project, form: GenerateForm, status: int = 200):
+    response = render(
+        "projects/detail.html",
+        project=project,
+        generations=projects.project_generations(project),
+        form=form,
+        live_topics=[f"project:{project.id}"],
+    )
+    response.status_code = status
+    return response
 
 
 @bp.get("/<int:project_id>")
 @login_required
 def detail(project_id: int):
-    project = get_owned_or_404(Project, project_id)
-    return render(
-        "projects/detail.html",
-        project=project,
-        generations=projects.project_generations(project),
-        form=GenerateForm(),
-        live_topics=[f"project:{project.id}"],
-    )
+    return _detail_page(get_owned_or_404(Project, project_id), GenerateForm())
 
 
 @snapshot("project")
@@ -81,8 +92,7 @@ def generate(project_id: int):
     project = get_owned_or_404(Project, project_id)
     form = GenerateForm()
     if not form.validate_on_submit():
-        flash("Describe the project to generate (at most 4000 characters).", "error")
-        return redirect(url_for("projects.detail", project_id=project.id), code=303)
+        return _detail_page(project, form, 422)
     generated = projects.start_generation(project, form.prompt.data)
     # In the same transaction: a broker outage at commit delays the generation, never loses it.
     enqueue("generate_project", generated.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flask import abort, flash, redirect, request, url_for
 from flask_login import current_user
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from blueprints import admin_required, get_owned_or_404, keyset_page, render, scoped
 from blueprints.webhooks import bp
@@ -122,10 +122,31 @@ def rotate_secret(endpoint_id: int):
     return redirect(url_for("webhooks.detail", endpoint_id=endpoint.id), code=303)
 
 
+def _confirm_delete_page(endpoint: WebhookEndpoint):
+    deliveries = db.session.scalar(
+        select(func.count())
+        .select_from(WebhookDelivery)
+        .where(
+            WebhookDelivery.endpoint_id == endpoint.id,
+            WebhookDelivery.tenant_id == current_user.tenant_id,
+        )
+    )
+    return render("webhooks/delete.html", webhook=endpoint, deliveries=deliveries)
+
+
+@bp.get("/<int:endpoint_id>/delete")
+@admin_required
+def confirm_delete(endpoint_id: int):
+    return _confirm_delete_page(get_owned_or_404(WebhookEndpoint, endpoint_id))
+
+
 @bp.post("/<int:endpoint_id>/delete")
 @admin_required
 def delete(endpoint_id: int):
     endpoint = get_owned_or_404(WebhookEndpoint, endpoint_id)
+    if request.form.get("confirm") != "delete":
+        # Only the confirmation page's button deletes: anything else gets the question.
+        return _confirm_delete_page(endpoint)
     db.session.delete(endpoint)
     db.session.commit()
     flash("Webhook endpoint deleted.", "info")

@@ -670,6 +670,21 @@ class FleetChances:
     down_ticks: tuple[int, int] = (2, 6)  # …for this many ticks
 
 
+def _port_if_free(host: str, port: int) -> int:
+    """`port` when it can be listened on now, else 0 (any free port)."""
+    if not 0 < port < 65536:
+        return 0
+    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+    except OSError:
+        return 0
+    finally:
+        probe.close()
+    return port
+
+
 class Fleet:
     """N simulated receivers with a seeded life of their own."""
 
@@ -683,9 +698,11 @@ class Fleet:
         host: str = "127.0.0.1",
         chances: FleetChances | None = None,
         device_ids: list[str] | None = None,
+        ports: list[int] | None = None,
     ) -> None:
         """`models` and `device_ids` name the first receivers' models and ids in turn (models
-        cycle); the rest get seeded models and "SIM-<tag>-NN" ids."""
+        cycle); the rest get seeded models and "SIM-<tag>-NN" ids. `ports` are the first
+        receivers' preferred ports: one that is taken is replaced by a free one."""
         self.seed = seed
         self.rng = random.Random(seed)
         self.chances = chances or FleetChances()
@@ -700,6 +717,7 @@ class Fleet:
         self.rng.shuffle(names)
         pool = models or list(FLEET_MODELS)
         self.receivers: list[SimulatedReceiver] = []
+        ports = ports or []
         try:
             for index in range(receivers):
                 model = pool[index % len(pool)] if models else self.rng.choice(pool)
@@ -714,6 +732,7 @@ class Fleet:
                             else f"SIM-{tag}-{index + 1:02d}"
                         ),
                         host=host,
+                        port=_port_if_free(host, ports[index] if index < len(ports) else 0),
                         channel_names=channel_names,
                         seed=self.rng.getrandbits(32),
                     )
@@ -830,6 +849,7 @@ def attach_endpoints(
 
 
 DEMO_SEED = 2202
+DEMO_HOST = "127.0.0.1"
 
 
 def start_demo_fleet(app, receivers: int) -> Fleet | None:
@@ -853,8 +873,22 @@ def start_demo_fleet(app, receivers: int) -> Fleet | None:
         location = db.session.scalar(
             select(Location).where(Location.tenant_id == tenant.id).order_by(Location.id)
         )
+        from models.devices import DeviceEndpoint
         from services.demo import DEMO_RECEIVERS
 
+        # The last run's addresses, in the order they were made: listening on them again
+        # keeps Device settings to one endpoint per receiver instead of a new set per restart.
+        previous_ports = list(
+            db.session.scalars(
+                select(DeviceEndpoint.port)
+                .where(
+                    DeviceEndpoint.tenant_id == tenant.id,
+                    DeviceEndpoint.host == DEMO_HOST,
+                    DeviceEndpoint.enabled.is_(True),
+                )
+                .order_by(DeviceEndpoint.id)
+            )
+        )
         # Its first receivers are the demo's own devices (`flask demo load` made their rows),
         # so the dashboard shows them come online rather than sit there never seen.
         fleet = Fleet(
@@ -863,6 +897,8 @@ def start_demo_fleet(app, receivers: int) -> Fleet | None:
             tick=5.0,
             models=[model for _, model in DEMO_RECEIVERS],
             device_ids=[device_id for device_id, _ in DEMO_RECEIVERS],
+            host=DEMO_HOST,
+            ports=previous_ports,
         )
         try:
             attach_endpoints(
