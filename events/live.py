@@ -8,6 +8,11 @@ Two transports with one interface:
 A `Hub` per web process fans frames out to local `Subscription`s; with Redis it runs one
 reader thread for all topics subscribed in this process rather than one Redis connection per
 browser. Frames are JSON: {"key": ..., "html": ...} (an OOB fragment) or {"key", "json"}.
+
+A reader that may have missed frames marks its subscriptions `overflowed`, and their sockets
+re-snapshot (pages) or catch up from the stream (the widget): when a frame's number in its
+topic skips (trimmed away, Redis restarted empty), when Redis was unreachable for a while
+(publishes then failed unseen), or when it could not even find a new topic's position.
 """
 
 from __future__ import annotations
@@ -105,9 +110,21 @@ class MemoryBus:
         return True
 
 
-def _stream_id(frame_id: str) -> tuple[int, int]:
-    ms, _, seq = frame_id.partition("-")
-    return int(ms), int(seq or 0)
+# Each frame carries its number in its topic (field "n"), counted in Redis in the same step
+# as the XADD: a reader that sees a number other than the one after the last it saw knows it
+# missed frames (Redis restarted empty, the stream was trimmed past it) and re-snapshots.
+_XADD_NUMBERED = """
+local n = redis.call('INCR', KEYS[2])
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'd', ARGV[1], 'n', n)
+"""
+
+
+def _number_of(fields: dict) -> int | None:
+    raw = fields.get(b"n") or fields.get("n")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 class RedisBus:
@@ -119,13 +136,17 @@ class RedisBus:
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=3)
         self.prefix = prefix
         self.maxlen = maxlen
+        self._xadd_numbered = self.redis.register_script(_XADD_NUMBERED)
 
     def _key(self, topic: str) -> str:
         return self.prefix + topic
 
+    def _number_key(self, topic: str) -> str:
+        return self.prefix.rstrip(":") + "-n:" + topic
+
     def publish(self, topic: str, data: str) -> str:
-        frame_id = self.redis.xadd(
-            self._key(topic), {"d": data}, maxlen=self.maxlen, approximate=True
+        frame_id = self._xadd_numbered(
+            keys=[self._key(topic), self._number_key(topic)], args=[data, self.maxlen]
         )
         return frame_id.decode() if isinstance(frame_id, bytes) else frame_id
 
@@ -133,17 +154,32 @@ class RedisBus:
         """Several frames in one round trip (a pipeline, in order; not a transaction)."""
         pipe = self.redis.pipeline(transaction=False)
         for topic, data in frames:
-            pipe.xadd(self._key(topic), {"d": data}, maxlen=self.maxlen, approximate=True)
+            self._xadd_numbered(
+                keys=[self._key(topic), self._number_key(topic)],
+                args=[data, self.maxlen],
+                client=pipe,
+            )
         pipe.execute()
 
     def last_id(self, topic: str) -> str:
+        return self.last_position(topic)[0]
+
+    def last_position(self, topic: str) -> tuple[str, int | None]:
+        """The id and number of the topic's newest frame ("0-0" and 0 for an empty topic)."""
         items = self.redis.xrevrange(self._key(topic), count=1)
         if not items:
-            return "0-0"
-        frame_id = items[0][0]
-        return frame_id.decode() if isinstance(frame_id, bytes) else frame_id
+            return "0-0", 0
+        frame_id, fields = items[0]
+        frame_id = frame_id.decode() if isinstance(frame_id, bytes) else frame_id
+        return frame_id, _number_of(fields)
 
     def read(self, positions: dict[str, str], block_ms: int = 0) -> list[tuple[str, str, str]]:
+        return [entry[:3] for entry in self.read_numbered(positions, block_ms)]
+
+    def read_numbered(
+        self, positions: dict[str, str], block_ms: int = 0
+    ) -> list[tuple[str, str, str, int | None]]:
+        """Like read(), each frame with its number in its topic (None if it has none)."""
         if not positions:
             time.sleep(block_ms / 1000)
             return []
@@ -156,15 +192,9 @@ class RedisBus:
             for frame_id, fields in entries:
                 frame_id = frame_id.decode() if isinstance(frame_id, bytes) else frame_id
                 raw = fields.get(b"d") or fields.get("d")
-                out.append((topic, frame_id, raw.decode() if isinstance(raw, bytes) else raw))
+                text = raw.decode() if isinstance(raw, bytes) else raw
+                out.append((topic, frame_id, text, _number_of(fields)))
         return out
-
-    def first_id(self, topic: str) -> str | None:
-        items = self.redis.xrange(self._key(topic), count=1)
-        if not items:
-            return None
-        frame_id = items[0][0]
-        return frame_id.decode() if isinstance(frame_id, bytes) else frame_id
 
     def ping(self) -> bool:
         return bool(self.redis.ping())
@@ -218,7 +248,10 @@ class Hub:
         self.buffer = buffer  # frames a subscription holds before it counts as overflowed
         self._lock = threading.Lock()
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
-        self._positions: dict[str, str] = {}
+        # Where the reader is in each topic's stream (None: not known yet, Redis was away),
+        # and the number of the last frame it saw there (None: unknown).
+        self._positions: dict[str, str | None] = {}
+        self._numbers: dict[str, int | None] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         if isinstance(bus, MemoryBus):
@@ -230,7 +263,15 @@ class Hub:
             for topic in sub.topics:
                 if topic not in self._positions and not isinstance(self.bus, MemoryBus):
                     # Start from the stream's current end: the caller sends a snapshot next.
-                    self._positions[topic] = self.bus.last_id(topic)
+                    try:
+                        position, number = self.bus.last_position(topic)
+                    except Exception as exc:  # noqa: BLE001 - Redis away: found out later
+                        # The reader looks the end up once Redis answers and then has the
+                        # subscription catch up (it cannot know what it missed meanwhile).
+                        log.warning("live bus unreachable subscribing to %s: %s", topic, exc)
+                        position, number = None, None
+                    self._positions[topic] = position
+                    self._numbers[topic] = number
                 self._subs[topic].add(sub)
         if not isinstance(self.bus, MemoryBus):
             self._ensure_reader()
@@ -245,6 +286,16 @@ class Hub:
                     if not subs:
                         del self._subs[topic]
                         self._positions.pop(topic, None)
+                        self._numbers.pop(topic, None)
+
+    def _mark_behind(self, topics: Iterable[str]) -> None:
+        """Frames of these topics may have been missed: their subscribers re-snapshot."""
+        with self._lock:
+            subs = {sub for topic in topics for sub in self._subs.get(topic, ())}
+        for sub in subs:
+            sub.overflowed = True
+            if sub.notify is not None:
+                sub.notify()
 
     def subscriber_count(self) -> int:
         with self._lock:
@@ -273,49 +324,64 @@ class Hub:
 
     def _read_loop(self) -> None:
         backoff = 0.5
+        failed = False
         while not self._stop.is_set():
-            with self._lock:
-                positions = dict(self._positions)
-            if not positions:
-                self._stop.wait(0.05)
-                continue
             try:
+                self._resolve_positions()
+                with self._lock:
+                    positions = {t: p for t, p in self._positions.items() if p is not None}
+                if not positions:
+                    self._stop.wait(0.05)
+                    continue
                 # A short block so topics subscribed meanwhile join the next read quickly.
-                entries = self.bus.read(positions, block_ms=200)
+                entries = self.bus.read_numbered(positions, block_ms=200)
                 backoff = 0.5
             except Exception as exc:  # noqa: BLE001 - Redis away: keep positions, retry
                 log.warning("live bus read failed (%s); retrying in %.1fs", exc, backoff)
+                failed = True
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10)
                 continue
-            self._detect_gaps(positions, entries)
-            for topic, frame_id, data in entries:
+            if failed:
+                # Frames published while Redis was away were lost with their publish, which
+                # no number reveals: every page and widget here catches up.
+                failed = False
                 with self._lock:
-                    if topic in self._positions:
-                        self._positions[topic] = frame_id
-                self._deliver(topic, frame_id, data)
+                    everything = list(self._subs)
+                self._mark_behind(everything)
+            self._handle(entries)
 
-    def _detect_gaps(self, positions: dict[str, str], entries) -> None:
-        """Mark subscriptions overflowed when the stream was trimmed past our position.
+    def _handle(self, entries: list[tuple[str, str, str, int | None]]) -> None:
+        """Deliver frames read from the bus. A frame whose number is not the one after the
+        last seen in its topic means frames were missed (trimmed away before this reader got
+        to them, or lost with a Redis restarted empty): that topic's subscribers re-snapshot."""
+        gaps = set()
+        for topic, frame_id, data, number in entries:
+            with self._lock:
+                if topic not in self._positions:
+                    continue  # nobody here follows it any more
+                self._positions[topic] = frame_id
+                last = self._numbers.get(topic)
+                self._numbers[topic] = number
+            if number is not None and last is not None and number != last + 1:
+                gaps.add(topic)
+            self._deliver(topic, frame_id, data)
+        if gaps:
+            log.warning("live frames missing on %s: re-snapshot", ", ".join(sorted(gaps)))
+            self._mark_behind(gaps)
 
-        XREAD quietly starts at the oldest surviving entry, so a hub that fell further behind
-        than LIVE_STREAM_MAXLEN would skip frames without anyone knowing; the pages would stay
-        stale until they reconnect. A trimmed gap always comes with a full batch (the stream
-        holds at least maxlen entries after our position), so only then is it checked."""
-        counts: dict[str, int] = defaultdict(int)
-        for topic, _, _ in entries:
-            counts[topic] += 1
-        for topic, count in counts.items():
-            if count < getattr(self.bus, "READ_COUNT", count + 1):
-                continue
-            first = self.bus.first_id(topic)
-            position = positions.get(topic, "0-0")
-            if first is not None and _stream_id(first) > _stream_id(position):
-                log.warning("live hub fell behind on %s; frames were trimmed: resnapshot", topic)
-                with self._lock:
-                    subs = list(self._subs.get(topic, ()))
-                for sub in subs:
-                    sub.overflowed = True
+    def _resolve_positions(self) -> None:
+        """Look up the stream ends of topics subscribed while Redis was away."""
+        with self._lock:
+            unknown = [t for t, p in self._positions.items() if p is None]
+        for topic in unknown:
+            position, number = self.bus.last_position(topic)
+            with self._lock:
+                if topic in self._positions and self._positions[topic] is None:
+                    self._positions[topic] = position
+                    self._numbers[topic] = number
+        if unknown:
+            self._mark_behind(unknown)
 
     def stop(self) -> None:
         self._stop.set()

@@ -3,6 +3,7 @@ the widget (`/ws/chat`) and out-of-band HTML for the console (`/ws/live`)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ from services.chats import chat_topic, is_row_id, row_facts
 from services.live import publish, render_fragment, tenant_topic
 from services.rendering import markdown_to_safe_html
 
+log = logging.getLogger(__name__)
 HTML_REFRESH_SECONDS = 0.1
 
 
@@ -109,22 +111,38 @@ def publish_chat_row(chat: Chat, *, created: bool = False) -> None:
 
 
 class ReplyStream:
-    """Publishes one assistant reply: typing, numbered deltas, done."""
+    """Publishes one assistant reply: typing, numbered deltas, done.
 
-    def __init__(self, tenant_id: int, chat_id: int, reply_id: str) -> None:
+    Publishing is best effort: the saved message is what counts. A reply whose frames cannot
+    be published (Redis away) is still written to its end and saved whole; a widget that
+    missed frames gets the message in the `done` frame or from the database on reconnect.
+    A `quiet` stream (a reply started again after its first writer died, whose deltas the
+    widget has partly shown already) publishes no deltas, only typing and the finished
+    message."""
+
+    def __init__(self, tenant_id: int, chat_id: int, reply_id: str, *, quiet: bool = False) -> None:
         self.topic = chat_topic(tenant_id, chat_id)
         self.chat_id = chat_id
         self.reply_id = reply_id
+        self.quiet = quiet
         self.seq = 0
         self.text: list[str] = []
         self._last_html = 0.0
+        self.publish_failed = False
+
+    def _publish(self, key: str, **frame: Any) -> None:
+        try:
+            publish(self.topic, key, **frame)
+        except Exception as exc:  # noqa: BLE001 - the reply goes on; see the class doc
+            if not self.publish_failed:
+                log.warning("reply %s: live frames not published: %s", self.reply_id, exc)
+            self.publish_failed = True
 
     def _slot(self, inner: str) -> str:
         return f'<div id="chat-{self.chat_id}-streaming" hx-swap-oob="innerHTML">{inner}</div>'
 
     def start(self) -> None:
-        publish(
-            self.topic,
+        self._publish(
             f"typing-{self.reply_id}",
             html=self._slot('<p class="typing">Assistant is typing…</p>'),
             json_data={"type": "typing", "from": "assistant", "reply_id": self.reply_id},
@@ -133,6 +151,8 @@ class ReplyStream:
     def delta(self, text: str) -> None:
         self.seq += 1
         self.text.append(text)
+        if self.quiet:
+            return
         html = None
         now = time.monotonic()
         if now - self._last_html >= HTML_REFRESH_SECONDS:
@@ -140,8 +160,7 @@ class ReplyStream:
             self._last_html = now
             body = escape("".join(self.text))
             html = self._slot(f'<div class="msg msg-assistant streaming">{body}</div>')
-        publish(
-            self.topic,
+        self._publish(
             f"delta-{self.reply_id}-{self.seq}",
             html=html,
             json_data={"type": "delta", "reply_id": self.reply_id, "seq": self.seq, "text": text},
@@ -158,8 +177,7 @@ class ReplyStream:
         html = self._slot("")
         if message is not None:
             html += render_fragment("chats/_message_push.html", m=message, replace=False)
-        publish(
-            self.topic,
+        self._publish(
             f"done-{self.reply_id}",
             html=html,
             json_data={
@@ -172,12 +190,14 @@ class ReplyStream:
             },
         )
         if message is not None:
-            chat = db.session.get(Chat, message.chat_id)
-            if chat is not None:
-                publish_chat_row(chat)  # its count and last message
+            try:
+                chat = db.session.get(Chat, message.chat_id)
+                if chat is not None:
+                    publish_chat_row(chat)  # its count and last message
+            except Exception as exc:  # noqa: BLE001 - the next snapshot shows the row
+                log.warning("reply %s: chat row not published: %s", self.reply_id, exc)
         if error_code:
-            publish(
-                self.topic,
+            self._publish(
                 f"error-{self.reply_id}",
                 json_data={
                     "type": "error",

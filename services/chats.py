@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -22,7 +22,7 @@ from models.base import utcnow
 from models.chats import INTERRUPTIONS, Agent, Chat, Message
 from services.escalation import escalation_reason
 from services.kv import kv
-from services.sentiment import NEGATIVE, POSITIVE, Sentiment
+from services.sentiment import NEGATIVE, POSITIVE, Sentiment, offline
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,44 @@ def should_auto_reply(chat: Chat) -> bool:
     return agent is not None and agent.is_active
 
 
-def set_takeover(chat: Chat, on: bool) -> None:
+def set_takeover(chat: Chat, on: bool, user_id: int | None = None) -> None:
+    """Turn human takeover on or off; whoever takes a chat over becomes its assignee
+    (unless it has one already), so its escalations reach them first."""
     chat.settings = {**(chat.settings or {}), "human_takeover": bool(on)}
+    if on and user_id is not None and chat.assignee_id is None:
+        chat.assignee_id = user_id
+
+
+def resolve_escalation(chat: Chat) -> bool:
+    """An operator says the escalation was dealt with; False if the chat was not escalated.
+    The change is an ordinary chat update, so it is audited with the operator as actor."""
+    if chat.escalated_at is None:
+        return False
+    chat.escalated_at = None
+    chat.escalation_reason = None
+    return True
+
+
+def escalation_recipients(event: Any) -> list[int]:
+    """Who hears of an escalation: the chat's assignee and every active user of the tenant
+    who is on duty, whatever their role; when nobody is, the tenant's admins, so that an
+    escalation never reaches no one."""
+    from models.accounts import User
+
+    tenant_users = select(User.id).where(
+        User.tenant_id == event.tenant_id, User.is_active_user.is_(True)
+    )
+    wanted = set(db.session.scalars(tenant_users.where(User.on_duty.is_(True))))
+    assignee_id = db.session.scalar(
+        select(Chat.assignee_id).where(
+            Chat.id == event.entity_id, Chat.tenant_id == event.tenant_id
+        )
+    )
+    if assignee_id is not None:
+        wanted.add(assignee_id)
+    if not wanted:
+        wanted = set(db.session.scalars(tenant_users.where(User.role == "admin")))
+    return sorted(wanted)
 
 
 def complete_chat(chat: Chat) -> None:
@@ -373,6 +409,10 @@ def apply_sentiment(message: Message, sentiment: Sentiment) -> None:
             "backend": sentiment.backend,
         },
     )
+    if reason and chat is not None:
+        # The newest reason shows; the time stays that of the first unresolved escalation.
+        chat.escalation_reason = reason
+        chat.escalated_at = chat.escalated_at or utcnow()
     if reason:
         emit(
             "escalation.triggered",
@@ -392,6 +432,16 @@ def apply_sentiment(message: Message, sentiment: Sentiment) -> None:
     if chat is not None and tone and (chat.agent_settings or {}).get("tone") != tone:
         style = "supportive" if tone == "empathetic" else "enthusiastic"
         chat.agent_settings = {**(chat.agent_settings or {}), "tone": tone, "response_style": style}
+
+
+def reply_tone(chat: Chat, message: Message) -> str | None:
+    """The tone of the reply to `message`, decided from that message itself: the background
+    analysis usually has not stored its sentiment yet when the reply starts, so the offline
+    lexicon (well under a millisecond) reads it here. A neutral message keeps the chat's tone."""
+    label = message.sentiment_label
+    if label is None and message.sender == "visitor":
+        label = offline(message.content, message.language).label
+    return TONE_FOR_SENTIMENT.get(label) or (chat.agent_settings or {}).get("tone")
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
@@ -581,6 +631,33 @@ def reply_queued_key(message_id: int) -> str:
     return f"reply-queued:{message_id}"
 
 
+def reply_started_key(message_id: int) -> str:
+    """Set while a reply is being written (cleared when it ends): with its lease
+    (reply_claim_key) gone, the writer died and the reply is started again."""
+    return f"reply-started:{message_id}"
+
+
+def unanswered_visitor_messages(since: datetime, limit: int = 200) -> list[int]:
+    """Visitor messages since `since` that have no assistant reply, oldest first."""
+    from sqlalchemy.orm import aliased
+
+    answered = aliased(Message)
+    return list(
+        db.session.scalars(
+            select(Message.id)
+            .where(
+                Message.sender == "visitor",
+                Message.created_at >= since,
+                ~select(answered.id)
+                .where(answered.in_response_to_id == Message.id, answered.sender == "assistant")
+                .exists(),
+            )
+            .order_by(Message.id)
+            .limit(limit)
+        )
+    )
+
+
 # Longer than any reply may take (generate_reply's time limit): meanwhile no second
 # generate_reply for the same message streams a second answer.
 REPLY_CLAIM_SECONDS = 150.0
@@ -607,3 +684,309 @@ def start_reply_now(message_id: int) -> None:
             log.warning("could not flag the reply to message %s as queued: %s", message_id, exc)
 
     on_commit(mark_queued, before_events=True)
+
+
+# ------------------------------------------------------------------ erasure
+
+ERASED = "[removed]"
+# Texts shorter than this are not searched for outside the erased chats' own rows: "hello"
+# or "thanks" appear in everybody's conversations, and are nobody's personal data alone.
+MIN_SWEPT_TEXT = 12
+
+
+@dataclass
+class Erasure:
+    chats: int = 0
+    messages: int = 0
+    copies: int = 0  # rows elsewhere (events, audit, notifications, …) that held their text
+    live_frames: int = 0
+    live: list[tuple[int, list[int]]] = field(default_factory=list)  # (tenant, its chats)
+    texts: tuple[str, ...] = ()
+
+
+def chats_to_erase(
+    *, user_id: int | None = None, visitor_id: str | None = None, chat_ref: str | None = None
+) -> list[int]:
+    """Ids of the chats of a signed-in user, of an anonymous visitor (the widget's visitor
+    id), or one chat (number or public id)."""
+    import uuid
+
+    stmt = select(Chat.id)
+    if user_id is not None:
+        stmt = stmt.where(Chat.user_id == user_id)
+    elif visitor_id:
+        stmt = stmt.where(Chat.visitor_id == visitor_id)
+    elif chat_ref:
+        if chat_ref.isdigit():
+            stmt = stmt.where(Chat.id == int(chat_ref))
+        else:
+            try:
+                stmt = stmt.where(Chat.public_id == uuid.UUID(chat_ref))
+            except ValueError:
+                return []
+    else:
+        return []
+    return list(db.session.scalars(stmt.order_by(Chat.id)))
+
+
+def _scrub(value: Any, texts: tuple[str, ...] | None = None) -> Any:
+    """`value` with its strings erased: wholly (texts None), or only where they contain one
+    of `texts`. Numbers, booleans and keys stay, so ids and counts still mean something."""
+    if isinstance(value, str):
+        if texts is None:
+            return ERASED
+        for text in texts:
+            value = value.replace(text, ERASED)
+        return value
+    if isinstance(value, dict):
+        return {key: _scrub(item, texts) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub(item, texts) for item in value]
+    return value
+
+
+def _forms(text: str) -> set[str]:
+    """How a text can be stored elsewhere: as is, inside JSON (escaped), inside HTML."""
+    import html
+    import json
+
+    return {text, json.dumps(text)[1:-1], html.escape(text), html.escape(text, quote=False)}
+
+
+def _sweep_table_copies(texts: tuple[str, ...]) -> int:
+    """Replace verbatim copies of `texts` in every text and JSON column of every table (a copy
+    this module does not know of: a quote in another chat, a label, a future table)."""
+    from sqlalchemy import JSON, String, Text, Unicode, UnicodeText, or_
+    from sqlalchemy import cast as sql_cast
+
+    patterns = sorted({form for text in texts for form in _forms(text)})
+    changed = 0
+    for table in db.metadata.sorted_tables:
+        keys = list(table.primary_key.columns)
+        if not keys:
+            continue
+        for column in table.columns:
+            is_json = isinstance(column.type, JSON)
+            if not (is_json or isinstance(column.type, String | Text | Unicode | UnicodeText)):
+                continue
+            target = sql_cast(column, Text) if is_json else column
+            condition = or_(
+                *(target.contains(pattern, autoescape=True) for pattern in patterns if pattern)
+            )
+            rows = db.session.execute(select(*keys, column).where(condition)).all()
+            for row in rows:
+                *key_values, value = row
+                new_value = _scrub(value, texts) if is_json else _scrub(value, tuple(patterns))
+                if is_json and new_value == value:
+                    # Stored escaped in a way the texts do not match (non-ASCII): erase whole
+                    # strings that hold a copy.
+                    new_value = _scrub_strings_containing(value, texts)
+                db.session.execute(
+                    update(table)
+                    .where(*(k == v for k, v in zip(keys, key_values, strict=True)))
+                    .values({column.key: new_value})
+                )
+                changed += 1
+    return changed
+
+
+def _scrub_strings_containing(value: Any, texts: tuple[str, ...]) -> Any:
+    if isinstance(value, str):
+        return ERASED if any(text in value for text in texts) else value
+    if isinstance(value, dict):
+        return {key: _scrub_strings_containing(item, texts) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_scrub_strings_containing(item, texts) for item in value]
+    return value
+
+
+def _erase_live_frames(tenant_id: int, chat_ids: list[int], texts: tuple[str, ...]) -> int:
+    """Drop what the live bus keeps for replay: the chats' own topics whole, and frames of the
+    tenant's other topics (the inbox rows, the feed) that name these chats or hold their text."""
+    from services.live import bus
+
+    live = bus()
+    own_topics = {chat_topic(tenant_id, chat_id) for chat_id in chat_ids}
+    markers = {f"chat-row-{chat_id}" for chat_id in chat_ids} | {
+        f'/chats/{chat_id}"' for chat_id in chat_ids
+    }
+    markers |= {form for text in texts for form in _forms(text) if form}
+
+    def holds_personal(data: str) -> bool:
+        return any(marker in data for marker in markers)
+
+    removed = 0
+    redis = getattr(live, "redis", None)
+    if redis is not None:
+        prefix = live.prefix
+        for key in redis.scan_iter(match=f"{prefix}t{tenant_id}:*", count=500):
+            name = key.decode() if isinstance(key, bytes) else key
+            if name[len(prefix) :] in own_topics:
+                removed += redis.xlen(name)
+                redis.delete(name)
+                continue
+            doomed = []
+            for frame_id, fields in redis.xrange(name):
+                raw = fields.get(b"d", fields.get("d", b""))
+                data = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                if holds_personal(data):
+                    doomed.append(frame_id)
+            if doomed:
+                removed += redis.xdel(name, *doomed)
+        return removed
+    streams = getattr(live, "_streams", {})
+    for topic in list(streams):
+        if not topic.startswith(f"t{tenant_id}:"):
+            continue
+        frames = streams[topic]
+        kept = [
+            (frame_id, data)
+            for frame_id, data in frames
+            if topic not in own_topics and not holds_personal(data)
+        ]
+        removed += len(frames) - len(kept)
+        frames.clear()
+        frames.extend(kept)
+    return removed
+
+
+def erase_chats(chat_ids: list[int]) -> Erasure:
+    """Erase the words of these chats everywhere they were copied: every message of them
+    (the assistant's and operators' replies quote the visitor), the chats' titles, summaries
+    and context, the events written about them and their messages, their audit details,
+    notifications about them (escalation excerpts), verbatim copies in any other table, and
+    the live bus's replayable frames. The chats stay, with counts and times, anonymous.
+
+    Written with plain UPDATEs: an ORM change would record the old text in a new event.
+    Commits once, after which one `chat.erased` event per chat says what was done (no text)."""
+    from models.audit import AuditLog
+    from models.events import OutboxEvent
+    from models.notifications import Notification
+
+    result = Erasure()
+    if not chat_ids:
+        return result
+    chat_rows = db.session.execute(
+        select(
+            Chat.id, Chat.tenant_id, Chat.public_id, Chat.title, Chat.summary, Chat.context
+        ).where(Chat.id.in_(chat_ids))
+    ).all()
+    messages = db.session.execute(
+        select(Message.id, Message.content).where(Message.chat_id.in_(chat_ids))
+    ).all()
+    message_ids = [message_id for message_id, _ in messages]
+    texts = {content for _, content in messages} | {
+        text for row in chat_rows for text in (row.title, row.summary) if text
+    }
+    # What the embedding site said about the visitor (a name, an email) travels as context.
+    texts |= {
+        value
+        for row in chat_rows
+        for value in (row.context or {}).values()
+        if isinstance(value, str) and value
+    }
+    texts.discard(ERASED)
+    swept = tuple(
+        sorted((t for t in texts if len(t.strip()) >= MIN_SWEPT_TEXT), key=len, reverse=True)
+    )
+
+    db.session.execute(
+        update(Message)
+        .where(Message.chat_id.in_(chat_ids))
+        .values(
+            content=ERASED,
+            sentiment_label=None,
+            sentiment_score=None,
+            language=None,
+            escalation_reason=None,
+        ),
+        execution_options={"synchronize_session": False},
+    )
+    import uuid
+
+    for row in chat_rows:
+        db.session.execute(
+            update(Chat)
+            .where(Chat.id == row.id)
+            .values(
+                user_id=None,
+                visitor_id="anon-" + uuid.uuid4().hex[:12],
+                session_id=None,
+                context={},
+                title="Erased chat",
+                summary=None,
+            ),
+            execution_options={"synchronize_session": False},
+        )
+
+    # Copies made by reference to these chats and messages: erased whole, whatever they
+    # quote (an 80-character label, a 200-character excerpt, a trimmed audit detail).
+    about = ((OutboxEvent.entity == "chat") & OutboxEvent.entity_id.in_(chat_ids)) | (
+        (OutboxEvent.entity == "message") & OutboxEvent.entity_id.in_(message_ids or [0])
+    )
+    for event_pk, payload in db.session.execute(
+        select(OutboxEvent.id, OutboxEvent.payload).where(about)
+    ).all():
+        db.session.execute(
+            update(OutboxEvent).where(OutboxEvent.id == event_pk).values(payload=_scrub(payload))
+        )
+        result.copies += 1
+    audited = (
+        (AuditLog.object_type == "chat") & AuditLog.object_id.in_([str(i) for i in chat_ids])
+    ) | (
+        (AuditLog.object_type == "message")
+        & AuditLog.object_id.in_([str(i) for i in message_ids] or ["0"])
+    )
+    for audit_pk, details in db.session.execute(
+        select(AuditLog.id, AuditLog.details).where(audited)
+    ).all():
+        db.session.execute(
+            update(AuditLog).where(AuditLog.id == audit_pk).values(details=_scrub(details))
+        )
+        result.copies += 1
+    noted = db.session.execute(
+        update(Notification)
+        .where(
+            Notification.subject.in_([f"chat:{i}" for i in chat_ids])
+            | Notification.link.in_([f"/chats/{i}" for i in chat_ids])
+        )
+        .values(body=ERASED),
+        execution_options={"synchronize_session": False},
+    )
+    result.copies += noted.rowcount or 0
+    if swept:
+        result.copies += _sweep_table_copies(swept)
+
+    for row in chat_rows:
+        emit(
+            "chat.erased",
+            tenant_id=row.tenant_id,
+            entity="chat",
+            entity_id=row.id,
+            payload={"label": f"Chat {str(row.public_id)[:8]} erased"},
+        )
+    db.session.flush()
+    db.session.expire_all()
+    result.chats, result.messages = len(chat_rows), len(messages)
+    result.live = [
+        (tenant_id, [row.id for row in chat_rows if row.tenant_id == tenant_id])
+        for tenant_id in sorted({row.tenant_id for row in chat_rows})
+    ]
+    result.texts = swept
+    return result
+
+
+def erase_live_frames(erasure: Erasure) -> int:
+    """After erase_chats' commit: remove the erased chats' frames from the live bus (raises
+    ChatError when the bus cannot be reached; running the erasure again finishes it)."""
+    for tenant_id, chat_ids in erasure.live:
+        try:
+            erasure.live_frames += _erase_live_frames(tenant_id, chat_ids, erasure.texts)
+        except Exception as exc:  # noqa: BLE001 - the database is erased; say what is left
+            log.error("could not erase the live frames of chats %s: %s", chat_ids, exc)
+            raise ChatError(
+                "live_bus_unavailable",
+                "The chats are erased in the database, but their live frames could not be "
+                f"removed from the live bus ({exc}); run the command again when it is up.",
+            ) from exc
+    return erasure.live_frames

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -14,7 +15,7 @@ from models.base import utcnow
 from models.chats import Agent, Chat, Message
 from models.devices import Device, Location, Manufacturer
 from models.projects import Project
-from services import projects
+from services import metrics, projects
 from services.accounts import create_user, get_or_create_tenant
 from services.chats import DEFAULT_SETTINGS, agent_settings_for
 
@@ -47,6 +48,11 @@ DEMO_RECEIVERS = [
     ("FOH", "QLXD4"),
     ("BAND-RACK", "AD4D"),
 ]
+
+
+# Days of made-up metrics before today, so a new user's Metrics page shows a month of charts.
+DEMO_HISTORY_DAYS = 29
+DEMO_HISTORY_SEED = 2202
 
 
 @dataclass
@@ -114,16 +120,26 @@ def load_demo() -> DemoResult:
         )
         db.session.add(chat)
         db.session.flush()
+        last_visitor_message = None
         for offset, (sender, text) in enumerate(lines):
-            db.session.add(
-                Message(
-                    tenant_id=tenant.id,
-                    chat_id=chat.id,
-                    sender=sender,
-                    content=text,
-                    created_at=started + timedelta(minutes=offset),
-                )
+            message = Message(
+                tenant_id=tenant.id,
+                chat_id=chat.id,
+                sender=sender,
+                content=text,
+                created_at=started + timedelta(minutes=offset),
+                # A demo answer names the question it answers, as a real reply does: without
+                # it the question looks unanswered and the assistant answers it again.
+                in_response_to_id=(
+                    last_visitor_message.id
+                    if sender == "assistant" and last_visitor_message
+                    else None
+                ),
             )
+            db.session.add(message)
+            db.session.flush()
+            if sender == "visitor":
+                last_visitor_message = message
         result.created.append(f"chat {title!r}")
 
     shure = _manufacturer("shure", "Shure")
@@ -177,5 +193,54 @@ def load_demo() -> DemoResult:
             projects.add_file(generation, path, content)
         projects.transition(generation.id, "completed")
         result.created.append("project")
+    if _add_metric_history(tenant.id):
+        result.created.append(f"{DEMO_HISTORY_DAYS} days of metrics")
     db.session.flush()
     return result
+
+
+def _add_metric_history(tenant_id: int) -> bool:
+    """Daily counts for the days before today (the same every time: seeded), once: the real
+    events of the demo's own records count into today as they happen."""
+    from models.metrics import MetricCounter
+
+    today = metrics.today()
+    first = today - timedelta(days=DEMO_HISTORY_DAYS)
+    loaded = db.session.scalar(
+        select(MetricCounter.id)
+        .where(
+            MetricCounter.tenant_id == tenant_id,
+            MetricCounter.name == metrics.CHATS_CREATED,
+            MetricCounter.day >= first,
+            MetricCounter.day < today,
+        )
+        .limit(1)
+    )
+    if loaded is not None:
+        return False
+    rng = random.Random(DEMO_HISTORY_SEED)
+    counts: list[metrics.Count] = []
+    for days_ago in range(DEMO_HISTORY_DAYS, 0, -1):
+        day = today - timedelta(days=days_ago)
+        busy = day.weekday() < 5
+        chats = rng.randint(4, 12) if busy else rng.randint(1, 5)
+        visitor = chats * rng.randint(2, 4)
+        assistant = visitor + rng.randint(0, chats)
+        counts += [
+            (metrics.CHATS_CREATED, tenant_id, day, {"agent_id": "demo"}, chats),
+            (metrics.MESSAGES_CREATED, tenant_id, day, {"sender": "visitor"}, visitor),
+            (metrics.MESSAGES_CREATED, tenant_id, day, {"sender": "assistant"}, assistant),
+            (metrics.DEVICE_EVENTS, tenant_id, day, {"type": "online"}, rng.randint(0, 3)),
+            (metrics.DEVICE_EVENTS, tenant_id, day, {"type": "offline"}, rng.randint(0, 2)),
+        ]
+        completed, failed = rng.choice((0, 0, 1, 2)), rng.choice((0, 0, 0, 1))
+        if completed:
+            counts.append(
+                (metrics.PROJECT_GENERATIONS, tenant_id, day, {"outcome": "completed"}, completed)
+            )
+        if failed:
+            counts.append(
+                (metrics.PROJECT_GENERATIONS, tenant_id, day, {"outcome": "failed"}, failed)
+            )
+    metrics.add_counts(counts)
+    return True

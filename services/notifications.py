@@ -5,7 +5,7 @@ Domains declare, next to their handlers, which events notify whom:
     notification_rule(
         "escalation.triggered",
         type="escalation",
-        recipients="tenant_admins",            # or "tenant_users", "actor", or fn(event) -> ids
+        recipients=escalation_recipients,      # or "tenant_admins", "tenant_users", "actor"
         title=lambda e: "Negative sentiment in a chat",
         body=lambda e: e.payload.get("excerpt", ""),
         link=lambda e: f"/chats/{e.entity_id}",

@@ -128,7 +128,9 @@
   var shownChat = null;      // the chat whose messages are on screen
   var firstId = null;
   var moreButton = null;
-  var outbox = [];           // messages typed before the session was up, oldest first
+  // Messages not yet acknowledged, oldest first: each is sent once per socket and stays
+  // here until the server says it has it (a socket that drops, or an outage, loses none).
+  var outbox = [];
   var pending = {};          // client id -> the visitor's bubble until the server has it
   var streaming = {};        // reply ids being streamed now
   var ended = false;         // the chat on screen has ended
@@ -255,11 +257,17 @@
   }
 
   function flushOutbox() {
-    while (ready && outbox.length) {
-      var item = outbox[0];
+    var now = Date.now();
+    for (var i = 0; ready && i < outbox.length; i++) {
+      var item = outbox[i];
+      if (item.sentOn === socket || item.notBefore > now) continue;
       if (!sendFrame({ type: "message", content: item.content, client_id: item.clientId })) return;
-      outbox.shift();
+      item.sentOn = socket;
     }
+  }
+
+  function forgetOutboxItem(clientId) {
+    outbox = outbox.filter(function (item) { return item.clientId !== clientId; });
   }
 
   var handlers = {
@@ -329,7 +337,11 @@
       } else {
         renderMessage(frame.message);
       }
-      if (frame.client_id) delete pending[frame.client_id];
+      if (frame.client_id) {
+        delete pending[frame.client_id];
+        forgetOutboxItem(frame.client_id);
+        if (!outbox.length) setConnectNote(null);
+      }
     },
     history: function (frame) {
       frame.messages.slice().reverse().forEach(function (m) { renderMessage(m, true); });
@@ -364,6 +376,17 @@
     },
     error: function (frame) {
       var text = frame.message || "Something went wrong.";
+      var waiting = frame.code === "unavailable" && frame.client_id &&
+        outbox.filter(function (item) { return item.clientId === frame.client_id; })[0];
+      if (waiting) {  // not saved, for now: it stays queued and goes again shortly
+        var delay = 1000 * (frame.retry_after || 3);
+        waiting.sentOn = null;
+        waiting.notBefore = Date.now() + delay;
+        setTimeout(flushOutbox, delay + 50);
+        setConnectNote("Your message will be sent again in a moment…");
+        return;
+      }
+      if (frame.client_id) forgetOutboxItem(frame.client_id);
       var refusedBubble = frame.client_id && pending[frame.client_id];
       if (refusedBubble) {  // that message was not saved: say so on it
         refusedBubble.classList.remove("pending");
@@ -442,7 +465,7 @@
     pending[clientId] = bubble;
     log.appendChild(bubble);
     log.scrollTop = log.scrollHeight;
-    outbox.push({ content: text, clientId: clientId });
+    outbox.push({ content: text, clientId: clientId, sentOn: null, notBefore: 0 });
     if (ready) flushOutbox();
     else setConnectNote(connectedOnce ? "Reconnecting… your message will be sent." :
       "Connecting… your message will be sent.");

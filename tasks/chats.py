@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from dataclasses import dataclass
+from datetime import timedelta
 
 from flask import current_app
+from redis.exceptions import RedisError
 from sqlalchemy import bindparam, select
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import aliased
 
 from events import enqueue
 from events.registry import Event, handler, periodic, task
 from extensions import db
+from models.base import utcnow
 from models.chats import Agent, Chat, Message
 from services import chat_live, chats
 from services.assistant import (
@@ -31,7 +37,7 @@ log = logging.getLogger(__name__)
 notification_rule(
     "escalation.triggered",
     type="escalation",
-    recipients="tenant_admins",
+    recipients=chats.escalation_recipients,
     title=lambda e: (
         "A chat needs attention"
         if str(e.payload.get("reason", "")).startswith("phrase:")
@@ -134,7 +140,17 @@ _REPLY_START = (
         Chat,
         Agent,
         select(Reply.id)
-        .where(Reply.in_response_to_id == Message.id, Reply.sender == "assistant")
+        .where(
+            Reply.sender == "assistant",
+            (Reply.in_response_to_id == Message.id)
+            # A reply saved without naming its message (imported or demo transcripts)
+            # answers what came before it in its chat.
+            | (
+                (Reply.chat_id == Message.chat_id)
+                & Reply.in_response_to_id.is_(None)
+                & (Reply.id > Message.id)
+            ),
+        )
         .exists(),
     )
     .join(Chat, Chat.id == Message.chat_id)
@@ -164,8 +180,14 @@ def generate_reply(message_id: int) -> None:
     message, chat, agent, already = row
     if already or not chats.should_auto_reply(chat):
         return
-    if not kv().claim(chats.reply_claim_key(message.id), chats.REPLY_CLAIM_SECONDS):
+    lease = ReplyLease(chats.reply_claim_key(message.id), cfg["CHAT_REPLY_LEASE_SECONDS"])
+    if not lease.claim():
         return  # another generate_reply (started by the web process or the event) has it
+    started_key = chats.reply_started_key(message.id)
+    # A reply begun by a process that died: its deltas are partly on the visitor's screen, so
+    # this one streams none and sends the finished message (which replaces them).
+    resumed = kv().has_flag(started_key)
+    kv().set_flag(started_key, ttl=cfg["CHAT_REPLY_RESUME_WINDOW"])
     reply_id = chat_live.reply_id_for(message.id)
     history = chats.recent_history(chat.id, cfg.get("CHAT_HISTORY_MESSAGES", 50))
     # What the reply needs, read now: the commit below expires these objects, and touching
@@ -178,51 +200,164 @@ def generate_reply(message_id: int) -> None:
         "max_tokens": int(settings.get("max_tokens", agent.max_tokens if agent else 1000)),
         "messages": build_messages(
             agent.system_prompt if agent else "",
-            (chat.agent_settings or {}).get("tone"),
+            chats.reply_tone(chat, message),  # from this message, not the background's race
             history,
         ),
     }
     db.session.commit()  # the connection goes back to the pool while the model talks
 
-    stream = chat_live.ReplyStream(tenant_id, chat_id, reply_id)
-    stream.start()
-    interrupted = None  # or how the reply ended early: "stopped" or "cut" (see ReplyResult)
+    lease.keep()
+    try:
+        stream = chat_live.ReplyStream(tenant_id, chat_id, reply_id, quiet=resumed)
+        stream.start()
+        outcome = _write_reply(message_id, reply_id, request, stream)
+        saved = _save_reply(chat_id, message_id, outcome)
+    except (OperationalError, RedisError):
+        raise  # an outage: the sweep (resume_stalled_replies) starts the reply again
+    except Exception:
+        _forget_started(started_key)  # a failure that would only recur: not again
+        raise
+    finally:
+        lease.release()
+    stream.done(
+        saved, usage=outcome.usage, cancelled=outcome.cancelled, error_code=outcome.error_code
+    )
+    _forget_started(started_key)
+
+
+def _forget_started(started_key: str) -> None:
+    try:
+        kv().set_flag(started_key, ttl=0.001)  # ended: nothing to resume
+    except Exception as exc:  # noqa: BLE001 - at worst the sweep finds it answered
+        log.warning("could not clear the reply flag %s: %s", started_key, exc)
+
+
+@dataclass
+class _Outcome:
+    text: str
+    usage: dict | None
+    cancelled: bool
+    interrupted: str | None
+    error_code: str | None
+    ms: int
+
+
+def _write_reply(message_id: int, reply_id: str, request: dict, stream) -> _Outcome:
     if not is_configured():
-        result_text, failed, usage, cancelled, ms = NOT_CONFIGURED_REPLY, True, None, False, 0
-        stream.delta(result_text)
-        error_code = None  # not an outage: the fallback says plainly why
-    else:
-        started = time.monotonic()
-        result = stream_reply(
-            **request,
-            on_delta=stream.delta,
-            should_cancel=lambda: kv().has_flag(cancel_key(reply_id)),
-        )
-        cancelled, usage, ms = result.cancelled, result.usage, result.processing_ms
-        interrupted = result.interrupted
-        failed = result.failed and not result.cancelled
-        result_text = result.content
-        error_code = None
-        if failed:
-            log.warning("assistant failed for message %s: %s", message_id, result.error)
-            if not result.content:
-                result_text = UNAVAILABLE_REPLY
-                stream.delta(result_text)
-            error_code = "assistant_unavailable"
-        ms = ms or int((time.monotonic() - started) * 1000)
-    saved = None
-    if result_text:
-        saved = chats.add_message(
-            db.session.get(Chat, chat_id),
-            "assistant",
-            result_text,
-            in_response_to_id=message_id,
-            usage=usage,
-            processing_ms=ms,
-            interrupted=interrupted,
-        )
+        stream.delta(NOT_CONFIGURED_REPLY)
+        # Not an outage: the fallback says plainly why.
+        return _Outcome(NOT_CONFIGURED_REPLY, None, False, None, None, 0)
+    started = time.monotonic()
+
+    def should_cancel() -> bool:
+        try:
+            return kv().has_flag(cancel_key(reply_id))
+        except Exception:  # noqa: BLE001 - Redis away: nobody can have asked to stop
+            return False
+
+    result = stream_reply(**request, on_delta=stream.delta, should_cancel=should_cancel)
+    failed = result.failed and not result.cancelled
+    text, error_code = result.content, None
+    if failed:
+        log.warning("assistant failed for message %s: %s", message_id, result.error)
+        if not result.content:
+            text = UNAVAILABLE_REPLY
+            stream.delta(text)
+        error_code = "assistant_unavailable"
+    ms = result.processing_ms or int((time.monotonic() - started) * 1000)
+    return _Outcome(text, result.usage, result.cancelled, result.interrupted, error_code, ms)
+
+
+def _save_reply(chat_id: int, message_id: int, outcome: _Outcome) -> Message | None:
+    """Save the reply once (a second writer's reply is kept instead), retrying while the
+    database is away for up to CHAT_REPLY_SAVE_RETRY_SECONDS: the text is in this process
+    only, and losing it would leave the visitor unanswered."""
+    if not outcome.text:
+        return None
+    deadline = time.monotonic() + current_app.config["CHAT_REPLY_SAVE_RETRY_SECONDS"]
+    delay = 0.5
+    while True:
+        try:
+            # The visitor message's row lock orders two writers of the same reply.
+            db.session.execute(select(Message.id).where(Message.id == message_id).with_for_update())
+            existing = db.session.scalar(
+                select(Message).where(
+                    Message.in_response_to_id == message_id, Message.sender == "assistant"
+                )
+            )
+            saved = existing or chats.add_message(
+                db.session.get(Chat, chat_id),
+                "assistant",
+                outcome.text,
+                in_response_to_id=message_id,
+                usage=outcome.usage,
+                processing_ms=outcome.ms,
+                interrupted=outcome.interrupted,
+            )
+            db.session.commit()
+            return saved
+        except (OperationalError, DBAPIError) as exc:
+            try:
+                db.session.rollback()
+            except Exception:  # noqa: BLE001 - the connection is gone with the database
+                db.session.remove()
+            if isinstance(exc, DBAPIError) and not (
+                isinstance(exc, OperationalError) or exc.connection_invalidated
+            ):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("reply to message %s not saved yet (%s); retrying", message_id, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class ReplyLease:
+    """The right to write one reply, held in Redis for `seconds` and renewed by a thread
+    while the reply is written: when its process dies, the lease runs out and the sweep
+    (resume_stalled_replies) starts the reply again."""
+
+    def __init__(self, key: str, seconds: float) -> None:
+        self.key = key
+        self.seconds = seconds
+        self.store = kv()
+        self._ended = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def claim(self) -> bool:
+        return self.store.claim(self.key, self.seconds)
+
+    def keep(self) -> None:
+        self._thread = threading.Thread(target=self._renew, name="reply-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._ended.wait(self.seconds / 3):
+            try:
+                self.store.set_flag(self.key, ttl=self.seconds)
+            except Exception as exc:  # noqa: BLE001 - Redis away: renewed on the next beat
+                log.warning("reply lease %s not renewed: %s", self.key, exc)
+
+    def release(self) -> None:
+        self._ended.set()
+        try:
+            self.store.set_flag(self.key, ttl=0.001)
+        except Exception as exc:  # noqa: BLE001 - it runs out by itself
+            log.warning("reply lease %s not released: %s", self.key, exc)
+
+
+@periodic("CHAT_REPLY_SWEEP_INTERVAL", name="resume_stalled_replies", max_retries=0)
+def resume_stalled_replies() -> None:
+    """Start again the replies whose writer died mid-reply (started, lease gone, unsaved)."""
+    cfg = current_app.config
+    since = utcnow() - timedelta(seconds=cfg["CHAT_REPLY_RESUME_WINDOW"])
+    for message_id in chats.unanswered_visitor_messages(since):
+        if kv().has_flag(chats.reply_started_key(message_id)) and not kv().has_flag(
+            chats.reply_claim_key(message_id)
+        ):
+            log.warning("the reply to message %s lost its writer; starting it again", message_id)
+            enqueue("generate_reply", message_id)
     db.session.commit()
-    stream.done(saved, usage=usage, cancelled=cancelled, error_code=error_code)
 
 
 @periodic("CHAT_ARCHIVE_INTERVAL", name="archive_inactive_chats", time_limit_ms=900_000)

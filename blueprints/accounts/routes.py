@@ -71,3 +71,18 @@ def logout():
     logout_user()  # after clear(): it leaves the order to delete the remember cookie
     flash("You are signed out.", "info")
     return redirect(url_for("accounts.login"), code=303)
+
+
+@bp.post("/account/on-duty")
+@login_required
+def set_on_duty():
+    """On duty: this user receives the tenant's chat escalations (services.chats)."""
+    current_user.on_duty = request.form.get("on") == "1"
+    db.session.commit()
+    flash(
+        "You are on duty: chat escalations reach you."
+        if current_user.on_duty
+        else "You are off duty: chat escalations no longer reach you.",
+        "info",
+    )
+    return redirect(url_for("accounts.account"), code=303)

@@ -105,27 +105,40 @@ def validate_command(fix: bool) -> None:
 
 
 @click.command("anonymize")
-@click.option("--user-id", required=True, type=int)
+@click.option("--user-id", type=int, help="Every chat of this signed-in user.")
+@click.option("--visitor-id", help="Every chat of this anonymous widget visitor.")
+@click.option("--chat-id", "chat_ref", help="One chat, by its number or public id.")
 @with_appcontext
-def anonymize_command(user_id: int) -> None:
-    """Remove a user's identity and words from their chats (their messages are redacted)."""
-    chat_ids = db.session.scalars(select(Chat.id).where(Chat.user_id == user_id)).all()
+def anonymize_command(user_id: int | None, visitor_id: str | None, chat_ref: str | None) -> None:
+    """Erase a person's words from their chats, and everywhere they were copied: every
+    message of those chats (replies quote the visitor), titles, summaries, the events and
+    audit records about them, notification excerpts, copies in any other table and the
+    live bus's frames. The chats stay, anonymous, with their counts and times."""
+    chosen = [o for o in (user_id is not None, bool(visitor_id), bool(chat_ref)) if o]
+    if len(chosen) != 1:
+        raise click.UsageError("Give exactly one of --user-id, --visitor-id or --chat-id.")
+    chat_ids = chat_service.chats_to_erase(
+        user_id=user_id, visitor_id=visitor_id, chat_ref=chat_ref
+    )
+    whose = (
+        f"user {user_id}"
+        if user_id is not None
+        else f"visitor {visitor_id!r}"
+        if visitor_id
+        else f"chat {chat_ref!r}"
+    )
     if not chat_ids:
-        raise click.ClickException(f"No chats belong to user {user_id}.")
-    with click.progressbar(chat_ids, label="Anonymising chats") as progress:
-        for chat_id in progress:
-            chat = db.session.get(Chat, chat_id)
-            for message in db.session.scalars(
-                select(Message).where(Message.chat_id == chat_id, Message.sender == "visitor")
-            ):
-                message.content = "[removed]"
-                message.sentiment_label = message.sentiment_score = None
-            chat.user_id = None
-            chat.visitor_id = "anon-" + uuid.uuid4().hex[:12]
-            chat.context = {}
-            chat.title = "Anonymised chat"
-            db.session.commit()
-    click.echo(f"Anonymised {len(chat_ids)} chats of user {user_id}.")
+        raise click.ClickException(f"No chats belong to {whose}.")
+    erasure = chat_service.erase_chats(chat_ids)
+    db.session.commit()
+    try:
+        chat_service.erase_live_frames(erasure)
+    except chat_service.ChatError as exc:
+        raise click.ClickException(exc.message) from exc
+    click.echo(
+        f"Anonymised {erasure.chats} chats of {whose}: {erasure.messages} messages erased, "
+        f"{erasure.copies} copies elsewhere erased, {erasure.live_frames} live frames removed."
+    )
 
 
 @click.command("archive-inactive")

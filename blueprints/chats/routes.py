@@ -3,7 +3,7 @@ from urllib.parse import urlsplit
 
 from flask import abort, current_app, flash, redirect, request, url_for
 from flask_login import current_user, login_required
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, func, select, update
 
 from blueprints import (
     admin_required,
@@ -46,6 +46,9 @@ def _filtered_chats():
             exists().where(Message.chat_id == Chat.id, Message.sentiment_label == args["sentiment"])
         )
         filters["sentiment"] = args["sentiment"]
+    if args.get("escalated") == "1":
+        stmt = stmt.where(Chat.escalated_at.is_not(None))
+        filters["escalated"] = "1"
     agent_id = parse_id(args.get("agent"))  # a choice of the form's list; anything else: none
     if agent_id is not None:
         stmt = stmt.where(Chat.agent_id == agent_id)
@@ -80,9 +83,17 @@ def _agents():
 def index():
     stmt, filters = _filtered_chats()
     rows, next_before = keyset_page(stmt, Chat.id, current_app.config["LIST_PAGE_SIZE"])
+    # Escalated chats head their page; the count links to all of them, on any page.
+    rows.sort(key=lambda chat: chat.escalated_at is None)
+    escalated_count = db.session.scalar(
+        select(func.count())
+        .select_from(Chat)
+        .where(Chat.tenant_id == current_user.tenant_id, Chat.escalated_at.is_not(None))
+    )
     return render(
         "chats/index.html",
         "chats/_rows.html",
+        escalated_count=escalated_count,
         chats=rows,
         row_facts=chats.row_facts([c.id for c in rows]),
         next_before=next_before,
@@ -155,9 +166,21 @@ def reply(chat_id: int):
 def takeover(chat_id: int):
     chat = get_owned_or_404(Chat, chat_id)
     on = request.form.get("on") == "1"
-    chats.set_takeover(chat, on)
+    chats.set_takeover(chat, on, user_id=current_user.id)
     db.session.commit()
     flash("You have taken over this chat." if on else "The assistant answers again.", "info")
+    return _back_to(chat)
+
+
+@bp.post("/<int:chat_id>/resolve-escalation")
+@login_required
+def resolve_escalation(chat_id: int):
+    chat = get_owned_or_404(Chat, chat_id)
+    if chats.resolve_escalation(chat):
+        db.session.commit()
+        flash("Escalation resolved.", "info")
+    else:
+        flash("This chat is not escalated.", "info")
     return _back_to(chat)
 
 

@@ -46,6 +46,29 @@ _CHAT_WITH_AGENT = (
 )
 
 
+# How long the widget waits before sending a message again that an outage refused.
+OUTAGE_RETRY_SECONDS = 3
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Redis or PostgreSQL away (a transient failure, not a bug): the visitor may retry."""
+    import redis.exceptions
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return True
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _rollback_quietly() -> None:
+    try:
+        db.session.rollback()
+    except Exception:  # noqa: BLE001 - the database itself is away: nothing to undo
+        db.session.remove()
+
+
 def _visitor_serializer() -> URLSafeSerializer:
     return URLSafeSerializer(current_app.config["SECRET_KEY"], salt="chat-visitor")
 
@@ -157,6 +180,10 @@ class ChatSocket:
                 self.forward(frame.json)
             except ConnectionClosed:
                 self.closed.set()
+            except Exception as exc:  # noqa: BLE001 - Redis away mid catch-up: try again
+                log.warning("chat socket could not catch up on chat %s: %s", self.chat_id, exc)
+                subscription.overflowed = True
+                self.closed.wait(1.0)
 
     def _catch_up(self, subscription) -> None:
         """This socket fell behind and the hub dropped frames for it: send what it missed from
@@ -230,23 +257,36 @@ class ChatSocket:
         if handler is None:
             self.error("unknown_type", f"Unknown frame type {frame['type'][:40]!r}.")
             return
+        client_id = frame.get("client_id")
+        # Which of the widget's messages an error is about: it keeps that one's text.
+        about = (
+            {"client_id": client_id} if isinstance(client_id, str) and len(client_id) <= 128 else {}
+        )
         try:
             handler(frame)
         except ChatError as exc:
             db.session.rollback()
-            extra = dict(exc.extra)
-            client_id = frame.get("client_id")
-            if isinstance(client_id, str) and len(client_id) <= 128:
-                extra["client_id"] = client_id  # which of the widget's messages was refused
-            self.error(exc.code, exc.message, **extra)
+            self.error(exc.code, exc.message, **{**exc.extra, **about})
         except ConnectionClosed:
             raise
-        except Exception:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001
             # A frame this code did not foresee must not end the visitor's socket: the error
             # is logged for us, the visitor gets an answer and can go on.
-            db.session.rollback()
+            _rollback_quietly()
+            if _is_outage(exc):
+                # Nothing was saved; the widget keeps the text and sends it again later.
+                log.warning("chat frame %r during an outage: %s", frame["type"], exc)
+                self.error(
+                    "unavailable",
+                    "The chat is briefly unavailable; your message will be sent again.",
+                    retry_after=OUTAGE_RETRY_SECONDS,
+                    **about,
+                )
+                return
             log.exception("chat frame %r failed", frame["type"])
-            self.error("server_error", "That request could not be handled; please try again.")
+            self.error(
+                "server_error", "That request could not be handled; please try again.", **about
+            )
 
     def _require_session(self) -> None:
         if not self.session_started:
