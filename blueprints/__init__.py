@@ -8,7 +8,7 @@ import re
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from flask import abort, make_response, render_template, request, url_for
+from flask import abort, g, make_response, render_template, request, url_for
 from flask_login import current_user
 from sqlalchemy import BigInteger, Select
 from werkzeug.routing import IntegerConverter
@@ -108,10 +108,26 @@ def id_max(column: Any) -> int:
 
 
 def keyset_page(stmt: Select, id_column: Any, limit: int) -> tuple[list[Any], int | None]:
-    """Newest-first page of `stmt` before ?before=<id>; returns (rows, next before-id or None)."""
+    """Newest-first page of `stmt` before ?before=<id>, or the page just newer than
+    ?after=<id>; returns (rows, next before-id or None). The "Newer" link's after-id, when
+    there are newer rows, is left in g.keyset_newer_after for _pager.html."""
     before = int_arg("before", maximum=id_max(id_column))
+    after = None if before is not None else int_arg("after", maximum=id_max(id_column))
+    g.keyset_newer_after = None
+    if after is not None:
+        # Oldest-first from the boundary, so the page is the one right above it.
+        newer = stmt.where(id_column > after).order_by(id_column.asc()).limit(limit + 1)
+        rows = list(db.session.scalars(newer))
+        if len(rows) > limit:
+            rows = rows[:limit]
+            g.keyset_newer_after = rows[-1].id
+        rows.reverse()
+        oldest_shown = rows[-1].id if rows else after + 1
+        older = stmt.with_only_columns(id_column).where(id_column < oldest_shown).limit(1)
+        return rows, oldest_shown if db.session.scalar(older) is not None else None
     if before is not None:
         stmt = stmt.where(id_column < before)
+        g.keyset_newer_after = before - 1
     rows = list(db.session.scalars(stmt.order_by(id_column.desc()).limit(limit + 1)))
     next_before = rows[limit - 1].id if len(rows) > limit else None
     return rows[:limit], next_before

@@ -183,6 +183,7 @@ def deliver_event(event: Event) -> None:
             )
             db.session.add(note)
             db.session.flush()
+            publish_row_after_commit(note)
             if in_app:
                 publish_bell_after_commit(event.tenant_id, user_id)
             if email and current_app.config.get("SMTP_URL"):
@@ -191,6 +192,16 @@ def deliver_event(event: Event) -> None:
                 # In the handler's transaction: the email goes out if and only if the
                 # notification is recorded, even when Redis is down at its commit.
                 enqueue("notifications.email", note.id)
+
+
+def publish_row_after_commit(note) -> None:
+    """The new row, prepended to its recipient's open notifications list (their own topic:
+    no one else's socket gets it)."""
+    from services.live import publish_after_commit, render_fragment, user_topic
+
+    html = render_fragment("notifications/_push.html", n=note, type_labels=TYPE_LABELS)
+    topic = user_topic(note.tenant_id, note.recipient_id, "notifications")
+    publish_after_commit(topic, f"notification-{note.id}", html=html)
 
 
 # ---------------------------------------------------------------- the bell

@@ -58,6 +58,25 @@ def deliver(message_id: int, event_pk: int | None = None, **_legacy: object) -> 
             return
         message_id = adopted
     svc.deliver(message_id)
+    _publish_attempt(message_id)
+
+
+def _publish_attempt(message_id: int) -> None:
+    """The endpoint's open detail pages show the attempt just recorded (best effort: a
+    page that misses it gets the list again with its next snapshot)."""
+    import logging
+
+    from blueprints.webhooks.routes import publish_deliveries
+    from extensions import db
+    from models.webhooks import WebhookMessage
+
+    try:
+        message = db.session.get(WebhookMessage, message_id)
+        if message is not None:
+            publish_deliveries(message.tenant_id, message.endpoint_id)
+    except Exception:  # noqa: BLE001 - the attempt is recorded; a live frame is not worth a retry
+        db.session.rollback()
+        logging.getLogger(__name__).exception("could not publish webhook delivery %s", message_id)
 
 
 @periodic("WEBHOOK_RELAY_INTERVAL", name="webhooks.relay")

@@ -2,7 +2,7 @@ from flask import current_app, jsonify
 from flask_login import current_user, login_required
 from sqlalchemy import text
 
-from blueprints import id_max, int_arg, render
+from blueprints import id_max, int_arg, is_partial_request, render
 from blueprints.dashboard import bp
 from extensions import db
 from models.events import OutboxEvent
@@ -14,14 +14,27 @@ from services.live import render_fragment, snapshot
 @login_required
 def home():
     page_size = current_app.config["FEED_PAGE_SIZE"]
-    before = int_arg("before", maximum=id_max(OutboxEvent.id))  # the feed is the outbox
-    items = feed.latest(current_user.tenant_id, before=before, limit=page_size)
+    most = id_max(OutboxEvent.id)  # the feed is the outbox
+    before = int_arg("before", maximum=most)
+    after = None if before is not None else int_arg("after", maximum=most)
+    tenant_id = current_user.tenant_id
+    items = feed.latest(tenant_id, before=before, after=after, limit=page_size)
+    first_page = before is None and after is None
+    newer_after = None
+    if not first_page:
+        boundary = items[0].id if items else (before - 1 if before else after)
+        if feed.latest(tenant_id, after=boundary, limit=1):
+            newer_after = boundary
     return render(
         "dashboard/home.html",
         "dashboard/_feed_page.html",
         items=items,
         page_size=page_size,
-        live_topics=["feed"],
+        first_page=first_page,
+        appending=before is not None and is_partial_request(),
+        newer_after=newer_after,
+        # An older page stays as it is; only the first one takes new events and snapshots.
+        live_topics=["feed"] if first_page else [],
     )
 
 

@@ -10,6 +10,7 @@ from flask_login import current_user, login_required
 from blueprints import render
 from blueprints.metrics import bp
 from services import metrics
+from services.live import publish, render_fragment, snapshot, tenant_topic
 
 DEFAULT_ALLOWED_NETWORKS = "127.0.0.1/32,::1/128"
 
@@ -35,4 +36,25 @@ def prometheus():
 def index():
     days = metrics.clamp_days(request.args.get("days", metrics.DEFAULT_RANGE))
     data = metrics.dashboard(current_user.tenant_id, days)
-    return render("metrics/index.html", **data)
+    return render("metrics/index.html", **data, live_topics=[metrics_topic_name(days)])
+
+
+def metrics_topic_name(days: int) -> str:
+    return f"metrics:{days}"
+
+
+def live_html(tenant_id: int, days: int) -> str:
+    return render_fragment("metrics/_live.html", **metrics.dashboard(tenant_id, days), oob=True)
+
+
+def publish_metrics(tenant_id: int) -> None:
+    """Replace the counters and charts on the tenant's open Metrics pages, one frame per
+    range (each page listens to its own range's topic), under one key so they coalesce."""
+    for days in metrics.RANGES:
+        topic = tenant_topic(tenant_id, metrics_topic_name(days))
+        publish(topic, "metrics", html=live_html(tenant_id, days))
+
+
+@snapshot("metrics")
+def metrics_snapshot(tenant_id: int, user, days: str = "") -> str:
+    return live_html(tenant_id, metrics.clamp_days(days))

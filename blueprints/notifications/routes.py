@@ -33,6 +33,9 @@ def index():
         stmt = stmt.where(Notification.type == kind)
     rows, next_before = keyset_page(stmt, Notification.id, current_app.config["LIST_PAGE_SIZE"])
     filter_args = {k: v for k, v in (("unread", "1" if unread_only else ""), ("type", kind)) if v}
+    # Only the unfiltered first page takes new rows live: it is what the snapshot renders.
+    first_page = not (request.args.get("before") or request.args.get("after"))
+    live = first_page and not filter_args
     return render(
         "notifications/index.html",
         notifications=rows,
@@ -43,6 +46,7 @@ def index():
         type_labels=service.TYPE_LABELS,
         filter_args=filter_args,
         has_unread=service.unread_count(current_user.id) > 0,
+        live_topics=["user:notifications"] if live else [],
     )
 
 
@@ -118,4 +122,17 @@ def preferences():
 def bell_snapshot(tenant_id: int, user) -> str:
     return render_fragment(
         "notifications/_bell.html", unread=service.unread_count(user.id), oob=True
+    )
+
+
+@snapshot("notifications")
+def list_snapshot(tenant_id: int, user) -> str:
+    rows = db.session.scalars(
+        select(Notification)
+        .where(Notification.recipient_id == user.id, Notification.tenant_id == tenant_id)
+        .order_by(Notification.id.desc())
+        .limit(current_app.config["LIST_PAGE_SIZE"])
+    )
+    return render_fragment(
+        "notifications/_snapshot.html", notifications=list(rows), type_labels=service.TYPE_LABELS
     )

@@ -12,6 +12,7 @@ from blueprints.webhooks import bp
 from extensions import db
 from models.webhooks import WebhookDelivery, WebhookEndpoint
 from services import webhooks as svc
+from services.live import render_fragment, snapshot, tenant_topic
 
 DELIVERIES_PER_PAGE = 25
 MAX_ENDPOINTS = 50
@@ -68,6 +69,10 @@ def create():
     return redirect(url_for("webhooks.detail", endpoint_id=endpoint.id), code=303)
 
 
+def _past_first_page() -> bool:
+    return bool(request.args.get("before") or request.args.get("after"))
+
+
 def _detail_page(endpoint: WebhookEndpoint, values=None, errors=None, status: int = 200):
     stmt = select(WebhookDelivery).where(
         WebhookDelivery.endpoint_id == endpoint.id,
@@ -82,6 +87,8 @@ def _detail_page(endpoint: WebhookEndpoint, values=None, errors=None, status: in
         next_before=next_before,
         values=values or {"url": endpoint.url, "topics": ", ".join(endpoint.topics or [])},
         errors=errors or {},
+        # The first page takes each new attempt live; an older page stays as it is.
+        live_topics=[] if _past_first_page() else [deliveries_topic_name(endpoint.id)],
     )
     response.status_code = status
     return response
@@ -168,3 +175,58 @@ def resend(endpoint_id: int, delivery_id: int):
         db.session.commit()
         flash("Delivery queued again.", "info")
     return redirect(url_for("webhooks.detail", endpoint_id=endpoint.id), code=303)
+
+
+# ---------------------------------------------------------------- live deliveries
+
+
+def deliveries_topic_name(endpoint_id: int) -> str:
+    return f"webhook:{endpoint_id}"
+
+
+def first_deliveries_html(tenant_id: int, endpoint_id: int) -> str:
+    """The deliveries list's first page, to replace the one on an open detail page."""
+    endpoint = db.session.scalar(
+        select(WebhookEndpoint).where(
+            WebhookEndpoint.id == endpoint_id, WebhookEndpoint.tenant_id == tenant_id
+        )
+    )
+    if endpoint is None:
+        return ""
+    rows = list(
+        db.session.scalars(
+            select(WebhookDelivery)
+            .where(
+                WebhookDelivery.endpoint_id == endpoint.id,
+                WebhookDelivery.tenant_id == tenant_id,
+            )
+            .order_by(WebhookDelivery.id.desc())
+            .limit(DELIVERIES_PER_PAGE + 1)
+        )
+    )
+    next_before = rows[DELIVERIES_PER_PAGE - 1].id if len(rows) > DELIVERIES_PER_PAGE else None
+    return render_fragment(
+        "webhooks/_deliveries.html",
+        webhook=endpoint,
+        deliveries=rows[:DELIVERIES_PER_PAGE],
+        next_before=next_before,
+        oob=True,
+    )
+
+
+def publish_deliveries(tenant_id: int, endpoint_id: int) -> None:
+    """Replace the open detail pages' list after an attempt is recorded. One key per
+    endpoint, so a burst of attempts coalesces into the latest list."""
+    from services.live import publish
+
+    html = first_deliveries_html(tenant_id, endpoint_id)
+    if html:
+        topic = tenant_topic(tenant_id, deliveries_topic_name(endpoint_id))
+        publish(topic, f"deliveries-{endpoint_id}", html=html)
+
+
+@snapshot("webhook")
+def deliveries_snapshot(tenant_id: int, user, endpoint_id: str = "") -> str:
+    if not user.is_admin or not endpoint_id.isdigit():
+        return ""
+    return first_deliveries_html(tenant_id, int(endpoint_id))
