@@ -162,6 +162,7 @@ def _register_blueprints(app: Flask) -> None:
     from blueprints.metrics import bp as metrics_bp
     from blueprints.notifications import bp as notifications_bp
     from blueprints.projects import bp as projects_bp
+    from blueprints.search import bp as search_bp
     from blueprints.webhooks import bp as webhooks_bp
 
     for bp in (
@@ -175,6 +176,7 @@ def _register_blueprints(app: Flask) -> None:
         metrics_bp,
         audit_bp,
         api_bp,
+        search_bp,
     ):
         app.register_blueprint(bp)
     register_live_routes(app)

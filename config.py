@@ -324,6 +324,9 @@ class Config:
         self.MAIL_FROM = _env("MAIL_FROM", "switchboard@localhost")
 
         # /metrics: a bearer token, or a client address inside one of these networks.
+        # After counted events, how long a worker waits before re-rendering the open Metrics
+        # pages of that tenant: a burst is one re-render per tenant, not one per event.
+        self.METRICS_LIVE_DELAY_MS = _int("METRICS_LIVE_DELAY_MS", 500)
         self.METRICS_TOKEN = _env("METRICS_TOKEN")
         self.METRICS_ALLOWED_NETWORKS = _env("METRICS_ALLOWED_NETWORKS", "127.0.0.1/32,::1/128")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from sqlalchemy import (
     JSON,
@@ -18,11 +18,15 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     Uuid,
+    false,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from extensions import db
 from models.base import Timestamps, Tracked, UTCDateTime, tenant_fk, utcnow
+
+if TYPE_CHECKING:
+    from models.accounts import User
 
 CHAT_STATUSES = ("active", "completed", "archived")
 SENDERS = ("visitor", "assistant", "operator", "system")
@@ -95,14 +99,38 @@ class Chat(Tracked, Timestamps, db.Model):
     # a later friendly message does not mean the problem was dealt with.
     escalated_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
     escalation_reason: Mapped[Optional[str]] = mapped_column(String(200))
+    # Who the visitor is, as the embedding site says through the widget's identify(). Trusted
+    # only when identity_verified: the site signed the identifier with the tenant's secret.
+    visitor_name: Mapped[Optional[str]] = mapped_column(String(120))
+    visitor_email: Mapped[Optional[str]] = mapped_column(String(254))
+    visitor_identifier: Mapped[Optional[str]] = mapped_column(String(128))
+    identity_verified: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # The visitor's words with their rating (optional), and when they rated: the CSAT report's
+    # range is by rating time, not by when the chat began.
+    satisfaction_comment: Mapped[Optional[str]] = mapped_column(Text)
+    rated_at: Mapped[Optional[datetime]] = mapped_column(UTCDateTime())
 
     agent: Mapped[Optional[Agent]] = relationship()
+    assignee: Mapped[Optional[User]] = relationship(foreign_keys=[assignee_id])
     messages: Mapped[list[Message]] = relationship(
         back_populates="chat", cascade="all, delete-orphan", passive_deletes=True
     )
 
     def feed_label(self) -> str:
         return self.title or f"Chat {str(self.public_id)[:8]}"
+
+    def visitor_label(self) -> str:
+        """Who operators are talking to: the name/email the site passed, else the raw id."""
+        known = " ".join(
+            part
+            for part in (self.visitor_name, f"<{self.visitor_email}>" if self.visitor_email else "")
+            if part
+        )
+        if known:
+            return known if self.identity_verified else f"{known} (unverified)"
+        if self.user_id:
+            return f"user #{self.user_id}"
+        return self.visitor_id or "—"
 
 
 class Message(Tracked, db.Model):
@@ -168,3 +196,34 @@ class EscalationRule(Tracked, Timestamps, db.Model):
 
     def feed_label(self) -> str:
         return f"Escalation phrase “{self.phrase}” ({self.language})"
+
+
+class CannedReply(Tracked, Timestamps, db.Model):
+    """A reply an operator inserts by its shortcut ("/refund") instead of typing it again."""
+
+    __tablename__ = "canned_replies"
+    __entity__ = "canned_reply"
+    __table_args__ = (UniqueConstraint("tenant_id", "shortcut"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk()
+    shortcut: Mapped[str] = mapped_column(String(40))
+    content: Mapped[str] = mapped_column(Text)
+
+    def feed_label(self) -> str:
+        return f"Canned reply /{self.shortcut}"
+
+
+class ChatRead(db.Model):
+    """How far one operator has read one chat: a visitor message after it is unread for them.
+    Not tracked: reading is routine, and each operator's own business."""
+
+    __tablename__ = "chat_reads"
+    __table_args__ = (UniqueConstraint("chat_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = tenant_fk(index=False)
+    chat_id: Mapped[int] = mapped_column(ForeignKey("chats.id", ondelete="CASCADE"))
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    last_read_message_id: Mapped[int] = mapped_column(Integer, default=0)
+    read_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

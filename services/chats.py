@@ -15,11 +15,12 @@ from typing import Any, NamedTuple
 
 from flask import current_app
 from sqlalchemy import bindparam, func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from events import emit, enqueue, on_commit
 from extensions import db
 from models.base import utcnow
-from models.chats import INTERRUPTIONS, Agent, Chat, Message
+from models.chats import INTERRUPTIONS, Agent, Chat, ChatRead, Message
 from services.escalation import escalation_reason
 from services.kv import kv
 from services.sentiment import NEGATIVE, POSITIVE, Sentiment, offline
@@ -268,6 +269,8 @@ def add_message(
         bump, params["new_title"] = _BUMP_CHAT_TITLE, _title_from(content)
     db.session.execute(bump, params, execution_options={"synchronize_session": False})
     db.session.expire(chat, ["last_activity", "message_count", "title"])
+    if sender == "visitor":
+        publish_unread_after_commit(chat.tenant_id, chat.id)
     return message
 
 
@@ -383,8 +386,21 @@ def check_rating(score: Any) -> int:
     return score
 
 
-def rate_chat(chat: Chat, score: Any) -> None:
+MAX_RATING_COMMENT = 1000
+
+
+def rate_chat(chat: Chat, score: Any, comment: Any = None) -> None:
     chat.satisfaction = check_rating(score)
+    chat.rated_at = utcnow()
+    if comment is not None:
+        # A rating's comment goes through the same checks as a message; blank clears it.
+        text = clean_visitor_text(comment) if isinstance(comment, str) and comment.strip() else ""
+        if len(text) > MAX_RATING_COMMENT:
+            raise ChatError(
+                "comment_too_long",
+                f"A comment can be at most {MAX_RATING_COMMENT} characters.",
+            )
+        chat.satisfaction_comment = text or None
 
 
 def apply_sentiment(message: Message, sentiment: Sentiment) -> None:
@@ -620,6 +636,117 @@ def row_facts(chat_ids: list[int]) -> dict[int, RowFacts]:
         text = text[:80] + ("…" if len(text) > 80 else "")
         facts[chat_id] = RowFacts(sender, text, felt.get(chat_id))
     return facts
+
+
+# ------------------------------------------------------------------ assignment and unread
+
+
+def assign(chat: Chat, assignee_id: int | None) -> None:
+    """Make a user of the chat's tenant (or no one) its assignee. The caller checked the
+    user's tenant; the change is audited by the chat's `updated` event."""
+    chat.assignee_id = assignee_id
+
+
+def _last_read(user_id: int):
+    return (
+        select(ChatRead.last_read_message_id)
+        .where(ChatRead.chat_id == Chat.id, ChatRead.user_id == user_id)
+        .scalar_subquery()
+    )
+
+
+def unread_clause(user_id: int):
+    """An active chat with a visitor message past this operator's read mark (or never
+    opened). A completed or archived chat waits for no one: a new operator's count would
+    otherwise start at every chat ever had."""
+    return Chat.status == "active", (
+        select(Message.id)
+        .where(
+            Message.chat_id == Chat.id,
+            Message.sender == "visitor",
+            Message.id > func.coalesce(_last_read(user_id), 0),
+        )
+        .exists()
+    )
+
+
+def unread_chat_ids(user_id: int, chat_ids: list[int]) -> set[int]:
+    if not chat_ids:
+        return set()
+    stmt = select(Chat.id).where(Chat.id.in_(chat_ids), *unread_clause(user_id))
+    return set(db.session.scalars(stmt))
+
+
+def unread_chat_count(tenant_id: int, user_id: int) -> int:
+    stmt = (
+        select(func.count())
+        .select_from(Chat)
+        .where(Chat.tenant_id == tenant_id, *unread_clause(user_id))
+    )
+    return int(db.session.scalar(stmt) or 0)
+
+
+def mark_read(chat: Chat, user_id: int) -> None:
+    """Everything in the chat up to now is read by this operator (by no one else)."""
+    last_id = db.session.scalar(select(func.max(Message.id)).where(Message.chat_id == chat.id))
+    stmt = select(ChatRead).where(ChatRead.chat_id == chat.id, ChatRead.user_id == user_id)
+    mark = db.session.scalar(stmt)
+    if mark is None:
+        mark = ChatRead(tenant_id=chat.tenant_id, chat_id=chat.id, user_id=user_id)
+        try:
+            with db.session.begin_nested():  # two tabs opening the chat at once
+                db.session.add(mark)
+        except IntegrityError:
+            mark = db.session.scalar(stmt)
+    mark.last_read_message_id = max(mark.last_read_message_id or 0, last_id or 0)
+    mark.read_at = utcnow()
+    publish_unread_after_commit(chat.tenant_id, chat.id, user_ids=[user_id])
+
+
+def publish_unread_after_commit(
+    tenant_id: int, chat_id: int, user_ids: list[int] | None = None
+) -> None:
+    """After commit, each operator's pages get their own unread count (the nav badge, on
+    their bell topic which every page follows) and the chat's row as it is for them (their
+    inbox topic). Per user topics: one operator's reading is no one else's."""
+    app = current_app._get_current_object()
+
+    def _push() -> None:
+        from models.accounts import User
+        from services.live import publish, render_fragment, user_topic
+
+        with app.app_context():
+            try:
+                chat = db.session.get(Chat, chat_id)
+                if chat is None:
+                    return
+                stmt = select(User.id).where(
+                    User.tenant_id == tenant_id, User.is_active_user.is_(True)
+                )
+                if user_ids is not None:
+                    stmt = stmt.where(User.id.in_(user_ids))
+                facts = row_facts([chat_id])
+                frames = []
+                for user_id in db.session.scalars(stmt).all():
+                    count = unread_chat_count(tenant_id, user_id)
+                    badge = render_fragment("chats/_nav_count.html", count=count, oob=True)
+                    frames.append((user_topic(tenant_id, user_id, "bell"), "chats-unread", badge))
+                    row = render_fragment(
+                        "chats/_row.html",
+                        chat=chat,
+                        row_facts=facts,
+                        oob="row",
+                        unread=bool(unread_chat_ids(user_id, [chat_id])),
+                    )
+                    frames.append(
+                        (user_topic(tenant_id, user_id, "inbox"), f"inbox-{chat_id}", row)
+                    )
+                for topic, key, html in frames:
+                    publish(topic, key, html=html)
+            except Exception:  # noqa: BLE001 - live counts are best effort; pages reload them
+                log.exception("unread state of chat %s not published", chat_id)
+
+    on_commit(_push)
 
 
 def reply_claim_key(message_id: int) -> str:
@@ -868,7 +995,16 @@ def erase_chats(chat_ids: list[int]) -> Erasure:
         return result
     chat_rows = db.session.execute(
         select(
-            Chat.id, Chat.tenant_id, Chat.public_id, Chat.title, Chat.summary, Chat.context
+            Chat.id,
+            Chat.tenant_id,
+            Chat.public_id,
+            Chat.title,
+            Chat.summary,
+            Chat.context,
+            Chat.visitor_name,
+            Chat.visitor_email,
+            Chat.visitor_identifier,
+            Chat.satisfaction_comment,
         ).where(Chat.id.in_(chat_ids))
     ).all()
     messages = db.session.execute(
@@ -876,7 +1012,17 @@ def erase_chats(chat_ids: list[int]) -> Erasure:
     ).all()
     message_ids = [message_id for message_id, _ in messages]
     texts = {content for _, content in messages} | {
-        text for row in chat_rows for text in (row.title, row.summary) if text
+        text
+        for row in chat_rows
+        for text in (
+            row.title,
+            row.summary,
+            row.visitor_name,
+            row.visitor_email,
+            row.visitor_identifier,
+            row.satisfaction_comment,
+        )
+        if text
     }
     # What the embedding site said about the visitor (a name, an email) travels as context.
     texts |= {
@@ -915,6 +1061,11 @@ def erase_chats(chat_ids: list[int]) -> Erasure:
                 context={},
                 title="Erased chat",
                 summary=None,
+                visitor_name=None,
+                visitor_email=None,
+                visitor_identifier=None,
+                identity_verified=False,
+                satisfaction_comment=None,
             ),
             execution_options={"synchronize_session": False},
         )

@@ -1,6 +1,12 @@
 /*
  * Switchboard chat widget.
  *   <script src="https://console.example.com/static/widget.js" data-key="wk_..." defer></script>
+ * Who the visitor is (optional): data-name, data-email, data-identifier and
+ * data-identifier-hash on that tag, or window.SwitchboardSettings = {identity: {...}} set
+ * before it loads, or, once the "switchboard:ready" event has fired (or window.Switchboard
+ * exists), Switchboard.identify({name, email, identifier, identifier_hash})
+ * where identifier_hash = hex HMAC-SHA256(the tenant's identity secret, identifier), computed
+ * by the site's server. Switchboard.open() / close() / toggle() drive the panel.
  * Plain JavaScript, no build step. Everything lives in a shadow root, so the host page's
  * styles don't reach in and ours don't leak out. Text from the network is inserted with
  * textContent; only HTML the server has already sanitised is inserted as markup.
@@ -74,7 +80,10 @@
 
   var launcher = el("button", "launcher", "Chat with us");
   launcher.type = "button";
+  launcher.setAttribute("aria-expanded", "false");
+  launcher.setAttribute("aria-controls", "switchboard-chat-panel");
   var panel = el("section", "panel");
+  panel.id = "switchboard-chat-panel";
   panel.setAttribute("role", "dialog");
   panel.setAttribute("aria-label", "Chat");
   var head = el("div", "head");
@@ -106,9 +115,32 @@
     var star = el("button", "", "★");
     star.type = "button";
     star.title = score + " of 5";
+    // Screen readers would read each as "black star": the label says what it does.
+    star.setAttribute("aria-label", "Rate " + score + " of 5");
     star.addEventListener("click", function () { sendFrame({ type: "rate", score: score }); });
     rate.appendChild(star);
   });
+
+  // After a rating: an optional comment, sent as the same rating with its text.
+  var commentForm = null;
+  function askComment(score) {
+    if (commentForm) commentForm.remove();
+    commentForm = el("form", "comment");
+    var box = el("textarea");
+    box.setAttribute("aria-label", "Comment on your rating (optional)");
+    box.placeholder = "Anything to add? (optional)";
+    box.maxLength = 1000;
+    var go = el("button", "", "Send comment");
+    go.type = "submit";
+    commentForm.appendChild(box);
+    commentForm.appendChild(go);
+    commentForm.addEventListener("submit", function (event) {
+      event.preventDefault();
+      if (box.value.trim()) sendFrame({ type: "rate", score: score, comment: box.value });
+    });
+    log.appendChild(commentForm);
+    log.scrollTop = log.scrollHeight;
+  }
 
   function load() {
     try { return JSON.parse(localStorage.getItem(STORE)) || {}; } catch (e) { return {}; }
@@ -117,6 +149,28 @@
   state.resume = state.resume || {};
   function save() {
     try { localStorage.setItem(STORE, JSON.stringify(state)); } catch (e) { /* private mode */ }
+  }
+
+  // Who the embedding site says the visitor is; sent with every session_init.
+  var identity = null;
+  function identify(details) {
+    if (!details || typeof details !== "object") return;
+    identity = {};
+    ["name", "email", "identifier", "identifier_hash"].forEach(function (field) {
+      if (typeof details[field] === "string" && details[field]) identity[field] = details[field];
+    });
+    if (ready) sendFrame({ type: "identify", identity: identity });
+  }
+  var fromTag = {
+    name: script.getAttribute("data-name"),
+    email: script.getAttribute("data-email"),
+    identifier: script.getAttribute("data-identifier"),
+    identifier_hash: script.getAttribute("data-identifier-hash")
+  };
+  if (fromTag.name || fromTag.email || fromTag.identifier) identify(fromTag);
+  // Or set before the widget loads: window.SwitchboardSettings = { identity: {...} }.
+  if (window.SwitchboardSettings && window.SwitchboardSettings.identity) {
+    identify(window.SwitchboardSettings.identity);
   }
 
   var socket = null;
@@ -278,7 +332,9 @@
       // rest (or, after a page load, the whole reply again).
       var resume = {};
       Object.keys(state.resume).forEach(function (id) { if (bubbles[id]) resume[id] = state.resume[id]; });
-      sendFrame({ type: "session_init", chat_id: state.chat_id || null, resume: resume });
+      var init = { type: "session_init", chat_id: state.chat_id || null, resume: resume };
+      if (identity) init.identity = identity;
+      sendFrame(init);
     },
     session: function (frame) {
       if (frame.chat_id !== state.chat_id) { state.resume = {}; }
@@ -368,13 +424,25 @@
     },
     rated: function (frame) {
       rate.classList.remove("on");
+      if (frame.comment) {
+        if (commentForm) { commentForm.remove(); commentForm = null; }
+        note("Thank you for your comment!");
+        return;
+      }
       note("Thank you for your feedback!");
+      askComment(frame.score);
       if (endNote) {
         endNote.textContent = "This chat has ended. You rated it " + frame.score +
           " of 5. Write below to start a new conversation.";
       }
     },
+    identified: function () {},
     error: function (frame) {
+      if (frame.code === "identity_refused") {
+        // The embedding site's mistake, not the visitor's: tell its developer only.
+        if (window.console) console.warn("Switchboard: " + frame.message);
+        return;
+      }
       var text = frame.message || "Something went wrong.";
       var waiting = frame.code === "unavailable" && frame.client_id &&
         outbox.filter(function (item) { return item.clientId === frame.client_id; })[0];
@@ -439,11 +507,19 @@
     });
   }
 
-  launcher.addEventListener("click", function () {
-    panel.classList.toggle("open");
-    if (panel.classList.contains("open")) {
+  function setOpen(open) {
+    panel.classList.toggle("open", open);
+    launcher.setAttribute("aria-expanded", open ? "true" : "false");
+    if (open) {
       if (!socket && !refused) connect();
       input.focus();
+    }
+  }
+  launcher.addEventListener("click", function () { setOpen(!panel.classList.contains("open")); });
+  panel.addEventListener("keydown", function (event) {
+    if (event.key === "Escape") {
+      setOpen(false);
+      launcher.focus();
     }
   });
   var sequence = 0;
@@ -496,6 +572,16 @@
   });
   stopButton.addEventListener("click", function () { sendFrame({ type: "cancel" }); });
   endButton.addEventListener("click", function () { sendFrame({ type: "session_close" }); });
+
+  window.Switchboard = {
+    identify: identify,
+    open: function () { setOpen(true); },
+    close: function () { setOpen(false); },
+    toggle: function () { setOpen(!panel.classList.contains("open")); }
+  };
+  try {
+    window.dispatchEvent(new CustomEvent("switchboard:ready"));
+  } catch (e) { /* very old browsers: Switchboard is there all the same */ }
 
   function mount() { document.body.appendChild(host); }
   if (document.body) mount(); else document.addEventListener("DOMContentLoaded", mount);

@@ -203,6 +203,19 @@ def _tenant_b_objects(app, db, runner) -> dict[str, int]:
     db.session.add(delivery)
     rule = EscalationRule(tenant_id=tenant_id, language="any", phrase="private phrase")
     db.session.add(rule)
+    from models.chats import CannedReply
+
+    canned = CannedReply(tenant_id=tenant_id, shortcut="private", content="private reply")
+    db.session.add(canned)
+    from models.base import utcnow
+    from models.devices import DiscoveredDevice, MaintenanceWindow, Manufacturer
+
+    manufacturer_id = db.session.scalar(select(Manufacturer.id).limit(1))
+    found = DiscoveredDevice(
+        tenant_id=tenant_id, manufacturer_id=manufacturer_id, api_device_id="PRIVATE-1"
+    )
+    window = MaintenanceWindow(tenant_id=tenant_id, starts_at=utcnow(), ends_at=utcnow())
+    db.session.add_all([found, window])
     db.session.commit()
 
     def first(model) -> int:
@@ -215,6 +228,9 @@ def _tenant_b_objects(app, db, runner) -> dict[str, int]:
         "location_id": first(Location),
         "notification_id": note.id,
         "rule_id": rule.id,
+        "canned_id": canned.id,
+        "found_id": found.id,
+        "window_id": window.id,
         "project_id": first(Project),
         "generated_id": generated.id,
         "export_id": export.id,

@@ -2,4 +2,4 @@ from flask import Blueprint
 
 bp = Blueprint("chats", __name__, url_prefix="/chats")
 
-from blueprints.chats import escalation, routes  # noqa: E402,F401
+from blueprints.chats import canned, csat, escalation, identity, routes  # noqa: E402,F401

@@ -16,12 +16,31 @@ from blueprints import (
 from blueprints.chats import bp
 from blueprints.chats.forms import AgentForm, OperatorReplyForm, WidgetSettingsForm
 from extensions import db
-from models.accounts import Tenant, new_widget_key
+from models.accounts import Tenant, User, new_widget_key
 from models.chats import CHAT_STATUSES, Agent, Chat, Message
 from services import chats
 from services.live import render_fragment, snapshot
 
 SENTIMENTS = ("positive", "neutral", "negative")
+VIEWS = ("all", "mine", "unassigned")
+
+
+def _view_clause(view: str):
+    if view == "mine":
+        return Chat.assignee_id == current_user.id
+    if view == "unassigned":
+        return Chat.assignee_id.is_(None)
+    return None
+
+
+@bp.app_context_processor
+def inject_unread_chats():
+    def unread_chats() -> int:
+        if not current_user.is_authenticated:
+            return 0
+        return chats.unread_chat_count(current_user.tenant_id, current_user.id)
+
+    return {"unread_chats": unread_chats}
 
 
 def _date_arg(name: str):
@@ -46,6 +65,10 @@ def _filtered_chats():
             exists().where(Message.chat_id == Chat.id, Message.sentiment_label == args["sentiment"])
         )
         filters["sentiment"] = args["sentiment"]
+    view = args.get("view", "all")
+    if view in VIEWS and view != "all":
+        stmt = stmt.where(_view_clause(view))
+        filters["view"] = view
     if args.get("escalated") == "1":
         stmt = stmt.where(Chat.escalated_at.is_not(None))
         filters["escalated"] = "1"
@@ -90,10 +113,22 @@ def index():
         .select_from(Chat)
         .where(Chat.tenant_id == current_user.tenant_id, Chat.escalated_at.is_not(None))
     )
+    view_counts = {
+        view: db.session.scalar(
+            select(func.count())
+            .select_from(Chat)
+            .where(Chat.tenant_id == current_user.tenant_id)
+            .where(*([] if view == "all" else [_view_clause(view)]))
+        )
+        for view in VIEWS
+    }
     return render(
         "chats/index.html",
         "chats/_rows.html",
         escalated_count=escalated_count,
+        view=filters.get("view", "all"),
+        view_counts=view_counts,
+        unread_ids=chats.unread_chat_ids(current_user.id, [c.id for c in rows]),
         chats=rows,
         row_facts=chats.row_facts([c.id for c in rows]),
         next_before=next_before,
@@ -101,7 +136,7 @@ def index():
         agents=_agents(),
         statuses=CHAT_STATUSES,
         sentiments=SENTIMENTS,
-        live_topics=["chats"],
+        live_topics=["chats", "user:inbox"],
     )
 
 
@@ -113,12 +148,15 @@ def _conversation(chat: Chat):
 @login_required
 def detail(chat_id: int):
     chat = get_owned_or_404(Chat, chat_id)
+    chats.mark_read(chat, current_user.id)
+    db.session.commit()
     return render(
         "chats/detail.html",
         chat=chat,
         messages=_conversation(chat),
         form=OperatorReplyForm(),
         agents=_agents(),
+        operators=_operators(),
         live_topics=[f"chat:{chat.id}"],
     )
 
@@ -137,6 +175,21 @@ def chat_snapshot(tenant_id: int, user, chat_id: str = "") -> str:
 @snapshot("chats")
 def chats_snapshot(tenant_id: int, user) -> str:
     return ""  # rows are pushed one by one; the list itself is rendered with the page
+
+
+@snapshot("inbox")
+def inbox_snapshot(tenant_id: int, user) -> str:
+    # A page that reconnects may have missed count frames: it gets the count as it is now.
+    count = chats.unread_chat_count(tenant_id, user.id)
+    return render_fragment("chats/_nav_count.html", count=count, oob=True)
+
+
+def _operators():
+    return db.session.scalars(
+        select(User)
+        .where(User.tenant_id == current_user.tenant_id, User.is_active_user.is_(True))
+        .order_by(User.email)
+    ).all()
 
 
 def _back_to(chat: Chat):
@@ -169,6 +222,27 @@ def takeover(chat_id: int):
     chats.set_takeover(chat, on, user_id=current_user.id)
     db.session.commit()
     flash("You have taken over this chat." if on else "The assistant answers again.", "info")
+    return _back_to(chat)
+
+
+@bp.post("/<int:chat_id>/assign")
+@login_required
+def assign(chat_id: int):
+    chat = get_owned_or_404(Chat, chat_id)
+    raw = request.form.get("assignee_id", "")
+    assignee = None
+    if raw:
+        assignee_id = parse_id(raw)
+        assignee = db.session.get(User, assignee_id) if assignee_id is not None else None
+        if (
+            assignee is None
+            or assignee.tenant_id != current_user.tenant_id
+            or not assignee.is_active_user
+        ):
+            abort(400, description="Choose an active operator of your team (or no one).")
+    chats.assign(chat, assignee.id if assignee else None)
+    db.session.commit()
+    flash(f"Assigned to {assignee.email}." if assignee else "Unassigned.", "info")
     return _back_to(chat)
 
 

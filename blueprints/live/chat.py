@@ -32,7 +32,7 @@ from events import on_commit
 from extensions import db, sock
 from models.accounts import Tenant
 from models.chats import Chat
-from services import chat_live, chats
+from services import chat_live, chats, visitor_identity
 from services.chats import ChatError, chat_topic
 from services.kv import kv
 from services.live import bus, hub
@@ -121,6 +121,8 @@ class ChatSocket:
         self.done_replies: set[str] = set()
         self.sent_messages: set[int] = set()
         self.pump: threading.Thread | None = None
+        # Who the embedding site says the visitor is (session_init / identify frames).
+        self.identity: visitor_identity.Identity | None = None
 
     # ------------------------------------------------------------ writing
     def send(self, frame: dict[str, Any]) -> None:
@@ -304,8 +306,35 @@ class ChatSocket:
             raise ChatError("no_session", "This chat no longer exists; start a new session.")
         return chat
 
+    def _take_identity(self, data: Any) -> None:
+        """Remember the site's identity for the visitor; a bad signature is answered, not used."""
+        if data is None:
+            return
+        try:
+            self.identity = visitor_identity.parse_identity(self.tenant_id, data)
+        except visitor_identity.IdentityRefused as refused:
+            self.identity = refused.args[0]  # name and email only, shown as unverified
+            self.error(
+                "identity_refused",
+                "The identifier's signature (identifier_hash) is not valid; the identifier "
+                "was ignored.",
+            )
+
+    def _record_identity(self, chat: Chat) -> bool:
+        """Put the remembered identity on `chat` (the caller commits)."""
+        return self.identity is not None and visitor_identity.apply_identity(chat, self.identity)
+
+    def on_identify(self, frame: dict[str, Any]) -> None:
+        chat = self._chat()
+        self._take_identity(frame.get("identity"))
+        if chat is not None and self._record_identity(chat):
+            db.session.commit()
+        identity = self.identity or visitor_identity.Identity()
+        self.send({"type": "identified", "verified": identity.verified})
+
     def on_session_init(self, frame: dict[str, Any]) -> None:
         self.session_started = True
+        self._take_identity(frame.get("identity"))
         chat = None
         chat_id = frame.get("chat_id")
         if isinstance(chat_id, str) and chat_id:
@@ -326,6 +355,8 @@ class ChatSocket:
                 }
             )
             return
+        if self._record_identity(chat):
+            db.session.commit()
         resume = frame.get("resume") if isinstance(frame.get("resume"), dict) else {}
         self._attach(chat, resume)
 
@@ -413,6 +444,7 @@ class ChatSocket:
                 user_id=self.user_id,
                 session_id=secrets.token_hex(8),
             )
+            self._record_identity(chat)  # saved with the first message
             # Following the new chat before its commit: the reply's first frames can't be missed.
             self._subscribe(chat)
             try:
@@ -521,9 +553,15 @@ class ChatSocket:
         score = chats.check_rating(frame.get("score"))
         if chat is None:
             raise ChatError("no_chat", "There is no conversation to rate yet.")
-        chats.rate_chat(chat, score)
+        chats.rate_chat(chat, score, frame.get("comment"))
         db.session.commit()
-        self.send({"type": "rated", "score": chat.satisfaction})
+        self.send(
+            {
+                "type": "rated",
+                "score": chat.satisfaction,
+                "comment": chat.satisfaction_comment,
+            }
+        )
 
 
 def register_chat_routes(app) -> None:
