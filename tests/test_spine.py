@@ -29,7 +29,8 @@ def test_event_reaches_its_handler_once_after_commit(app, db, worker, factory):
     drain(app)
     assert _count(db, ActivityLog, ActivityLog.summary == "counted 1") == 1
     event = db.session.scalars(select(OutboxEvent).where(OutboxEvent.topic == "test.counted")).one()
-    assert event.status == "dispatched"
+    # The worker's periodic relay may already have marked it done (its tick is 0.2 s here).
+    assert event.status in ("dispatched", "done")
     relay(app, min_age_seconds=0)
     db.session.expire_all()
     assert event.status == "done"  # every handler recorded a result
