@@ -1,7 +1,7 @@
 from datetime import datetime, time, timedelta
 from urllib.parse import urlsplit
 
-from flask import abort, current_app, flash, redirect, request, url_for
+from flask import abort, current_app, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import exists, func, select, update
 
@@ -262,6 +262,9 @@ def resolve_escalation(chat_id: int):
 @login_required
 def complete(chat_id: int):
     chat = get_owned_or_404(Chat, chat_id)
+    if request.form.get("confirm") != "complete":
+        # Ending a conversation is not undone: only the confirmation page's button does it.
+        return render_template("chats/complete.html", chat=chat)
     chats.complete_chat(chat)
     db.session.commit()
     return _back_to(chat)
