@@ -110,6 +110,8 @@ def site(tmp_path_factory):
         "new agent": "/chats/agents/new",
         "escalation phrases": "/chats/escalation",
         "widget settings": "/chats/settings",
+        "canned replies": "/chats/canned",
+        "search": "/search?q=stage",
         "devices": "/devices/",
         "device": f"/devices/{device_id}",
         "device activity": "/devices/activity",
