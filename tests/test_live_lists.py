@@ -201,7 +201,7 @@ def test_keyset_lists_have_newer_and_first_page_links_past_the_first_page(app, c
         shown = re.findall(r"(?:Note|event) (\d)<", back)
         assert shown == re.findall(r"(?:Note|event) (\d)<", first), path
 
-    for path in ("/audit/", f"/webhooks/{_endpoint(app, tenant.id)}"):
+    for path in ("/audit/", f"/webhooks/{_endpoint(app, tenant.id)}", "/devices/activity"):
         assert client.get(path).status_code == 200
         deeper = client.get(f"{path}?before=1000000").get_data(as_text=True)
         assert _hrefs(deeper, "First page") == [path], path

@@ -5,7 +5,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import literal, select, text, tuple_
 from sqlalchemy.exc import IntegrityError
 
-from blueprints import admin_required, get_owned_or_404, int_arg, parse_id, render
+from blueprints import admin_required, get_owned_or_404, int_arg, keyset_page, parse_id, render
 from blueprints.devices import bp
 from blueprints.devices.forms import DeviceForm, EndpointForm, LocationForm, fill_choices
 from extensions import db
@@ -312,16 +312,16 @@ def activity_types(tenant_id: int, limit: int = 50) -> list[str]:
 @login_required
 def activity():
     stmt, filters, errors = _activity_query(current_user.tenant_id)
+    rows, next_before = keyset_page(stmt, ActivityLog.id, ACTIVITY_PAGE)
+    # Only the first page follows live rows; an older or a "Newer" page stays as it is.
     before = int_arg("before")
-    if before is not None:
-        stmt = stmt.where(ActivityLog.id < before)
-    rows = db.session.scalars(stmt.order_by(ActivityLog.id.desc()).limit(ACTIVITY_PAGE + 1)).all()
-    next_before = rows[ACTIVITY_PAGE - 1].id if len(rows) > ACTIVITY_PAGE else None
+    if before is None:
+        before = int_arg("after")
     types = activity_types(current_user.tenant_id)
     return render(
         "devices/activity.html",
         "devices/_activity_rows.html",
-        rows=rows[:ACTIVITY_PAGE],
+        rows=rows,
         next_before=next_before,
         filters=filters,
         errors=errors,
