@@ -525,6 +525,10 @@ def test_the_demo_devices_come_online_when_the_demo_fleet_runs(app, db, worker):
 
 def test_cli_endpoints_poll_sync_and_errors(app, db, venue):
     tenant, _, _ = venue
+    # A first poll opens the connection, identifies the family and reads every property
+    # within the poll's deadline: on a loaded CI machine 1 s is not always enough, and a
+    # poll returns as soon as every receiver answered, so a longer deadline costs nothing.
+    app.config["DEVICES_POLL_TIMEOUT"] = 4.0
     runner = app.test_cli_runner()
     with SimulatedReceiver("ULXD4Q", device_id="CLI-RX", seed=2) as receiver:
         address = f"{receiver.host}:{receiver.port}"
