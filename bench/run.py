@@ -40,6 +40,12 @@ from bench.common import (
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "RESULTS.md"
 SECTION = re.compile(r"<!-- bench:(?P<name>[\w.-]+) -->\n.*?<!-- /bench:(?P=name) -->\n", re.S)
+SUMMARY = re.compile(r"<!-- summary -->\n.*?<!-- /summary -->\n?", re.S)
+# One figure a line, for scripts: `figure device_event_cpu_ms = 1.3`. A benchmark module offers
+# its figures in a module-level dict FIGURES that run() fills; figures of benchmarks that did
+# not run this time are kept from the file, with the run they came from.
+FIGURE_LINE = re.compile(r"^figure (?P<name>\w+) = (?P<value>\S+)$", re.M)
+SOURCE_LINE = re.compile(r"^- `(?P<name>\w+)`: (?P<source>.+)$", re.M)
 
 
 def discover() -> tuple[list[ModuleType], dict[str, str]]:
@@ -157,6 +163,17 @@ def write_results(
 ) -> None:
     old = path.read_text() if path.exists() else ""
     kept = {m.group("name"): m.group(0) for m in SECTION.finditer(old)}
+    summary = SUMMARY.search(old)
+    figures = {m["name"]: m["value"] for m in FIGURE_LINE.finditer(summary[0])} if summary else {}
+    sources = {m["name"]: m["source"] for m in SOURCE_LINE.finditer(summary[0])} if summary else {}
+    for name, outcome in outcomes.items():
+        for figure, value in (outcome.get("figures") or {}).items():
+            figures[figure] = _figure_text(value)
+            sources[figure] = (
+                f"{name} benchmark, {when}, commit {machine['git commit']}, "
+                f"{machine.get('CPU', '?')} × {machine.get('cores', '?')} cores"
+                + (", quick sizes" if outcome["quick"] else "")
+            )
     for name, outcome in outcomes.items():
         kept[name] = section(modules[name], outcome, when, command, machine["git commit"])
     order = [n for n in modules if n in kept] + sorted(n for n in kept if n not in modules)
@@ -174,7 +191,34 @@ def write_results(
         *(f"| {_cell(k)} | {_cell(v)} |" for k, v in machine.items()),
         "",
     ]
-    path.write_text("\n".join(header) + "\n" + "\n".join(kept[n] for n in order))
+    body = "\n".join(header) + "\n" + "\n".join(kept[n] for n in order)
+    path.write_text(body + summary_block(figures, sources))
+
+
+def _figure_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def summary_block(figures: dict[str, str], sources: dict[str, str]) -> str:
+    if not figures:
+        return ""
+    lines = [
+        "<!-- summary -->",
+        "## Summary",
+        "",
+        "The latest value of each headline figure (issue 23), and the run it comes from:",
+        "",
+        *(f"- `{name}`: {sources.get(name, 'unknown run')}" for name in figures),
+        "",
+        "```text",
+        *(f"figure {name} = {value}" for name, value in figures.items()),
+        "```",
+        "<!-- /summary -->",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
@@ -222,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             outcome: dict[str, Any] = {"rows": [], "quick": args.quick}
             try:
                 outcome["rows"] = list(module.run(args))
+                outcome["figures"] = dict(getattr(module, "FIGURES", None) or {})
             except BenchError as exc:
                 outcome["error"] = str(exc)
                 print(f"  !! {module.NAME} failed: {exc}", file=sys.stderr, flush=True)
@@ -240,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted: everything started was stopped; results not written", flush=True)
         return 130
 
+    headline = {k: v for o in outcomes.values() for k, v in (o.get("figures") or {}).items()}
+    if headline:
+        print("\nsummary:")
+        for name, value in headline.items():
+            print(f"figure {name} = {_figure_text(value)}")
     if write:
         write_results(args.output, outcomes, by_name, machine, when, command)
         print(f"\nwrote {args.output}")
