@@ -40,6 +40,9 @@ from bench.common import (
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "RESULTS.md"
 SECTION = re.compile(r"<!-- bench:(?P<name>[\w.-]+) -->\n.*?<!-- /bench:(?P=name) -->\n", re.S)
+# Hand-written notes on what the figures mean (the README keeps only a short table); a run
+# keeps them as they are.
+NOTES = re.compile(r"<!-- notes -->\n.*?<!-- /notes -->\n?", re.S)
 SUMMARY = re.compile(r"<!-- summary -->\n.*?<!-- /summary -->\n?", re.S)
 # One figure a line, for scripts: `figure device_event_cpu_ms = 1.3`. A benchmark module offers
 # its figures in a module-level dict FIGURES that run() fills; figures of benchmarks that did
@@ -191,7 +194,9 @@ def write_results(
         *(f"| {_cell(k)} | {_cell(v)} |" for k, v in machine.items()),
         "",
     ]
-    body = "\n".join(header) + "\n" + "\n".join(kept[n] for n in order)
+    notes = NOTES.search(old)
+    body = "\n".join(header) + "\n" + (notes[0] + "\n" if notes else "")
+    body += "\n".join(kept[n] for n in order)
     path.write_text(body + summary_block(figures, sources))
 
 
