@@ -46,6 +46,20 @@ in turn: 1 client (the baseline), then 50 and 200 (--fanout-ramp; --quick 50), t
   ends 2 s after the last progress or 10 s after publishing ended.
 - CPU of the web worker (and how much of it in the kernel) and of the bench process
   (clients + publisher) over that window, in cores.
+
+The peer, side by side in the same run (--no-fanout-peer: not): the usual Django Channels way
+to push HTML to dashboards (bench/peer_channels/: Django, Channels, daphne and channels_redis,
+pinned, in a throwaway virtualenv of its own built on first use). One daphne process, like our
+one web process; the RedisPubSubChannelLayer on the same Redis (a prefix of the run's
+namespace); one AsyncWebsocketConsumer that joins the "devices" group and sends each fragment
+it is given. The same clients (daphne declines permessage-deflate, so its frames arrive
+uncompressed), the same cards with the same `data-fo` stamps, published at the same rate by
+publish.py in the peer's virtualenv with the layer's own group_send (the stamp taken just
+before it), measured the same way at the last two client counts (200 and 1,000; --quick 50 and
+200). Rows for each side: frames delivered/s, p50 / p99, clients starved, CPU of the server
+process; then Switchboard ÷ the peer. The figure `fanout_vs_channels_ratio` (FIGURES, filled
+by run()) is Switchboard's delivered frames/s ÷ the peer's at the largest count; target ≥ 20×
+with Switchboard's p99 ≤ 100 ms there.
 """
 
 from __future__ import annotations
@@ -109,6 +123,10 @@ ANCILLARY_BYTES = socket.CMSG_SPACE(16)  # one struct timespec
 READ_BYTES = 16 * 1024
 # Client counts measured between the 1-client baseline and --fanout-clients: (full, --quick).
 DEFAULT_RAMP = ("50,200", "50")
+PEER_STEPS = 2  # the peer is measured at the last this many client counts
+PEER_RATIO_TARGET = 20.0
+# Summary figures of the last run(), by name, for bench/run.py to print.
+FIGURES: dict[str, float] = {}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,6 +164,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=100,
         help="WebSocket handshakes in flight at once while connecting (default 100)",
+    )
+    group.add_argument(
+        "--fanout-peer",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the Django Channels peer side by side (bench/peer_channels/, its own "
+        "virtualenv, built on first use; default: yes)",
     )
 
 
@@ -253,7 +278,16 @@ class _Run:
 _Parsed = tuple[bool, list[tuple[int, int, int]]]  # (is a snapshot, (run, seq, stamp) marks)
 # Distinct compressed payloads already inflated and parsed (see _Socket): a thousand clients
 # receive the same bytes, and inflating each copy cost the bench more than the server spent.
+# Uncompressed payloads (a server that declines permessage-deflate) likewise.
 _PARSED: dict[bytes, _Parsed] = {}
+_PARSED_PLAIN: dict[bytes, _Parsed] = {}
+
+
+def _remember(cache: dict[bytes, _Parsed], body: bytes, parsed: _Parsed) -> _Parsed:
+    if len(cache) > 5000:
+        cache.clear()
+    cache[body] = parsed
+    return parsed
 
 
 def _parse(text: str) -> _Parsed:
@@ -409,7 +443,10 @@ class _Socket:
                     body = b"".join(self.fragments)
                     self.fragments = []
                     if not self.compressed:
-                        self._message(body.decode(), received)
+                        parsed = _PARSED_PLAIN.get(body)
+                        if parsed is None:
+                            parsed = _remember(_PARSED_PLAIN, body, _parse(body.decode()))
+                        self._count(parsed, received)
                     elif self.inflater is None:
                         self._fail("protocol error: compressed without permessage-deflate")
                         self.abort()
@@ -418,10 +455,7 @@ class _Socket:
                         parsed = _PARSED.get(body)
                         if parsed is None:
                             text = zlib.decompressobj(-15).decompress(body + DEFLATE_TAIL)
-                            parsed = _parse(text.decode())
-                            if len(_PARSED) > 5000:
-                                _PARSED.clear()
-                            _PARSED[body] = parsed
+                            parsed = _remember(_PARSED, body, _parse(text.decode()))
                         self._count(parsed, received)
                     else:
                         text = self.inflater.decompress(body + DEFLATE_TAIL)
@@ -573,10 +607,11 @@ class _Publisher:
 
 @dataclass
 class _Web:
-    pid: int  # the gunicorn worker
+    pid: int  # the gunicorn worker (or the peer's daphne)
     target: _Target
     coalesce_ms: int
     rss_boot: float  # MiB, before any socket
+    threaded: bool = True  # a thread per socket, which a dropped client must free
 
 
 async def _connect(
@@ -714,7 +749,7 @@ async def _measure(
         publisher.halt()
         for sock in sockets:
             sock.abort()
-        if len(sockets) > 1 and "threads_open" in out:
+        if len(sockets) > 1 and "threads_open" in out and web.threaded:
             # Dead clients must free their threads: the worker's count falls back.
             with contextlib.suppress(asyncio.CancelledError):
                 await _wait(
@@ -732,6 +767,7 @@ async def _measure(
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    FIGURES.clear()
     clients, seconds = _size(args, "clients"), _size(args, "seconds")
     rate = args.fanout_rate
     if clients < 1 or rate <= 0 or seconds <= 0:
@@ -747,7 +783,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             coalesce_ms = penv.app.config["LIVE_COALESCE_MS"]  # production's default
         tenant = _seed_tenant(penv, max(1, args.fanout_users))
         publisher = _Publisher(penv, tenant)
-        return _one_web_process(args, penv, tenant, publisher, steps, rate, seconds, coalesce_ms)
+        measured: dict[int, dict] = {}
+        rows = _one_web_process(
+            args, penv, tenant, publisher, steps, rate, seconds, coalesce_ms, measured
+        )
+        if args.fanout_peer:
+            rows += _peer(args, penv, tenant, steps, rate, seconds, measured)
+        return rows
 
 
 def _steps(args: argparse.Namespace, clients: int) -> list[int]:
@@ -768,7 +810,9 @@ def _one_web_process(
     rate: float,
     seconds: float,
     coalesce_ms: int,
+    measured: dict[int, dict],
 ) -> list[dict]:
+    """Switchboard's side; each step's measurement is also kept in `measured` by client count."""
     clients = steps[-1]
     threads = clients + 100
     env = {
@@ -792,12 +836,91 @@ def _one_web_process(
             )
             if server.proc.poll() is not None:
                 raise BenchError(f"gunicorn exited with {server.proc.returncode}")
+            measured[n] = got
             if base is None:
                 base = got
                 rows += _baseline_rows(got, coalesce_ms)
             else:
                 rows += _rows(base, got, web, rate, seconds, threads, args.fanout_deflate)
     return rows
+
+
+# ---------------------------------------------------------------- the Channels peer
+
+
+def _peer(
+    args: argparse.Namespace,
+    penv: ProdEnv,
+    tenant: _Tenant,
+    steps: list[int],
+    rate: float,
+    seconds: float,
+    measured: dict[int, dict],
+) -> list[dict]:
+    """The Django Channels peer at the last PEER_STEPS client counts, then the comparison.
+    A peer that cannot be built or run gives a row saying so; Switchboard's rows stand."""
+    from bench import peer_channels
+
+    counts = [n for n in steps if n > 1][-PEER_STEPS:] or steps[-1:]
+    try:
+        python = peer_channels.ensure_venv()
+    except BenchError as exc:
+        return [
+            result(
+                "Channels peer",
+                "skipped",
+                detail=f"{exc} (--no-fanout-peer leaves the peer out)",
+            )
+        ]
+    options = {"deflate": args.fanout_deflate, "concurrency": args.fanout_connect_concurrency}
+    rows: list[dict] = []
+    try:
+        # The pub/sub channels are named after a prefix of the run's Redis namespace.
+        with peer_channels.daphne(
+            python, penv.redis_url, f"{penv.prefix}peer:", penv.tmpdir
+        ) as peer:
+            note(
+                f"Channels peer: daphne, 1 process, RedisPubSubChannelLayer "
+                f"({peer_channels.versions(python)})"
+            )
+            target = _Target(
+                peer.host, peer.port, [("/ws/devices/", [(b"Origin", peer.url.encode())])]
+            )
+            web = _Web(peer.pid, target, 0, proc_rss_mb(peer.pid), threaded=False)
+            publisher = peer_channels.PeerPublisher(
+                peer, python, tenant.card_head, tenant.card_tail, penv.tmpdir
+            )
+            try:
+                for step, n in enumerate(counts):
+                    _settle(peer.pid)
+                    note(
+                        f"Channels peer, {n} client(s): connecting, then {rate:g} frames/s "
+                        f"for {seconds:g} s"
+                    )
+                    got = asyncio.run(
+                        _measure(web, publisher, n, rate, seconds, run_id=100 + step, **options)
+                    )
+                    peer.check_alive()
+                    rows += _peer_rows(got, web, rate, seconds)
+                    if n in measured:
+                        rows += _compare_rows(measured[n], got, n == steps[-1])
+            finally:
+                publisher.close()
+    except BenchError as exc:
+        rows.append(result("Channels peer", "failed", detail=str(exc).strip()[-1500:]))
+    return rows
+
+
+def _settle(pid: int, timeout: float = 20.0) -> None:
+    """Wait (bounded) until a server has worked off what the last step left it: a peer that
+    fell behind still writes to, and tears down, the sockets the clients dropped."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        before = sum(proc_cpu_times(pid))
+        time.sleep(0.5)
+        if sum(proc_cpu_times(pid)) - before < 0.05:  # under a tenth of a core
+            return
+    note(f"the server was still busy {timeout:g} s after the last step")
 
 
 # ---------------------------------------------------------------- rows
@@ -959,6 +1082,166 @@ def _rows(base: dict, full: dict, web: _Web, rate: float, seconds: float, thread
                 f"{delay.get('p50', float('nan')):.1f} ms, p99 "
                 f"{delay.get('p99', float('nan')):.0f} ms after the kernel received them "
                 "(not counted in the latencies)"
+            ),
+        )
+    )
+    return rows
+
+
+def _delivered_rate(got: dict) -> float:
+    """(frame, client) pairs delivered per second, from the first publish to the last receipt."""
+    return got["delivered"] / got["span_s"] if got["span_s"] > 0 else float("nan")
+
+
+def _starved(got: dict) -> int:
+    return sum(c < got["count"] for c in got["per_client"])
+
+
+def _div(a: float, b: float) -> float | None:
+    return a / b if b and b == b and a == a else None
+
+
+def _peer_rows(full: dict, web: _Web, rate: float, seconds: float) -> list[dict]:
+    n = full["clients"]
+    tag = f"Channels peer, {n} clients"
+    lat = full["latency"]
+    nan = float("nan")
+    expected = full["count"] * full["connected"]
+    delivered = _delivered_rate(full)
+    setup, failed = full["setup_ms"], full["failures"]
+    connect = f"{len(setup)}/{n} sockets connected in {full['connect_s']:.1f} s" + (
+        f" ({len(failed)} failed, e.g. {failed[0]})" if failed else ""
+    )
+    rows = [
+        result(
+            f"frames delivered/s, {tag}",
+            delivered,
+            "frames/s",
+            ratio=delivered / (rate * full["connected"]),
+            vs=f"{full['connected']} × {rate:g}/s",
+            detail=(
+                f"{full['delivered']:,}/{expected:,} (frame, client) pairs from the first "
+                f"publish to the last receipt ({full['span_s']:.1f} s), publisher achieved "
+                f"{full['published_rate']:.0f}/s; {connect}"
+                + (
+                    ""
+                    if full["drained"]
+                    else "; gave up waiting for the rest (2 s without progress, or "
+                    f"{max(5.0, seconds):g} s after publishing)"
+                )
+            ),
+        ),
+        result(
+            f"p50 latency, {tag}",
+            lat.get("p50", nan),
+            "ms",
+            detail=f"publish → receipt over {lat['count']:,} (frame, client) pairs"
+            if lat.get("count")
+            else "no frame reached any client",
+        ),
+        result(
+            f"p99 latency, {tag}",
+            lat.get("p99", nan),
+            "ms",
+            detail=(
+                f"max {lat['max']:,.0f} ms (frames never delivered are not in it)"
+                if lat.get("count")
+                else ""
+            ),
+        ),
+    ]
+    per_client = full["per_client"]
+    notes = [
+        f"per client min {min(per_client)}, median {statistics.median(per_client):.0f}, max "
+        f"{max(per_client)} of {full['count']} published; {full['distinct']} distinct frames "
+        "reached any client"
+    ]
+    if full["lost"]:
+        notes.append(f"{len(full['lost'])} sockets lost, e.g. {full['lost'][0]}")
+    if full["warm_short"]:
+        notes.append(f"{full['warm_short']} clients lacked warm-up frames after 10 s")
+    rows.append(
+        result(
+            f"clients starved, {tag}",
+            _starved(full),
+            "clients",
+            detail="clients that got less than every frame; " + "; ".join(notes),
+        )
+    )
+    delay = full["client_delay"]
+    per_socket_kb = (full["rss_open"] - web.rss_boot) * 1024 / max(1, full["connected"])
+    rows.append(
+        result(
+            f"CPU, daphne, {tag}",
+            full["cpu_web"],
+            "cores",
+            detail=(
+                f"{full['cpu_web_sys']:.2f} of it in the kernel, over {full['window_s']:.1f} s; "
+                f"RSS {full['rss_open']:.0f} MiB with the sockets open (+{per_socket_kb:.0f} KiB "
+                f"per socket), peak {full['rss_peak']:.0f} MiB; the bench process used "
+                f"{full['cpu_bench']:.2f} cores and handled reads p50 "
+                f"{delay.get('p50', nan):.1f} ms after the kernel received them"
+            ),
+        )
+    )
+    return rows
+
+
+def _compare_rows(ours: dict, peer: dict, main: bool) -> list[dict]:
+    """Switchboard ÷ the peer at one client count; at the largest (`main`), the figure
+    fanout_vs_channels_ratio and the issue's target."""
+    n = ours["clients"]
+    tag = f"Switchboard vs Channels, {n} clients"
+    nan = float("nan")
+    ours_rate, peer_rate = _delivered_rate(ours), _delivered_rate(peer)
+    ours_p99 = ours["latency"].get("p99", nan)
+    peer_p99 = peer["latency"].get("p99", nan)
+    ratio = _div(ours_rate, peer_rate)
+    detail = (
+        f"Switchboard {ours_rate:,.0f} frames/s, p99 {ours_p99:,.0f} ms, "
+        f"{_starved(ours)}/{ours['connected']} clients starved; Channels {peer_rate:,.0f} "
+        f"frames/s, p99 {peer_p99:,.0f} ms, {_starved(peer)}/{peer['connected']} starved"
+    )
+    if main:
+        met = ratio is not None and ratio >= PEER_RATIO_TARGET and ours_p99 <= P99_TARGET_MS
+        detail += (
+            f"; target ≥ {PEER_RATIO_TARGET:g}× with p99 ≤ {P99_TARGET_MS:g} ms: "
+            f"{'met' if met else 'MISSED'}; figure fanout_vs_channels_ratio"
+        )
+        if ratio is not None:
+            FIGURES["fanout_vs_channels_ratio"] = ratio
+    rows = [
+        result(
+            f"frames delivered/s, {tag}",
+            ours_rate,
+            "frames/s",
+            ratio=ratio,
+            vs="Channels peer",
+            detail=detail,
+        ),
+        result(
+            f"p99 latency, {tag}",
+            ours_p99,
+            "ms",
+            ratio=_div(ours_p99, peer_p99),
+            vs="Channels peer",
+            detail=f"Channels p99 {peer_p99:,.0f} ms, p50 {peer['latency'].get('p50', nan):,.0f}"
+            f" ms; Switchboard p50 {ours['latency'].get('p50', nan):,.0f} ms",
+        ),
+    ]
+    ours_per_core = _div(ours_rate, ours["cpu_web"])
+    peer_per_core = _div(peer_rate, peer["cpu_web"])
+    rows.append(
+        result(
+            f"CPU, {tag}",
+            ours["cpu_web"],
+            "cores",
+            ratio=_div(ours["cpu_web"], peer["cpu_web"]),
+            vs="Channels peer",
+            detail=(
+                f"web worker vs daphne ({peer['cpu_web']:.2f} cores); frames delivered per "
+                f"CPU-second: Switchboard {ours_per_core or nan:,.0f}, Channels "
+                f"{peer_per_core or nan:,.0f}"
             ),
         )
     )

@@ -111,9 +111,12 @@ def _set_parent_death_signal() -> None:
 
 
 def start_process(
-    cmd: Sequence[str], env: dict[str, str], log_path: Path, *, cwd: Path = ROOT
+    cmd: Sequence[str], env: dict[str, str], log_path: Path, *, cwd: Path = ROOT, pipes=False
 ) -> subprocess.Popen:
-    """Start a command in its own process group, output to log_path; stop it with stop_process."""
+    """Start a command in its own process group, output to log_path; stop it with stop_process.
+
+    pipes=True: its stdin and stdout are pipes to this process (a command-driven helper),
+    and only its stderr goes to log_path."""
     log = open(log_path, "ab")  # closed by stop_process
     kwargs: dict[str, Any] = {}
     if sys.platform.startswith("linux"):
@@ -122,9 +125,9 @@ def start_process(
         list(cmd),
         cwd=cwd,
         env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        stdin=subprocess.PIPE if pipes else subprocess.DEVNULL,
+        stdout=subprocess.PIPE if pipes else log,
+        stderr=log if pipes else subprocess.STDOUT,
         start_new_session=True,  # Ctrl-C reaches us, and we stop children in order
         **kwargs,
     )
@@ -154,9 +157,10 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
         finally:
             _children.pop(proc.pid, None)
-            log = getattr(proc, "_bench_log", None)
-            if log is not None:
-                log.close()
+            for stream in (proc.stdin, proc.stdout, getattr(proc, "_bench_log", None)):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
 
 @atexit.register
