@@ -149,16 +149,64 @@ def vader(text: str, threshold: float = 0.05, language: str | None = None) -> Se
 
 def lexicon_score(text: str, language: str) -> float:
     """The offline compound score: our lexicons for Spanish and Portuguese; for English (and
-    languages without a lexicon) VADER, plus the English customer-service phrases."""
+    languages without a lexicon) VADER, plus the English customer-service phrases. Praise
+    that opens or closes a complaint ("genial, otra vez sin internet") is read as sarcasm."""
+    for rest in (
+        lexicons.after_sarcastic_opener(text or "", language),
+        lexicons.before_sarcastic_closer(text or "", language),
+    ):
+        if rest is None or not _complains(rest, language):
+            continue
+        # Once the praise is sarcastic, so are any thanks beside it ("great, another update
+        # that breaks everything. thanks a lot"): the complaint's own words decide.
+        rest_score = min(_plain_score(rest, language), _plain_score(_thankless(rest), language))
+        if rest_score < 0:
+            return lexicons.squash(lexicons.unsquash(rest_score) - lexicons.SARCASM_PENALTY)
+    return _plain_score(text or "", language)
+
+
+def _complains(text: str, language: str) -> bool:
+    """`text` has a complaint of the support lexicon: for English any of its phrase layer
+    (VADER's "worried" after "nice," is no sarcasm, "broken again" is); otherwise more than
+    a mild one once the contrast is weighed ("genial, estaba preocupado pero ya está")."""
+    if language == "en":
+        return any(valence < 0 for _, valence in lexicons.score(text, "en", beside_vader=True).hits)
+    hits = lexicons.score(text, language).hits
+    if any(what in lexicons.REPETITION for what, valence in hits if valence < 0):
+        return True
+    return sum(valence for _, valence in hits if valence < 0) <= lexicons.MILD_NEGATIVE
+
+
+def _thankless(text: str) -> str:
+    return re.sub(
+        r"[^\W\d_]+",
+        lambda m: "" if lexicons.normalise(m.group()) in lexicons.GRATITUDE else m.group(),
+        text,
+    )
+
+
+def _plain_score(text: str, language: str) -> float:
     if language in ("es", "pt"):
         return lexicons.score(text, language).compound
     if language != "en":
-        return float(_vader().polarity_scores(text or "")["compound"])
-    compound = float(_vader_for_support().polarity_scores(text or "")["compound"])
+        return float(_vader().polarity_scores(text)["compound"])
+    compound = float(_vader_for_support().polarity_scores(text)["compound"])
     phrases = lexicons.score(text, "en", beside_vader=True)
+    if compound > 0 and _only_asks(text):
+        # VADER has no notion of a question: "how do I get a better plan?" is no praise.
+        compound = 0.0
     if not phrases.hits:
         return compound
     return lexicons.squash(lexicons.unsquash(compound) + phrases.total)
+
+
+def _only_asks(text: str) -> bool:
+    """Every clause of an English message asks or requests, and it thanks nobody."""
+    tokens = lexicons.tokenise(text, "en")
+    clauses = {token.clause for token in tokens if token.kind == "word"}
+    if not clauses or any(t.norm in lexicons.GRATITUDE for t in tokens):
+        return False
+    return clauses <= lexicons.question_clauses(tokens, "en")
 
 
 def offline(text: str, language: str | None = None, threshold: float | None = None) -> Sentiment:

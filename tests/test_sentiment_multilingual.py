@@ -140,6 +140,113 @@ def test_english_keeps_vader_and_adds_the_phrases_it_lacks():
     assert analyse("i paid for express shipping and its been 10 days", "en").label == "negative"
 
 
+NEGATIVE_BY_RULE = {
+    "a breaking verb in any form": [
+        ("es", "la lavadora se estropeó a la semana"),
+        ("es", "me estropearon la mudanza"),
+        ("pt", "o carregador estragou em uma semana"),
+        ("pt", "quebraram a tampa na entrega"),
+        ("en", "the lid cracked on the first day"),  # VADER has no "cracked"
+    ],
+    "charged twice in any tense and word order": [
+        ("es", "me cobrasteis el envío dos veces"),
+        ("pt", "me cobraram a taxa duas vezes"),
+        ("en", "you charged my card twice"),
+    ],
+    "time passing without a solution": [
+        ("es", "llevo cinco días sin luz"),
+        ("es", "del paquete ni rastro"),
+        ("es", "y del reembolso, hasta ahora nada"),
+        ("pt", "faz duas semanas que pedi"),
+        ("pt", "até agora nada do técnico"),
+        ("pt", "do pedido nem sinal"),
+        ("en", "still nothing from your team"),
+        ("en", "two weeks and still the same"),
+    ],
+    "praise that opens a complaint is sarcasm": [
+        ("es", "Genial, el router vuelve a estar mal"),
+        ("pt", "Que maravilha, o boleto veio errado de novo"),
+        ("en", "Great, the charger is broken again. thanks a lot"),
+    ],
+    "thanks or congratulations that close a complaint are sarcasm": [
+        ("es", "se me rompió la pantalla, gracias por eso"),
+        ("pt", "o app travou de novo, parabéns"),
+        ("en", "the update deleted my photos, thanks for that"),
+    ],
+    "writing about the same thing again": [
+        ("es", "es mi cuarto correo sobre esto"),
+        ("pt", "essa é minha terceira reclamação"),
+        ("en", "this is my fourth email about it"),
+    ],
+    "the wrong thing sent": [
+        ("es", "esto no es lo que pedí"),
+        ("pt", "isso não é o que eu pedi"),
+        ("en", "this is not what I ordered"),
+    ],
+    "complaints VADER misses": [
+        ("en", "nobody answered my emails"),
+        ("en", "this warranty is a joke"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "rule, language, text",
+    [(rule, lang, text) for rule, cases in NEGATIVE_BY_RULE.items() for lang, text in cases],
+)
+def test_customer_service_rules_make_a_complaint_negative(rule, language, text):
+    assert lexicon_score(text, language) <= -0.3, rule
+
+
+@pytest.mark.parametrize(
+    "language, text",
+    [
+        ("es", "Genial, ya funciona el router"),
+        ("pt", "Que maravilha, chegou antes do prazo"),
+        ("en", "Great, it works now"),
+        ("es", "se arregló solo, gracias por eso"),
+        ("pt", "problema resolvido, parabéns"),
+        ("en", "it works now, thanks a lot"),
+        ("pt", "tudo funcionando de novo, valeu"),
+    ],
+)
+def test_praise_beside_good_news_is_no_sarcasm(language, text):
+    assert lexicon_score(text, language) > 0
+
+
+@pytest.mark.parametrize(
+    "language, text, expected",
+    [
+        ("es", "¿Cuál es la mejor tarifa para mí?", "neutral"),
+        ("es", "quisiera saber si funciona con mi móvil", "neutral"),
+        ("pt", "Qual é o melhor plano pra mim?", "neutral"),
+        ("pt", "Quanto tempo demora a troca?", "neutral"),  # "demora" is what is asked about
+        ("en", "Which is the best plan for a family?", "neutral"),
+        ("en", "I'd like to upgrade to the better plan", "neutral"),
+        # thanks stay thanks, and a question can still be a complaint
+        ("es", "¿me ayudan con la factura? gracias!", "positive"),
+        ("en", "can you check it? thanks!", "positive"),
+        ("es", "¿por qué me cobraron dos veces??", "negative"),
+    ],
+)
+def test_questions_and_requests_with_positive_words_stay_neutral(language, text, expected):
+    assert analyse(text, language, backend="lexicon").label == expected
+
+
+def test_chat_shorthand_reads_like_the_word_it_stands_for():
+    assert pt("n gostei do atendimento") == pt("não gostei do atendimento") < 0
+    assert es("toy harto de esperar") == es("estoy harto de esperar") < 0
+
+
+def test_lexicon_stems_and_alternatives_inside_phrases():
+    lexicon = lexicons.parse_lexicon(["estrope~\t-2.0", "faz * dia[,s] que\t-1.5"])
+    assert lexicon.stems == [("estrope", -2.0)]
+    assert [p.words for p in lexicon.phrases["faz"]] == [
+        ("faz", "*", "dia", "que"),
+        ("faz", "*", "dias", "que"),
+    ]
+
+
 def test_every_lexicon_word_derived_from_vader_names_a_real_vader_entry():
     for language in ("es", "pt", "en"):
         lexicons.lexicon_for.cache_clear()

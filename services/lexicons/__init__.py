@@ -9,6 +9,13 @@ in a message that is not all capitals raises it, the clause after a contrast wor
 "mas", "but") counts three times the clause before, and "!!" or "??" push the total further
 in its direction. The sum is squashed to -1..1 like VADER's compound score.
 
+Support chats need a few rules VADER lacks: chat shorthand ("q", "pq", "vc", "n") reads as
+the word it stands for; a lexicon entry "stem~" covers every form of a verb ("estrope~":
+estropeó, estropearon, estropeado); a clause that asks or requests ("¿cómo funciona...?",
+"I'd like...") reports no feeling with its positive words, and a mild negative beside a
+question is its subject ("comprei faz 3 dias, quando chega?"); praise that opens or closes a
+complaint is sarcasm (services.sentiment applies that one, for English too).
+
 The lexicons' single words take their valence from VADER's own lexicon (MIT licence) through
 an English gloss, so `@angry` in es.tsv means "VADER's valence for angry"; phrases and slang
 are rated by the team. The rules' word lists are this module's own.
@@ -96,6 +103,150 @@ RULES: dict[str, LanguageRules] = {
     ),
 }
 
+# Chat shorthand, read as the word it stands for, in the text and in the lexicon alike (after
+# normalise: lower case, no accents, so "tô" is "to" and "ñ" is "n").
+SLANG: dict[str, dict[str, str]] = {
+    "es": {
+        "q": "que", "k": "que", "xq": "porque", "pq": "porque", "porq": "porque",
+        "tb": "tambien", "tmb": "tambien", "nd": "nada", "pa": "para", "toy": "estoy",
+        "dnd": "donde", "xfa": "porfa", "nunk": "nunca",
+    },
+    "pt": {
+        "q": "que", "pq": "porque", "vc": "voce", "vcs": "voces", "n": "nao", "naum": "nao",
+        "nn": "nao", "tb": "tambem", "tbm": "tambem", "hj": "hoje", "nd": "nada",
+        "mt": "muito", "mto": "muito", "msm": "mesmo", "ta": "esta", "to": "estou",
+        "tava": "estava", "td": "tudo", "tds": "todos", "ngm": "ninguem", "pra": "para",
+        "dps": "depois", "qdo": "quando", "qnd": "quando", "agr": "agora", "cmg": "comigo",
+        "vdd": "verdade", "blz": "beleza",
+    },
+    "en": {
+        "u": "you", "ur": "your", "pls": "please", "plz": "please", "thx": "thanks",
+        "ty": "thanks", "rn": "now", "r": "are", "cuz": "because", "bc": "because",
+    },
+}  # fmt: skip
+
+# A clause that asks or requests reports no feeling with its positive words ("¿cómo funciona
+# la devolución?", "I'd like to upgrade"), and its mild negative ones ("quanto tempo demora?")
+# are the subject asked about. Thanks stay thanks.
+QUESTION_STARTERS: dict[str, frozenset[str]] = {
+    "es": frozenset(
+        "cual cuales cuando donde como cuanto cuanta cuantos cuantas quien quienes puedo "
+        "pueden podrian podria podrias".split()
+    ),
+    "pt": frozenset(
+        "qual quais quando onde como quanto quanta quantos quantas quem posso podem poderiam "
+        "poderia".split()
+    ),
+    "en": frozenset(
+        "what when where which who how can could do does did is are will would should may".split()
+    ),
+}
+REQUEST_OPENERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    language: tuple(tuple(phrase.split()) for phrase in phrases)
+    for language, phrases in {
+        "es": (
+            "quisiera",
+            "me gustaria",
+            "me encantaria saber",
+            "queria saber",
+            "quiero saber",
+            "por favor",
+            "porfa",
+        ),
+        "pt": (
+            "gostaria",
+            "adoraria saber",
+            "queria saber",
+            "quero saber",
+            "por favor",
+            "poderia",
+        ),
+        "en": (
+            "id like",
+            "i would like",
+            "id love to know",
+            "i would love to know",
+            "please",
+            "could you",
+            "can you",
+            "would you",
+        ),
+    }.items()
+}
+GRATITUDE = frozenset(
+    "gracias grax agradezco agradecida agradecido obrigado obrigada obrigadao obg "
+    "brigado brigada valeu agradeco thanks thank thankyou appreciate appreciated cheers".split()
+)
+MILD_NEGATIVE = -1.0
+
+# A short first clause of praise followed by a complaint is sarcasm ("genial, otra vez sin
+# internet", "great, another update that breaks everything"): the praise counts against.
+SARCASTIC_OPENERS: dict[str, frozenset[str]] = {
+    "es": frozenset(
+        "genial|que genial|perfecto|estupendo|maravilloso|que maravilla|fantastico|que bien|"
+        "muy bien|excelente|bravo|enhorabuena|buenisimo|de lujo|fenomenal|que bonito|"
+        "genial gracias|pues genial|vaya genial".split("|")
+    ),
+    "pt": frozenset(
+        "otimo|que otimo|perfeito|maravilha|que maravilha|que beleza|beleza|show|que lindo|"
+        "parabens|excelente|legal|que legal|muito bom|sensacional|top|nossa que otimo|"
+        "que maravilha hein|otimo hein|show de bola".split("|")
+    ),
+    "en": frozenset(
+        "great|oh great|just great|perfect|oh perfect|wonderful|oh wonderful|lovely|brilliant|"
+        "fantastic|awesome|nice|amazing|excellent|well done|great job|cool|oh nice|wow great|"
+        "just perfect|fantastic job|brilliant job|nice one|oh joy|yay".split("|")
+    ),
+}
+SARCASM_PENALTY = 1.5
+# After a praising opener, "again" alone is the complaint ("estupendo, otra vez igual").
+REPETITION = frozenset(
+    {"otra vez", "de nuevo", "de novo", "outra vez", "mais uma vez", "again", "once again"}
+)
+_OPENER = re.compile(r"\W*([^\W\d_][^,.;:!?…]*?)\s*[,.;:!…]+\s*(\S.*)", re.S)
+
+
+# ... and thanks or congratulations that close a complaint ("the update wiped my settings,
+# thanks for that"; "o app travou de novo, parabéns").
+SARCASTIC_CLOSERS: dict[str, frozenset[str]] = {
+    "es": frozenset(
+        "gracias por eso|gracias eh|muchas gracias eh|enhorabuena|bravo|felicidades|"
+        "gracias de verdad eh|muy bien hecho".split("|")
+    ),
+    "pt": frozenset(
+        "obrigado por isso|obrigada por isso|valeu mesmo|obrigado viu|obrigada viu|valeu viu|"
+        "parabens|parabens viu|parabens mesmo|muito bem".split("|")
+    ),
+    "en": frozenset(
+        "thanks for that|thanks a lot|thanks a bunch|cheers for that|well done|congrats|"
+        "bravo|great job|nice job|good job|thanks so much for that".split("|")
+    ),
+}
+_CLOSER = re.compile(r"(.*\S)\s*[,.;:!…-]+\s*([^\W\d_][^,.;:!?…]*?)[\s.!…]*", re.S)
+
+
+def before_sarcastic_closer(text: str, language: str) -> str | None:
+    """The start of `text` when a clause of thanks or congratulations closes it."""
+    match = _CLOSER.fullmatch(text or "")
+    if not match:
+        return None
+    closer = " ".join(normalise(match.group(2)).split())
+    if closer in SARCASTIC_CLOSERS.get(language, ()):
+        return match.group(1)
+    return None
+
+
+def after_sarcastic_opener(text: str, language: str) -> str | None:
+    """The rest of `text` when it opens with a short clause of praise (a sarcasm candidate)."""
+    match = _OPENER.match(text or "")
+    if not match:
+        return None
+    opener = " ".join(_RUN_NORM.sub(r"\1", normalise(match.group(1))).split())
+    if opener in SARCASTIC_OPENERS.get(language, ()):
+        return match.group(2)
+    return None
+
+
 # Emoji and emoticons visitors use in support chats, rated by the team on VADER's scale.
 EMOJI = {
     "😀": 2.0, "😃": 2.0, "😄": 2.0, "😁": 2.0, "😊": 2.0, "🙂": 1.2, "😍": 3.0, "🥰": 3.0,
@@ -116,6 +267,7 @@ _TOKEN = re.compile(
     re.UNICODE,
 )
 _RUN = re.compile(r"(\w)\1{2,}")
+_RUN_NORM = re.compile(r"([^\W\d])\1{2,}")
 
 
 def normalise(text: str) -> str:
@@ -132,7 +284,8 @@ class Token:
     clause: int = 0
 
 
-def tokenise(text: str) -> list[Token]:
+def tokenise(text: str, language: str | None = None) -> list[Token]:
+    slang = SLANG.get(language or "", {})
     tokens: list[Token] = []
     clause = 0
     for match in _TOKEN.finditer(text):
@@ -140,7 +293,8 @@ def tokenise(text: str) -> list[Token]:
         if raw in EMOJI or raw[0] in EMOJI:
             tokens.append(Token(raw, raw, "emoji", clause))
         elif raw[0].isalnum():
-            tokens.append(Token(raw, normalise(raw.replace("’", "'")), "word", clause))
+            norm = normalise(raw.replace("’", "'"))
+            tokens.append(Token(raw, slang.get(norm, norm), "word", clause))
         elif raw[0] in "!?.,;:":
             tokens.append(Token(raw, raw, "punct", clause))
             clause += 1
@@ -161,14 +315,20 @@ class Lexicon:
     # "=word": a new valence for one of VADER's own words where support chats use it
     # otherwise ("cancel" in "can I cancel an order?"); English only.
     vader_overrides: dict[str, float] = field(default_factory=dict)
+    # "stem~": every word that starts with the stem (a verb's forms: "estrope~" reads
+    # estropeó, estropearon, estropeado); longest stems first.
+    stems: list[tuple[str, float]] = field(default_factory=list)
+    stem_phrases: list[Phrase] = field(default_factory=list)  # phrases opening with a stem
 
 
 def _expand(term: str) -> list[str]:
-    """Expand endings: mal[o,a,os,as] -> malo, mala, malos, malas."""
-    match = re.fullmatch(r"(.*)\[([^\]]*)\]", term)
+    """Expand alternatives in brackets, anywhere and as often as written:
+    mal[o,a,os,as] -> malo, mala, malos, malas; "faz * dia[,s] que" -> "faz * dia que", ..."""
+    match = re.search(r"\[([^\]]*)\]", term)
     if not match:
         return [term]
-    return [match.group(1) + ending for ending in match.group(2).split(",")]
+    head, tail = term[: match.start()], term[match.end() :]
+    return [form for ending in match.group(1).split(",") for form in _expand(head + ending + tail)]
 
 
 @lru_cache(maxsize=1)
@@ -189,8 +349,17 @@ class LexiconError(ValueError):
     pass
 
 
-def parse_lexicon(lines: Iterable[str], source: str = "lexicon") -> Lexicon:
+def _word_matches(pattern: str, norm: str) -> bool:
+    if pattern.endswith("~"):
+        return len(norm) >= len(pattern) and norm.startswith(pattern[:-1])
+    return norm == pattern
+
+
+def parse_lexicon(
+    lines: Iterable[str], source: str = "lexicon", language: str | None = None
+) -> Lexicon:
     lexicon = Lexicon()
+    slang = SLANG.get(language or "", {})
     vader = vader_lexicon()
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.startswith("#"):
@@ -212,13 +381,18 @@ def parse_lexicon(lines: Iterable[str], source: str = "lexicon") -> Lexicon:
             lexicon.vader_overrides[term[1:]] = valence
             continue
         for form in _expand(normalise(term)):
-            words = tuple(form.split())
-            if len(words) == 1:
+            words = tuple(slang.get(word, word) for word in form.split())
+            if len(words) == 1 and words[0].endswith("~"):
+                lexicon.stems.append((words[0][:-1], valence))
+            elif len(words) == 1:
                 lexicon.words[words[0]] = valence
+            elif words and words[0].endswith("~"):
+                lexicon.stem_phrases.append(Phrase(words, valence))
             elif words:
                 lexicon.phrases.setdefault(words[0], []).append(Phrase(words, valence))
     for candidates in lexicon.phrases.values():
         candidates.sort(key=lambda p: -len(p.words))
+    lexicon.stems.sort(key=lambda item: -len(item[0]))
     return lexicon
 
 
@@ -227,7 +401,7 @@ def lexicon_for(language: str) -> Lexicon:
     path = LEXICON_DIR / f"{language}.tsv"
     if not path.exists():
         return Lexicon()
-    return parse_lexicon(path.read_text(encoding="utf-8").splitlines(), path.name)
+    return parse_lexicon(path.read_text(encoding="utf-8").splitlines(), path.name, language)
 
 
 def _match_phrase(phrase: Phrase, tokens: list[Token], start: int) -> int:
@@ -245,7 +419,11 @@ def _match_phrase(phrase: Phrase, tokens: list[Token], start: int) -> int:
                 if found:
                     return found
             return 0
-        if t < len(tokens) and tokens[t].kind == "word" and tokens[t].norm == phrase.words[p]:
+        if (
+            t < len(tokens)
+            and tokens[t].kind == "word"
+            and _word_matches(phrase.words[p], tokens[t].norm)
+        ):
             return match(p + 1, t + 1)
         return 0
 
@@ -261,6 +439,9 @@ def _word_valence(norm: str, lexicons: list[Lexicon]) -> float | None:
         for form in forms:
             if form in lexicon.words:
                 return lexicon.words[form]
+        for stem, valence in lexicon.stems:
+            if any(len(form) > len(stem) and form.startswith(stem) for form in forms):
+                return valence
     return None
 
 
@@ -281,7 +462,8 @@ def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
     lexicons = [lexicon_for(language)]
     if rules.sibling:
         lexicons.append(lexicon_for(rules.sibling))
-    tokens = tokenise(text)
+    tokens = tokenise(text, language)
+    asking = question_clauses(tokens, language)
     letters = [ch for ch in text if ch.isalpha()]
     shouting = bool(letters) and all(ch.isupper() for ch in letters)
     consumed = [False] * len(tokens)
@@ -298,7 +480,12 @@ def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
         if token.kind != "word":
             continue
         phrase, span = None, 1
-        for candidate in lexicons[0].phrases.get(token.norm, ()):
+        candidates = [
+            *lexicons[0].phrases.get(token.norm, ()),
+            *(p for p in lexicons[0].stem_phrases if _word_matches(p.words[0], token.norm)),
+        ]
+        candidates.sort(key=lambda p: -len(p.words))
+        for candidate in candidates:
             span = _match_phrase(candidate, tokens, index)
             if span:
                 phrase = candidate
@@ -334,8 +521,18 @@ def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
             valence += direction * rules.post_boosters.get(tokens[after].norm, 0.0)
         if not self_negated and any(t.norm in rules.negators for t in before):
             valence *= NEGATION_FACTOR
+        if (
+            token.clause in asking
+            and MILD_NEGATIVE < valence
+            and GRATITUDE.isdisjoint(what.split())
+        ):
+            continue
         valences.append((index, what, valence))
 
+    if asking and all(valence > MILD_NEGATIVE for _, _, valence in valences):
+        # "comprei faz 3 dias, quando chega?": a mild complaint beside a question is the
+        # question's subject; a strong one ("¿por qué me cobraron dos veces??") stays.
+        valences = [item for item in valences if item[2] >= 0]
     contrast_at = max(
         (i for i, t in enumerate(tokens) if t.kind == "word" and t.norm in rules.contrast),
         default=None,
@@ -349,6 +546,32 @@ def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
     if words:
         total = emphasise(total, text)
     return Scored(squash(total), total, hits)
+
+
+def question_clauses(tokens: list[Token], language: str) -> set[int]:
+    """The clauses that ask ("...?", or a message opening with "cuándo", "how") or request
+    ("quisiera", "I'd like"). A clause ending in "!" exclaims ("how nice!", "como sempre!")."""
+    asking: set[int] = set()
+    exclaiming: set[int] = set()
+    starters = QUESTION_STARTERS.get(language, frozenset())
+    openers = REQUEST_OPENERS.get(language, ())
+    first_word: dict[int, int] = {}
+    for index, token in enumerate(tokens):
+        if token.kind == "punct" and "?" in token.text:
+            asking.add(token.clause)
+        elif token.kind == "punct" and "!" in token.text:
+            exclaiming.add(token.clause)
+        elif token.kind == "word":
+            first_word.setdefault(token.clause, index)
+    for clause, index in first_word.items():
+        if clause in exclaiming:
+            continue
+        words = tuple(t.norm for t in tokens[index : index + 4] if t.clause == clause)
+        asks = index == 0 and words[0] in starters and words[1:2] != ("siempre",)
+        asks = asks and words[1:2] != ("sempre",)
+        if asks or any(words[: len(opener)] == opener for opener in openers):
+            asking.add(clause)
+    return asking
 
 
 def emphasise(total: float, text: str) -> float:
