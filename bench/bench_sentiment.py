@@ -4,8 +4,10 @@ tests/data/sentiment_eval.tsv, per language and per split, with plain VADER besi
 A message escalates when the backend labels it negative. Per language and split: recall
 (negatives escalated ÷ negatives, the Value column), false escalations (non-negatives
 escalated ÷ non-negatives) and accuracy over the three labels. The `dev` split is the one the
-lexicons and rules were tuned on; `heldout`, `heldout2` and `heldout3` were written apart and
-are only reported (`heldout3` was written before its figures were first looked at). Targets
+lexicons and rules were tuned on; the `heldout*` splits were written apart and are only
+reported. Only the newest, `heldout4`, is an honest test: it was written after the rules it
+measures and looked at once, while the misses of `heldout` to `heldout3` were studied and
+rules written for their kinds of failure (their figures flatter the analyser). Targets
 for the offline default: recall ≥ 0.90 and false escalations ≤ 0.05 in each language. The
 `llm` backend is not measured here: the local fake model answers what it is scripted to, so
 its figures would say nothing about a model's judgement (tests cover its batching, JSON and
@@ -26,7 +28,7 @@ DESCRIPTION = "escalation recall and false escalations per language, offline ana
 
 EVAL_FILE = ROOT / "tests" / "data" / "sentiment_eval.tsv"
 # Filled by run() from the newest held-out split only (written after the rules it measures, and
-# never tuned on): {"sentiment_recall_es_heldout3": 0.93, ...}.
+# never tuned on): {"sentiment_recall_es_heldout4": 0.35, ...}.
 FIGURES: dict[str, float] = {}
 
 

@@ -2,7 +2,9 @@
 
 Backends (SENTIMENT_BACKEND):
 - `lexicon` (default, offline): English is VADER plus the customer-service phrases VADER
-  lacks; Spanish and Portuguese use our own lexicons and VADER's rules (services/lexicons).
+  lacks (where a phrase and VADER disagree about a word, as "helps" in "nobody helps", the
+  phrase decides); Spanish and Portuguese use our own lexicons and VADER's rules
+  (services/lexicons).
 - `vader`: VADER alone, whatever the language (the old default, kept for comparison).
 - `llm`: the configured OpenAI-compatible model, a burst of messages in one request with a
   JSON answer and a short timeout; the offline lexicon answers whenever the model does not.
@@ -190,14 +192,42 @@ def _plain_score(text: str, language: str) -> float:
         return lexicons.score(text, language).compound
     if language != "en":
         return float(_vader().polarity_scores(text)["compound"])
-    compound = float(_vader_for_support().polarity_scores(text)["compound"])
     phrases = lexicons.score(text, "en", beside_vader=True)
+    compound = float(_vader_for_support().polarity_scores(_for_vader(text, phrases))["compound"])
     if compound > 0 and _only_asks(text):
         # VADER has no notion of a question: "how do I get a better plan?" is no praise.
         compound = 0.0
     if not phrases.hits:
         return compound
     return lexicons.squash(lexicons.unsquash(compound) + phrases.total)
+
+
+# Idioms VADER reads word by word, rewritten into words it reads right: its "nothing" negates
+# what follows, but "nothing but problems" is only problems.
+VADER_IDIOMS = ((re.compile(r"\bnothing but\b", re.I), "only"),)
+
+
+def _for_vader(text: str, phrases: lexicons.Scored) -> str:
+    """`text` as VADER should read it beside the support phrases: a phrase's words that VADER
+    rates the other way are hidden ("nobody helps", "you keep promising"), as are all the
+    words of a neutral phrase ("no need") and the trouble a question asks about ("does the
+    warranty cover water damage?")."""
+    valences = _vader_for_support().lexicon
+    hidden: list[tuple[int, int]] = []
+    for start, end, valence in phrases.spans:
+        for word in re.finditer(r"[^\W_]+(?:'[^\W_]+)*", text[start:end]):
+            rated = valences.get(word.group().lower(), 0.0)
+            if valence == 0 or rated * valence < 0:
+                hidden.append((start + word.start(), start + word.end()))
+    for start, end in phrases.asked:
+        for word in re.finditer(r"[^\W_]+(?:'[^\W_]+)*", text[start:end]):
+            if lexicons.ASKED_ABOUT < valences.get(word.group().lower(), 0.0) < 0:
+                hidden.append((start + word.start(), start + word.end()))
+    for start, end in sorted(set(hidden), reverse=True):
+        text = text[:start] + "x" + text[end:]
+    for idiom, plain in VADER_IDIOMS:
+        text = idiom.sub(plain, text)
+    return text
 
 
 def _only_asks(text: str) -> bool:

@@ -233,6 +233,81 @@ def test_questions_and_requests_with_positive_words_stay_neutral(language, text,
     assert analyse(text, language, backend="lexicon").label == expected
 
 
+SUPPORT_RULES = {
+    # a support phrase hides VADER's reading of its words the other way ("helps", "promising")
+    "a complaint phrase outweighs its kind-looking words": [
+        ("en", "nobody helps, I need it sorted today", "negative"),
+        ("en", "you keep promising a refund", "negative"),
+    ],
+    "the same thing again and again (keep + -ing)": [
+        ("en", "the router keeps rebooting", "negative"),
+        ("en", "you keep getting better", "positive"),
+    ],
+    "nothing but X is only X": [
+        ("en", "nothing but errors with this app", "negative"),
+        ("en", "nothing but praise for your installers", "positive"),
+    ],
+    "a neutral phrase has no feeling": [
+        ("en", "no need to call me back, I'll wait for the email", "neutral"),
+    ],
+    "a question for information names trouble without complaining": [
+        ("en", "does the guarantee cover a cracked screen?", "neutral"),
+        ("en", "what if the parcel is stolen from my porch?", "neutral"),
+        ("en", "can I talk to a manager about a bulk order?", "neutral"),
+        ("es", "si se rompe la pantalla la garantía la cubre?", "neutral"),
+        ("pt", "o plano cobre aparelho quebrado?", "neutral"),
+        # ... but a question asked in anger stays a complaint
+        ("en", "how can you charge me twice?", "negative"),
+    ],
+    "why ...?? is a complaint, a calm why is not": [
+        ("en", "why is my parcel in another city??", "negative"),
+        ("en", "why does the app need my location?", "neutral"),
+    ],
+    "asking for someone above": [
+        ("en", "get me a supervisor", "negative"),
+        ("en", "this is the last straw", "negative"),
+    ],
+    "the account shut, the parcel soaked or driven off, promises broken": [
+        ("en", "my account got frozen out of nowhere", "negative"),
+        ("en", "the box came soaked", "negative"),
+        ("en", "the courier drove off with my parcel", "negative"),
+        ("en", "it never happened", "negative"),
+        ("es", "llegó todo mojado", "negative"),
+        ("pt", "veio tudo molhado", "negative"),
+        ("es", "nunca me llamaron", "negative"),
+        ("pt", "nunca retornaram meu contato", "negative"),
+        ("pt", "erraram o pedido e ainda querem que eu pague a troca", "negative"),
+    ],
+    "passed from agent to agent": [
+        ("en", "three different agents, three different answers", "negative"),
+    ],
+    "promises kept, trouble spared, praise VADER lacks": [
+        ("es", "vinieron cuando prometieron", "positive"),
+        ("pt", "chegaram na hora que prometeram", "positive"),
+        ("es", "ni un dolor de cabeza desde el cambio", "positive"),
+        ("pt", "nenhuma dor de cabeça com vcs", "positive"),
+        ("es", "el técnico fue muy serio y puntual", "positive"),
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "rule, language, text, expected",
+    [(rule, *case) for rule, cases in SUPPORT_RULES.items() for case in cases],
+)
+def test_support_chat_rules_on_fixed_sentences(rule, language, text, expected):
+    assert analyse(text, language, backend="lexicon").label == expected, rule
+
+
+def test_lexicon_endings_and_neutral_phrases():
+    lexicon = lexicons.parse_lexicon(["you keep ~ing\t-1.5", "=no need\t0"], language="en")
+    assert lexicon.phrases["you"][0].words == ("you", "keep", "~ing")
+    assert lexicon.phrases["no"][0].neutral and lexicon.phrases["no"][0].valence == 0
+    assert "no need" not in lexicon.vader_overrides
+    with pytest.raises(lexicons.LexiconError, match="cannot open with an ending"):
+        lexicons.parse_lexicon(["~ing\t-1.0"])
+
+
 def test_chat_shorthand_reads_like_the_word_it_stands_for():
     assert pt("n gostei do atendimento") == pt("não gostei do atendimento") < 0
     assert es("toy harto de esperar") == es("estoy harto de esperar") < 0

@@ -13,8 +13,12 @@ Support chats need a few rules VADER lacks: chat shorthand ("q", "pq", "vc", "n"
 the word it stands for; a lexicon entry "stem~" covers every form of a verb ("estrope~":
 estropeó, estropearon, estropeado); a clause that asks or requests ("¿cómo funciona...?",
 "I'd like...") reports no feeling with its positive words, and a mild negative beside a
-question is its subject ("comprei faz 3 dias, quando chega?"); praise that opens or closes a
-complaint is sarcasm (services.sentiment applies that one, for English too).
+question is its subject ("comprei faz 3 dias, quando chega?"), as is any trouble short of an
+outburst that a question for information names ("does the warranty cover water damage?",
+"se eu errar a senha a conta bloqueia?"); "why ...??" is a complaint whatever it asks; an entry
+"~ing" inside a phrase stands for any word with that ending ("you keep ~ing"), and "=some
+words" is a phrase with no feeling ("=no need"); praise that opens or closes a complaint is
+sarcasm (services.sentiment applies that one, for English too).
 
 The lexicons' single words take their valence from VADER's own lexicon (MIT licence) through
 an English gloss, so `@angry` in es.tsv means "VADER's valence for angry"; phrases and slang
@@ -178,6 +182,33 @@ GRATITUDE = frozenset(
     "brigado brigada valeu agradeco thanks thank thankyou appreciate appreciated cheers".split()
 )
 MILD_NEGATIVE = -1.0
+# In a clause that asks for information, a negative up to this strong is what it asks about
+# ("is water damage covered?"); a stronger one is still a complaint ("how can you charge me
+# twice?" has its own phrase, rated below it).
+ASKED_ABOUT = -2.25
+# Yes/no questions in Spanish and Portuguese have no opening word: these verbs and the
+# conditional ("si/se/if ... ?") make them questions for information.
+COVERAGE_VERBS: dict[str, frozenset[str]] = {
+    "es": frozenset("cubre cubren incluye incluyen entra entran vale sirve".split()),
+    "pt": frozenset("cobre cobrem inclui incluem vale serve".split()),
+    "en": frozenset("cover covers covered include includes included".split()),
+}
+CONDITIONALS: dict[str, frozenset[str]] = {
+    "es": frozenset({"si"}),
+    "pt": frozenset({"se"}),
+    "en": frozenset({"if"}),
+}
+ASKING_PAIRS: dict[str, frozenset[tuple[str, str]]] = {
+    "es": frozenset({("que", "pasa"), ("que", "ocurre"), ("que", "hago")}),
+    "pt": frozenset({("o", "que"), ("que", "acontece"), ("que", "faco")}),
+    "en": frozenset({("what", "if"), ("what", "happens")}),
+}
+WHY_OPENERS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "es": (("por", "que"), ("porque",)),
+    "pt": (("por", "que"), ("porque",)),
+    "en": (("why",),),
+}
+RHETORICAL_WHY = -1.2
 
 # A short first clause of praise followed by a complaint is sarcasm ("genial, otra vez sin
 # internet", "great, another update that breaks everything"): the praise counts against.
@@ -282,6 +313,8 @@ class Token:
     norm: str
     kind: str  # word | punct | emoji
     clause: int = 0
+    start: int = 0  # where it stands in the text
+    end: int = 0
 
 
 def tokenise(text: str, language: str | None = None) -> list[Token]:
@@ -290,13 +323,14 @@ def tokenise(text: str, language: str | None = None) -> list[Token]:
     clause = 0
     for match in _TOKEN.finditer(text):
         raw = match.group()
+        where = match.start(), match.end()
         if raw in EMOJI or raw[0] in EMOJI:
-            tokens.append(Token(raw, raw, "emoji", clause))
+            tokens.append(Token(raw, raw, "emoji", clause, *where))
         elif raw[0].isalnum():
             norm = normalise(raw.replace("’", "'"))
-            tokens.append(Token(raw, slang.get(norm, norm), "word", clause))
+            tokens.append(Token(raw, slang.get(norm, norm), "word", clause, *where))
         elif raw[0] in "!?.,;:":
-            tokens.append(Token(raw, raw, "punct", clause))
+            tokens.append(Token(raw, raw, "punct", clause, *where))
             clause += 1
         # anything else (symbols, variation selectors) carries no sentiment
     return tokens
@@ -306,6 +340,9 @@ def tokenise(text: str, language: str | None = None) -> list[Token]:
 class Phrase:
     words: tuple[str, ...]
     valence: float
+    # "=several words": no feeling at all here, whatever the words say alone ("no need");
+    # beside VADER, its words are hidden from VADER too.
+    neutral: bool = False
 
 
 @dataclass
@@ -313,7 +350,8 @@ class Lexicon:
     words: dict[str, float] = field(default_factory=dict)
     phrases: dict[str, list[Phrase]] = field(default_factory=dict)  # by first word
     # "=word": a new valence for one of VADER's own words where support chats use it
-    # otherwise ("cancel" in "can I cancel an order?"); English only.
+    # otherwise ("cancel" in "can I cancel an order?"); English only. "=some words" is a
+    # phrase with no feeling (Phrase.neutral), in any language.
     vader_overrides: dict[str, float] = field(default_factory=dict)
     # "stem~": every word that starts with the stem (a verb's forms: "estrope~" reads
     # estropeó, estropearon, estropeado); longest stems first.
@@ -352,6 +390,8 @@ class LexiconError(ValueError):
 def _word_matches(pattern: str, norm: str) -> bool:
     if pattern.endswith("~"):
         return len(norm) >= len(pattern) and norm.startswith(pattern[:-1])
+    if pattern.startswith("~"):  # an ending: "~ing" reads "promising", "breaking"
+        return len(norm) > len(pattern) and norm.endswith(pattern[1:])
     return norm == pattern
 
 
@@ -377,19 +417,24 @@ def parse_lexicon(
             except ValueError:
                 raise LexiconError(f"{source}:{number}: not a valence: {value!r}") from None
         term = term.strip()
-        if term.startswith("="):
+        neutral = term.startswith("=") and " " in term.strip("= ")
+        if term.startswith("=") and not neutral:
             lexicon.vader_overrides[term[1:]] = valence
             continue
+        if neutral:
+            term, valence = term[1:], 0.0
         for form in _expand(normalise(term)):
             words = tuple(slang.get(word, word) for word in form.split())
+            if words and words[0].startswith("~"):
+                raise LexiconError(f"{source}:{number}: a term cannot open with an ending")
             if len(words) == 1 and words[0].endswith("~"):
                 lexicon.stems.append((words[0][:-1], valence))
             elif len(words) == 1:
                 lexicon.words[words[0]] = valence
             elif words and words[0].endswith("~"):
-                lexicon.stem_phrases.append(Phrase(words, valence))
+                lexicon.stem_phrases.append(Phrase(words, valence, neutral))
             elif words:
-                lexicon.phrases.setdefault(words[0], []).append(Phrase(words, valence))
+                lexicon.phrases.setdefault(words[0], []).append(Phrase(words, valence, neutral))
     for candidates in lexicon.phrases.values():
         candidates.sort(key=lambda p: -len(p.words))
     lexicon.stems.sort(key=lambda item: -len(item[0]))
@@ -450,6 +495,10 @@ class Scored:
     compound: float
     total: float
     hits: list[tuple[str, float]]  # (word or phrase, valence after the rules)
+    # Where each hit and each neutral phrase stands in the text: (start, end, valence).
+    spans: list[tuple[int, int, float]] = field(default_factory=list)
+    # Where the clauses that ask about something stand (see asked_about_clauses).
+    asked: list[tuple[int, int]] = field(default_factory=list)
 
 
 def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
@@ -464,10 +513,13 @@ def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
         lexicons.append(lexicon_for(rules.sibling))
     tokens = tokenise(text, language)
     asking = question_clauses(tokens, language)
+    asked = asked_about_clauses(tokens, language, text)
     letters = [ch for ch in text if ch.isalpha()]
     shouting = bool(letters) and all(ch.isupper() for ch in letters)
     consumed = [False] * len(tokens)
     valences: list[tuple[int, str, float]] = []  # (token index, what, valence)
+    ends: dict[int, int] = {}  # token index -> end of its hit in the text
+    spans: list[tuple[int, int, float]] = []
     for index, token in enumerate(tokens):
         if consumed[index]:
             continue
@@ -494,6 +546,9 @@ def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
             valence, what = phrase.valence, " ".join(t.norm for t in tokens[index : index + span])
             for covered in range(index, index + span):
                 consumed[covered] = True
+            if phrase.neutral:
+                spans.append((token.start, tokens[index + span - 1].end, 0.0))
+                continue
             self_negated = any(w in rules.negators for w in phrase.words)
         else:
             span = 1
@@ -523,11 +578,13 @@ def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
             valence *= NEGATION_FACTOR
         if (
             token.clause in asking
-            and MILD_NEGATIVE < valence
+            and (MILD_NEGATIVE < valence or (token.clause in asked and ASKED_ABOUT < valence))
             and GRATITUDE.isdisjoint(what.split())
         ):
             continue
         valences.append((index, what, valence))
+        ends[index] = tokens[index + span - 1].end
+    valences += _rhetorical_why(tokens, language)
 
     if asking and all(valence > MILD_NEGATIVE for _, _, valence in valences):
         # "comprei faz 3 dias, quando chega?": a mild complaint beside a question is the
@@ -542,10 +599,56 @@ def score(text: str, language: str, *, beside_vader: bool = False) -> Scored:
         if contrast_at is not None:
             valence *= 0.5 if index < contrast_at else 1.5
         hits.append((what, round(valence, 3)))
+        if index in ends:
+            spans.append((tokens[index].start, ends[index], round(valence, 3)))
     total = sum(v for _, v in hits)
     if words:
         total = emphasise(total, text)
-    return Scored(squash(total), total, hits)
+    clauses = {}
+    for token in tokens:
+        if token.clause in asked:
+            start, _ = clauses.get(token.clause, (token.start, 0))
+            clauses[token.clause] = (start, token.end)
+    return Scored(squash(total), total, hits, sorted(spans), list(clauses.values()))
+
+
+def _rhetorical_why(tokens: list[Token], language: str) -> list[tuple[int, str, float]]:
+    """A "why ...??" clause is a complaint ("why is my account locked??"), whatever it asks."""
+    found = []
+    openers = WHY_OPENERS.get(language, ())
+    for index, token in enumerate(tokens):
+        if token.kind != "punct" or token.text.count("?") < 2:
+            continue
+        words = [t.norm for t in tokens[:index] if t.clause == token.clause and t.kind == "word"]
+        if any(tuple(words[: len(opener)]) == opener for opener in openers):
+            found.append((index, "why ??", RHETORICAL_WHY))
+    return found
+
+
+def asked_about_clauses(tokens: list[Token], language: str, text: str) -> set[int]:
+    """The clauses that ask for information ("does the warranty cover water damage?", "how do
+    I report a damaged item?", "se eu errar a senha a conta bloqueia?"): the trouble they name
+    is what they ask about, no complaint. A clause opening with "why", and any message with
+    "??" or "!", asks in anger or not at all."""
+    if "??" in text or "!" in text or "¿¿" in text:
+        return set()
+    starters = QUESTION_STARTERS.get(language, frozenset()) | CONDITIONALS.get(language, set())
+    covers = COVERAGE_VERBS.get(language, frozenset())
+    words_of: dict[int, list[str]] = {}
+    marked: set[int] = set()
+    for token in tokens:
+        if token.kind == "word":
+            words_of.setdefault(token.clause, []).append(token.norm)
+        elif token.kind == "punct" and "?" in token.text:
+            marked.add(token.clause)
+    asked = set()
+    for clause, words in words_of.items():
+        opens = words[0] in starters or tuple(words[:2]) in ASKING_PAIRS.get(language, ())
+        if clause in marked and (opens or covers.intersection(words)):
+            asked.add(clause)
+        elif opens and clause == 0 and words[0] in QUESTION_STARTERS.get(language, ()):
+            asked.add(clause)
+    return asked
 
 
 def question_clauses(tokens: list[Token], language: str) -> set[int]:
