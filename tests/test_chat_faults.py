@@ -223,7 +223,7 @@ def test_a_reply_whose_worker_is_killed_is_finished_by_another(
     app, key = _prod_chat_app(
         tmp_path, pg_database_url, fake_redis, upstream, CHAT_REPLY_LEASE_SECONDS=3
     )
-    upstream.script.chunk_delay = 0.15  # about 6 s of streaming
+    upstream.script.chunk_delay = 0.08  # about 3 s of streaming: the kill lands mid-reply
     server = LiveServer(app).start()
     first = _start_assistant(app, tmp_path, "first")
     second = None
@@ -285,7 +285,9 @@ def test_a_reply_is_saved_once_postgres_is_back(tmp_path, private_redis, upstrea
         ack = client.expect("message")
         client.expect("delta", timeout=15)
         pg.stop()  # down before the reply is saved
-        threading.Event().wait(20)
+        # The reply's 40 chunks take 4 s; down twice that, its save fails and retries with
+        # back-off until the database is back.
+        threading.Event().wait(8)
         pg.start()
         message_id = ack["message"]["id"]
         assert wait_for(lambda: _replies(app, message_id), timeout=40)
