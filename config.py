@@ -274,6 +274,13 @@ class Config:
         self.DEVICES_SHURE_BACKOFF_INITIAL = _float("DEVICES_SHURE_BACKOFF_INITIAL", 0.5)
         self.DEVICES_SHURE_BACKOFF_MAX = _float("DEVICES_SHURE_BACKOFF_MAX", 30.0)
         self.DEVICES_SHURE_IDLE_TIMEOUT = _float("DEVICES_SHURE_IDLE_TIMEOUT", 600.0)
+        # One connection per receiver for the deployment (services/meters.py): the owner's
+        # lease, the live meter frame interval, how long pushed changes settle before they
+        # are applied, and how many days of per-minute meter history are kept.
+        self.DEVICES_SHURE_LEASE_SECONDS = _float("DEVICES_SHURE_LEASE_SECONDS", 10.0)
+        self.DEVICES_METER_FRAME_MS = _int("DEVICES_METER_FRAME_MS", 50)
+        self.DEVICES_PUSH_DEBOUNCE_MS = _int("DEVICES_PUSH_DEBOUNCE_MS", 150)
+        self.DEVICES_METER_HISTORY_DAYS = _float("DEVICES_METER_HISTORY_DAYS", 14.0)
         # `flask serve` starts this many simulated Shure receivers for the demo tenant.
         self.DEVICES_SIMULATOR_RECEIVERS = _int("DEVICES_SIMULATOR_RECEIVERS", 0)
         # `flask serve` starts this many simulated receivers for the demo tenant (0: none).

@@ -46,7 +46,11 @@ client's production settings (meters every 1 s) except a short reconnect back-of
   reaped connections included), from /proc, over the no-op figure's sends and over each round,
   per no-op message and per device event. Their ratio says how far the events/s figure can
   go on these cores at best: the "CPU-bound ceiling" is the core count ÷ the CPU per device
-  event, reached only if the cores did nothing else and never waited.
+  event, reached only if the cores did nothing else and never waited. The steady state's
+  figure is also given net of the background: the CPU the same processes use per second with
+  no poll running (live meters and pushed levels flow all the time; the machine's postgres
+  and redis may serve others), measured for BACKGROUND_SECONDS before the rounds.
+  `FIGURES["device_event_cpu_ms"]` (and `_net_ms`) hold the steady state's figures.
 """
 
 from __future__ import annotations
@@ -109,6 +113,10 @@ APP_ENV = {
     "DEVICES_ALLOWED_NETWORKS": "127.0.0.0/8",
 }
 DEVICE_QUEUE = "devices"
+# Summary figures for RESULTS.md, filled by run(): the steady state's CPU per device event,
+# every process of the run counted (ms).
+FIGURES: dict[str, float] = {}
+BACKGROUND_SECONDS = 3.0
 FLEET_KEY_ENV = "SWITCHBOARD_BENCH_FLEET_KEY"
 
 CARD = re.compile(
@@ -723,10 +731,18 @@ def _topics_text(topics: Counter) -> str:
 
 
 def _cpu_rows(
-    label: str, rounds: list[dict], noop: dict, noop_cpu: CpuMeter, rows: list[dict]
-) -> None:
+    label: str,
+    rounds: list[dict],
+    noop: dict,
+    noop_cpu: CpuMeter,
+    rows: list[dict],
+    background: CpuMeter | None = None,
+) -> tuple[float, float | None]:
     """CPU per device event, every process of the run counted, next to the no-op actor's CPU
-    per message: whether the events/s figure is bound by the CPUs, and by whose."""
+    per message: whether the events/s figure is bound by the CPUs, and by whose. With
+    `background` (the same processes measured while no poll ran), also net of what they use
+    anyway in that time (live meters, pushed levels, other work on the machine's postgres):
+    (per event, net per event)."""
     events = sum(r["events"] for r in rounds)
     used: Counter = Counter()
     seconds = 0.0
@@ -738,6 +754,11 @@ def _cpu_rows(
     per_message = noop_cpu.total * 1000 / noop["count"]
     cores = os.cpu_count() or 1
     breakdown = ", ".join(f"{name} {cpu * 1000 / events:.2f}" for name, cpu in used.most_common())
+    net, net_used, idle = None, {}, {}
+    if background is not None and background.seconds > 0:
+        idle = {name: cpu / background.seconds for name, cpu in background.used.items()}
+        net_used = {name: cpu - idle.get(name, 0.0) * seconds for name, cpu in used.items()}
+        net = sum(net_used.values()) * 1000 / events
     rows.append(
         result(
             f"{label}: CPU per device event",
@@ -770,6 +791,31 @@ def _cpu_rows(
             ),
         )
     )
+    if net is not None:
+        rows.append(
+            result(
+                f"{label}: CPU per device event, net of background",
+                net,
+                "ms",
+                ratio=net / per_message,
+                vs="no-op message's CPU",
+                detail=(
+                    "the CPU per device event less what the same processes used per second "
+                    f"while no poll ran ({background.seconds:.1f} s measured just before the "
+                    "rounds: "
+                    + ", ".join(
+                        f"{name} {rate * 1000:.0f} ms/s"
+                        for name, rate in sorted(idle.items(), key=lambda item: -item[1])
+                    )
+                    + ") times the rounds' duration; ms per event by process: "
+                    + ", ".join(
+                        f"{name} {cpu * 1000 / events:.2f}"
+                        for name, cpu in sorted(net_used.items(), key=lambda item: -item[1])
+                    )
+                ),
+            )
+        )
+    return per_event, net
 
 
 def _latency_rows(label: str, rounds: list[dict], rows: list[dict]) -> None:
@@ -902,6 +948,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     procs, threads = args.devices_worker_processes, args.devices_worker_threads
     rng = random.Random(args.devices_seed)
     rows: list[dict] = []
+    FIGURES.clear()
     with (
         prod_app("devices", actor_modules=["bench.spine_handlers"], env=APP_ENV) as penv,
         contextlib.ExitStack() as stack,
@@ -1000,6 +1047,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         # Steady state. The first poll after discovery brings every transmitter's first
         # meter levels; half of them also report another battery: one update per transmitter.
         time.sleep(max(0.0, 2.0 - (time.perf_counter() - found["polled_at"])))
+        # What the processes use with no poll running (meters, pushed levels, whatever else
+        # uses the machine's postgres and redis), to report the rounds' CPU net of it too.
+        background = cpu_meter()
+        background.start()
+        time.sleep(BACKGROUND_SECONDS)
+        background.stop()
         transmitters = [
             (r["index"], n) for r in fleet.receivers for n, on in r["channels"].items() if on
         ]
@@ -1032,7 +1085,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         if steady[-1]["topics"]["device.online"] < down:
             note(f"!! only {steady[-1]['topics']['device.online']} of {down} devices back online")
         _throughput_rows("steady state", steady, noop_rate, rows)
-        _cpu_rows("steady state", steady, noop, noop_cpu, rows)
+        per_event, net = _cpu_rows("steady state", steady, noop, noop_cpu, rows, background)
+        FIGURES["device_event_cpu_ms"] = per_event
+        if net is not None:
+            FIGURES["device_event_cpu_net_ms"] = net
         _latency_rows("steady state", steady, rows)
         rows.append(
             result(

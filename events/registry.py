@@ -68,9 +68,14 @@ class HandlerSpec:
     # this handler is about to run, before any of them: it reads in one query what the
     # handler would otherwise read event by event, and keeps it in `batch_cache()`.
     preload: Callable[[list[Event]], None] | None = None
+    # Topics the patterns match that the handler has nothing to do with: no message, no
+    # record, no transaction for them (e.g. `*.updated` minus the device.* lifecycle events).
+    exclude: tuple[str, ...] = ()
 
     def matches(self, topic: str) -> bool:
-        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.topics)
+        return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.topics) and not any(
+            fnmatch.fnmatchcase(topic, pattern) for pattern in self.exclude
+        )
 
 
 @dataclass

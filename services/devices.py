@@ -35,6 +35,7 @@ from flask import current_app
 from sqlalchemy import bindparam, inspect, select, text, update
 
 from events import emit
+from events.outbox import deferred_emits
 from extensions import db
 from models.base import utcnow
 from models.devices import (
@@ -85,6 +86,43 @@ def activity_pushed_out(tenant_id: int, topic: str, row_id: int) -> int | None:
     return db.session.scalar(
         stmt.order_by(ActivityLog.id.desc()).offset(ACTIVITY_PAGE_SIZE).limit(1)
     )
+
+
+def activity_drops(tenant_id: int, topic: str, row_ids: list[int]) -> dict[int, int | None]:
+    """activity_pushed_out() for many new rows of one tenant and topic (a batch's), in one
+    query: the newest rows of the topic up to the last new one, a page's length beyond the
+    new ones, give each new row the one a page's length below it. A row that other rows
+    interleave so far that its answer lies beyond them is asked about on its own."""
+    from models.devices import ActivityLog
+
+    if not row_ids:
+        return {}
+    ids = sorted(set(row_ids))
+    stmt = select(ActivityLog.id).where(
+        ActivityLog.tenant_id == tenant_id, ActivityLog.id <= ids[-1]
+    )
+    if topic == ACTIVITY_TOPIC:
+        stmt = stmt.where(ActivityLog.activity_type.not_in(ROUTINE_ACTIVITY_TYPES))
+    else:
+        stmt = stmt.where(ActivityLog.activity_type == topic.removeprefix(activity_type_topic("")))
+    newest = list(
+        db.session.scalars(
+            stmt.order_by(ActivityLog.id.desc()).limit(ACTIVITY_PAGE_SIZE + len(ids))
+        )
+    )
+    position = {row_id: index for index, row_id in enumerate(newest)}
+    drops: dict[int, int | None] = {}
+    for row_id in ids:
+        index = position.get(row_id)
+        if index is None:  # not the topic's (or not visible): ask as the single-row form does
+            drops[row_id] = activity_pushed_out(tenant_id, topic, row_id)
+        elif index + ACTIVITY_PAGE_SIZE < len(newest):
+            drops[row_id] = newest[index + ACTIVITY_PAGE_SIZE]
+        elif len(newest) < ACTIVITY_PAGE_SIZE + len(ids):
+            drops[row_id] = None  # the topic has no row that far below it
+        else:
+            drops[row_id] = activity_pushed_out(tenant_id, topic, row_id)
+    return drops
 
 
 def in_maintenance_window(device: Device, at) -> bool:
@@ -180,8 +218,9 @@ STATE_FIELDS = (
     "battery_minutes",
     "tx_on",
     "frequency_mhz",
-    "rf_level",
-    "audio_level",
+    # Not rf_level / audio_level: levels move with every word and every step the performer
+    # takes; they are live meter frames and per-minute history (services/meters.py), never
+    # a device.updated event or an activity row.
     # What operators watch besides battery and levels (families without one leave it out).
     "group_channel",
     "audio_gain_db",
@@ -329,7 +368,12 @@ def _event(topic: str, tenant_id: int, service_code: str, api_device_id: str | N
     payload = {"service_code": service_code, "device_id": api_device_id, **data}
     label = data.get("label") or f"{api_device_id} {topic.split('.')[-1]}"
     payload["label"] = label
+    if topic in LOGGED_TOPICS:  # what an operator tails the process log for
+        log.info("%s (tenant %s, %s)", label, tenant_id, service_code)
     emit(topic, tenant_id=tenant_id, entity="device", entity_id=data.get("pk"), payload=payload)
+
+
+LOGGED_TOPICS = frozenset({"device.discovered", "device.online", "device.offline"})
 
 
 def _diff(device: Any, report: DeviceReport) -> tuple[dict, dict]:
@@ -382,17 +426,37 @@ def poll_lock(tenant_id: int, service_code: str) -> Iterator[bool]:
                 _local_polls.discard((tenant_id, service_code))
 
 
+PUSH_LOCK_WAIT = 0.25
+
+
+@contextmanager
+def poll_lock_waiting(tenant_id: int, service_code: str, wait: float) -> Iterator[bool]:
+    """poll_lock, tried again for up to `wait` seconds: applying a receiver's pushed change
+    (apply_pushed_reports) holds it for milliseconds and must not make a poll skip its turn."""
+    deadline = time.monotonic() + wait
+    while True:
+        with poll_lock(tenant_id, service_code) as mine:
+            if mine or time.monotonic() >= deadline:
+                yield mine
+                return
+        time.sleep(0.02)
+
+
 def poll_service(tenant_id: int, service_code: str, *, progress=None) -> SyncResult:
     """Poll every endpoint of one service for one tenant and emit what changed.
 
     Writes a ServiceSyncLog from start to finish; commits as it goes. If another poll of the
-    same tenant and service is running (any process), returns at once with status "skipped".
+    same tenant and service is running (any process), returns within PUSH_LOCK_WAIT seconds
+    with status "skipped".
     """
-    with poll_lock(tenant_id, service_code) as mine:
+    with poll_lock_waiting(tenant_id, service_code, PUSH_LOCK_WAIT) as mine:
         if not mine:
             log.info("poll of %s for tenant %s skipped: one is running", service_code, tenant_id)
             return SyncResult(service_code=service_code, status="skipped")
-        return _poll_service(tenant_id, service_code, progress=progress)
+        # A poll emits an event per change, fifty or so per commit, and reads none back
+        # before committing: written with one INSERT per commit rather than ORM objects.
+        with deferred_emits():
+            return _poll_service(tenant_id, service_code, progress=progress)
 
 
 def _poll_service(tenant_id: int, service_code: str, *, progress=None) -> SyncResult:
@@ -820,3 +884,62 @@ def tenants_with_endpoints() -> list[tuple[int, str]]:
         .distinct()
     )
     return [(tenant_id, code) for tenant_id, code in rows]
+
+
+def apply_pushed_reports(
+    tenant_id: int, service_code: str, reports: list[DeviceReport]
+) -> int | None:
+    """Apply what one receiver pushed between polls (its REP lines), as a poll would: the
+    same diffs, state versions and device.updated / device.online events, now rather than
+    at the next poll. Only for devices the tenant has at that receiver's address: finding
+    new ones and counting missed answers stay the poll's. Commits.
+
+    Returns the events emitted, or None when a poll of the service is running (it may be
+    applying an older view of the same receiver): the caller tries again shortly."""
+    receiver = next((r for r in reports if r.kind == "receiver"), None)
+    if receiver is None or not receiver.online or not receiver.ip_address:
+        return 0
+    with poll_lock(tenant_id, service_code) as mine:
+        if not mine:
+            return None
+        columns = [attr.key for attr in inspect(Device).column_attrs]
+        known = {
+            d.api_device_id: SimpleNamespace(**{key: getattr(d, key) for key in columns})
+            for d in db.session.scalars(
+                select(Device).where(
+                    Device.tenant_id == tenant_id,
+                    Device.manufacturer_id == _manufacturer_id(service_code),
+                    Device.ip_address == receiver.ip_address,
+                    Device.port == receiver.port,
+                )
+            )
+        }
+        applied: list[dict[str, Any]] = []
+        answered: list[int] = []
+        seen: set[str] = set()
+        events = 0
+        for report in resolve_identities(reports, known):
+            device = known.get(report.api_device_id)
+            if device is None or not report.online:
+                continue
+            seen.add(report.api_device_id)
+            answered.append(device.id)
+            events += _apply_report(tenant_id, service_code, device, report, applied)
+        for api_id, device in known.items():
+            if api_id not in seen and device.kind == "transmitter":
+                answered.append(device.id)
+                events += _apply_report(
+                    tenant_id, service_code, device, _switched_off(device), applied
+                )
+        if applied:
+            applied.sort(key=lambda row: row["device_pk"])
+            db.session.execute(_APPLY_REPORT, applied)
+        if answered:
+            db.session.execute(
+                update(Device)
+                .where(Device.id.in_(answered))
+                .values(missed_polls=0, last_seen=utcnow()),
+                execution_options={"synchronize_session": False},
+            )
+        db.session.commit()
+        return events

@@ -79,6 +79,9 @@ class MemoryKV(_Limiter):
                 return False
             return True
 
+    def has_flags(self, keys: list[str]) -> list[bool]:
+        return [self.has_flag(key) for key in keys]
+
 
 class RedisKV(_Limiter):
     def __init__(self, url: str, prefix: str) -> None:
@@ -100,6 +103,13 @@ class RedisKV(_Limiter):
 
     def has_flag(self, key: str) -> bool:
         return bool(self.redis.exists(self.prefix + "flag:" + key))
+
+    def has_flags(self, keys: list[str]) -> list[bool]:
+        """Which of the flags are set, in one round trip."""
+        if not keys:
+            return []
+        values = self.redis.mget([self.prefix + "flag:" + key for key in keys])
+        return [value is not None for value in values]
 
 
 def init_kv(app: Flask) -> None:

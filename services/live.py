@@ -118,6 +118,47 @@ def publish_after_commit(topic: str, key: str, *, html: str | None = None, json_
         on_commit(_send)
 
 
+_RENDERS = "live.renders"
+
+
+def publish_fragment_after_commit(
+    topic: str, key: str, template: str, *, replaces: bool = False, **context: Any
+) -> None:
+    """render_fragment(template, **context), published as publish_after_commit would.
+
+    In a batch of events (one commit's, run in one transaction by tasks/broker.py) the
+    fragments are rendered together just before the batch commits, under one request
+    context, from the objects as the batch left them; with `replaces` (a frame that replaces
+    what its key names, like a device card) a later one of the same topic and key takes the
+    place of an earlier one, so a device with three events in a batch is rendered once.
+    Outside a batch it renders at once."""
+    from events.outbox import before_commit
+    from events.registry import batch_cache
+    from extensions import db
+
+    cache = batch_cache(db.session())
+    if cache is None:
+        publish_after_commit(topic, key, html=render_fragment(template, **context))
+        return
+    pending = cache.get(_RENDERS)
+    if pending is None:
+        pending = cache[_RENDERS] = {}
+
+        def render_all() -> None:
+            if cache.get(_RENDERS) is pending:
+                del cache[_RENDERS]  # anything published after this starts anew
+            with fragments():
+                for (frame_topic, frame_key, _), (name, kwargs) in pending.items():
+                    html = render_fragment(name, **kwargs)
+                    publish_after_commit(frame_topic, frame_key, html=html)
+
+        before_commit(render_all)
+    # Appends keep their place (and each its own entry); a replacing frame moves to the end.
+    slot = (topic, key, None if replaces else len(pending))
+    pending.pop(slot, None)
+    pending[slot] = (template, context)
+
+
 _gathering = threading.local()
 
 
@@ -158,13 +199,58 @@ def render_fragment(template: str, **context: Any) -> str:
     visitor's cookie to open, and a fragment must not write one. So its forms get an empty
     CSRF field, which static/js/app.js fills with the page's token when one is submitted
     (a token made here would belong to no one's session and be refused)."""
+    scope = getattr(_fragments, "scope", None)
+    if scope is not None:
+        context.setdefault("csrf_token", _no_csrf_token)
+        return scope.render(template, context)
     if has_request_context():
         return render_template(template, **context)
     context.setdefault("csrf_token", _no_csrf_token)
+    with _worker_request_context():
+        return render_template(template, **context)
+
+
+def _worker_request_context() -> RequestContext:
     app = current_app._get_current_object()
     null_session = app.session_interface.make_null_session(app)
-    with RequestContext(app, dict(_worker_environ(app)), session=null_session):
-        return render_template(template, **context)
+    return RequestContext(app, dict(_worker_environ(app)), session=null_session)
+
+
+_fragments = threading.local()
+
+
+@contextmanager
+def fragments():
+    """Render many fragments under one worker request context, rather than one each (its
+    set-up and tear-down cost about as much as rendering a small fragment). Only around
+    rendering: inside it the code runs as in a request, which the rest of a handler must
+    not (an event emitted there would take the fake request's address as its actor's)."""
+    if has_request_context():
+        yield
+        return
+    with _worker_request_context():
+        _fragments.scope = _FragmentScope(current_app._get_current_object())
+        try:
+            yield
+        finally:
+            _fragments.scope = None
+
+
+class _FragmentScope:
+    """Renders as flask.render_template does, with the context processors' values taken
+    once for the scope: they are the same for every fragment of one (fake) request."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.base: dict[str, Any] = {}
+        app.update_template_context(self.base)
+
+    def render(self, name: str, context: dict[str, Any]) -> str:
+        from flask.signals import before_render_template, template_rendered
+
+        if before_render_template.receivers or template_rendered.receivers:
+            return render_template(name, **context)  # someone listens: Flask's own path
+        return self.app.jinja_env.get_template(name).render({**self.base, **context})
 
 
 def _no_csrf_token() -> str:

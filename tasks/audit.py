@@ -85,6 +85,9 @@ def _action_and_details(event: Event) -> tuple[str, dict[str, Any]] | None:
     name="audit.record",
     queue="audit",
     max_retries=5,
+    # A device's lifecycle events (device.updated among them) are what its receivers
+    # reported, not a change anyone made: never an audit row (the device_record.* events are).
+    exclude=("device.*",),
 )
 def record(event: Event) -> None:
     if event.tenant_id is None or event.entity is None:

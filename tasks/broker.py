@@ -42,6 +42,7 @@ ACTOR_MODULES = (
     "tasks.chats",
     "tasks.projects",
     "tasks.devices",
+    "tasks.device_meters",
 )
 
 
@@ -124,6 +125,27 @@ def _record_stmt(dialect: str):
 
 
 _RECORD_STMTS: dict[str, Any] = {}
+
+
+def _record_arrays():
+    stmt = _RECORD_STMTS.get("postgresql-arrays")
+    if stmt is None:
+        from sqlalchemy import text
+        from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, TEXT
+
+        from models.events import ProcessedEvent
+
+        stmt = text(
+            "INSERT INTO processed_events (event_id, handler, status, processed_at) "
+            "SELECT e, h, 'ok', :now FROM unnest(:event_ids, :handlers) AS t(e, h) "
+            "ON CONFLICT (event_id, handler) DO NOTHING RETURNING event_id, handler"
+        ).bindparams(
+            bindparam("event_ids", type_=ARRAY(BIGINT)),
+            bindparam("handlers", type_=ARRAY(TEXT)),
+            bindparam("now", type_=ProcessedEvent.__table__.c.processed_at.type),
+        )
+        _RECORD_STMTS["postgresql-arrays"] = stmt
+    return stmt
 
 
 def _record(session, event_pk: int, handler: str, status: str, error: str | None = None) -> bool:
@@ -385,8 +407,17 @@ def _record_many(session, pairs: list[tuple[int, str]]) -> set[tuple[int, str]]:
     """Insert the ok-records of many (event, handler) pairs at once; the pairs inserted (the
     others already have a result)."""
     conn = session.connection()
-    stmt = _record_stmt(conn.dialect.name)
     now = utcnow()
+    if conn.dialect.name == "postgresql":
+        # Two arrays in one statement whose text never changes: psycopg prepares it once,
+        # where a multi-row VALUES list is new text for every batch size, parsed each time.
+        params = {
+            "event_ids": [pk for pk, _ in pairs],
+            "handlers": [name for _, name in pairs],
+            "now": now,
+        }
+        return {(row.event_id, row.handler) for row in conn.execute(_record_arrays(), params)}
+    stmt = _record_stmt(conn.dialect.name)
     params = [
         {"event_id": pk, "handler": name, "status": "ok", "error": None, "processed_at": now}
         for pk, name in pairs

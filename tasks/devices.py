@@ -11,6 +11,7 @@ to matching webhooks.
 from __future__ import annotations
 
 from datetime import timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from flask import current_app
@@ -24,7 +25,13 @@ from extensions import db
 from models.base import utcnow
 from models.devices import ActivityLog, Device, DeviceReading, Location, Manufacturer
 from services import devices as device_service
-from services.live import publish_after_commit, render_fragment, tenant_topic
+from services.live import (
+    fragments,
+    publish_after_commit,
+    publish_fragment_after_commit,
+    render_fragment,
+    tenant_topic,
+)
 from services.notifications import notification_rule
 
 for topic, kind, title in (
@@ -57,37 +64,125 @@ def log_activity(
     device: Device | None = None,
     details: dict[str, Any] | None = None,
     operation: str = "",
-) -> ActivityLog:
-    row = ActivityLog(
-        tenant_id=event.tenant_id,
-        activity_type=activity_type,
-        operation=operation or activity_type,
-        status=status,
-        summary=summary[:500],
-        details=details or {},
-        device_id=device.id if device else None,
-        service_code=event.payload.get("service_code"),
-        event_id=event.id,
-        created_at=event.created_at,
-    )
-    db.session.add(row)
+) -> None:
+    """Add the event's ActivityLog row, and push it to the pages showing its topics.
 
-    def publish() -> None:  # once the row has its id (one flush for a batch's rows)
-        for name in device_service.activity_topics(activity_type):
-            drop = device_service.activity_pushed_out(event.tenant_id, name, row.id)
-            html = render_fragment("devices/_activity_push.html", a=row, drop_id=drop)
-            topic = tenant_topic(event.tenant_id, name)
-            publish_after_commit(topic, f"activity-{row.id}", html=html)
+    The rows of a batch of events are written together just before it commits, with one
+    Core executemany (their ids drawn from the sequence first on PostgreSQL, RETURNING
+    elsewhere), and each is rendered once, whatever the number of topics it goes to; one
+    query per topic finds the rows the pages drop for them. Outside a batch the same
+    happens for the one row."""
+    row = {
+        "tenant_id": event.tenant_id,
+        "activity_type": activity_type,
+        "operation": operation or activity_type,
+        "status": status,
+        "summary": summary[:500],
+        "details": details or {},
+        "device_id": device.id if device else None,
+        "service_code": event.payload.get("service_code"),
+        "event_id": event.id,
+        "created_at": event.created_at,
+    }
+    _deferred(ACTIVITY_ROWS, _write_activity).append(row)
 
-    before_commit(publish)
-    return row
+
+ACTIVITY_ROWS = "activity_rows"
+READINGS = "device_readings"
+
+
+def _deferred(key: str, write) -> Any:
+    """The collection of `key` that `write(collection)` writes just before the commit: the
+    batch's (shared by its events), or, outside a batch, a new one for this call."""
+    cache = batch_cache(db.session())
+    collected = cache.get(key) if cache is not None else None
+    if collected is None:
+        collected: list[dict[str, Any]] = []
+        if cache is not None:
+            cache[key] = collected
+
+        def run() -> None:
+            if cache is not None and cache.get(key) is collected:
+                # Taken out first: anything added after this ran starts a new collection.
+                del cache[key]
+            write(collected)
+
+        before_commit(run)
+    return collected
+
+
+_INSERT_ACTIVITY: dict[str, Any] = {}
+
+
+def _write_activity(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    conn = db.session.connection()
+    table = ActivityLog.__table__
+    if conn.dialect.name == "postgresql":
+        # The ids first, from the table's sequence in one query, then a plain executemany
+        # (one prepared INSERT, pipelined): an INSERT … RETURNING of many rows is a VALUES
+        # list whose text differs with the batch's size and is parsed anew each time.
+        ids = sorted(conn.execute(_next_activity_ids(), {"n": len(rows)}).scalars())
+        conn.execute(table.insert(), [{"id": pk, **row} for pk, row in zip(ids, rows, strict=True)])
+    else:
+        stmt = _INSERT_ACTIVITY.get(conn.dialect.name)
+        if stmt is None:
+            stmt = _INSERT_ACTIVITY[conn.dialect.name] = table.insert().returning(
+                table.c.id, sort_by_parameter_order=True
+            )
+        ids = conn.execute(stmt, rows).scalars().all()
+    published = []
+    wanted: dict[tuple[int, str], list[int]] = {}
+    for row, row_id in zip(rows, ids, strict=True):
+        shown = SimpleNamespace(id=row_id, **row)
+        topics = device_service.activity_topics(row["activity_type"])
+        published.append((shown, topics))
+        for name in topics:
+            wanted.setdefault((row["tenant_id"], name), []).append(row_id)
+    drops = {
+        key: device_service.activity_drops(key[0], key[1], row_ids)
+        for key, row_ids in wanted.items()
+    }
+    with fragments():
+        for shown, topics in published:
+            html = render_fragment("devices/_activity_push.html", a=shown, drop_id=None)
+            for name in topics:
+                drop = drops[(shown.tenant_id, name)].get(shown.id)
+                # The fragment as it renders with drop_id: the row that leaves the page.
+                extra = f'<li id="activity-{drop}" hx-swap-oob="delete"></li>' if drop else ""
+                publish_after_commit(
+                    tenant_topic(shown.tenant_id, name), f"activity-{shown.id}", html=html + extra
+                )
+
+
+def _next_activity_ids():
+    stmt = _INSERT_ACTIVITY.get("postgresql-ids")
+    if stmt is None:
+        from sqlalchemy import text
+
+        stmt = _INSERT_ACTIVITY["postgresql-ids"] = text(
+            "SELECT nextval(pg_get_serial_sequence('activity_logs', 'id')) "
+            "FROM generate_series(1, :n)"
+        )
+    return stmt
+
+
+def _write_readings(rows: list[dict[str, Any]]) -> None:
+    if rows:
+        db.session.connection().execute(DeviceReading.__table__.insert(), rows)
 
 
 def publish_device(device: Device) -> None:
-    html = render_fragment("devices/_card_push.html", d=device)
-    # Keyed by device: a burst of changes to one device becomes one frame.
-    publish_after_commit(
-        tenant_topic(device.tenant_id, "devices"), f"device-{device.id}", html=html
+    """Push the device's card to the tenant's open dashboards. Keyed by device, and in a
+    batch rendered once, as the batch left the device: its events may change it more than
+    once, and each frame replaces the card anyway."""
+    publish_fragment_after_commit(
+        tenant_topic(device.tenant_id, "devices"),
+        f"device-{device.id}",
+        "devices/_card_push.html",
+        replaces=True,
+        d=device,
     )
 
 
@@ -230,10 +325,13 @@ def _provisioned(event: Event, device: Device, data: dict[str, Any]) -> None:
     )
     # An open dashboard has no card to swap for a new device (and which page it belongs on
     # depends on the viewer's filters): say so instead, with a link that shows it.
-    publish_after_commit(
+    # One key: in a batch, one notice per tenant, naming its latest device.
+    publish_fragment_after_commit(
         tenant_topic(device.tenant_id, "devices"),
         "devices-new",
-        html=render_fragment("devices/_new_notice.html", d=device),
+        "devices/_new_notice.html",
+        replaces=True,
+        d=device,
     )
 
 
@@ -378,16 +476,16 @@ def on_updated(event: Event) -> None:
     )
     if any(k in new for k in device_service.READING_FIELDS):
         reading = reading or device.state or {}
-        db.session.add(
-            DeviceReading(
-                tenant_id=device.tenant_id,
-                device_id=device.id,
-                battery_bars=reading.get("battery_bars"),
-                battery_minutes=reading.get("battery_minutes"),
-                rf_level=reading.get("rf_level"),
-                audio_level=reading.get("audio_level"),
-                at=event.created_at,
-            )
+        _deferred(READINGS, _write_readings).append(
+            {
+                "tenant_id": device.tenant_id,
+                "device_id": device.id,
+                "battery_bars": reading.get("battery_bars"),
+                "battery_minutes": reading.get("battery_minutes"),
+                "rf_level": reading.get("rf_level"),
+                "audio_level": reading.get("audio_level"),
+                "at": event.created_at,
+            }
         )
     # Alerts on what the event reports only while the device still reports it: an event
     # that arrives after a newer one must not raise an alert the device has cleared since.

@@ -76,8 +76,23 @@ def _publish_live_update(app, tenant_id: int) -> None:
         _pending.discard(tenant_id)
     with app.app_context():
         try:
-            publish_metrics(tenant_id)
+            if _first_since_commit(app, tenant_id):
+                publish_metrics(tenant_id)
         except Exception:  # noqa: BLE001 - best effort: a page's next snapshot heals
             log.exception("could not publish the metrics of tenant %s", tenant_id)
         finally:
             db.session.remove()
+
+
+def _first_since_commit(app, tenant_id: int) -> bool:
+    """Whether no process has begun re-rendering this tenant's numbers within the last
+    METRICS_LIVE_DELAY_MS. A timer fires that long after the commit it follows, so one that
+    began since read that commit's counts: every worker process of a burst would otherwise
+    render the same three pages. Unsure (shared state unreachable): render."""
+    from services.kv import kv
+
+    delay = int(app.config["METRICS_LIVE_DELAY_MS"]) / 1000
+    try:
+        return kv().claim(f"metrics-live:{tenant_id}", delay)
+    except Exception:  # noqa: BLE001 - a redundant render is the safe side
+        return True

@@ -9,6 +9,7 @@ from blueprints import admin_required, get_owned_or_404, int_arg, keyset_page, p
 from blueprints.devices import bp
 from blueprints.devices.forms import DeviceForm, EndpointForm, LocationForm, fill_choices
 from extensions import db
+from models.device_meters import DeviceMeterMinute
 from models.devices import (
     ACTIVITY_STATUSES,
     ActivityLog,
@@ -26,8 +27,10 @@ from services.devices import (
     ACTIVITY_TOPIC,
     ACTIVITY_TYPE_NAME,
     ROUTINE_ACTIVITY_TYPES,
+    _channel_of,
     activity_type_topic,
     add_discovered,
+    audio_percent,
     downtime,
     rf_percent,
 )
@@ -99,7 +102,35 @@ def group_by_location(devices: list[Device], locations: list[Location]) -> list[
     for device in devices:
         groups.setdefault(device.location_id, []).append(device)
     ordered = sorted(groups, key=lambda k: (k is None, names[k].name if k in names else ""))
-    return [{"location": names.get(k), "key": k or 0, "devices": groups[k]} for k in ordered]
+    return [
+        {
+            "location": names.get(k),
+            "key": k or 0,
+            "devices": groups[k],
+            "receivers": group_by_receiver(groups[k]),
+        }
+        for k in ordered
+    ]
+
+
+def group_by_receiver(devices: list[Device]) -> list[dict]:
+    """A location's cards as micboard shows them: each receiver with its channels under it,
+    by channel number; a transmitter whose receiver is on another page or not added heads
+    a group of its own address. Devices without an address stand alone."""
+    groups: dict[object, dict] = {}
+    for device in devices:
+        address = (device.ip_address, device.port) if device.ip_address else ("id", device.id)
+        group = groups.setdefault(address, {"receiver": None, "channels": [], "key": ""})
+        if device.kind == "receiver" and group["receiver"] is None:
+            group["receiver"] = device
+        else:
+            group["channels"].append(device)
+    for group in groups.values():
+        group["channels"].sort(key=lambda d: (_channel_of(d.api_device_id) or 0, d.name, d.id))
+        first = group["receiver"] or group["channels"][0]
+        group["key"] = first.id
+        group["name"] = first.name
+    return sorted(groups.values(), key=lambda g: (g["receiver"] is None, g["name"], g["key"]))
 
 
 def _filters() -> dict:
@@ -136,7 +167,7 @@ def index():
         locations=locations,
         manufacturers=_manufacturers(),
         discovered=_discovered() if current_user.is_admin else [],
-        live_topics=["devices"],
+        live_topics=["devices", "meters"],
         **context,
     )
 
@@ -234,19 +265,69 @@ def detail(device_id: int):
     )
     now = datetime.now().astimezone()
     uptime, outages = downtime(device, since, now)
+    hours = request.args.get("hours", type=int)
+    hours = hours if hours in METER_WINDOWS else METER_WINDOWS[1]
     return render(
         "devices/detail.html",
         device=device,
         activity=activity,
         chart=chart,
+        meter_chart=meter_chart(device, now - timedelta(hours=hours)),
+        meter_hours=hours,
+        meter_windows=METER_WINDOWS,
         uptime=uptime,
         outages=outages[:OUTAGES_SHOWN],
         now=now,
-        live_topics=["devices"],
+        live_topics=["devices", "meters"],
     )
 
 
 OUTAGES_SHOWN = 20
+METER_WINDOWS = (3, 12, 24, 72)  # hours of meter history the device page offers
+METER_POINTS = 720  # at most this many points per line (a minute each for 12 hours)
+
+
+def meter_chart(device: Device, since: datetime):
+    """The device's meter history: the weakest RF and the loudest audio of each minute (a
+    fade and a silent mic both show), and the battery bars, grouped into at most
+    METER_POINTS spans for longer windows."""
+    rows = db.session.execute(
+        select(
+            DeviceMeterMinute.minute,
+            DeviceMeterMinute.rf_min,
+            DeviceMeterMinute.audio_max,
+            DeviceMeterMinute.battery_min,
+        )
+        .where(
+            DeviceMeterMinute.device_id == device.id,
+            DeviceMeterMinute.tenant_id == device.tenant_id,
+            DeviceMeterMinute.minute >= since,
+        )
+        .order_by(DeviceMeterMinute.minute)
+    ).all()
+    step = max(1, -(-len(rows) // METER_POINTS))
+    rf, audio, battery = [], [], []
+    for start in range(0, len(rows), step):
+        span = rows[start : start + step]
+        at = span[0][0]
+        lows = [r[1] for r in span if r[1] is not None]
+        highs = [r[2] for r in span if r[2] is not None]
+        bars = [r[3] for r in span if r[3] is not None]
+        if lows:
+            rf.append((at, rf_percent(min(lows))))
+        if highs:
+            audio.append((at, audio_percent(max(highs))))
+        if bars:
+            battery.append((at, min(bars)))
+    levels = line_chart(
+        [
+            Series("RF low, % of -100…-20 dBm", rf, "#2f5bea", 100),
+            Series("Audio peak, % of -60…0 dBFS", audio, "#b54708", 100),
+        ]
+    )
+    if not battery:
+        return levels
+    return levels + line_chart([Series("Battery bars", battery, "#1a7f46", 5)])
 
 
 def _activity_query(tenant_id: int):

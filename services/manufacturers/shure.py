@@ -20,8 +20,10 @@ seconds close themselves, so endpoints removed from the database don't keep sock
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import selectors
 import socket
@@ -34,6 +36,7 @@ from typing import Any
 from services import netpolicy
 from services.devices import DeviceReport, ManufacturerService, register
 from services.manufacturers import shure_protocol as proto
+from services.meters import SHARE_SECONDS, Leases, MeterPump, snapshot_json
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,7 @@ CONFIG_KEYS = {
     "DEVICES_SHURE_BACKOFF_INITIAL": "backoff_initial",
     "DEVICES_SHURE_BACKOFF_MAX": "backoff_max",
     "DEVICES_SHURE_IDLE_TIMEOUT": "idle_timeout",
+    "DEVICES_SHURE_LEASE_SECONDS": "lease_seconds",
 }
 
 
@@ -59,6 +63,9 @@ class ShureSettings:
     backoff_max: float = 30.0
     idle_timeout: float = 600.0  # close connections no poll asked about for this long
     identify_timeout: float = 1.0  # no answer to GET MODEL by then: a ULX-D/QLX-D
+    # How long a process owns a receiver's one connection without renewing (services/meters):
+    # when it dies, another process takes the receiver over after at most this long.
+    lease_seconds: float = 10.0
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -285,6 +292,8 @@ class ReceiverConnection:
         self.last_used = time.monotonic()
         self.model = self.firmware = self.device_id = ""
         self.channels: dict[int, ChannelState] = {}
+        # Told of what the receiver pushes (services.meters.MeterPump), from this thread.
+        self.listener: Any = None
         self._thread = threading.Thread(target=self._run, name=f"shure {self.label}", daemon=True)
 
     # -- used by fetch (any thread)
@@ -331,7 +340,10 @@ class ReceiverConnection:
                     return False
                 self._cond.wait(remaining)
 
-    def snapshot(self, fresh: bool) -> ReceiverSnapshot:
+    def snapshot(self, fresh: bool, close: bool = True) -> ReceiverSnapshot:
+        """What the receiver said. A poll's snapshot (`close`) folds the samples since the
+        last poll into its antenna and quality; a look in between (a pushed change, the
+        snapshot shared with other processes) leaves the window open for the next poll."""
         with self._cond:
             return ReceiverSnapshot(
                 host=self.host,
@@ -342,7 +354,7 @@ class ReceiverConnection:
                 firmware=self.firmware,
                 device_id=self.device_id,
                 family=self._family().label if self.family else "",
-                channels=self._channel_states(),
+                channels=self._channel_states(close),
                 channel_names={n: ch.name for n, ch in self.channels.items()},
                 tx_types={n: ch.tx_type for n, ch in self.channels.items()},
             )
@@ -378,11 +390,19 @@ class ReceiverConnection:
             return self.model
         return proto.ulxd_model_name(len(self.channels), self._is_qlxd())
 
-    def _channel_states(self) -> dict[int, dict[str, Any]]:
+    def _channel_states(self, close: bool = True) -> dict[int, dict[str, Any]]:
         states = {}
         for number, channel in sorted(self.channels.items()):
-            channel.close_window()
-            states[number] = channel.state()
+            if close or len(channel.antennas_seen) >= MAX_WINDOW:
+                channel.close_window()
+                states[number] = channel.state()
+            else:
+                states[number] = replace(channel, antennas_seen=[], qualities_seen=[]).state()
+                peek = merge_antennas(channel.antennas_seen)
+                if peek is not None:
+                    states[number]["antenna"] = peek
+                if channel.qualities_seen:
+                    states[number]["quality"] = min(channel.qualities_seen)
         return states
 
     def _wake(self) -> None:
@@ -561,6 +581,9 @@ class ReceiverConnection:
         """Apply frames; True when they identified the receiver (the hello is due)."""
         now = time.monotonic()
         identified_now = False
+        samples: list[tuple[int, float | None, float | None, int | None, bool]] = []
+        synced_before = self._synced
+        changed = False
         with self._cond:
             for frame in frames:
                 self.frames += 1
@@ -575,7 +598,11 @@ class ReceiverConnection:
                     continue
                 if frame.kind == "SAMPLE":
                     if frame.channel and frame.channel <= MAX_CHANNELS and frame.key == "ALL":
-                        self._apply_sample(self._channel(frame.channel), frame.values)
+                        channel = self._channel(frame.channel)
+                        levels = self._apply_sample(channel, frame.values)
+                        samples.append(
+                            (frame.channel, *levels, channel.battery_bars, channel.tx_on)
+                        )
                     continue
                 if frame.kind != "REP":
                     continue
@@ -585,21 +612,36 @@ class ReceiverConnection:
                         identified_now = True
                         continue
                     self._apply_device(frame)
+                    # A DEVICE_ID is most often the answer to a probe, not news.
+                    changed = changed or frame.key != "DEVICE_ID"
                 elif 0 < frame.channel <= MAX_CHANNELS:
                     self._apply_channel(self._channel(frame.channel), frame)
+                    changed = changed or frame.key != "METER_RATE"
             self._cond.notify_all()
+            # Only what a synced session hears is a change of the receiver; the answers to
+            # the hello are its first state, pushed once the hello is complete.
+            pushed = self._synced and (changed or not synced_before)
+        listener = self.listener
+        if listener is not None and (pushed or samples):
+            try:
+                listener.pushed(self, pushed, samples)
+            except Exception:  # noqa: BLE001 - the live view is best effort; the poll goes on
+                log.exception("shure %s: pushed frames not handled", self.label)
         return identified_now
 
-    def _apply_sample(self, channel: ChannelState, values: tuple[str, ...]) -> None:
+    def _apply_sample(
+        self, channel: ChannelState, values: tuple[str, ...]
+    ) -> tuple[float | None, float | None]:
+        """Fold a SAMPLE into the channel; its (RF dBm, audio dBFS) for the live meters."""
         if not channel.tx_on:
             # Without a transmitter the meters read the noise floor: nothing to report, and
             # the next transmitter's levels start afresh.
             channel.rf.reset()
             channel.audio.reset()
-            return
+            return None, None
         sample = proto.parse_sample(self._family().sample_layout, values)
         if sample is None:
-            return  # truncated, or not this family's layout: nothing in it can be trusted
+            return None, None  # truncated, or not this family's layout: nothing to trust
         if sample.antenna is not None and len(channel.antennas_seen) < MAX_WINDOW:
             channel.antennas_seen.append(sample.antenna)
         if sample.quality is not None and len(channel.qualities_seen) < MAX_WINDOW:
@@ -608,6 +650,7 @@ class ReceiverConnection:
             channel.rf.add(sample.rf_dbm)
         if sample.audio_dbfs is not None:
             channel.audio.add(sample.audio_dbfs)
+        return sample.rf_dbm, sample.audio_dbfs
 
     def _apply_device(self, frame: proto.Frame) -> None:
         value = frame.value or ""
@@ -676,6 +719,13 @@ class ShureService(ManufacturerService):
         self._connections: dict[tuple[str, int], ReceiverConnection] = {}
         self._lock = threading.Lock()
         self.address_problem: netpolicy.AddressCheck = netpolicy.device_checker({})
+        # Who this service is among every process's: the holder of its receivers' leases.
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
+        self.leases: Leases | None = None  # the app's (set by fetch); None: own everything
+        self.pump = MeterPump(self.code, self.owner)
+        self.pump.connections = self._owned
+        self.pump.renew = self._renew
+        self.pump.report = lambda snap, location_id: self.reports_for(snap, location_id)
 
     def configure(self, **changes: Any) -> ShureSettings:
         """Change settings; connections opened from now on use them (shutdown() to apply
@@ -688,6 +738,12 @@ class ShureService(ManufacturerService):
 
         if not has_app_context():
             return
+        from services.kv import kv
+
+        app = current_app._get_current_object()
+        if self.pump.app is not app or self.leases is None:
+            self.pump.attach(app)
+            self.leases = Leases(kv())
         self.address_problem = netpolicy.device_checker(current_app.config)
         changes = {
             attr: type(getattr(self.settings, attr))(current_app.config[key])
@@ -704,8 +760,11 @@ class ShureService(ManufacturerService):
             conn = self._connections.get(key)
             if conn is None or not conn.alive:
                 conn = ReceiverConnection(host, int(port), self.settings, self.address_problem)
+                conn.listener = self.pump
                 self._connections[key] = conn
                 conn.start()
+                if self.pump.app is not None:
+                    self.pump.start()
             conn.address_problem = self.address_problem  # the policy as configured now
             return conn
 
@@ -722,15 +781,26 @@ class ShureService(ManufacturerService):
     def fetch(self, endpoints, timeout: float) -> list[DeviceReport]:
         self._configure_from_app()
         targets = [
-            (ep.host, int(ep.port or proto.DEFAULT_PORT), getattr(ep, "location_id", None))
+            (
+                ep.host,
+                int(ep.port or proto.DEFAULT_PORT),
+                getattr(ep, "tenant_id", None),
+                getattr(ep, "location_id", None),
+            )
             for ep in endpoints
         ]
         started = time.monotonic()
         deadline = started + max(0.0, float(timeout))
         waiting = []
-        for host, port, location_id in targets:
-            conn = self.connection(host, port)
-            waiting.append((conn, location_id, conn.request_probe()))
+        elsewhere = []  # receivers another process owns: read from its shared snapshot
+        for host, port, tenant_id, location_id in targets:
+            if tenant_id is not None:
+                self.pump.serve(host, port, tenant_id, location_id)
+            if self._own(host, port):
+                conn = self.connection(host, port)
+                waiting.append((conn, location_id, conn.request_probe()))
+            else:
+                elsewhere.append((host, port, location_id))
         # The connections work in parallel in their own threads; one shared deadline bounds
         # the whole wait, so a hung receiver costs at most `timeout`, once.
         fresh = [conn.wait_fresh(started, deadline, before) for conn, _, before in waiting]
@@ -738,7 +808,96 @@ class ShureService(ManufacturerService):
         used: set[str] = set()
         for (conn, location_id, _), ok in zip(waiting, fresh, strict=True):
             reports.extend(self.reports_for(conn.snapshot(ok), location_id, used))
+        for host, port, location_id in elsewhere:
+            snap = self._shared_snapshot(host, port, deadline)
+            reports.extend(self.reports_for(snap, location_id, used))
         return reports
+
+    # -- one connection per receiver for the whole deployment
+
+    @staticmethod
+    def _lease_key(host: str, port: int) -> str:
+        return f"{SERVICE_CODE}:{host}:{port}"
+
+    def _own(self, host: str, port: int) -> bool:
+        """Whether this process holds (or now takes) the receiver's lease."""
+        if self.leases is None:
+            return True
+        key = self._lease_key(host, port)
+        try:
+            if self.leases.hold(key, self.owner, self.settings.lease_seconds):
+                return True
+        except Exception as exc:  # noqa: BLE001 - Redis away: watch the receiver regardless
+            # A second connection to a receiver for a while beats polls that see nothing.
+            log.warning("shure %s:%s: lease not checked (%s); connecting", host, port, exc)
+            return True
+        with self._lock:
+            lost = self._connections.pop((host, int(port)), None)
+        if lost is not None:  # taken over while this process was stalled: let it go
+            log.info("shure %s: owned by another process now; closing", lost.label)
+            lost.stop(wait=0)
+            self.pump.forget(host, int(port))
+        # The owner keeps its connection open while polls anywhere ask about it.
+        self.leases.put("want:" + key, "1", self.settings.idle_timeout)
+        return False
+
+    def _shared_snapshot(self, host: str, port: int, deadline: float) -> ReceiverSnapshot:
+        """The owner's view of a receiver, once it is recent enough to count as an answer."""
+        key = "snap:" + self._lease_key(host, port)
+        # The owner shares every SHARE_SECONDS what it heard; a live receiver speaks at
+        # least every silence_timeout / 2 (meters, else the keepalive).
+        window = self.settings.silence_timeout + 2 * SHARE_SECONDS
+        last = ReceiverSnapshot(host=host, port=port)
+        while True:
+            raw = self.leases.get(key) if self.leases is not None else None
+            if raw:
+                data = json.loads(raw)
+                snap = data["snap"]
+                channels = {int(n): state for n, state in snap.pop("channels").items()}
+                names = {int(n): v for n, v in snap.pop("channel_names").items()}
+                tx_types = {int(n): v for n, v in snap.pop("tx_types").items()}
+                fresh = snap["connected"] and time.time() - data["seen_at"] <= window
+                snap.pop("fresh", None)
+                last = ReceiverSnapshot(
+                    **snap,
+                    fresh=fresh,
+                    channels=channels,
+                    channel_names=names,
+                    tx_types=tx_types,
+                )
+                if fresh:
+                    return last
+            if time.monotonic() >= deadline:
+                return last
+            time.sleep(0.05)
+
+    def _owned(self) -> dict[tuple[str, int], ReceiverConnection]:
+        with self._lock:
+            return dict(self._connections)
+
+    def _renew(self) -> None:
+        """The pump's every-second round: renew leases, share snapshots (app context)."""
+        leases = self.leases
+        for (host, port), conn in self._owned().items():
+            key = self._lease_key(host, port)
+            if not conn.alive:
+                with self._lock:
+                    if self._connections.get((host, port)) is conn:
+                        del self._connections[(host, port)]
+                self.pump.forget(host, port)
+                if leases is not None:
+                    leases.release(key, self.owner)
+                continue
+            if leases is None:
+                continue
+            if not leases.hold(key, self.owner, self.settings.lease_seconds):
+                self._own(host, port)  # closes it
+                continue
+            if leases.get("want:" + key):
+                conn.last_used = time.monotonic()
+            snap = conn.snapshot(conn.state == "connected", close=False)
+            seen_at = time.time() - (time.monotonic() - conn.last_frame_at)
+            leases.put("snap:" + key, snapshot_json(snap, seen_at), 2 * self.settings.lease_seconds)
 
     @staticmethod
     def reports_for(
@@ -796,11 +955,20 @@ class ShureService(ManufacturerService):
             conns = list(self._connections.values())
         return [conn.status() for conn in conns]
 
-    def shutdown(self) -> None:
-        """Close every connection and wait for their threads (tests, CLI exit)."""
+    def shutdown(self, release: bool = True) -> None:
+        """Close every connection and wait for their threads (tests, CLI exit). With
+        `release`, other processes may take the receivers over at once; without, only when
+        the leases expire (as when a process dies)."""
+        self.pump.stop()
         with self._lock:
             conns = list(self._connections.values())
             self._connections.clear()
+        if release and self.leases is not None:
+            for conn in conns:
+                try:
+                    self.leases.release(self._lease_key(conn.host, conn.port), self.owner)
+                except Exception:  # noqa: BLE001 - Redis away: the lease expires on its own
+                    log.warning("shure: lease of %s not released", conn.label)
         for conn in conns:
             conn._stop.set()
             conn._wake()

@@ -9,8 +9,9 @@ SAMPLE per channel at each client's METER_RATE, each in its family's names and l
 `set_battery`, `tx_off`/`tx_on`, `rename`, `set_interference`.
 
 `Fleet` runs N receivers and, every `tick` seconds, animates them with a seeded RNG: batteries
-drain, a transmitter now and then switches off and back on, a receiver now and then drops
-and comes back. `attach_endpoints` / `start_demo_fleet` register a fleet's addresses as
+drain slowly, a transmitter rarely switches off (and soon comes back), a receiver more rarely
+still drops and comes back. Meters move like a show's: speech-like audio, RF with fades.
+`attach_endpoints` / `start_demo_fleet` register a fleet's addresses as
 DeviceEndpoint rows so the Shure service polls them.
 
 All socket work of a receiver happens in its one thread (a selector loop); the control methods
@@ -20,6 +21,7 @@ change the state under a lock and hand frames and socket operations to that thre
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import random
 import selectors
@@ -100,10 +102,45 @@ class SimChannel:
     encryption_error: bool = False
     tx_offset_raw: int = 0
     antenna: str = "AB"  # steady: both antennas carry the signal
+    # What the meters do between samples (see `levels`): a talker's phrases and pauses, a
+    # slow RF drift and now and then a fade as the performer walks behind something.
+    talking_until: float = 0.0
+    quiet_until: float = 0.0
+    fade_until: float = 0.0
+    fade_depth: float = 0.0
+    rf_drift: float = 0.0
 
     @property
     def tx_on(self) -> bool:
         return proto.transmitter_present(self.tx_type)
+
+    def levels(self, now: float, rng: random.Random) -> tuple[int, int, int, str]:
+        """(RF dBm, audio dBFS, audio peak dBFS, antennas) for a sample at `now` (seconds):
+        speech-like audio - syllables of a few per second inside phrases of 1-6 s, with
+        pauses at the room's noise - and RF that drifts slowly around the link's level and
+        fades by 15-30 dB for a second or two about once a minute."""
+        if now >= self.talking_until and now >= self.quiet_until:
+            if rng.random() < 0.7:  # speaking again after a pause
+                self.talking_until = now + rng.uniform(1.0, 6.0)
+            else:
+                self.quiet_until = now + rng.uniform(0.3, 2.5)
+        if now < self.talking_until:
+            syllable = abs(math.sin(now * math.pi * 3.7 + self.number)) * rng.uniform(0.6, 1.0)
+            audio = self.audio_dbfs - 8 + 16 * syllable + rng.uniform(-3, 3)
+        else:
+            audio = -52 + rng.uniform(-4, 4)  # room noise into the capsule
+        audio = max(-60.0, min(-1.0, audio))
+        peak = min(0.0, audio + rng.uniform(3, 9))
+        self.rf_drift = max(-6.0, min(6.0, self.rf_drift + rng.uniform(-0.6, 0.6)))
+        if now >= self.fade_until and rng.random() < 0.004:  # a few samples a minute at 5/s
+            self.fade_until = now + rng.uniform(0.6, 2.5)
+            self.fade_depth = rng.uniform(15, 30)
+        fading = now < self.fade_until
+        rf = self.rf_dbm + self.rf_drift + rng.uniform(-2, 2) - (self.fade_depth if fading else 0)
+        antenna = self.antenna
+        if fading:  # diversity hops to whichever antenna still hears it
+            antenna = rng.choice(("AX", "XB")) if len(antenna) == 2 else antenna
+        return round(max(-115.0, rf)), round(audio), round(peak), antenna
 
 
 @dataclass
@@ -440,12 +477,15 @@ class SimulatedReceiver:
     def _sample(self, channel: SimChannel) -> bytes:
         rng = self._rng
         if channel.tx_on:
+            rf, audio, peak, antenna = channel.levels(time.monotonic(), rng)
             sample = proto.Sample(
-                antenna=channel.antenna,
-                rf_dbm=channel.rf_dbm + rng.randint(-3, 3),
-                audio_dbfs=channel.audio_dbfs + rng.randint(-3, 3),
-                audio_peak_dbfs=min(0, channel.audio_dbfs + 8),
-                quality=5,
+                antenna=antenna,
+                rf_dbm=rf,
+                audio_dbfs=audio,
+                audio_peak_dbfs=peak,
+                quality=5
+                if rf > channel.rf_dbm - 10
+                else max(1, 5 - int(channel.rf_dbm - rf) // 8),
             )
         else:
             sample = proto.Sample(antenna="XX", rf_dbm=-118 + rng.randint(0, 4), audio_dbfs=-120)
@@ -662,11 +702,15 @@ class SimulatedReceiver:
 
 @dataclass
 class FleetChances:
-    """What happens per tick (probabilities), for the animation."""
+    """What happens per tick (probabilities), for the animation. The demo ticks every 5 s:
+    a battery loses a minute about every minute (a fresh pack lasts its ten hours), a
+    transmitter is switched off about once in three hours and back on within half a
+    minute or so (a battery swap), and a receiver drops out about once in a day."""
 
-    drain: float = 0.2  # per transmitter: one minute of battery gone
-    tx_toggle: float = 0.01  # per channel: a transmitter switches off (or back on)
-    drop: float = 0.003  # per receiver: it goes down…
+    drain: float = 0.08  # per transmitter: one minute of battery gone
+    tx_toggle: float = 0.0005  # per channel with a transmitter on: it switches off…
+    tx_back: float = 0.2  # …and per tick off, it comes back (with a fresh battery)
+    drop: float = 0.00006  # per receiver: it goes down…
     down_ticks: tuple[int, int] = (2, 6)  # …for this many ticks
 
 
@@ -787,7 +831,7 @@ class Fleet:
                 self.history.append((self.ticks, receiver.device_id, "dropped"))
                 continue
             for number, channel in receiver.channels.items():
-                if rng.random() < chances.tx_toggle:
+                if rng.random() < (chances.tx_toggle if channel.tx_on else chances.tx_back):
                     if channel.tx_on:
                         receiver.tx_off(number)
                         self.history.append((self.ticks, receiver.device_id, f"ch{number} off"))
