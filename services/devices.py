@@ -229,8 +229,9 @@ STATE_FIELDS = (
     "encryption_warning",
     "tx_offset_db",
     "tx_lock",
-    "quality",
-    "antenna",
+    # Not quality / antenna either: Axient's channel quality and the diversity antenna follow
+    # every RF fade (a moving performer changes them several times a minute); they are live
+    # in the meter frames, like the levels, and the card keeps what the last event stored.
     "family",
 )
 

@@ -217,7 +217,7 @@ class MeterPump:
         with self._lock:
             if changed:
                 self.dirty.setdefault(address, now)
-            for number, rf, audio, bars, tx_on in samples:
+            for number, rf, audio, quality, antenna, bars, tx_on in samples:
                 key = (conn.host, conn.port, number)
                 if not tx_on:
                     if self.levels.pop(key, None) is not None:
@@ -225,7 +225,7 @@ class MeterPump:
                     continue
                 if rf is None and audio is None:
                     continue
-                self.levels[key] = (rf, audio)
+                self.levels[key] = (rf, audio, quality, antenna)
                 self.levels_changed = True
                 bucket = self.minutes.get((*key, minute))
                 if bucket is None:
@@ -346,12 +346,18 @@ class MeterPump:
             levels = dict(self.levels)
             tenants = {address: dict(t) for address, t in self.tenants.items()}
         by_tenant: dict[int, list[dict[str, Any]]] = {}
-        for (host, port, number), (rf, audio) in sorted(levels.items()):
+        for (host, port, number), (rf, audio, quality, antenna) in sorted(levels.items()):
             for tenant_id in tenants.get((host, port), {}):
                 device_id = self._devices(tenant_id, host, port).get(number)
                 if device_id is not None:
                     by_tenant.setdefault(tenant_id, []).append(
-                        {"id": device_id, "rf": rf, "audio": audio}
+                        {
+                            "id": device_id,
+                            "rf": rf,
+                            "audio": audio,
+                            "quality": quality,
+                            "antenna": antenna,
+                        }
                     )
         frames = [
             (

@@ -139,7 +139,7 @@ def test_meters_go_out_batched_per_tenant_and_never_as_events(app, db, factory, 
 
     tenant, _, receiver = stage
     other = factory.tenant("Elsewhere")
-    time.sleep(0.3)  # the first samples: the antennas in use, a change worth one update
+    time.sleep(0.3)  # the first samples
     drain(app)
     updates = count(db, OutboxEvent, OutboxEvent.topic == "device.updated")
     rows = count(db, ActivityLog, ActivityLog.tenant_id == tenant.id)
@@ -155,6 +155,8 @@ def test_meters_go_out_batched_per_tenant_and_never_as_events(app, db, factory, 
     for device_id in ids:
         assert f'id="rf-meter-{device_id}" hx-swap-oob="true"' in last
         assert f'id="audio-meter-{device_id}"' in last
+        # The diversity antenna follows every fade: live in the frame, never an update.
+        assert f'id="antenna-{device_id}" hx-swap-oob="true"' in last
     assert frames_of(theirs, 0.1) == []  # another tenant's topic hears nothing of it
     drain(app)
     assert count(db, OutboxEvent, OutboxEvent.topic == "device.updated") == updates
@@ -340,3 +342,38 @@ def test_discovered_online_and_offline_are_in_the_process_log_too(app, db, facto
     text = caplog.text
     assert "Discovered receiver LOG-RX" in text
     assert "LOG-RX is offline" in text and "LOG-RX is online" in text
+
+
+def test_quality_and_antenna_that_follow_rf_fades_are_no_update(app, db, stage):
+    """Axient's channel quality and the antenna in use change with every fade of a moving
+    performer: as device.updated events they filled the activity log with "quality 5 → 3"
+    rows several times a minute. They are meter readings: the card shows them live."""
+    from services.devices import DeviceReport, _diff
+
+    tenant, _, _ = stage
+    device = mic(db, tenant.id, 1)
+    device.state = {**(device.state or {}), "quality": 5, "antenna": "AX", "battery_bars": 4}
+    faded = DeviceReport(
+        api_device_id=device.api_device_id,
+        kind=device.kind,
+        name=device.name,
+        state={**device.state, "quality": 2, "antenna": "BX"},
+    )
+    assert _diff(device, faded) == ({}, {})
+    drained = DeviceReport(
+        api_device_id=device.api_device_id,
+        kind=device.kind,
+        name=device.name,
+        state={**device.state, "quality": 2, "battery_bars": 3},
+    )
+    assert _diff(device, drained) == ({"battery_bars": 4}, {"battery_bars": 3})
+
+    from flask import render_template
+
+    with app.test_request_context():
+        html = render_template(
+            "devices/_meters_push.html",
+            meters=[{"id": device.id, "rf": -60, "audio": -20, "quality": 3, "antenna": "BX"}],
+        )
+    assert f'<span id="quality-{device.id}" hx-swap-oob="true">Quality 3/5</span>' in html
+    assert f'<span id="antenna-{device.id}" hx-swap-oob="true">Antenna BX</span>' in html

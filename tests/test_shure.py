@@ -289,6 +289,8 @@ def test_fetch_reports_receivers_and_transmitters(app):
         assert set(tx.state) == set(device_service.STATE_FIELDS) - {"family"} | {
             "rf_level",
             "audio_level",
+            "quality",
+            "antenna",
         }
         assert tx.state["rf_level"] % 10 == 0 and tx.state["audio_level"] % 10 == 0
         shure_service.shutdown()

@@ -243,26 +243,24 @@ def detail(device_id: int):
         .order_by(DeviceReading.at)
         .limit(2000)
     ).all()
-    chart = line_chart(
-        [
-            Series(
-                "Battery bars",
-                [
-                    (r.at, r.battery_bars)
-                    for r in readings
-                    if r.battery_bars is not None and r.battery_bars <= 5
-                ],
-                "#1a7f46",
-                5,
-            ),
-            Series(
-                "RF strength, % of -100…-20 dBm",
-                [(r.at, rf_percent(r.rf_level)) for r in readings if r.rf_level is not None],
-                "#2f5bea",
-                100,
-            ),
-        ]
-    )
+    series = [
+        Series(
+            "Battery bars",
+            [
+                (r.at, r.battery_bars)
+                for r in readings
+                if r.battery_bars is not None and r.battery_bars <= 5
+            ],
+            "#1a7f46",
+            5,
+        )
+    ]
+    # Levels are per-minute meter history now (the chart above); readings of them exist only
+    # from before, and an axis with nothing on it would only puzzle.
+    rf = [(r.at, rf_percent(r.rf_level)) for r in readings if r.rf_level is not None]
+    if rf:
+        series.append(Series("RF strength, % of -100…-20 dBm", rf, "#2f5bea", 100))
+    chart = line_chart(series)
     now = datetime.now().astimezone()
     uptime, outages = downtime(device, since, now)
     hours = request.args.get("hours", type=int)

@@ -581,7 +581,8 @@ class ReceiverConnection:
         """Apply frames; True when they identified the receiver (the hello is due)."""
         now = time.monotonic()
         identified_now = False
-        samples: list[tuple[int, float | None, float | None, int | None, bool]] = []
+        # (channel, RF dBm, audio dBFS, quality, antenna, battery bars, TX on) per SAMPLE.
+        samples: list[tuple] = []
         synced_before = self._synced
         changed = False
         with self._cond:
@@ -631,17 +632,18 @@ class ReceiverConnection:
 
     def _apply_sample(
         self, channel: ChannelState, values: tuple[str, ...]
-    ) -> tuple[float | None, float | None]:
-        """Fold a SAMPLE into the channel; its (RF dBm, audio dBFS) for the live meters."""
+    ) -> tuple[float | None, float | None, int | None, str | None]:
+        """Fold a SAMPLE into the channel; its (RF dBm, audio dBFS, quality, antenna) for the
+        live meters."""
         if not channel.tx_on:
             # Without a transmitter the meters read the noise floor: nothing to report, and
             # the next transmitter's levels start afresh.
             channel.rf.reset()
             channel.audio.reset()
-            return None, None
+            return None, None, None, None
         sample = proto.parse_sample(self._family().sample_layout, values)
         if sample is None:
-            return None, None  # truncated, or not this family's layout: nothing to trust
+            return None, None, None, None  # truncated, or not this family's layout
         if sample.antenna is not None and len(channel.antennas_seen) < MAX_WINDOW:
             channel.antennas_seen.append(sample.antenna)
         if sample.quality is not None and len(channel.qualities_seen) < MAX_WINDOW:
@@ -650,7 +652,7 @@ class ReceiverConnection:
             channel.rf.add(sample.rf_dbm)
         if sample.audio_dbfs is not None:
             channel.audio.add(sample.audio_dbfs)
-        return sample.rf_dbm, sample.audio_dbfs
+        return sample.rf_dbm, sample.audio_dbfs, sample.quality, sample.antenna
 
     def _apply_device(self, frame: proto.Frame) -> None:
         value = frame.value or ""
