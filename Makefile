@@ -25,7 +25,7 @@ run: $(STAMP)
 # Quiet: `flask serve` prints the demo login once, next to the address.
 	$(BIN)/flask --app wsgi demo load >/dev/null
 	SESSION_COOKIE_SECURE=$${SESSION_COOKIE_SECURE:-0} DEVICES_AUTO_PROVISION=$${DEVICES_AUTO_PROVISION:-1} \
-		DEVICES_SIMULATOR_RECEIVERS=$${DEVICES_SIMULATOR_RECEIVERS:-4} \
+		DEVICES_SIMULATOR_RECEIVERS=$${DEVICES_SIMULATOR_RECEIVERS:-4} DEVICES_SHURE_METER_RATE_MS=$${DEVICES_SHURE_METER_RATE_MS:-200} \
 		$(BIN)/flask --app wsgi serve --host $(HOST) --port $(PORT)
 
 services:
