@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import time
@@ -240,3 +241,42 @@ class DeflateSocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ---------------------------------------------------------------- the Shure tests' apps
+
+
+@contextlib.contextmanager
+def shure_app(tmp_path, overrides: dict):
+    """An embedded app with its tables for the device tests; afterwards the Shure client, whose
+    connections belong to the process and outlive any one app, is closed and reset."""
+    from extensions import db
+    from services.manufacturers.shure import ShureSettings
+    from services.manufacturers.shure import service as shure_service
+    from tests.conftest import make_app
+
+    application = make_app(tmp_path, **overrides)
+    with application.app_context():
+        db.create_all()
+    try:
+        yield application
+    finally:
+        shure_service.shutdown()
+        shure_service.settings = ShureSettings()
+        application.extensions["switchboard.tasks"].stop()
+        with application.app_context():
+            db.engine.dispose()
+
+
+@contextlib.contextmanager
+def handlers_only(app):
+    """The embedded worker runs the handlers; the scheduler does not, so only the polls and
+    periodic jobs a test runs itself happen (its first round ran before any endpoint existed)."""
+    state = app.extensions["switchboard.tasks"]
+    state.start_embedded_worker()
+    state.scheduler.stop()
+    state.scheduler = None
+    try:
+        yield state
+    finally:
+        state.stop()

@@ -21,6 +21,7 @@ from services.manufacturers.shure import ShureSettings
 from services.manufacturers.shure import service as shure_service
 from services.manufacturers.simulator import SimulatedReceiver, attach_endpoints
 from tests.conftest import drain, login, make_app
+from tests.helpers import handlers_only
 
 OVERRIDES = {
     "DEVICES_AUTO_PROVISION": True,
@@ -65,12 +66,8 @@ def app(tmp_path):
 @pytest.fixture
 def worker(app):
     """Handlers run; the scheduler does not (the tests poll, and run the periodic job)."""
-    state = app.extensions["switchboard.tasks"]
-    state.start_embedded_worker()
-    state.scheduler.stop()
-    state.scheduler = None
-    yield state
-    state.stop()
+    with handlers_only(app) as state:
+        yield state
 
 
 @pytest.fixture

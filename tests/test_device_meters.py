@@ -15,10 +15,11 @@ from models.device_meters import DeviceMeterMinute
 from models.devices import ActivityLog, Device, Location, ServiceSyncLog
 from models.events import OutboxEvent
 from services import devices as device_service
-from services.manufacturers.shure import ShureService, ShureSettings
+from services.manufacturers.shure import ShureService
 from services.manufacturers.shure import service as shure_service
 from services.manufacturers.simulator import SimulatedReceiver, attach_endpoints
-from tests.conftest import drain, login, make_app
+from tests.conftest import drain, login
+from tests.helpers import handlers_only, shure_app
 
 OVERRIDES = {
     "DEVICES_AUTO_PROVISION": True,
@@ -36,27 +37,14 @@ OVERRIDES = {
 
 @pytest.fixture
 def app(tmp_path):
-    from extensions import db
-
-    application = make_app(tmp_path, **OVERRIDES)
-    with application.app_context():
-        db.create_all()
-    yield application
-    shure_service.shutdown()
-    shure_service.settings = ShureSettings()
-    application.extensions["switchboard.tasks"].stop()
-    with application.app_context():
-        db.engine.dispose()
+    with shure_app(tmp_path, OVERRIDES) as application:
+        yield application
 
 
 @pytest.fixture
 def worker(app):
-    state = app.extensions["switchboard.tasks"]
-    state.start_embedded_worker()
-    state.scheduler.stop()
-    state.scheduler = None
-    yield state
-    state.stop()
+    with handlers_only(app) as state:
+        yield state
 
 
 @pytest.fixture

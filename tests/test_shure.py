@@ -16,13 +16,13 @@ from services import devices as device_service
 from services.manufacturers import shure_protocol as proto
 from services.manufacturers.shure import (
     LevelBucket,
-    ShureSettings,
     backoff_delay,
     round_minutes,
 )
 from services.manufacturers.shure import service as shure_service
 from services.manufacturers.simulator import Fleet, FleetChances, SimulatedReceiver
-from tests.conftest import drain, make_app
+from tests.conftest import drain
+from tests.helpers import handlers_only, shure_app
 
 # Short timeouts keep the file fast; the scheduler's periodic poll is pushed out of the way so
 # only the polls these tests make happen.
@@ -42,30 +42,18 @@ OVERRIDES = {
 @pytest.fixture
 def app(tmp_path):
     from blueprints.devices.cli import devices_cli
-    from extensions import db
 
-    application = make_app(tmp_path, **OVERRIDES)
-    if "devices" not in application.cli.commands:
-        application.cli.add_command(devices_cli)
-    with application.app_context():
-        db.create_all()
-    yield application
-    shure_service.shutdown()
-    shure_service.settings = ShureSettings()
-    application.extensions["switchboard.tasks"].stop()
-    with application.app_context():
-        db.engine.dispose()
+    with shure_app(tmp_path, OVERRIDES) as application:
+        if "devices" not in application.cli.commands:
+            application.cli.add_command(devices_cli)
+        yield application
 
 
 @pytest.fixture
 def worker(app):
     """The embedded worker, without the scheduler's own polls racing the tests' polls."""
-    state = app.extensions["switchboard.tasks"]
-    state.start_embedded_worker()
-    state.scheduler.stop()  # joins its thread: its first round ran before any endpoint existed
-    state.scheduler = None
-    yield state
-    state.stop()
+    with handlers_only(app) as state:
+        yield state
 
 
 @pytest.fixture
