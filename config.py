@@ -230,6 +230,9 @@ class Config:
         self.CHAT_FIRST_TOKEN_TIMEOUT = _float("CHAT_FIRST_TOKEN_TIMEOUT", 30.0)
         self.CHAT_STREAM_IDLE_TIMEOUT = _float("CHAT_STREAM_IDLE_TIMEOUT", 20.0)
         self.CHAT_RESPONSE_MAX_SECONDS = _float("CHAT_RESPONSE_MAX_SECONDS", 100.0)
+        # A reply's tokens that come within this many ms of each other go out as one live
+        # frame (its first text goes at once); 0 sends every token as a frame of its own.
+        self.CHAT_DELTA_COALESCE_MS = _float("CHAT_DELTA_COALESCE_MS", 30.0)
         # A reply being written holds a lease (seconds) its process renews; a reply whose
         # lease ran out (the process died) is started again by a sweep run this often
         # (seconds; 0 turns it off), for visitor messages up to CHAT_REPLY_RESUME_WINDOW

@@ -15,9 +15,12 @@ it on the path to the first delta, for plain strings that need no transforming.
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import json
 import logging
+import os
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,7 +30,6 @@ from email.utils import parsedate_to_datetime
 
 import openai
 from flask import current_app
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +100,14 @@ def is_configured() -> bool:
 
 _clients: dict[tuple[str, str | None], openai.OpenAI] = {}
 _clients_lock = threading.Lock()
+
+
+def _endpoint() -> tuple[str, str | None] | None:
+    """(API key, base URL) of the configured model server, or None."""
+    if not is_configured():
+        return None
+    cfg = current_app.config
+    return (cfg.get("OPENAI_API_KEY") or "not-needed", cfg.get("OPENAI_BASE_URL") or None)
 
 
 def client_or_none(timeout: float | None = None) -> openai.OpenAI | None:
@@ -215,64 +225,187 @@ class ReplyTimeouts:
         )
 
 
-class _Upstream:
-    """One streamed request, read on a thread of its own into a queue, so the caller can keep
-    its own clock: a silent model cannot hold it past a deadline or a visitor's Stop."""
+class _SSEData:
+    """The `data` of each complete server-sent event in a byte stream (comments and the
+    other fields are skipped), for lines ended by LF, CRLF or CR, however the bytes are cut."""
 
-    def __init__(self, client: openai.OpenAI, body: dict) -> None:
-        self.events: queue.Queue[tuple[str, object]] = queue.Queue()
-        self._stream: openai.Stream | None = None
+    def __init__(self) -> None:
+        self._tail = b""
+        self._lines: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buffer = self._tail + chunk
+        if b"\r" in buffer:
+            # A CR at the very end may be the first half of a CRLF: it waits for what follows.
+            held = buffer.endswith(b"\r")
+            buffer = buffer[:-1] if held else buffer
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if held:
+                buffer += b"\r"
+        *lines, self._tail = buffer.split(b"\n")
+        events = []
+        for line in lines:
+            if not line:
+                if self._lines:
+                    events.append(b"\n".join(self._lines))
+                    self._lines = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._lines.append(value[1:] if value.startswith(b" ") else value)
+        return events
+
+
+class _StreamLoop:
+    """One event loop per process that reads every reply's model stream.
+
+    A reading thread per reply was the first design: at a few hundred replies, hundreds of
+    threads wake for every token and queue for the interpreter lock, and whatever else the
+    process must do (publishing the coalesced frames) waits behind them in bursts of
+    hundreds of milliseconds. One loop reads them all, one token after another, and leaves
+    the lock free in between; each reply's own thread only waits for its end."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        # What the process has built by its first reply (the app, its modules and templates,
+        # the language model) lives as long as the process: a full garbage collection that
+        # walks all of it holds every stream for hundreds of milliseconds, and a burst of
+        # replies starting is what sets one off.
+        gc.freeze()
+        self.loop = asyncio.new_event_loop()
+        self._clients: dict[tuple[str, str | None], openai.AsyncOpenAI] = {}
+        thread = threading.Thread(target=self.loop.run_forever, name="assistant-streams")
+        thread.daemon = True
+        thread.start()
+
+    def client(self, key: tuple[str, str | None]) -> openai.AsyncOpenAI:
+        """The process's client for this endpoint (only ever used on the loop's thread)."""
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = openai.AsyncOpenAI(
+                api_key=key[0], base_url=key[1], max_retries=0
+            )
+        return client
+
+
+_stream_loop: _StreamLoop | None = None
+_stream_loop_lock = threading.Lock()
+
+
+def _streams() -> _StreamLoop:
+    global _stream_loop
+    with _stream_loop_lock:
+        if _stream_loop is None or _stream_loop.pid != os.getpid():  # (a forked worker)
+            _stream_loop = _StreamLoop()
+        return _stream_loop
+
+
+class _Upstream:
+    """One streamed request, read on the process's stream loop, so the caller can keep its
+    own clock: a silent model cannot hold it past a deadline or a visitor's Stop.
+
+    Each text goes straight to `on_text` (on the loop's thread, one at a time); only the
+    stream's end or failure is posted to `inbox`. The client sends the request and checks
+    the answer's status as usual; the body's events are then read here, straight off the
+    response: the client's own stream decoder and typed chunk models cost several times
+    what the two fields read here do, for every token."""
+
+    def __init__(
+        self,
+        endpoint: tuple[str, str | None],
+        timeout: float,
+        body: dict,
+        on_text: Callable[[str], None],
+        inbox: queue.SimpleQueue | None = None,
+    ) -> None:
+        self.inbox: queue.SimpleQueue = inbox if inbox is not None else queue.SimpleQueue()
+        self.on_text = on_text
+        self.usage: dict | None = None
+        self.texts = 0
+        self.last_text_at = 0.0
         self._lock = threading.Lock()
         self._closed = False
-        self._thread = threading.Thread(
-            target=self._read, args=(client, body), name="assistant-stream", daemon=True
+        self._task = asyncio.run_coroutine_threadsafe(
+            self._read(endpoint, timeout, body), _streams().loop
         )
-        self._thread.start()
 
-    def _read(self, client: openai.OpenAI, body: dict) -> None:
+    async def _read(self, endpoint: tuple[str, str | None], timeout: float, body: dict) -> None:
         try:
-            stream = client.post(
+            client = _streams().client(endpoint).with_options(timeout=timeout)
+            stream = await client.post(
                 "/chat/completions",
                 body=body,
-                cast_to=ChatCompletion,
+                cast_to=object,
                 stream=True,
-                stream_cls=openai.Stream[ChatCompletionChunk],
+                stream_cls=openai.AsyncStream[object],
             )
         except Exception as exc:  # noqa: BLE001 - handed to the caller, which classifies it
-            self.events.put(("error", exc))
+            self.inbox.put((self, "error", exc))
             return
-        with self._lock:
-            self._stream = stream
-            closed = self._closed
-        if closed:
-            self.close()
-            return
+        response = stream.response
         try:
-            for chunk in stream:
-                self.events.put(("chunk", chunk))
-            self.events.put(("end", None))
-        except Exception as exc:  # noqa: BLE001
-            self.events.put(("error", exc))
+            encoded = response.headers.get("content-encoding", "identity") != "identity"
+            chunks = response.aiter_bytes() if encoded else response.aiter_raw()
+            events = _SSEData()
+            async for chunk in chunks:
+                for data in events.feed(chunk):
+                    if data.startswith(b"[DONE]"):
+                        self.inbox.put((self, "end", None))
+                        return
+                    if not self._take(json.loads(data), response):
+                        return
+            self.inbox.put((self, "end", None))
+        except openai.APIError as exc:
+            self.inbox.put((self, "error", exc))
+        except Exception as exc:  # noqa: BLE001 - a transport failure mid-body
+            failure = openai.APIConnectionError(message=str(exc), request=response.request)
+            self.inbox.put((self, "error", failure))
         finally:
-            stream.close()
+            # Closing a response not read to its end closes its connection: the provider
+            # sees us go (a Stop or a timeout ends the model's work, not just the display).
+            await response.aclose()
+
+    def _take(self, chunk: object, response) -> bool:
+        """Use one chunk; False once the caller has ended the reply."""
+        if not isinstance(chunk, dict):
+            return True
+        error = chunk.get("error")
+        if error:
+            message = error.get("message") if isinstance(error, dict) else None
+            raise openai.APIError(
+                message=message if isinstance(message, str) else "An error occurred",
+                request=response.request,
+                body=error,
+            )
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = {
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "total_tokens": usage.get("total_tokens"),
+            }
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            text = delta.get("content") if isinstance(delta, dict) else None
+            if text and isinstance(text, str):
+                with self._lock:
+                    if self._closed:
+                        return False  # no text after the caller ended the reply
+                    self.on_text(text)
+                    self.texts += 1
+                    self.last_text_at = time.monotonic()
+        return True
 
     def close(self) -> None:
-        """End the upstream request now: its socket is shut down, so a read blocked on it
-        returns at once (closing alone would not wake it), and the provider sees us go."""
+        """End the upstream request now (its task is cancelled, which closes the response
+        and its connection). No text reaches `on_text` once this returns."""
         with self._lock:
             self._closed = True
-            stream = self._stream
-        if stream is None:
-            return  # still waiting for headers: _read closes it when they come
-        network = stream.response.extensions.get("network_stream")
-        sock = network.get_extra_info("socket") if network is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        else:
-            stream.close()
+        self._task.cancel()
+
+
+# How often a reply that can be woken (stream_reply's register_wake) still asks itself
+# whether it was stopped, should a wake-up be missed.
+WAKELESS_CHECK_SECONDS = 1.0
 
 
 def stream_reply(
@@ -286,11 +419,19 @@ def stream_reply(
     cancel_check_interval: float = 0.05,
     timeouts: ReplyTimeouts | None = None,
     budget_seconds: float | None = None,
+    register_wake: Callable[[Callable[[], None]], None] | None = None,
 ) -> ReplyResult:
     """Stream a reply. Until its first text it must start within `timeouts.first_token`
     (attempts, back-off and a 429's Retry-After all count); then no silence may last longer
     than `timeouts.idle`; and the whole reply ends at `timeouts.total` (or `budget_seconds`).
-    A reply ended by a timeout after text came is kept and marked `cut`."""
+    A reply ended by a timeout after text came is kept and marked `cut`.
+
+    `on_delta` is called on the reading thread, one call at a time, and never after this
+    returns; `should_cancel` is asked every `cancel_check_interval` seconds. With
+    `register_wake` (called once with a function that wakes this reply at once, for whoever
+    learns of a Stop first), it is asked on every wake and at least every
+    WAKELESS_CHECK_SECONDS instead: a few hundred replies each polling 20 times a second
+    cost a share of a core on their own."""
     limits = timeouts or ReplyTimeouts.from_config()
     total = limits.total if budget_seconds is None else min(limits.total, budget_seconds)
     started = time.monotonic()
@@ -308,14 +449,23 @@ def stream_reply(
         "stream_options": {"include_usage": True},
     }
     last_check = 0.0
+    inbox: queue.SimpleQueue = queue.SimpleQueue()
+    if register_wake is not None:
+        register_wake(lambda: inbox.put((None, "wake", None)))
+        cancel_check_interval = max(cancel_check_interval, WAKELESS_CHECK_SECONDS)
+    woken = False
 
     def cancelled() -> bool:
-        nonlocal last_check
+        nonlocal last_check, woken
         now = time.monotonic()
-        if now - last_check < cancel_check_interval:
+        if now - last_check < cancel_check_interval and not woken:
             return False
-        last_check = now
+        last_check, woken = now, False
         return should_cancel()
+
+    def on_text(text: str) -> None:
+        parts.append(text)
+        on_delta(text)
 
     while not result.cancelled:
         remaining = first_by - time.monotonic()
@@ -323,14 +473,13 @@ def stream_reply(
             result.failed = True
             result.error = result.error or "no reply within the first-token timeout"
             break
-        # The HTTP read timeout only backs up our own clock (a reader left behind ends).
-        client = client_or_none(timeout=max(remaining, limits.idle) + 1)
-        if client is None:
+        endpoint = _endpoint()
+        if endpoint is None:
             result.failed, result.error = True, "not configured"
             break
         result.attempts += 1
-        upstream = _Upstream(client, body)
-        deadline = first_by  # until the first text; then the idle limit from each chunk
+        # The HTTP read timeout only backs up our own clock (a reader left behind ends).
+        upstream = _Upstream(endpoint, max(remaining, limits.idle) + 1, body, on_text, inbox)
         failure: Exception | None = None
         try:
             while True:
@@ -338,6 +487,11 @@ def stream_reply(
                     result.cancelled = True
                     break
                 now = time.monotonic()
+                # Until the first text, the first-token limit; then silence since the last.
+                if upstream.texts:
+                    deadline = min(upstream.last_text_at + limits.idle, end_at)
+                else:
+                    deadline = first_by
                 if now >= deadline:
                     if parts:
                         result.cut = True
@@ -349,32 +503,23 @@ def stream_reply(
                         result.error = "no reply within the first-token timeout"
                     break
                 try:
-                    kind, value = upstream.events.get(
+                    source, kind, value = inbox.get(
                         timeout=min(deadline - now, cancel_check_interval)
                     )
                 except queue.Empty:
                     continue
-                if kind == "end":
-                    break
+                if kind == "wake":
+                    woken = True
+                    continue
+                if source is not upstream:
+                    continue  # an earlier attempt's reader, ending late
                 if kind == "error":
                     failure = value  # type: ignore[assignment]
-                    break
-                chunk: ChatCompletionChunk = value  # type: ignore[assignment]
-                if chunk.usage is not None:
-                    result.usage = {
-                        "prompt_tokens": chunk.usage.prompt_tokens,
-                        "completion_tokens": chunk.usage.completion_tokens,
-                        "total_tokens": chunk.usage.total_tokens,
-                    }
-                for choice in chunk.choices:
-                    text = choice.delta.content if choice.delta else None
-                    if text:
-                        parts.append(text)
-                        on_delta(text)
-                if parts:
-                    deadline = min(time.monotonic() + limits.idle, end_at)
+                break
         finally:
             upstream.close()  # a cancel or timeout ends the upstream request too
+        if upstream.usage is not None:
+            result.usage = upstream.usage
         if failure is None:
             break
         result.error = f"{type(failure).__name__}: {failure}"[:500]
@@ -398,7 +543,13 @@ def stream_reply(
             if cancelled():
                 result.cancelled = True
                 break
-            time.sleep(min(cancel_check_interval, max(0.0, wake_at - time.monotonic())))
+            try:
+                _source, kind, _value = inbox.get(
+                    timeout=min(cancel_check_interval, max(0.0, wake_at - time.monotonic()))
+                )
+            except queue.Empty:
+                continue
+            woken = woken or kind == "wake"
     result.content = "".join(parts)
     result.processing_ms = int((time.monotonic() - started) * 1000)
     return result

@@ -3,17 +3,21 @@ the widget (`/ws/chat`) and out-of-band HTML for the console (`/ws/live`)."""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
 import time
 from typing import Any
 
+from flask import current_app
 from markupsafe import escape
 
 from events.fanout import append_key
+from events.live import RedisBus, encode
 from extensions import db
 from models.chats import Chat, Message
 from services.chats import chat_topic, is_row_id, row_facts
-from services.live import publish, render_fragment, tenant_topic
+from services.live import bus, publish, render_fragment, tenant_topic
 from services.rendering import markdown_to_safe_html
 
 log = logging.getLogger(__name__)
@@ -110,33 +114,156 @@ def publish_chat_row(chat: Chat, *, created: bool = False) -> None:
     )
 
 
+# RedisBus's numbered XADD (events/live.py), for many frames in one call: KEYS are each
+# frame's stream and number key, ARGV the frames' data and then MAXLEN.
+_XADD_MANY = """
+local maxlen = ARGV[#ARGV]
+for i = 1, #ARGV - 1 do
+  local n = redis.call('INCR', KEYS[2 * i])
+  redis.call('XADD', KEYS[2 * i - 1], 'MAXLEN', '~', maxlen, '*', 'd', ARGV[i], 'n', n)
+end
+return #ARGV - 1
+"""
+
+
+class _DeltaFlusher:
+    """Publishes the coalesced deltas of every reply of this process, one round trip per
+    window: a reply's tokens that came within a window become one frame, and all replies'
+    frames go out together. At 50 tokens a second, a few hundred replies are thousands of
+    frames a second; one pipeline per window keeps that to a few dozen round trips."""
+
+    def __init__(self, live_bus: Any, window: float) -> None:
+        self.bus = live_bus
+        self.window = window
+        # On Redis, a round's frames are added by one script call: as a pipeline of numbered
+        # XADDs (RedisBus.publish_many) each frame costs a command to pack and a reply to
+        # parse here, a third of what a token costs this process in all.
+        self._xadd_many = (
+            live_bus.redis.register_script(_XADD_MANY) if isinstance(live_bus, RedisBus) else None
+        )
+        self._pending: dict[ReplyStream, None] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._urgent = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reply-deltas", daemon=True)
+        self._thread.start()
+
+    def mark(self, stream: ReplyStream, *, urgent: bool = False) -> None:
+        """Publish the stream's pending text with the next round; `urgent` (a reply's first
+        text: the visitor is waiting for it) starts that round now."""
+        with self._lock:
+            self._pending[stream] = None
+            if urgent:
+                self._urgent.set()
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def _run(self) -> None:
+        while True:
+            self._wake.wait()
+            # What comes within the window joins this round (a first text ends it early).
+            self._urgent.wait(self.window)
+            with self._lock:
+                self._wake.clear()
+                self._urgent.clear()
+                streams, self._pending = list(self._pending), {}
+            if not streams:
+                continue
+            try:
+                self.flush(streams)
+            except Exception:  # noqa: BLE001 - a bug here must not end every reply's deltas
+                log.exception("reply deltas not published")
+
+    def publish(self, frames: list[tuple[str, str]]) -> None:
+        if self._xadd_many is None:
+            self.bus.publish_many(frames)
+            return
+        keys: list[str] = []
+        for topic, _data in frames:
+            keys += (self.bus._key(topic), self.bus._number_key(topic))
+        self._xadd_many(keys=keys, args=[*(data for _topic, data in frames), self.bus.maxlen])
+
+    def flush(self, streams: list[ReplyStream]) -> None:
+        # Each stream's send lock is held from taking its frame until the frame is in the
+        # bus, so its frames reach the topic in the order of their numbers.
+        locked = []
+        try:
+            for stream in streams:
+                stream.send_lock.acquire()
+                locked.append(stream)
+            frames = [f for f in (s.take_frame() for s in streams) if f is not None]
+            if frames:
+                try:
+                    self.publish([(topic, data) for _s, topic, data in frames])
+                except Exception as exc:  # noqa: BLE001 - best effort; see ReplyStream
+                    for stream, _topic, _data in frames:
+                        stream.failed_to_publish(exc)
+        finally:
+            for stream in locked:
+                stream.send_lock.release()
+
+
+_flushers: dict[tuple[int, float], _DeltaFlusher] = {}
+_flushers_lock = threading.Lock()
+
+
+def _flusher(live_bus: Any, window: float) -> _DeltaFlusher:
+    key = (id(live_bus), window)
+    with _flushers_lock:
+        flusher = _flushers.get(key)
+        if flusher is None or flusher.bus is not live_bus:
+            flusher = _flushers[key] = _DeltaFlusher(live_bus, window)
+        return flusher
+
+
 class ReplyStream:
     """Publishes one assistant reply: typing, numbered deltas, done.
+
+    A reply's first text goes out at once (the visitor waits for it); what follows is
+    coalesced for up to CHAT_DELTA_COALESCE_MS, so a frame may carry several tokens' text.
+    All of this process's replies' frames go out together, from one thread (_DeltaFlusher).
+    Frames are numbered 1, 2, 3 … in the order they reach the topic (`seq`; `chunks` says
+    how many of the model's chunks the text so far holds), so the socket's duplicate check
+    and a widget's resume position work frame by frame, as before.
 
     Publishing is best effort: the saved message is what counts. A reply whose frames cannot
     be published (Redis away) is still written to its end and saved whole; a widget that
     missed frames gets the message in the `done` frame or from the database on reconnect.
     A `quiet` stream (a reply started again after its first writer died, whose deltas the
     widget has partly shown already) publishes no deltas, only typing and the finished
-    message."""
+    message.
+
+    `delta` may be called from any thread (the model's stream is read on one of its own)."""
 
     def __init__(self, tenant_id: int, chat_id: int, reply_id: str, *, quiet: bool = False) -> None:
         self.topic = chat_topic(tenant_id, chat_id)
         self.chat_id = chat_id
         self.reply_id = reply_id
         self.quiet = quiet
-        self.seq = 0
+        self.seq = 0  # frames published
+        self.chunks = 0  # texts received
         self.text: list[str] = []
+        self._sent_chunks = 0  # texts already in a frame
         self._last_html = 0.0
         self.publish_failed = False
+        self.bus = bus()
+        window = float(current_app.config.get("CHAT_DELTA_COALESCE_MS", 30)) / 1000
+        self._flusher = _flusher(self.bus, window) if window > 0 else None
+        self._lock = threading.Lock()  # the text and counters
+        self._reply_json = json.dumps(reply_id)
+        self._key_id = self._reply_json[1:-1]  # as json.dumps writes it inside the key
+        self.send_lock = threading.Lock()  # taking a frame and publishing it
+
+    def failed_to_publish(self, exc: Exception) -> None:
+        if not self.publish_failed:
+            log.warning("reply %s: live frames not published: %s", self.reply_id, exc)
+        self.publish_failed = True
 
     def _publish(self, key: str, **frame: Any) -> None:
         try:
-            publish(self.topic, key, **frame)
+            self.bus.publish(self.topic, encode(key, **frame))
         except Exception as exc:  # noqa: BLE001 - the reply goes on; see the class doc
-            if not self.publish_failed:
-                log.warning("reply %s: live frames not published: %s", self.reply_id, exc)
-            self.publish_failed = True
+            self.failed_to_publish(exc)
 
     def _slot(self, inner: str) -> str:
         return f'<div id="chat-{self.chat_id}-streaming" hx-swap-oob="innerHTML">{inner}</div>'
@@ -149,22 +276,61 @@ class ReplyStream:
         )
 
     def delta(self, text: str) -> None:
-        self.seq += 1
-        self.text.append(text)
+        with self._lock:
+            self.chunks += 1
+            self.text.append(text)
+            first = self.chunks == 1
         if self.quiet:
             return
-        html = None
-        now = time.monotonic()
-        if now - self._last_html >= HTML_REFRESH_SECONDS:
-            # The console shows the text so far (coalesced per socket); the widget appends.
-            self._last_html = now
-            body = escape("".join(self.text))
-            html = self._slot(f'<div class="msg msg-assistant streaming">{body}</div>')
-        self._publish(
-            f"delta-{self.reply_id}-{self.seq}",
-            html=html,
-            json_data={"type": "delta", "reply_id": self.reply_id, "seq": self.seq, "text": text},
+        # Published by the flusher's thread, even the first text: `delta` is called on the
+        # process's stream loop, which a Redis round trip would hold up for every reply.
+        if self._flusher is None:
+            self.send_now()
+        else:
+            self._flusher.mark(self, urgent=first)
+
+    def send_now(self) -> None:
+        """Publish what is pending of this reply now, in the caller's thread."""
+        with self.send_lock:
+            frame = self.take_frame()
+            if frame is not None:
+                self._publish_encoded(frame[1], frame[2])
+
+    def _publish_encoded(self, topic: str, data: str) -> None:
+        try:
+            self.bus.publish(topic, data)
+        except Exception as exc:  # noqa: BLE001 - the reply goes on; see the class doc
+            self.failed_to_publish(exc)
+
+    def take_frame(self) -> tuple[ReplyStream, str, str] | None:
+        """The next delta frame (the texts not yet in one), numbered; None when there are
+        none. The caller holds `send_lock` and publishes it."""
+        with self._lock:
+            if self.quiet or self._sent_chunks >= self.chunks:
+                return None
+            pending = "".join(self.text[self._sent_chunks : self.chunks])
+            self._sent_chunks = chunks = self.chunks
+            self.seq += 1
+            seq = self.seq
+            console_text = None
+            now = time.monotonic()
+            if now - self._last_html >= HTML_REFRESH_SECONDS:
+                # The console shows the text so far (coalesced per socket); the widget appends.
+                self._last_html = now
+                console_text = "".join(self.text[:chunks])
+        # The frame as events.live.encode writes it, from parts encoded once per reply: a
+        # json.dumps of the nested dicts costs as much as the rest of the frame's way out.
+        html = ""
+        if console_text is not None:
+            body = escape(console_text)
+            slot = self._slot(f'<div class="msg msg-assistant streaming">{body}</div>')
+            html = f',"html":{json.dumps(slot)}'
+        data = (
+            f'{{"key":"delta-{self._key_id}-{seq}"{html},"json":{{"type":"delta",'
+            f'"reply_id":{self._reply_json},"seq":{seq},"chunks":{chunks},'
+            f'"text":{json.dumps(pending)}}}}}'
         )
+        return self, self.topic, data
 
     def done(
         self,
@@ -177,18 +343,33 @@ class ReplyStream:
         html = self._slot("")
         if message is not None:
             html += render_fragment("chats/_message_push.html", m=message, replace=False)
-        self._publish(
-            f"done-{self.reply_id}",
-            html=html,
-            json_data={
-                "type": "done",
-                "reply_id": self.reply_id,
-                "seq": self.seq,
-                "message": message_json(message) if message is not None else None,
-                "usage": usage,
-                "cancelled": cancelled,
-            },
-        )
+        # The last coalesced text goes out first, in the same round trip: `done` follows
+        # every delta on the topic.
+        with self.send_lock:
+            frame = self.take_frame()
+            frames = [(frame[1], frame[2])] if frame is not None else []
+            frames.append(
+                (
+                    self.topic,
+                    encode(
+                        f"done-{self.reply_id}",
+                        html=html,
+                        json_data={
+                            "type": "done",
+                            "reply_id": self.reply_id,
+                            "seq": self.seq,
+                            "chunks": self.chunks,
+                            "message": message_json(message) if message is not None else None,
+                            "usage": usage,
+                            "cancelled": cancelled,
+                        },
+                    ),
+                )
+            )
+            try:
+                self.bus.publish_many(frames)
+            except Exception as exc:  # noqa: BLE001 - the reply goes on; see the class doc
+                self.failed_to_publish(exc)
         if message is not None:
             try:
                 chat = db.session.get(Chat, message.chat_id)

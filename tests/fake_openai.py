@@ -33,6 +33,12 @@ class Script:
     stall_mid_seconds: float = 0.0
     # Sent as Retry-After with the scripted failures (e.g. a 429's "2").
     retry_after: str | None = None
+    # Pace a stream at this many tokens a second on a fixed schedule (token i is due i/rate
+    # seconds after the first), so a slow write does not slow the rest; 0 = as chunk_delay.
+    tokens_per_second: float = 0.0
+    # Per request: a callable given the request body that returns overrides of `reply` and
+    # `tokens_per_second` for that request (a dict), or None for the script as it is.
+    per_request: Any = None
 
 
 @dataclass
@@ -131,9 +137,16 @@ class FakeOpenAI:
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
                 self.end_headers()
-                tokens = _tokens(fake.script.reply)
+                overrides = (fake.script.per_request or (lambda _body: None))(body) or {}
+                tokens = _tokens(overrides.get("reply", fake.script.reply))
+                rate = overrides.get("tokens_per_second", fake.script.tokens_per_second)
+                began = time.monotonic()
                 try:
                     for index, token in enumerate(tokens):
+                        if rate and index:
+                            wait = began + index / rate - time.monotonic()
+                            if wait > 0:
+                                time.sleep(wait)
                         delta = {"content": token}
                         if index == 0:
                             delta["role"] = "assistant"
@@ -207,3 +220,84 @@ def _completion(body: dict, content: str) -> dict:
         ],
         "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
     }
+
+
+class PacedOpenAI:
+    """A paced streaming server for load: one asyncio loop serves every stream, so hundreds
+    of replies at a steady rate do not queue behind a thread each in one interpreter (their
+    tokens would leave in bursts, and a benchmark would measure its own fake). Streamed chat
+    completions only: `reply` at `tokens_per_second`, or per request as `per_request` (see
+    Script) says. Meant to run in a process of its own: `start_in_process()`."""
+
+    def __init__(self, reply: str, tokens_per_second: float, per_request: Any = None) -> None:
+        self.reply = reply
+        self.tokens_per_second = tokens_per_second
+        self.per_request = per_request
+
+    async def _handle(self, reader, writer) -> None:
+        import asyncio
+
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            body = json.loads(await reader.readexactly(length) or b"{}")
+            overrides = (self.per_request or (lambda _body: None))(body) or {}
+            tokens = _tokens(overrides.get("reply", self.reply))
+            rate = overrides.get("tokens_per_second", self.tokens_per_second)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n"
+            )
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            for index, token in enumerate(tokens):
+                if rate and index:
+                    wait = began + index / rate - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                delta = {"content": token, "role": "assistant"} if not index else {"content": token}
+                writer.write(b"data: " + json.dumps(_chunk(body, delta)).encode() + b"\n\n")
+                await writer.drain()
+            usage = {"prompt_tokens": 12, "completion_tokens": len(tokens)}
+            usage["total_tokens"] = 12 + len(tokens)
+            writer.write(
+                b"data: "
+                + json.dumps(_chunk(body, {}, finish="stop", usage=usage)).encode()
+                + b"\n\ndata: [DONE]\n\n"
+            )
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def serve(self, ready) -> None:
+        """Serve for ever on 127.0.0.1 (a free port), sending the base URL to `ready`."""
+        import asyncio
+
+        async def main() -> None:
+            server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=4096)
+            port = server.sockets[0].getsockname()[1]
+            ready.send(f"http://127.0.0.1:{port}/v1")
+            async with server:
+                await server.serve_forever()
+
+        asyncio.run(main())
+
+    def start_in_process(self):
+        """(base URL, the process): the server in a process of its own (spawned)."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        parent, child = context.Pipe(duplex=False)
+        process = context.Process(target=self.serve, args=(child,), daemon=True)
+        process.start()
+        child.close()
+        if not parent.poll(30):
+            process.kill()
+            raise RuntimeError("the paced model server did not start")
+        return parent.recv(), process

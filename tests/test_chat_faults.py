@@ -359,3 +359,52 @@ def test_the_widget_keeps_a_refused_message_and_sends_it_again(
         assert texts.all() == ["Are you open today?"]
     finally:
         fake.stop()
+
+
+# ---------------------------------------------------------------- many tokens, few frames
+
+
+def test_a_paced_reply_reaches_the_widget_coalesced_and_exact(chat_env, upstream):
+    """Over the Redis bus, a reply's tokens that come within CHAT_DELTA_COALESCE_MS travel
+    as one frame: the first at once, then frames numbered 1..k whose text is the model's,
+    and the saved reply equal to it."""
+    app, connect, _redis = chat_env
+    upstream.script.tokens_per_second = 200  # 5 ms apart: several a window
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Tell me everything.")
+    ack = client.expect("message")
+    deltas, done = client.collect_reply()
+    assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+    assert "".join(d["text"] for d in deltas) == REPLY
+    # The first text is not held for the window (the next tokens come 5 ms apart).
+    assert deltas[0]["chunks"] <= 4 and REPLY.startswith(deltas[0]["text"])
+    assert [d["chunks"] for d in deltas] == sorted({d["chunks"] for d in deltas})
+    assert done["chunks"] == deltas[-1]["chunks"] == 40 and done["seq"] == len(deltas)
+    assert len(deltas) <= 20  # 40 tokens over 0.2 s in windows of 30 ms
+    (reply,) = _replies(app, ack["message"]["id"])
+    assert reply.content == REPLY
+
+
+def test_stop_reaches_a_paced_reply_within_a_fraction_of_a_second(chat_env, upstream):
+    """Stop requests are read for all of a process's replies at once: one still ends the
+    upstream call promptly, and the text that was shown is what is saved."""
+    app, connect, _redis = chat_env
+    upstream.script.tokens_per_second = 20  # 2 s of reply
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Tell me everything.")
+    ack = client.expect("message")
+    client.expect("delta", timeout=15)
+    asked = time.monotonic()
+    client.send("cancel")
+    deltas, done = client.collect_reply()
+    assert done["cancelled"] is True
+    assert wait_for(lambda: upstream.records[-1].client_gone, timeout=5)
+    assert time.monotonic() - asked < 1.0
+    assert upstream.records[-1].chunks_sent < 40
+    (reply,) = _replies(app, ack["message"]["id"])
+    assert reply.interrupted == "stopped"
+    assert REPLY.startswith(reply.content) and 0 < len(reply.content) < len(REPLY)
