@@ -109,13 +109,21 @@ class ScriptedReceiver:
                         metering.discard(conn)
                         conn.close()
                         continue
-                    for frame in clients[conn].feed(data):
-                        command = frame.encode()
-                        self.received.append(command)
-                        if frame.key == "METER_RATE":
-                            metering.add(conn)
-                        reply = self.answers.get(command)
-                        conn.sendall(self.unknown if reply is None else reply)
+                    try:
+                        for frame in clients[conn].feed(data):
+                            command = frame.encode()
+                            self.received.append(command)
+                            if frame.key == "METER_RATE":
+                                metering.add(conn)
+                            reply = self.answers.get(command)
+                            conn.sendall(self.unknown if reply is None else reply)
+                    except OSError:
+                        # The client hung up with commands still unanswered (it gives up on
+                        # a receiver that answers nothing but errors): drop it, keep serving.
+                        selector.unregister(conn)
+                        clients.pop(conn, None)
+                        metering.discard(conn)
+                        conn.close()
                 if metering and self.samples and time.monotonic() >= next_sample:
                     next_sample = time.monotonic() + 0.05
                     for conn in list(metering):
