@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 import re
@@ -942,6 +943,10 @@ def _throughput_rows(label: str, rounds: list[dict], noop_rate: float, rows: lis
 
 def run(args: argparse.Namespace) -> list[dict]:
     from bench.bench_spine import _noop_throughput
+
+    # The polls run in this process, and a device discovered, online or offline is logged at
+    # INFO for operators: hundreds of lines a round would bury the figures.
+    logging.getLogger("services.devices").setLevel(logging.WARNING)
 
     receivers = _size(args, "receivers")
     noop_messages = _size(args, "noop_messages")
