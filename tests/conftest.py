@@ -186,9 +186,14 @@ def shut_down_app(app, redis_url: str | None = None) -> None:
     """Stop an app's worker threads and live hub, close its database connections and, given
     the Redis it used, delete its keys there."""
     from extensions import db
+    from services.manufacturers.shure import service as shure_service
 
     app.extensions["switchboard.tasks"].stop()
     app.extensions["switchboard.live"].hub.stop()
+    # The Shure client belongs to the process: its meter pump would go on writing through this
+    # app's engine after the dispose below, leaving a connection for the garbage collector.
+    if shure_service.pump.app is app:
+        shure_service.shutdown()
     with app.app_context():
         db.session.remove()
         db.engine.dispose()
