@@ -251,10 +251,30 @@ def prod_worker(prod_app):
 # ---------------------------------------------------------------- a real HTTP server
 
 
+def _close_when_sent(app):
+    """WSGI middleware: a response's iterable is closed as soon as it is sent. Werkzeug's
+    server closes it only after draining the request socket, and a browser that drops the
+    connection there (navigating away mid-page) makes that read raise first: the static
+    file being served is then left for the garbage collector, as a ResourceWarning in
+    whatever test runs next."""
+
+    def wrapped(environ, start_response):
+        body = app(environ, start_response)
+        try:
+            yield from body
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+
+    return wrapped
+
+
 class LiveServer:
     def __init__(self, app, ssl_context=None) -> None:
         self.app = app
-        self.server = make_server("127.0.0.1", 0, app, threaded=True, ssl_context=ssl_context)
+        self.server = make_server(
+            "127.0.0.1", 0, _close_when_sent(app), threaded=True, ssl_context=ssl_context
+        )
         self.port = self.server.server_port
         self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
