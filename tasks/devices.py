@@ -263,6 +263,28 @@ def alerts_wanted(device: Device, at=None) -> bool:
     return bool(location and location.alert_on_offline) and not alerts_suppressed(device, at)
 
 
+def _device_alert(
+    topic: str, device: Device, label: str, detail: str, *, suffix: str, **extra: Any
+) -> None:
+    """One alert about a device for the notification handlers: its name and id, a title
+    (`label`), a line of detail, and `suffix`, which makes one outage or episode one
+    notification (NOTIFY_DEDUPE_SECONDS)."""
+    emit(
+        topic,
+        tenant_id=device.tenant_id,
+        entity="device",
+        entity_id=device.id,
+        payload={
+            "name": device.name,
+            "device_id": device.api_device_id,
+            "label": label,
+            "detail": detail,
+            **extra,
+            "subject_suffix": suffix,
+        },
+    )
+
+
 @handler("device.discovered", name="device_discovered", queue="devices", preload=preload_devices)
 def on_discovered(event: Event) -> None:
     data = event.payload.get("device") or {}
@@ -373,19 +395,13 @@ def announce_recovery(device: Device, at) -> None:
     detail = f"Back after {int(down_for.total_seconds() // 60)} min."
     if flaps:
         detail += f" It flapped {flaps} times before staying up."
-    emit(
+    _device_alert(
         "device.recovered",
-        tenant_id=device.tenant_id,
-        entity="device",
-        entity_id=device.id,
-        payload={
-            "name": device.name,
-            "device_id": device.api_device_id,
-            "label": f"{device.name} recovered",
-            "detail": detail,
-            "flaps": flaps,
-            "subject_suffix": f"recovered:{device.offline_alerted_at.isoformat()}",
-        },
+        device,
+        f"{device.name} recovered",
+        detail,
+        suffix=f"recovered:{device.offline_alerted_at.isoformat()}",
+        flaps=flaps,
     )
     device.offline_alerted_at = device.offline_reminded_at = device.back_online_at = None
     device.flap_count = 0
@@ -432,18 +448,12 @@ def on_offline(event: Event) -> None:
         device.back_online_at = None
     elif old == "online" and not unreachable and alerts_wanted(device, event.created_at):
         device.offline_alerted_at = event.created_at
-        emit(
+        _device_alert(
             "device.offline_alert",
-            tenant_id=device.tenant_id,
-            entity="device",
-            entity_id=device.id,
-            payload={
-                "name": device.name,
-                "device_id": device.api_device_id,
-                "label": f"Alert: {device.name} is offline",
-                "detail": f"Missed {event.payload.get('missed_polls')} polls.",
-                "subject_suffix": f"offline:{event.created_at.isoformat()}",
-            },
+            device,
+            f"Alert: {device.name} is offline",
+            f"Missed {event.payload.get('missed_polls')} polls.",
+            suffix=f"offline:{event.created_at.isoformat()}",
         )
     publish_device(device)
 
@@ -499,18 +509,12 @@ def on_updated(event: Event) -> None:
         and _battery_low(current.get("battery_bars"), threshold)
         and not alerts_suppressed(device)
     ):
-        emit(
+        _device_alert(
             "device.battery_low",
-            tenant_id=device.tenant_id,
-            entity="device",
-            entity_id=device.id,
-            payload={
-                "name": device.name,
-                "device_id": device.api_device_id,
-                "label": f"{device.name}: battery low ({bars} bars)",
-                "detail": f"{bars} of 5 bars left.",
-                "subject_suffix": "battery",
-            },
+            device,
+            f"{device.name}: battery low ({bars} bars)",
+            f"{bars} of 5 bars left.",
+            suffix="battery",
         )
     if (
         new.get("interference") is True
@@ -540,18 +544,12 @@ def alert_interference(event: Event, device: Device, state: dict[str, Any]) -> N
         )
         if part
     )
-    emit(
+    _device_alert(
         "device.interference",
-        tenant_id=device.tenant_id,
-        entity="device",
-        entity_id=device.id,
-        payload={
-            "name": device.name,
-            "device_id": device.api_device_id,
-            "label": f"{device.name}: RF interference detected",
-            "detail": f"The receiver detects interference{f' on {where}' if where else ''}.",
-            "subject_suffix": "interference",  # repeats within NOTIFY_DEDUPE_SECONDS: one
-        },
+        device,
+        f"{device.name}: RF interference detected",
+        f"The receiver detects interference{f' on {where}' if where else ''}.",
+        suffix="interference",  # repeats within NOTIFY_DEDUPE_SECONDS: one
     )
 
 
@@ -611,17 +609,11 @@ def offline_reminders() -> None:
             continue
         device.offline_reminded_at = now
         minutes = int((now - device.offline_alerted_at).total_seconds() // 60)
-        emit(
+        _device_alert(
             "device.offline_reminder",
-            tenant_id=device.tenant_id,
-            entity="device",
-            entity_id=device.id,
-            payload={
-                "name": device.name,
-                "device_id": device.api_device_id,
-                "label": f"Reminder: {device.name} offline for {minutes} min",
-                "detail": f"Offline for {minutes} minutes.",
-                "subject_suffix": f"reminder:{now.isoformat()}",
-            },
+            device,
+            f"Reminder: {device.name} offline for {minutes} min",
+            f"Offline for {minutes} minutes.",
+            suffix=f"reminder:{now.isoformat()}",
         )
         db.session.commit()
