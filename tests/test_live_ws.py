@@ -321,3 +321,33 @@ def test_tls_served_by_the_app_itself_relays_from_the_socket_thread(app, tmp_pat
             ws.close()
     finally:
         server.stop()
+
+
+def test_pipelined_script_loads_itself_once_and_keeps_call_order(redis_url):
+    """Redis that does not know the script (a restart, SCRIPT FLUSH) answers NOSCRIPT:
+    the calls are sent again after loading it, every result in call order."""
+    import uuid
+
+    import redis
+    from redis.exceptions import ResponseError
+
+    from events.live import PipelinedScript
+    from tests.conftest import redis_prefix
+
+    client = redis.Redis.from_url(redis_url)
+    key = redis_prefix() + "counter"
+    # A text of its own, so no other test has loaded it.
+    script = PipelinedScript(
+        client, f"-- {uuid.uuid4()}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"
+    )
+    try:
+        assert client.script_exists(script.sha) == [False]
+        assert script.run_many([([key], [1]), ([key], [2]), ([key], [3])]) == [1, 3, 6]
+        assert client.script_exists(script.sha) == [True]
+        assert script.run_many([([key], [10])]) == [16]
+        broken = PipelinedScript(client, f"-- {uuid.uuid4()}\nreturn redis.call('NOPE')")
+        with pytest.raises(ResponseError):
+            broken.run_many([([key], [])])
+    finally:
+        client.delete(key)
+        client.close()
