@@ -890,16 +890,24 @@ def tenants_with_endpoints() -> list[tuple[int, str]]:
 def apply_pushed_reports(
     tenant_id: int, service_code: str, reports: list[DeviceReport]
 ) -> int | None:
-    """Apply what one receiver pushed between polls (its REP lines), as a poll would: the
+    """Apply what receivers pushed between polls (their REP lines), as a poll would: the
     same diffs, state versions and device.updated / device.online events, now rather than
-    at the next poll. Only for devices the tenant has at that receiver's address: finding
-    new ones and counting missed answers stay the poll's. Commits.
+    at the next poll. `reports` may be of several receivers (each receiver's report with its
+    channels'): they are applied in one transaction, so a burst of pushes across a fleet is
+    one commit and one batch of events rather than one per receiver. Only for devices the
+    tenant has at those receivers' addresses: finding new ones and counting missed answers
+    stay the poll's. Commits.
 
     Returns the events emitted, or None when a poll of the service is running (it may be
-    applying an older view of the same receiver): the caller tries again shortly."""
-    receiver = next((r for r in reports if r.kind == "receiver"), None)
-    if receiver is None or not receiver.online or not receiver.ip_address:
+    applying an older view of the same receivers): the caller tries again shortly."""
+    receivers = {
+        (r.ip_address, r.port)
+        for r in reports
+        if r.kind == "receiver" and r.online and r.ip_address
+    }
+    if not receivers:
         return 0
+    reports = [r for r in reports if (r.ip_address, r.port) in receivers]
     with poll_lock(tenant_id, service_code) as mine:
         if not mine:
             return None
@@ -910,10 +918,10 @@ def apply_pushed_reports(
                 select(Device).where(
                     Device.tenant_id == tenant_id,
                     Device.manufacturer_id == _manufacturer_id(service_code),
-                    Device.ip_address == receiver.ip_address,
-                    Device.port == receiver.port,
+                    Device.ip_address.in_(sorted({host for host, _ in receivers})),
                 )
             )
+            if (d.ip_address, d.port) in receivers
         }
         applied: list[dict[str, Any]] = []
         answered: list[int] = []
@@ -926,6 +934,7 @@ def apply_pushed_reports(
             seen.add(report.api_device_id)
             answered.append(device.id)
             events += _apply_report(tenant_id, service_code, device, report, applied)
+        # A transmitter its receiver's report no longer mentions was switched off.
         for api_id, device in known.items():
             if api_id not in seen and device.kind == "transmitter":
                 answered.append(device.id)

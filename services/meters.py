@@ -39,6 +39,8 @@ DEVICE_MAP_SECONDS = 10.0  # how long the (receiver, channel) -> device id map i
 SHARE_SECONDS = 1.0  # how often the owner renews its leases and shares its snapshots
 
 
+_NONE: dict[int, int] = {}
+
 # ---------------------------------------------------------------- leases
 
 
@@ -60,9 +62,50 @@ class Leases:
         "return 0"
     )
 
+    # The owner's every-second round for one receiver: renew the lease and, only while it
+    # is still the owner's, share the snapshot and say whether another process asked for it.
+    RENEW_AND_SHARE = (
+        "local v = redis.call('GET', KEYS[1]) "
+        "if v and v ~= ARGV[1] then return {0, 0} end "
+        "if v then redis.call('PEXPIRE', KEYS[1], ARGV[2]) "
+        "else redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) end "
+        "redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4]) "
+        "return {1, redis.call('EXISTS', KEYS[2])}"
+    )
+
     def __init__(self, kv: Any) -> None:
         self.redis = getattr(kv, "redis", None)
         self.prefix = getattr(kv, "prefix", "") + "devices:"
+        self._renew_and_share = None
+        if self.redis is not None:
+            from events.live import PipelinedScript
+
+            self._renew_and_share = PipelinedScript(self.redis, self.RENEW_AND_SHARE)
+
+    def renew_and_share(
+        self, items: list[tuple[str, str]], owner: str, ttl: float, snapshot_ttl: float
+    ) -> list[tuple[bool, bool]]:
+        """For each (key, snapshot): (still held by `owner`, wanted by another process). A
+        held lease is renewed and its snapshot shared; a lost one shares nothing. One round
+        trip for every receiver the process owns (three each, before)."""
+        if self._renew_and_share is not None:
+            ms, snapshot_ms = max(1, int(ttl * 1000)), max(1, int(snapshot_ttl * 1000))
+            p = self.prefix
+            out = self._renew_and_share.run_many(
+                (
+                    [p + "lease:" + key, p + "want:" + key, p + "snap:" + key],
+                    [owner, ms, snapshot, snapshot_ms],
+                )
+                for key, snapshot in items
+            )
+            return [(bool(held), bool(wanted)) for held, wanted in out]
+        results = []
+        for key, snapshot in items:
+            held = self.hold(key, owner, ttl)
+            if held:
+                self.put("snap:" + key, snapshot, snapshot_ttl)
+            results.append((held, held and self.get("want:" + key) is not None))
+        return results
 
     def hold(self, key: str, owner: str, ttl: float) -> bool:
         """Take the lease, or renew it if it is `owner`'s; False if another holds it."""
@@ -152,9 +195,14 @@ class MeterPump:
         self.tenants: dict[Address, dict[int, int | None]] = {}  # -> {tenant: location}
         self.levels: dict[tuple[str, int, int], tuple[float | None, float | None]] = {}
         self.levels_changed = False
+        # device id -> (levels, its rows' HTML): a frame re-renders only the channels whose
+        # levels changed since the last one (a receiver samples once per meter period, the
+        # frame goes out every 50 ms: most rows of most frames are as they were).
+        self._rows_html: dict[int, tuple[tuple, str]] = {}
         self.dirty: dict[Address, float] = {}  # receiver -> when its first unapplied change came
         self.minutes: dict[tuple[str, int, int, datetime], MinuteRange] = {}
-        self.device_map: dict[tuple[int, str, int], dict[int, int]] = {}
+        # tenant id -> (when read, (host, port) -> channel -> transmitter device id)
+        self.device_map: dict[int, tuple[float, dict[tuple[str, int], dict[int, int]]]] = {}
         self.device_map_at = 0.0
         # Set by the service: the owned connections, the snapshot maker, and the renewal.
         self.connections: Callable[[], dict[Address, Any]] = dict
@@ -284,7 +332,10 @@ class MeterPump:
         if not due:
             return 0
         connections = self.connections()
-        applied = 0
+        # Every settled receiver of a tenant in one transaction: one commit, one batch of
+        # events for the handlers, however many receivers pushed in the same moment.
+        by_tenant: dict[int, list] = {}
+        addresses: dict[int, list] = {}
         for address in due:
             conn = connections.get(address)
             if conn is None:
@@ -293,18 +344,23 @@ class MeterPump:
             if not snap.connected:
                 continue  # going down is the poll's to count
             for tenant_id, location_id in tenants[address].items():
-                reports = self.report(snap, location_id)
-                result = apply_pushed_reports(tenant_id, self.service_code, reports)
-                if result is None:  # a poll is applying this receiver: try again shortly
-                    with self._lock:
+                by_tenant.setdefault(tenant_id, []).extend(self.report(snap, location_id))
+                addresses.setdefault(tenant_id, []).append(address)
+        applied = 0
+        for tenant_id, reports in by_tenant.items():
+            result = apply_pushed_reports(tenant_id, self.service_code, reports)
+            if result is None:  # a poll is applying these receivers: try again shortly
+                with self._lock:
+                    for address in addresses[tenant_id]:
                         self.dirty.setdefault(address, now)
-                else:
-                    applied += result
+            else:
+                applied += result
         self.pushes_applied += applied
         return applied
 
     def _devices(self, tenant_id: int, host: str, port: int) -> dict[int, int]:
-        """The tenant's transmitter device ids at this receiver, by channel (app context)."""
+        """The tenant's transmitter device ids at this receiver, by channel (app context).
+        Read for all the tenant's receivers at once, and again after DEVICE_MAP_SECONDS."""
         from sqlalchemy import select
 
         from extensions import db
@@ -315,29 +371,30 @@ class MeterPump:
         if now - self.device_map_at > DEVICE_MAP_SECONDS:
             self.device_map = {}
             self.device_map_at = now
-        key = (tenant_id, host, port)
-        found = self.device_map.get(key)
-        if found is None:
+        loaded = self.device_map.get(tenant_id)
+        # A receiver the map does not know yet (its devices were just provisioned) is
+        # looked for again, at most once a second.
+        if loaded is None or ((host, port) not in loaded[1] and now - loaded[0] > 1.0):
+            tenant_map: dict[tuple[str, int], dict[int, int]] = {}
             rows = db.session.execute(
-                select(Device.id, Device.api_device_id).where(
-                    Device.tenant_id == tenant_id,
-                    Device.ip_address == host,
-                    Device.port == port,
-                    Device.kind == "transmitter",
+                select(Device.id, Device.api_device_id, Device.ip_address, Device.port).where(
+                    Device.tenant_id == tenant_id, Device.kind == "transmitter"
                 )
             )
-            found = {}
-            for device_id, api_id in rows:
+            for device_id, api_id, ip_address, device_port in rows:
                 channel = _channel_of(api_id)
-                if channel is not None:
-                    found[channel] = device_id
-            self.device_map[key] = found
-        return found
+                if channel is not None and ip_address:
+                    tenant_map.setdefault((ip_address, device_port), {})[channel] = device_id
+            loaded = self.device_map[tenant_id] = (now, tenant_map)
+        tenant_map = loaded[1]
+        return tenant_map.get((host, port), _NONE)
 
     def send_meters(self) -> int:
         """One frame per tenant with the newest level of each of its metered channels."""
+        from flask import get_template_attribute
+
         from events.live import encode
-        from services.live import bus, render_fragment, tenant_topic
+        from services.live import bus, tenant_topic
 
         with self._lock:
             if not self.levels_changed:
@@ -359,13 +416,22 @@ class MeterPump:
                             "antenna": antenna,
                         }
                     )
-        frames = [
-            (
-                tenant_topic(tenant_id, "meters"),
-                encode("meters", html=render_fragment("devices/_meters_push.html", meters=rows)),
+        meter_row = get_template_attribute("devices/_meters_push.html", "meter_row")
+        cached, rows_html = self._rows_html, {}
+        frames = []
+        for tenant_id, rows in by_tenant.items():
+            parts = []
+            for row in rows:
+                key = (row["rf"], row["audio"], row["quality"], row["antenna"])
+                hit = cached.get(row["id"])
+                if hit is None or hit[0] != key:
+                    hit = (key, str(meter_row(row)))
+                rows_html[row["id"]] = hit
+                parts.append(hit[1])
+            frames.append(
+                (tenant_topic(tenant_id, "meters"), encode("meters", html="".join(parts)))
             )
-            for tenant_id, rows in by_tenant.items()
-        ]
+        self._rows_html = rows_html  # channels no longer metered drop out
         if frames:
             bus().publish_many(frames)
             self.frames_sent += len(frames)

@@ -5,6 +5,7 @@ one connection per receiver for every process, and a per-minute history charted.
 from __future__ import annotations
 
 import queue
+import re
 import time
 from datetime import timedelta
 
@@ -145,6 +146,13 @@ def test_meters_go_out_batched_per_tenant_and_never_as_events(app, db, factory, 
         assert f'id="audio-meter-{device_id}"' in last
         # The diversity antenna follows every fade: live in the frame, never an update.
         assert f'id="antenna-{device_id}" hx-swap-oob="true"' in last
+    # Every frame carries every channel (a page that skips to the newest misses none), each
+    # at its level of the moment: the levels move from frame to frame.
+    for frame in frames:
+        for device_id in ids:
+            assert f'id="audio-meter-{device_id}"' in frame.html
+    levels = [tuple(re.findall(r'title="(-?[\d.]+) dB', frame.html)) for frame in frames]
+    assert len(set(levels)) >= 2, levels
     assert frames_of(theirs, 0.1) == []  # another tenant's topic hears nothing of it
     drain(app)
     assert count(db, OutboxEvent, OutboxEvent.topic == "device.updated") == updates
@@ -365,3 +373,54 @@ def test_quality_and_antenna_that_follow_rf_fades_are_no_update(app, db, stage):
         )
     assert f'<span id="quality-{device.id}" hx-swap-oob="true">Quality 3/5</span>' in html
     assert f'<span id="antenna-{device.id}" hx-swap-oob="true">Antenna BX</span>' in html
+
+
+def test_pushes_of_several_receivers_are_applied_in_one_commit(app, db, stage):
+    """A burst of pushes across a fleet is one transaction and one batch of events for the
+    handlers, not one per receiver; each device still gets its own device.updated."""
+    from dataclasses import replace
+
+    from sqlalchemy import event as sa_event
+
+    from extensions import db as ext_db
+
+    tenant, _, receiver = stage
+    location_id = mic(db, tenant.id, 1).location_id
+    side = SimulatedReceiver("ULXD4Q", device_id="SIDE", seed=4)
+    try:
+        attach_endpoints(tenant.id, [side.address], location_id=location_id)
+        db.session.commit()
+        device_service.poll_service(tenant.id, "shure")
+        drain(app)
+        snaps = {
+            address: conn.snapshot(True, close=False)
+            for address, conn in shure_service._owned().items()
+        }
+        reports = []
+        for address in (receiver.address, side.address):
+            for report in shure_service.reports_for(snaps[address], location_id):
+                if report.channel == 1:  # its battery changed since the poll
+                    report = replace(report, state={**report.state, "battery_bars": 1})
+                reports.append(report)
+        updates = count(db, OutboxEvent, OutboxEvent.topic == "device.updated")
+        commits = []
+
+        def committed(session) -> None:
+            commits.append(session)
+
+        session = ext_db.session()  # this thread's, the one the function commits
+        sa_event.listen(session, "after_commit", committed)
+        try:
+            assert device_service.apply_pushed_reports(tenant.id, "shure", reports) == 2
+        finally:
+            sa_event.remove(session, "after_commit", committed)
+        assert len(commits) == 1
+        db.session.expire_all()
+        assert count(db, OutboxEvent, OutboxEvent.topic == "device.updated") == updates + 2
+        side_ch1 = db.session.scalar(
+            select(Device).where(Device.tenant_id == tenant.id, Device.api_device_id == "SIDE/ch1")
+        )
+        assert side_ch1.state["battery_bars"] == 1
+        assert mic(db, tenant.id, 1).state["battery_bars"] == 1
+    finally:
+        side.stop()

@@ -880,6 +880,7 @@ class ShureService(ManufacturerService):
     def _renew(self) -> None:
         """The pump's every-second round: renew leases, share snapshots (app context)."""
         leases = self.leases
+        alive: list[tuple[tuple[str, int], ReceiverConnection, str]] = []
         for (host, port), conn in self._owned().items():
             key = self._lease_key(host, port)
             if not conn.alive:
@@ -892,14 +893,22 @@ class ShureService(ManufacturerService):
                 continue
             if leases is None:
                 continue
-            if not leases.hold(key, self.owner, self.settings.lease_seconds):
-                self._own(host, port)  # closes it
-                continue
-            if leases.get("want:" + key):
-                conn.last_used = time.monotonic()
             snap = conn.snapshot(conn.state == "connected", close=False)
             seen_at = time.time() - (time.monotonic() - conn.last_frame_at)
-            leases.put("snap:" + key, snapshot_json(snap, seen_at), 2 * self.settings.lease_seconds)
+            alive.append(((host, port), conn, snapshot_json(snap, seen_at)))
+        if not alive:
+            return
+        outcomes = leases.renew_and_share(
+            [(self._lease_key(*address), shared) for address, _, shared in alive],
+            self.owner,
+            self.settings.lease_seconds,
+            2 * self.settings.lease_seconds,
+        )
+        for (address, conn, _), (held, wanted) in zip(alive, outcomes, strict=True):
+            if not held:
+                self._own(*address)  # closes it
+            elif wanted:
+                conn.last_used = time.monotonic()
 
     @staticmethod
     def reports_for(
