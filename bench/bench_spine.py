@@ -242,7 +242,7 @@ class _Spine:
 
         self.penv, self.workers, self.tenant_id = penv, workers, tenant_id
         self.handlers = registry.handler_names_for(SPINE_TOPIC)
-        self.groups = registry.groups_for(self.handlers)
+        self.groups = registry.groups_for(self.handlers, SPINE_TOPIC)
         if "bench_noop_handler" not in self.handlers:
             raise BenchError(f"{SPINE_TOPIC} has no bench handler: {self.handlers}")
 

@@ -62,7 +62,7 @@ def _send(app: Flask, rows: Sequence[tuple[int, str]], only: dict[int, set[str]]
         if not names:
             empty.append(event_pk)
             continue
-        for group in registry.groups_for(names):
+        for group in registry.groups_for(names, topic):
             by_group.setdefault(group, []).append(event_pk)
     grouped = {pk for pks in by_group.values() for pk in pks}
     failed: set[int] = set()

@@ -111,26 +111,59 @@ class Registry:
     handlers: dict[str, HandlerSpec] = field(default_factory=dict)
     tasks: dict[str, TaskSpec] = field(default_factory=dict)
     periodic: dict[str, PeriodicSpec] = field(default_factory=dict)
+    # (topic pattern, queue): every handler of a matching topic runs in that queue's group,
+    # whatever its own queue (see `route`).
+    routes: list[tuple[str, str]] = field(default_factory=list)
 
     def add_handler(self, spec: HandlerSpec) -> None:
         if spec.name in self.handlers and self.handlers[spec.name].fn is not spec.fn:
             raise ValueError(f"two handlers are named {spec.name!r}")
         self.handlers[spec.name] = spec
         self.handler_names_for.cache_clear()
+        self.queue_of.cache_clear()
+
+    def add_route(self, pattern: str, queue: str) -> None:
+        if (pattern, queue) not in self.routes:
+            self.routes.append((pattern, queue))
+        self.queue_of.cache_clear()
 
     @lru_cache(maxsize=4096)  # noqa: B019 - the registry lives as long as the process
     def handler_names_for(self, topic: str) -> tuple[str, ...]:
         return tuple(name for name, spec in self.handlers.items() if spec.matches(topic))
 
-    def groups_for(self, names: tuple[str, ...] | set[str]) -> list[str]:
-        """The queues (one actor each) that run these handlers, in a stable order."""
-        return sorted({self.handlers[name].queue for name in names})
+    @lru_cache(maxsize=8192)  # noqa: B019 - the registry lives as long as the process
+    def queue_of(self, name: str, topic: str) -> str:
+        """The group that runs handler `name` for events of `topic`."""
+        for pattern, queue in self.routes:
+            if fnmatch.fnmatchcase(topic, pattern):
+                return queue
+        return self.handlers[name].queue
+
+    def groups_for(self, names: tuple[str, ...] | set[str], topic: str) -> list[str]:
+        """The queues (one actor each) that run these handlers of `topic`, in a stable order."""
+        return sorted({self.queue_of(name, topic) for name in names})
+
+    def group_names(self) -> list[str]:
+        return sorted({spec.queue for spec in self.handlers.values()} | {q for _, q in self.routes})
 
     def group_members(self, group: str) -> list[HandlerSpec]:
-        return [spec for spec in self.handlers.values() if spec.queue == group]
+        """The handlers that may run in `group` (its own, and any a route may bring there):
+        what its actor's retries and time limit are sized for."""
+        routed = [pattern for pattern, queue in self.routes if queue == group]
+        return [
+            spec
+            for spec in self.handlers.values()
+            if spec.queue == group
+            or any(_may_overlap(topic, pattern) for topic in spec.topics for pattern in routed)
+        ]
 
     def __hash__(self) -> int:
         return id(self)
+
+
+def _may_overlap(a: str, b: str) -> bool:
+    """Whether two topic patterns may match a topic in common (wildcards: assumed so)."""
+    return a == b or any(c in a + b for c in "*?[")
 
 
 registry = Registry()
@@ -168,6 +201,16 @@ def task(name: str | None = None, **options: Any):
         return fn
 
     return decorate
+
+
+def route(pattern: str, queue: str) -> None:
+    """Run every handler of the topics matching `pattern` in `queue`'s group, with the
+    group's own handlers: a commit's events of those topics are then one message, one
+    transaction and one idempotency write for all their handlers, instead of one per queue
+    (the device events of a poll: the device handlers, the live feed, webhooks and metrics).
+    For handlers that do quick database work; one that waits on the network keeps its queue
+    by being a task it enqueues."""
+    registry.add_route(pattern, queue)
 
 
 def periodic(every: float | str, name: str | None = None, **options: Any):

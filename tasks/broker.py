@@ -291,7 +291,7 @@ def _wanted(group: str, topic: str) -> list[HandlerSpec]:
     handlers = registry.handlers
     return [
         handlers[name] for name in registry.handler_names_for(topic)
-        if handlers[name].queue == group
+        if registry.queue_of(name, topic) == group
     ]  # fmt: skip
 
 
@@ -757,7 +757,7 @@ def init_broker(app: Flask) -> TaskState:
     state = TaskState(app=app, broker=broker)
     if str(app.config.get("SQLALCHEMY_DATABASE_URI", "")).startswith("sqlite"):
         state.sqlite_turns = TakeTurns()
-    for group in sorted({spec.queue for spec in registry.handlers.values()}):
+    for group in registry.group_names():
         members = registry.group_members(group)
         group_spec = TaskSpec(
             name=group_actor_name(group),

@@ -20,7 +20,7 @@ from sqlalchemy import select
 import services.manufacturers.shure  # noqa: F401  registers the service
 from events import emit
 from events.outbox import before_commit
-from events.registry import Event, batch_cache, handler, periodic
+from events.registry import Event, batch_cache, handler, periodic, route
 from extensions import db
 from models.base import utcnow
 from models.devices import ActivityLog, Device, DeviceReading, Location, Manufacturer
@@ -283,6 +283,12 @@ def _device_alert(
             "subject_suffix": suffix,
         },
     )
+
+
+# A poll's events are one message per batch for all their handlers (the feed, webhooks and
+# metrics ones too): the per-message work — reading the events, recording them, a commit,
+# Dramatiq's fetch and ack — was most of what a device event cost.
+route("device.*", "devices")
 
 
 @handler("device.discovered", name="device_discovered", queue="devices", preload=preload_devices)

@@ -133,3 +133,21 @@ def test_a_redelivered_batch_changes_nothing(app, db, worker, mic):
     assert db.session.scalar(select(func.count()).select_from(DeviceReading)) == 2
     assert db.session.scalar(select(func.count()).select_from(ProcessedEvent)) == records
     assert db.session.get(Device, device.id).state["battery_bars"] == 1
+
+
+def test_a_device_event_is_one_message_for_all_its_handlers(app):
+    """The feed, webhook and metrics handlers of a device event run in the devices group
+    (one message, one transaction per batch); the same handlers keep their own groups for
+    other topics."""
+    from events.registry import registry
+
+    for topic in ("device.updated", "device.online", "device.offline", "device.discovered"):
+        names = registry.handler_names_for(topic)
+        assert {"live_feed", "webhooks.fanout", "metrics.count"} <= set(names)
+        assert registry.groups_for(names, topic) == ["devices"]
+    chat = registry.handler_names_for("message.created")
+    assert len(registry.groups_for(chat, "message.created")) > 1
+    assert registry.queue_of("live_feed", "message.created") == "events"
+    # The devices actor is sized for what the route brings it.
+    members = {spec.name for spec in registry.group_members("devices")}
+    assert {"device_updated", "live_feed", "metrics.count"} <= members
