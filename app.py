@@ -34,12 +34,19 @@ class LiveState:
     pages: Broadcaster  # writes the pages' (/ws/live) frames; chat sockets read the hub
 
 
-def settle_heap() -> None:
+def settle_heap(app: Flask | None = None) -> None:
     """Call once a server or worker process has built its app: everything start-up made
     (modules, the app, SQLAlchemy's mappers, …, some 190,000 objects) moves into the garbage
     collector's permanent generation, so full collections no longer walk it. Each full
     collection otherwise took ~105 ms, mid-request: the dashboard's p99 was 120-130 ms against
-    a p50 of 20-25 ms, and 39-40 ms with this (see bench/RESULTS.md)."""
+    a p50 of 20-25 ms, and 39-40 ms with this (see bench/RESULTS.md).
+
+    With `app`, its templates are compiled first (~0.3 s of CPU for all of them): otherwise
+    each process compiles a template the first time it renders it, and the first device
+    events a worker handled paid ~0.3 s for the card, feed and activity fragments."""
+    if app is not None:
+        for name in app.jinja_env.list_templates():
+            app.jinja_env.get_template(name)
     gc.collect()
     gc.freeze()
 

@@ -1,4 +1,4 @@
 from app import create_app, settle_heap
 
 app = create_app()
-settle_heap()  # gunicorn imports this in each worker process, after forking
+settle_heap(app)  # gunicorn imports this in each worker process, after forking

@@ -6,4 +6,4 @@ Creating the app configures the Redis broker (dramatiq.set_broker) and declares 
 from app import create_app, settle_heap
 
 app = create_app()
-settle_heap()
+settle_heap(app)
