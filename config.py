@@ -184,7 +184,7 @@ class Config:
         self.EVENTS_RELAY_INTERVAL = _float("EVENTS_RELAY_INTERVAL", 5.0)
         self.EVENTS_REDELIVER_AFTER = _float("EVENTS_REDELIVER_AFTER", 120.0)
         self.EVENTS_RELAY_BATCH = _int("EVENTS_RELAY_BATCH", 500)
-        self.EVENTS_BATCH = _int("EVENTS_BATCH", 50)
+        self.EVENTS_BATCH = _int("EVENTS_BATCH", 200)
         # One scheduler per deployment enqueues the periodic jobs: the worker process holding
         # this lease in Redis; another takes over within this long after it dies.
         self.SCHEDULER_LEASE_SECONDS = _float("SCHEDULER_LEASE_SECONDS", 10.0)
@@ -267,7 +267,7 @@ class Config:
         self.DEVICES_RECOVERY_CONFIRM_SECONDS = _float("DEVICES_RECOVERY_CONFIRM_SECONDS", 60.0)
         self.DEVICES_LOW_BATTERY_BARS = _int("DEVICES_LOW_BATTERY_BARS", 1)
         # Reports a poll applies per commit (its events are dispatched at each commit).
-        self.DEVICES_POLL_COMMIT_EVERY = _int("DEVICES_POLL_COMMIT_EVERY", 50)
+        self.DEVICES_POLL_COMMIT_EVERY = _int("DEVICES_POLL_COMMIT_EVERY", 200)
         # The Shure client (services/manufacturers/shure.py): meter sampling rate, silence
         # before a connection is presumed dead, connect timeout, reconnect back-off bounds,
         # and how long an endpoint nobody polls keeps its connection.

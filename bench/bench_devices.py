@@ -17,7 +17,7 @@ client's production settings (meters every 1 s) except a short reconnect back-of
 - no-op actor: M messages of bench.spine_handlers' no-op actor on the same RedisBroker and
   workers, sent while they run, until all acknowledged (bench_spine's "live" figure).
 - discovery: one poll over the whole fleet → one device.discovered event per receiver and per
-  transmitter (poll_service commits every DEVICES_POLL_COMMIT_EVERY reports, 50). The poll's
+  transmitter (poll_service commits every DEVICES_POLL_COMMIT_EVERY reports, 200). The poll's
   duration; the time from its
   start until every device row exists (the device_discovered handlers); events/s = the poll's
   device.* events ÷ the time until every handler of them, *and of the events their handlers
@@ -511,7 +511,7 @@ class _Devices:
             out["device_expected"] += events * sum(
                 1 for n in names if self.registry.handlers[n].queue == DEVICE_QUEUE
             )
-            out["messages"] += events * len(self.registry.groups_for(names))
+            out["messages"] += events * len(self.registry.groups_for(names, topic))
         return out
 
     def round_events(self, first_id: int) -> list[tuple]:
@@ -1023,7 +1023,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 detail=(
                     f"one poll_service over {receivers} receivers: {found['reports']} reports, "
                     f"{found['topics']['device.discovered']} device.discovered events, a "
-                    "commit per 50 reports "
+                    f"commit per {penv.app.config['DEVICES_POLL_COMMIT_EVERY']} reports "
                     f"({found['poll_s'] / max(1, found['reports']) * 1000:.1f} ms per report)"
                     + ("; the workers paused meanwhile" if found["paused"] else "")
                 ),
@@ -1107,7 +1107,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     f"{r['poll_s']:.1f} s"
                     for r in steady
                 )
-                + "; a poll commits once per 50 reports",
+                + f"; a poll commits once per {penv.app.config['DEVICES_POLL_COMMIT_EVERY']} "
+                "reports, its events go to the handlers in messages of up to "
+                f"{penv.app.config['EVENTS_BATCH']}",
             )
         )
     return rows
