@@ -139,7 +139,8 @@ def test_meters_go_out_batched_per_tenant_and_never_as_events(app, db, factory, 
     frames = frames_of(mine, 1.0)
     # 4 channels at 10 samples a second: 40 samples, in frames of at most one per 50 ms.
     assert 5 <= len(frames) <= 25, len(frames)
-    assert all(f.key == "meters" for f in frames)
+    # One receiver: its frames, each with all its channels, keyed by it.
+    assert {f.key for f in frames} == {f"meters-{receiver.address[0]}-{receiver.address[1]}"}
     last = frames[-1].html
     for device_id in ids:
         assert f'id="rf-meter-{device_id}" hx-swap-oob="true"' in last
