@@ -505,6 +505,7 @@ class TaskState:
     worker: dramatiq.Worker | None = None
     scheduler: Scheduler | None = None
     sqlite_turns: TakeTurns | None = None  # spine messages' turns at SQLite's one writer
+    guard: PeriodicGuard | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -537,6 +538,8 @@ class TaskState:
             if self.worker:
                 self.worker.stop()
                 self.worker = None
+            if self.guard is not None:
+                self.guard.close()
 
     def send(self, name: str, *args: Any, **kwargs: Any):
         return self.actors[name].send(*args, **kwargs)
@@ -671,12 +674,32 @@ class Scheduler:
 class PeriodicGuard:
     """One run of a periodic job at a time, across the deployment: a tick that finds the
     previous run still going is skipped (the job is due again next tick anyway), so a job
-    slower than its interval does not fill every worker thread with copies of itself."""
+    slower than its interval does not fill every worker thread with copies of itself.
+
+    A run holds its Redis key for HOLD_SECONDS at a time, renewed every RENEW_SECONDS by a
+    thread of the process while it runs: a killed worker's hold lapses within seconds. Held
+    for the job's whole time limit instead, a worker killed mid-sweep stopped the sweep that
+    restarts orphaned replies for a minute, and archiving for a quarter of an hour."""
+
+    HOLD_SECONDS = 5.0
+    RENEW_SECONDS = 1.0
+    _RENEW = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end"
+    )
+    _RELEASE = (
+        "if redis.call('get', KEYS[1]) == ARGV[1] then "
+        "return redis.call('del', KEYS[1]) else return 0 end"
+    )
 
     def __init__(self, app: Flask) -> None:
         self.app = app
         self._local: dict[str, threading.Lock] = {}
         self._redis = None
+        self._held: dict[str, str] = {}  # key -> token, of the runs going on in this process
+        self._held_lock = threading.Lock()
+        self._renewer: threading.Thread | None = None
+        self._closed = threading.Event()
         if app.config.get("REDIS_URL"):
             import redis
 
@@ -696,21 +719,38 @@ class PeriodicGuard:
             return
         key = f"{self.app.config['REDIS_PREFIX']}running:{spec.name}"
         token = uuid.uuid4().hex
-        # Held at most as long as the job may run: a killed worker's hold lapses by itself.
-        if not self._redis.set(key, token, nx=True, px=spec.time_limit_ms + 1000):
+        if not self._redis.set(key, token, nx=True, px=int(self.HOLD_SECONDS * 1000)):
             yield False
             return
+        with self._held_lock:
+            self._held[key] = token
+            if self._renewer is None or not self._renewer.is_alive():
+                self._renewer = threading.Thread(
+                    target=self._renew_held, name="periodic-guard", daemon=True
+                )
+                self._renewer.start()
         try:
             yield True
         finally:
+            with self._held_lock:
+                self._held.pop(key, None)
             with contextlib.suppress(Exception):
-                self._redis.eval(
-                    "if redis.call('get', KEYS[1]) == ARGV[1] then "
-                    "return redis.call('del', KEYS[1]) else return 0 end",
-                    1,
-                    key,
-                    token,
-                )
+                self._redis.eval(self._RELEASE, 1, key, token)
+
+    def _renew_held(self) -> None:
+        hold_ms = int(self.HOLD_SECONDS * 1000)
+        while not self._closed.wait(self.RENEW_SECONDS):
+            with self._held_lock:
+                held = list(self._held.items())
+            for key, token in held:
+                try:
+                    self._redis.eval(self._RENEW, 1, key, token, hold_ms)
+                except Exception as exc:  # noqa: BLE001 - Redis away: the hold may lapse
+                    log.warning("could not renew %s: %s", key, exc)
+
+    def close(self) -> None:
+        """Stop renewing (the process is going): what it still holds lapses by itself."""
+        self._closed.set()
 
 
 def _periodic_fn(app: Flask, spec: PeriodicSpec, guard: PeriodicGuard) -> Callable[[float], None]:
@@ -773,7 +813,7 @@ def init_broker(app: Flask) -> TaskState:
         )
     for spec in registry.tasks.values():
         state.actors[spec.name] = _actor(broker, f"t_{spec.name}", _task_fn(spec), spec.queue, spec)
-    guard = PeriodicGuard(app)
+    guard = state.guard = PeriodicGuard(app)
     for periodic_spec in registry.periodic.values():
         name = periodic_actor_name(periodic_spec.name)
         fn = _periodic_fn(app, periodic_spec, guard)

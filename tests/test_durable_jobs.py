@@ -488,3 +488,45 @@ def test_the_archive_sweep_holds_no_transaction_while_the_model_writes(prod_app,
     finally:
         fake.stop()
         observer.dispose()
+
+
+def test_a_periodic_job_whose_worker_died_mid_run_runs_again_within_seconds(redis_url):
+    """One run at a time across processes, however long it takes; but a process killed
+    mid-run must not keep the job from running for its whole time limit (a minute for the
+    sweep that restarts orphaned replies)."""
+    from types import SimpleNamespace
+
+    import redis
+
+    from events.registry import PeriodicSpec
+    from tasks.broker import PeriodicGuard
+    from tests.conftest import redis_prefix
+
+    prefix = redis_prefix()
+    app = SimpleNamespace(config={"REDIS_URL": redis_url, "REDIS_PREFIX": prefix})
+    spec = PeriodicSpec(name="sweep", fn=lambda: None, time_limit_ms=60_000)
+    dead, alive = PeriodicGuard(app), PeriodicGuard(app)
+    for guard in (dead, alive):  # the same rules, on a shorter clock
+        guard.HOLD_SECONDS, guard.RENEW_SECONDS = 1.0, 0.2
+
+    def can_run() -> bool:
+        with alive.running(spec) as mine:
+            return mine
+
+    try:
+        with dead.running(spec) as mine:
+            assert mine
+            assert not can_run()
+            time.sleep(2.5)  # a run longer than one hold keeps its hold
+            assert not can_run()
+            dead.close()  # killed: nothing renews its hold any more
+            started = time.monotonic()
+            assert wait_for(can_run, timeout=10, interval=0.1)
+            assert time.monotonic() - started < 3
+    finally:
+        dead.close()
+        alive.close()
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(prefix + "*"):
+            client.delete(key)
+        client.close()
