@@ -72,8 +72,11 @@ def test_worker_killed_mid_work_every_event_handled_exactly_once(prod_app, prod_
     try:
         with prod_app.app_context():
             for n in range(total):
-                # Each handling takes a while, so the kill lands with work in flight.
+                # Each handling takes a while, so the kill lands with work in flight; a
+                # commit of five is a batch of its own (one commit's events are one batch).
                 emit("test.slow", tenant_id=tenant.id, payload={"n": n, "sleep": 0.15})
+                if n % 5 == 4:
+                    db.session.commit()
             db.session.commit()
 
             def handled() -> int:
@@ -255,6 +258,8 @@ def test_redis_stopped_while_committing_loses_nothing_and_pages_catch_up(
     from tests.helpers import receive_until
 
     overrides = prod_overrides(pg_database_url, private_redis.url)
+    # Its handler of test.counted, whichever test files ran before it in this process.
+    overrides["EXTRA_ACTOR_MODULES"] = ["tests.spine_handlers"]
     app = make_app(tmp_path, EVENTS_REDELIVER_AFTER=1.0, **overrides)
     with app.app_context():
         db.drop_all()

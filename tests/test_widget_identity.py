@@ -224,7 +224,10 @@ def test_widget_identity_and_keyboard_in_a_browser(app, db, factory, live_server
         box = page.locator("#switchboard-chat .panel > form textarea")
         box.fill("Hi, it's Jane")
         box.press("Enter")
-        expect(page.locator("#switchboard-chat .msg.visitor")).to_have_text("Hi, it's Jane")
+        # Shown at once; no longer pending once the server has stored it.
+        expect(page.locator("#switchboard-chat .msg.visitor:not(.pending)")).to_have_text(
+            "Hi, it's Jane"
+        )
         # Escape closes the panel and gives the launcher the focus back.
         box.press("Escape")
         expect(panel).to_be_hidden()
