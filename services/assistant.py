@@ -7,10 +7,11 @@ first-token timeout allows, and reports a failure so the caller can send a clear
 fallback. Once text flows, a stream is ended only by silence longer than the idle timeout or
 by the overall cap, and what came is kept, marked as cut.
 
-The request goes out through the client's own `post` (its documented way to send a body as
-is) rather than `chat.completions.create`, which first walks every message of the history
-through its typed-dict transform: 0.4 ms a message, 21 ms for a 50-message history, all of
-it on the path to the first delta, for plain strings that need no transforming.
+The request is sent as is, not through `chat.completions.create`, which first walks every
+message of the history through its typed-dict transform: 0.4 ms a message, 21 ms for a
+50-message history, all of it on the path to the first delta, for plain strings that need no
+transforming. It goes out with the client's headers, and the answer is read by a protocol of
+the process's stream loop (see _Upstream); through a proxy, by the client's own `post`.
 """
 
 from __future__ import annotations
@@ -21,13 +22,18 @@ import json
 import logging
 import os
 import queue
+import ssl
 import threading
 import time
+import urllib.request
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
+import httpx2
 import openai
 from flask import current_app
 
@@ -273,6 +279,7 @@ class _StreamLoop:
         gc.freeze()
         self.loop = asyncio.new_event_loop()
         self._clients: dict[tuple[str, str | None], openai.AsyncOpenAI] = {}
+        self._targets: dict[tuple[str, str | None], _Target] = {}
         thread = threading.Thread(target=self.loop.run_forever, name="assistant-streams")
         thread.daemon = True
         thread.start()
@@ -285,6 +292,13 @@ class _StreamLoop:
                 api_key=key[0], base_url=key[1], max_retries=0
             )
         return client
+
+    def target(self, key: tuple[str, str | None]) -> _Target:
+        """Where this endpoint's streams are read from (only used on the loop's thread)."""
+        target = self._targets.get(key)
+        if target is None:
+            target = self._targets[key] = _Target(self.client(key))
+        return target
 
 
 _stream_loop: _StreamLoop | None = None
@@ -299,15 +313,261 @@ def _streams() -> _StreamLoop:
         return _stream_loop
 
 
+class _Target:
+    """Where and how a process's stream loop sends its model requests itself: the endpoint's
+    address, and the request head the client would send (its own headers, so an organisation
+    or project set in the environment still goes out), built once per endpoint."""
+
+    def __init__(self, client: openai.AsyncOpenAI) -> None:
+        url = client.base_url.copy_with(raw_path=client.base_url.raw_path.rstrip(b"/") + b"/")
+        self.url = str(url.join("chat/completions"))
+        parts = urlsplit(self.url)
+        self.host = parts.hostname or ""
+        self.tls = parts.scheme == "https"
+        self.port = parts.port or (443 if self.tls else 80)
+        self.ssl = _ssl_context() if self.tls else None
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        host = parts.netloc.rpartition("@")[2]  # (with its port, if the URL names one)
+        headers = {
+            name: value
+            for name, value in {**client.default_headers, **client.auth_headers}.items()
+            if isinstance(value, str)
+        }
+        headers.update(
+            {
+                "Host": host,
+                "Accept": "text/event-stream",
+                "Accept-Encoding": "identity",
+                "Connection": "close",
+            }
+        )
+        self.head = f"POST {path} HTTP/1.1\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in headers.items()
+        )
+        # The client honours HTTP(S)_PROXY and friends; a proxied endpoint keeps its path.
+        self.proxied = _uses_proxy(parts.scheme, self.host)
+
+    def request_bytes(self, body: dict) -> bytes:
+        payload = json.dumps(body, ensure_ascii=False).encode()
+        return f"{self.head}Content-Length: {len(payload)}\r\n\r\n".encode("latin-1") + payload
+
+
+def _uses_proxy(scheme: str, host: str) -> bool:
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass_environment(host, proxies)
+
+
+_ssl: ssl.SSLContext | None = None
+
+
+def _ssl_context() -> ssl.SSLContext:
+    """The certificates the client trusts (certifi's, as httpx), loaded once per process."""
+    global _ssl
+    if _ssl is None:
+        try:
+            import certifi
+
+            _ssl = ssl.create_default_context(cafile=certifi.where())
+        except ImportError:
+            _ssl = ssl.create_default_context()
+    return _ssl
+
+
+class _StreamProtocol(asyncio.Protocol):
+    """A model's streamed answer, read as the bytes arrive: the status line and headers, then
+    the body (chunked, sized or up to the close) through the SSE reader, each event handed to
+    `on_event` in the same callback. Through the HTTP client each token also went through
+    its transport's pause and resume, a cancel scope and a coroutine per read: three
+    quarters of what a token cost the stream loop, which reads every reply of the process."""
+
+    def __init__(self, on_event: Callable[[bytes], bool], idle_timeout: float) -> None:
+        self.on_event = on_event
+        self.idle_timeout = idle_timeout
+        self.loop = asyncio.get_running_loop()
+        self.head: asyncio.Future = self.loop.create_future()
+        self.ended: asyncio.Future = self.loop.create_future()
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.transport: asyncio.Transport | None = None
+        self._buffer = b""  # the head until it is whole, then an unfinished chunk size line
+        self._framing = ""  # "chunked", "length" or "close"
+        self._left = 0  # bytes of the current chunk (chunked) or of the body (length)
+        self._trailer = False
+        self._events = _SSEData()
+        self._error_body: list[bytes] | None = None
+        self._decoder = None
+        self._last_data = self.loop.time()
+        self._timer = self.loop.call_later(idle_timeout, self._check_idle)
+
+    # --- asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self._last_data = self.loop.time()
+        try:
+            if not self.head.done():
+                data = self._read_head(data)
+                if not data:
+                    return
+            self._body(data)
+        except Exception as exc:  # noqa: BLE001 - ends this stream, never the loop
+            self._end(exc)
+
+    def eof_received(self) -> bool:
+        self._finish_at_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
+        if exc is not None and not self.ended.done():
+            self._end(exc)
+        else:
+            self._finish_at_eof()
+
+    # --- parts of the answer
+    def _read_head(self, data: bytes) -> bytes:
+        buffer = self._buffer + data
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > 65536:
+                    raise ValueError("response head too long")
+                self._buffer = buffer
+                return b""
+            lines = buffer[:end].decode("latin-1").split("\r\n")
+            buffer = buffer[end + 4 :]
+            status = int(lines[0].split(" ", 2)[1])
+            if 100 <= status < 200:
+                continue  # an informational answer before the real one
+            break
+        self._buffer = b""
+        self.status = status
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            self.headers[name.strip().lower()] = value.strip()
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            self._framing = "chunked"
+        elif "content-length" in self.headers:
+            self._framing, self._left = "length", int(self.headers["content-length"])
+        else:
+            self._framing = "close"
+        encoding = self.headers.get("content-encoding", "identity").lower()
+        if encoding in ("gzip", "deflate"):
+            self._decoder = zlib.decompressobj(wbits=47)
+        elif encoding != "identity":
+            raise ValueError(f"unsupported content encoding {encoding!r}")
+        if not 200 <= status < 300:
+            self._error_body = []  # read whole for the error, not as events
+        self.head.set_result(status)
+        return buffer
+
+    def _body(self, data: bytes) -> None:
+        if self._framing == "chunked":
+            data = self._dechunk(data)
+        elif self._framing == "length":
+            data = data[: self._left]
+            self._left -= len(data)
+        if self._decoder is not None:
+            data = self._decoder.decompress(data)
+        if data:
+            if self._error_body is not None:
+                self._error_body.append(data)
+            else:
+                for event in self._events.feed(data):
+                    if self.ended.done() or not self.on_event(event):
+                        self._end(None)
+                        return
+        if (self._framing == "length" and self._left <= 0) or self._trailer:
+            self._end(None)
+
+    def _dechunk(self, data: bytes) -> bytes:
+        if self._buffer:
+            data, self._buffer = self._buffer + data, b""
+        if self._left >= len(data):  # the usual case: within one chunk
+            self._left -= len(data)
+            return data
+        out = []
+        at, size = 0, len(data)
+        while at < size and not self._trailer:
+            if self._left:
+                take = min(self._left, size - at)
+                out.append(data[at : at + take])
+                at += take
+                self._left -= take
+                continue
+            end = data.find(b"\n", at)
+            if end < 0:
+                if size - at > 1024:
+                    raise ValueError("chunk size line too long")
+                self._buffer = data[at:]
+                break
+            line = data[at:end].strip()
+            at = end + 1
+            if line:  # (the empty line ends the chunk before it)
+                self._left = int(line.split(b";", 1)[0], 16)
+                self._trailer = self._left == 0
+        return b"".join(out)
+
+    def _finish_at_eof(self) -> None:
+        if self.ended.done():
+            return
+        if not self.head.done():
+            self._end(ConnectionError("the server closed the connection without an answer"))
+        elif self._framing == "close" or self._error_body is not None:
+            self._end(None)
+        else:
+            self._end(ConnectionError("the server closed the connection mid-answer"))
+
+    def _check_idle(self) -> None:
+        quiet = self.loop.time() - self._last_data
+        if quiet >= self.idle_timeout:
+            self._end(TimeoutError("no data within the read timeout"))
+        else:
+            self._timer = self.loop.call_later(self.idle_timeout - quiet, self._check_idle)
+
+    def _end(self, exc: BaseException | None) -> None:
+        self._timer.cancel()
+        if not self.head.done():
+            if exc is None:
+                exc = ConnectionError("the answer ended early")
+            self.head.set_exception(exc)
+            self.head.exception()  # (retrieved: `ended` carries it to the reader)
+        if not self.ended.done():
+            if exc is None:
+                self.ended.set_result(None)
+            else:
+                self.ended.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def error_body(self) -> bytes:
+        return b"".join(self._error_body or ())
+
+    def close(self) -> None:
+        self._timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+        for future in (self.head, self.ended):
+            if future.done() and not future.cancelled():
+                future.exception()  # (seen: a cancelled reader never awaited it)
+            else:
+                future.cancel()
+
+
 class _Upstream:
     """One streamed request, read on the process's stream loop, so the caller can keep its
     own clock: a silent model cannot hold it past a deadline or a visitor's Stop.
 
     Each text goes straight to `on_text` (on the loop's thread, one at a time); only the
-    stream's end or failure is posted to `inbox`. The client sends the request and checks
-    the answer's status as usual; the body's events are then read here, straight off the
-    response: the client's own stream decoder and typed chunk models cost several times
-    what the two fields read here do, for every token."""
+    stream's end or failure is posted to `inbox`. The request goes out with the client's
+    headers and its failures become the client's own errors (a 429 is a RateLimitError with
+    its Retry-After), but the answer is read by a protocol of the loop (_StreamProtocol),
+    and each event's two fields are picked out of it here: the client's stream decoder and
+    typed chunk models cost several times that, for every token. Through a proxy (set in
+    the environment) the client reads the answer itself."""
 
     def __init__(
         self,
@@ -329,6 +589,67 @@ class _Upstream:
         )
 
     async def _read(self, endpoint: tuple[str, str | None], timeout: float, body: dict) -> None:
+        streams = _streams()
+        target = self._target = streams.target(endpoint)
+        if target.proxied:
+            await self._read_through_client(endpoint, timeout, body)
+            return
+        loop = asyncio.get_running_loop()
+        protocol: _StreamProtocol | None = None
+
+        def connected() -> _StreamProtocol:
+            nonlocal protocol
+            protocol = _StreamProtocol(self._event, timeout)
+            return protocol
+
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(
+                    connected,
+                    target.host,
+                    target.port,
+                    ssl=target.ssl,
+                    server_hostname=target.host if target.tls else None,
+                ),
+                timeout,
+            )
+            protocol.transport.write(target.request_bytes(body))
+            status = await protocol.head
+            await protocol.ended
+            if not 200 <= status < 300:
+                response = httpx2.Response(
+                    status,
+                    headers=list(protocol.headers.items()),
+                    content=protocol.error_body(),
+                    request=self._request(),
+                )
+                raise streams.client(endpoint)._make_status_error_from_response(response)
+            self.inbox.put((self, "end", None))
+        except openai.APIError as exc:
+            self.inbox.put((self, "error", exc))
+        except TimeoutError:
+            self.inbox.put((self, "error", openai.APITimeoutError(request=self._request())))
+        except Exception as exc:  # noqa: BLE001 - a refused connection, a transport failure
+            failure = openai.APIConnectionError(message=str(exc), request=self._request())
+            self.inbox.put((self, "error", failure))
+        finally:
+            # Closing the connection before the answer's end tells the provider we went (a
+            # Stop or a timeout ends the model's work, not just the display).
+            if protocol is not None:
+                protocol.close()
+
+    def _request(self) -> httpx2.Request:
+        return httpx2.Request("POST", self._target.url)
+
+    def _event(self, data: bytes) -> bool:
+        """One event of the answer; False once the reply has ended."""
+        if data.startswith(b"[DONE]"):
+            return False
+        return self._take(json.loads(data))
+
+    async def _read_through_client(
+        self, endpoint: tuple[str, str | None], timeout: float, body: dict
+    ) -> None:
         try:
             client = _streams().client(endpoint).with_options(timeout=timeout)
             stream = await client.post(
@@ -351,7 +672,7 @@ class _Upstream:
                     if data.startswith(b"[DONE]"):
                         self.inbox.put((self, "end", None))
                         return
-                    if not self._take(json.loads(data), response):
+                    if not self._take(json.loads(data)):
                         return
             self.inbox.put((self, "end", None))
         except openai.APIError as exc:
@@ -364,7 +685,7 @@ class _Upstream:
             # sees us go (a Stop or a timeout ends the model's work, not just the display).
             await response.aclose()
 
-    def _take(self, chunk: object, response) -> bool:
+    def _take(self, chunk: object) -> bool:
         """Use one chunk; False once the caller has ended the reply."""
         if not isinstance(chunk, dict):
             return True
@@ -373,7 +694,7 @@ class _Upstream:
             message = error.get("message") if isinstance(error, dict) else None
             raise openai.APIError(
                 message=message if isinstance(message, str) else "An error occurred",
-                request=response.request,
+                request=self._request(),
                 body=error,
             )
         usage = chunk.get("usage")

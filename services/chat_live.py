@@ -17,7 +17,7 @@ from events.live import RedisBus, encode
 from extensions import db
 from models.chats import Chat, Message
 from services.chats import chat_topic, is_row_id, row_facts
-from services.live import bus, publish, render_fragment, tenant_topic
+from services.live import bus, fragments, publish, render_fragment, tenant_topic
 from services.rendering import markdown_to_safe_html
 
 log = logging.getLogger(__name__)
@@ -100,18 +100,25 @@ def status_json(chat: Chat) -> dict[str, Any]:
 
 def publish_chat_row(chat: Chat, *, created: bool = False) -> None:
     facts = row_facts([chat.id])
+    with fragments():
+        frames = chat_row_frames(chat, facts, created=created)
+    bus().publish_many(frames)
+
+
+def chat_row_frames(chat: Chat, facts: dict, *, created: bool = False) -> list[tuple[str, str]]:
+    """The frames of a chat's list row and of its page's header, as (topic, data)."""
     html = render_fragment("chats/_row_push.html", chat=chat, created=created, row_facts=facts)
     # A new chat's row is an append: no later update of the row may merge it away.
     key = append_key(f"chat-row-{chat.id}") if created else f"chat-row-{chat.id}"
-    publish(tenant_topic(chat.tenant_id, "chats"), key, html=html)
     # The chat's own page refreshes its header (status, count, satisfaction, summary).
     header = render_fragment("chats/_header.html", chat=chat, oob=True)
-    publish(
-        chat_topic(chat.tenant_id, chat.id),
-        f"chat-header-{chat.id}",
-        html=header,
-        json_data=status_json(chat),
-    )
+    return [
+        (tenant_topic(chat.tenant_id, "chats"), encode(key, html=html)),
+        (
+            chat_topic(chat.tenant_id, chat.id),
+            encode(f"chat-header-{chat.id}", html=header, json_data=status_json(chat)),
+        ),
+    ]
 
 
 # RedisBus's numbered XADD (events/live.py), for many frames in one call: KEYS are each
@@ -340,43 +347,42 @@ class ReplyStream:
         cancelled: bool = False,
         error_code: str | None = None,
     ) -> None:
-        html = self._slot("")
-        if message is not None:
-            html += render_fragment("chats/_message_push.html", m=message, replace=False)
-        # The last coalesced text goes out first, in the same round trip: `done` follows
-        # every delta on the topic.
-        with self.send_lock:
-            frame = self.take_frame()
-            frames = [(frame[1], frame[2])] if frame is not None else []
-            frames.append(
-                (
-                    self.topic,
-                    encode(
-                        f"done-{self.reply_id}",
-                        html=html,
-                        json_data={
-                            "type": "done",
-                            "reply_id": self.reply_id,
-                            "seq": self.seq,
-                            "chunks": self.chunks,
-                            "message": message_json(message) if message is not None else None,
-                            "usage": usage,
-                            "cancelled": cancelled,
-                        },
-                    ),
-                )
-            )
-            try:
-                self.bus.publish_many(frames)
-            except Exception as exc:  # noqa: BLE001 - the reply goes on; see the class doc
-                self.failed_to_publish(exc)
+        # The chat's list row and header change too (its count and last message): read
+        # first, then every fragment rendered in one scope and every frame sent in one
+        # round trip, the reply's last text first (`done` follows every delta on the topic).
+        chat, facts = None, {}
         if message is not None:
             try:
                 chat = db.session.get(Chat, message.chat_id)
-                if chat is not None:
-                    publish_chat_row(chat)  # its count and last message
+                facts = row_facts([chat.id]) if chat is not None else {}
             except Exception as exc:  # noqa: BLE001 - the next snapshot shows the row
                 log.warning("reply %s: chat row not published: %s", self.reply_id, exc)
+                chat = None
+        html = self._slot("")
+        row_frames: list[tuple[str, str]] = []
+        with fragments():
+            if message is not None:
+                html += render_fragment("chats/_message_push.html", m=message, replace=False)
+            if chat is not None:
+                row_frames = chat_row_frames(chat, facts)
+        message_data = message_json(message) if message is not None else None
+        with self.send_lock:
+            frame = self.take_frame()
+            frames = [(frame[1], frame[2])] if frame is not None else []
+            done = {
+                "type": "done",
+                "reply_id": self.reply_id,
+                "seq": self.seq,
+                "chunks": self.chunks,
+                "message": message_data,
+                "usage": usage,
+                "cancelled": cancelled,
+            }
+            frames.append((self.topic, encode(f"done-{self.reply_id}", html=html, json_data=done)))
+            try:
+                self.bus.publish_many(frames + row_frames)
+            except Exception as exc:  # noqa: BLE001 - the reply goes on; see the class doc
+                self.failed_to_publish(exc)
         if error_code:
             self._publish(
                 f"error-{self.reply_id}",

@@ -163,6 +163,16 @@ def cancel_key(reply_id: str) -> str:
     return f"cancel:{reply_id}"
 
 
+# How many of a process's replies may be ending at once (saved, their last frames and the
+# chat's row rendered and sent). That is Python work that holds the interpreter lock; a few
+# hundred threads doing it together each get the lock in turn, and so does the loop that
+# reads every reply's model stream: the replies still streaming stalled, all at the same
+# moment. Waiting here, a reply's thread leaves the lock to the few that are working and
+# to the stream loop. (Starts are not held back: the visitor waits for the first delta.)
+REPLY_ENDS_AT_ONCE = 3
+_reply_ends = threading.BoundedSemaphore(REPLY_ENDS_AT_ONCE)
+
+
 @task(name="generate_reply", queue="assistant", max_retries=0, time_limit_ms=120_000)
 def generate_reply(message_id: int) -> None:
     """Stream the assistant's reply to a visitor message, then save it (idempotent)."""
@@ -219,9 +229,10 @@ def generate_reply(message_id: int) -> None:
         raise
     finally:
         lease.release()
-    stream.done(
-        saved, usage=outcome.usage, cancelled=outcome.cancelled, error_code=outcome.error_code
-    )
+    with _reply_ends:
+        stream.done(
+            saved, usage=outcome.usage, cancelled=outcome.cancelled, error_code=outcome.error_code
+        )
     _forget_started(started_key)
 
 
@@ -337,6 +348,15 @@ def _stop_requests(store) -> _StopRequests:
         return stops
 
 
+# Built once (a statement built per call costs its cache key again).
+_LOCK_VISITOR_MESSAGE = (
+    select(Message.id).where(Message.id == bindparam("message_id")).with_for_update()
+)
+_SAVED_REPLY = select(Message).where(
+    Message.in_response_to_id == bindparam("message_id"), Message.sender == "assistant"
+)
+
+
 def _save_reply(chat_id: int, message_id: int, outcome: _Outcome) -> Message | None:
     """Save the reply once (a second writer's reply is kept instead), retrying while the
     database is away for up to CHAT_REPLY_SAVE_RETRY_SECONDS: the text is in this process
@@ -347,24 +367,8 @@ def _save_reply(chat_id: int, message_id: int, outcome: _Outcome) -> Message | N
     delay = 0.5
     while True:
         try:
-            # The visitor message's row lock orders two writers of the same reply.
-            db.session.execute(select(Message.id).where(Message.id == message_id).with_for_update())
-            existing = db.session.scalar(
-                select(Message).where(
-                    Message.in_response_to_id == message_id, Message.sender == "assistant"
-                )
-            )
-            saved = existing or chats.add_message(
-                db.session.get(Chat, chat_id),
-                "assistant",
-                outcome.text,
-                in_response_to_id=message_id,
-                usage=outcome.usage,
-                processing_ms=outcome.ms,
-                interrupted=outcome.interrupted,
-            )
-            db.session.commit()
-            return saved
+            with _reply_ends:  # (not while it waits for the database to come back)
+                return _save_reply_once(chat_id, message_id, outcome)
         except (OperationalError, DBAPIError) as exc:
             try:
                 db.session.rollback()
@@ -379,6 +383,30 @@ def _save_reply(chat_id: int, message_id: int, outcome: _Outcome) -> Message | N
             log.warning("reply to message %s not saved yet (%s); retrying", message_id, exc)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _save_reply_once(chat_id: int, message_id: int, outcome: _Outcome) -> Message:
+    # The visitor message's row lock orders two writers of the same reply.
+    db.session.execute(_LOCK_VISITOR_MESSAGE, {"message_id": message_id})
+    existing = db.session.scalar(_SAVED_REPLY, {"message_id": message_id})
+    saved = existing or chats.add_message(
+        db.session.get(Chat, chat_id),
+        "assistant",
+        outcome.text,
+        in_response_to_id=message_id,
+        usage=outcome.usage,
+        processing_ms=outcome.ms,
+        interrupted=outcome.interrupted,
+    )
+    # The saved reply is published as it was written: expired by the commit, it would be
+    # read back with a SELECT of its own for the `done` frame.
+    session = db.session()
+    session.expire_on_commit = False
+    try:
+        db.session.commit()
+    finally:
+        session.expire_on_commit = True
+    return saved
 
 
 class ReplyLease:
