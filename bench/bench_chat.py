@@ -48,7 +48,12 @@ run against the same fake server:
   s); every delta frame's receipt time is kept. A level passes when the p99 gap between a
   visitor's consecutive delta frames is ≤ GAP_LIMIT_MS and every reply is exact (frames
   numbered 1..k in order, their text the model's, `done` naming k frames and all tokens, the
-  saved Message equal to the model's text). Levels rise (--chat-levels) until one fails;
+  saved Message equal to the model's text). By default the handler workers are paused
+  during a level (--chat-ramp-handlers): the web process enqueues each reply as the visitor's
+  message commits, so the replies go on, and what is measured is the assistant process and
+  the relay, not a 2-core machine also running hundreds of messages' handlers in the same two
+  seconds (~40 ms of CPU each); their backlog runs between levels. Levels rise
+  (--chat-levels) until one fails;
   FIGURES["assistant_concurrent_replies"] is the last that passed. The same gaps are also
   read from the Redis Stream ids of the frames (when the assistant process added them), so a
   gap can be told apart from the web process's relay. Before the ramp, TTFD is sampled
@@ -188,6 +193,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="replies streaming during those samples (default 100; --quick 20)",
     )
     group.add_argument(
+        "--chat-ramp-handlers",
+        choices=("paused", "running"),
+        default="paused",
+        help="the handler workers during each ramp level: paused (default; the replies are "
+        "started by the web process, and the assistant process is measured on its own) or "
+        "running (everything on the same cores: the burst of visitor messages' handlers)",
+    )
+    group.add_argument(
         "--chat-ramp-only",
         action="store_true",
         help="only the concurrent replies (the TTFD under load and the ramp): no TTFD "
@@ -318,6 +331,7 @@ def _concurrency(args, penv: ProdEnv, site: _Site, fake, levels: list[int]) -> l
             web.wait_ready()
             bench = _ChatBench(penv, site, web, workers, assistant, fake)
             bench.paced_url, bench.paced_pid = paced_url, paced.pid
+            bench.ramp_paused = args.chat_ramp_handlers == "paused"
             return bench.concurrency(levels, _size(args, "paced_tokens"), loaded, probes)
     finally:
         paced.kill()
@@ -730,6 +744,7 @@ class _ChatBench:
         self.workers, self.assistant = workers, assistant
         self.openai = openai.OpenAI(base_url=fake.base_url, api_key="bench-key", max_retries=0)
         self.tag = uuid.uuid4().hex[:6]
+        self.ramp_paused = True
 
     # ------------------------------------------------------------ one sample of each kind
 
@@ -1262,9 +1277,13 @@ class _ChatBench:
 
     # ------------------------------------------------------------ concurrent replies
 
-    def _paced(self, count: int, tokens: int, probes: int = 0) -> dict:
+    def _paced(
+        self, count: int, tokens: int, probes: int = 0, handlers_paused: bool = False
+    ) -> dict:
         """One round of `count` paced replies (and TTFD probes), read by a child process;
-        CPU of each process group over it, and the saved replies checked."""
+        CPU of each process group over it, and the saved replies checked. With
+        `handlers_paused`, the handler workers are stopped for the round (their backlog of
+        the visitors' messages runs before the next round)."""
         import multiprocessing
 
         reply = " ".join(f"tok{i}" for i in range(tokens))
@@ -1294,6 +1313,8 @@ class _ChatBench:
         parent, child = context.Pipe(duplex=False)
         proc = context.Process(target=_paced_round_child, args=(child, params), daemon=True)
         cpu.start()
+        if handlers_paused:
+            self.workers.pause()
         proc.start()
         child.close()
         try:
@@ -1306,6 +1327,8 @@ class _ChatBench:
             if proc.is_alive():
                 proc.kill()
             cpu.stop()
+            if handlers_paused:
+                self.workers.resume()
         if "error" in out:
             raise BenchError(f"round of {count} paced replies: {out['error']}")
         self.assistant.check_alive()
@@ -1450,7 +1473,7 @@ class _ChatBench:
         best, tried = 0, []
         for count in levels:
             note(f"{count} concurrent replies at {REPLY_RATE:g} tokens/s × {tokens} tokens")
-            out = self._paced(count, tokens)
+            out = self._paced(count, tokens, handlers_paused=self.ramp_paused)
             cpu = out["cpu_meter"]
             p99 = out["gap"]["p99"]
             passed = p99 <= GAP_LIMIT_MS and out["exact"] == count and out["saved"] == count
@@ -1506,7 +1529,15 @@ class _ChatBench:
                 detail=(
                     f"the most replies at {REPLY_RATE:g} tokens/s each with the p99 gap "
                     f"between a visitor's deltas ≤ {GAP_LIMIT_MS:g} ms and every reply exact, "
-                    f"one `assistant` process; levels tried: "
+                    f"one `assistant` process, the handler workers "
+                    + (
+                        "paused during each level (the web process enqueues each reply "
+                        "as the visitor's message commits; their handlers run between "
+                        "levels)"
+                        if self.ramp_paused
+                        else "running on the same cores"
+                    )
+                    + "; levels tried: "
                     + "; ".join(tried)
                     + (
                         " (the last level passed: the ceiling is higher)"
