@@ -162,8 +162,17 @@ class Registry:
 
 
 def _may_overlap(a: str, b: str) -> bool:
-    """Whether two topic patterns may match a topic in common (wildcards: assumed so)."""
-    return a == b or any(c in a + b for c in "*?[")
+    """Whether two topic patterns may match a topic in common: one matches the other, or
+    both have wildcards and what comes before their first wildcard agrees (`*.updated` and
+    `device.*` do; `chat.*` and `device.*` do not). When in doubt, yes."""
+    if fnmatch.fnmatchcase(a, b) or fnmatch.fnmatchcase(b, a):
+        return True
+    wild = "*?["
+    if not any(c in a for c in wild) or not any(c in b for c in wild):
+        return False  # a plain topic: fnmatch has answered
+    head_a = a[: min(a.find(c) for c in wild if c in a)]
+    head_b = b[: min(b.find(c) for c in wild if c in b)]
+    return head_a.startswith(head_b) or head_b.startswith(head_a)
 
 
 registry = Registry()

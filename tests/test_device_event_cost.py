@@ -151,3 +151,4 @@ def test_a_device_event_is_one_message_for_all_its_handlers(app):
     # The devices actor is sized for what the route brings it.
     members = {spec.name for spec in registry.group_members("devices")}
     assert {"device_updated", "live_feed", "metrics.count"} <= members
+    assert "chat_sentiment" not in members  # message.created never comes to the devices group
