@@ -509,3 +509,39 @@ def test_the_model_stream_is_read_whole_however_its_bytes_are_cut():
             for piece in pieces:
                 events += reader.feed(piece)
             assert events == expected, (cut, step)
+
+
+def test_a_reply_never_overtakes_the_ack_of_its_message(app, factory):
+    """The reply's job goes out at the commit just before the visitor's ack: a thread of a
+    busy web process may be descheduled in between, and the reply's first frames reach the
+    socket first. The socket holds them until the ack is sent; other replies pass."""
+    from blueprints.live.chat import ChatSocket
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sent: list[dict] = []
+
+        def send(self, data: str) -> None:
+            import json
+
+            self.sent.append(json.loads(data))
+
+    tenant = factory.tenant()
+    ws = Recorder()
+    with app.test_request_context():
+        sock = ChatSocket(ws, tenant, None, "visitor-1")
+    sock.awaiting_ack.add(42)  # as on_message does before its commit
+    sock.forward({"type": "typing", "from": "assistant", "reply_id": "r42", "typing": True})
+    sock.forward({"type": "delta", "reply_id": "r42", "seq": 1, "text": "Hel"})
+    sock.forward({"type": "delta", "reply_id": "r7", "seq": 3, "text": "other"})
+    assert [f.get("reply_id") for f in ws.sent] == ["r7"]  # another reply is not held
+    sock.forward({"type": "message", "message": {"id": 42, "sender": "visitor"}})
+    sock.forward({"type": "delta", "reply_id": "r42", "seq": 2, "text": "lo"})
+    kinds = [(f["type"], f.get("reply_id"), f.get("seq")) for f in ws.sent[1:]]
+    assert kinds == [
+        ("message", None, None),
+        ("typing", "r42", None),
+        ("delta", "r42", 1),
+        ("delta", "r42", 2),
+    ]
+    assert sock.awaiting_ack == set() and sock.held == {}

@@ -120,6 +120,10 @@ class ChatSocket:
         self.sent_seq: dict[str, int] = {}
         self.done_replies: set[str] = set()
         self.sent_messages: set[int] = set()
+        # Messages saved by this socket whose ack it has not sent yet, and the frames of their
+        # replies held back until it has (both under write_lock).
+        self.awaiting_ack: set[int] = set()
+        self.held: dict[int, list[dict[str, Any]]] = {}
         self.pump: threading.Thread | None = None
         # Who the embedding site says the visitor is (session_init / identify frames).
         self.identity: visitor_identity.Identity | None = None
@@ -143,6 +147,13 @@ class ChatSocket:
     def _forward(self, frame: dict[str, Any]) -> None:
         kind = frame.get("type")
         reply = frame.get("reply_id")
+        answered = chat_live.visitor_message_id_of(reply) if reply is not None else None
+        if answered is not None and answered in self.awaiting_ack:
+            # The reply to a message whose acknowledgement this socket has not sent yet: the
+            # job goes out at the commit, just before the ack, and a web process short of CPU
+            # once let the reply's first delta overtake it (the visitor's widget lost it).
+            self.held.setdefault(answered, []).append(frame)
+            return
         if kind == "delta":
             if reply in self.done_replies or frame.get("seq", 0) <= self.sent_seq.get(reply, 0):
                 return
@@ -162,6 +173,12 @@ class ChatSocket:
         elif kind == "typing" and frame.get("from") == "visitor":
             return  # the visitor's own typing is for the console
         self.send(frame)
+        if kind == "message":
+            message_id = (frame.get("message") or {}).get("id")
+            if message_id in self.awaiting_ack:
+                self.awaiting_ack.discard(message_id)
+                for held in self.held.pop(message_id, ()):
+                    self._forward(held)
 
     def _pump(self) -> None:
         while not self.closed.is_set():
@@ -467,14 +484,24 @@ class ChatSocket:
             # The widget learns its chat's id here when this message has just created it.
             "chat_id": self.chat_public_id,
         }
-        # The visitor's message is acknowledged the moment it is committed, before the reply
-        # is queued: registered first, this runs first. Sent after commit() returned instead,
-        # it came after the commit's events were sent, and a fast reply's first deltas could
-        # overtake it (the widget showed the answer above the question).
+        # The visitor's message is acknowledged the moment it is committed, right after the
+        # reply's job goes out and before the commit's events. Sent after commit() returned
+        # instead, it came after the events were sent, and a fast reply's first deltas could
+        # overtake it (the widget showed the answer above the question). Until it is sent,
+        # this socket holds back the reply's frames (_forward): a thread of a busy process
+        # can wait a while between the job's send and the ack's.
+        with self.write_lock:
+            self.awaiting_ack.add(message.id)
         on_commit(lambda: self._send_ack(ack), before_events=True)
         if chats.should_auto_reply(chat):
             chats.start_reply_now(message.id)
-        db.session.commit()  # saved before any model call
+        try:
+            db.session.commit()  # saved before any model call
+        except BaseException:
+            with self.write_lock:  # not saved: no reply will come
+                self.awaiting_ack.discard(message.id)
+                self.held.pop(message.id, None)
+            raise
 
     def _send_ack(self, ack: dict[str, Any]) -> None:
         try:
