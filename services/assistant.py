@@ -11,7 +11,9 @@ The request is sent as is, not through `chat.completions.create`, which first wa
 message of the history through its typed-dict transform: 0.4 ms a message, 21 ms for a
 50-message history, all of it on the path to the first delta, for plain strings that need no
 transforming. It goes out with the client's headers, and the answer is read by a protocol of
-the process's stream loop (see _Upstream); through a proxy, by the client's own `post`.
+the process's stream loop (see _Upstream); through a proxy, by the client's own `post`. The
+loop keeps its connections to the model server for the next reply (see _Pool), as the
+client's connection pool did: no TCP (and TLS) handshake before each reply's first delta.
 """
 
 from __future__ import annotations
@@ -280,6 +282,7 @@ class _StreamLoop:
         self.loop = asyncio.new_event_loop()
         self._clients: dict[tuple[str, str | None], openai.AsyncOpenAI] = {}
         self._targets: dict[tuple[str, str | None], _Target] = {}
+        self.pools: dict[tuple[str, str, int], _Pool] = {}
         thread = threading.Thread(target=self.loop.run_forever, name="assistant-streams")
         thread.daemon = True
         thread.start()
@@ -299,6 +302,13 @@ class _StreamLoop:
         if target is None:
             target = self._targets[key] = _Target(self.client(key))
         return target
+
+    def pool(self, key: tuple[str, str, int]) -> _Pool:
+        """The kept connections to this (scheme, host, port) (only used on the loop's thread)."""
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = _Pool(self.loop)
+        return pool
 
 
 _stream_loop: _StreamLoop | None = None
@@ -325,6 +335,7 @@ class _Target:
         self.host = parts.hostname or ""
         self.tls = parts.scheme == "https"
         self.port = parts.port or (443 if self.tls else 80)
+        self.key = (parts.scheme, self.host, self.port)  # (its pool of kept connections)
         self.ssl = _ssl_context() if self.tls else None
         path = parts.path + (f"?{parts.query}" if parts.query else "")
         host = parts.netloc.rpartition("@")[2]  # (with its port, if the URL names one)
@@ -338,7 +349,7 @@ class _Target:
                 "Host": host,
                 "Accept": "text/event-stream",
                 "Accept-Encoding": "identity",
-                "Connection": "close",
+                # (No "Connection: close": an HTTP/1.1 connection is kept, see _Pool.)
             }
         )
         self.head = f"POST {path} HTTP/1.1\r\n" + "".join(
@@ -375,6 +386,87 @@ def _ssl_context() -> ssl.SSLContext:
     return _ssl
 
 
+# At most this many idle connections are kept per endpoint. A process's replies to one
+# provider overlap by a few dozen at a busy moment: 32 lets that steady traffic find its
+# connections again, without holding sockets (and the provider's connection slots) by the
+# hundred after a burst; the connections of a burst beyond it are closed as they come back.
+POOL_MAX_IDLE = 32
+# An idle connection is closed after this long. It is under the keep-alive of the usual
+# front ends (nginx 75 s, cloud load balancers 60 s), so we seldom write on one the server is
+# just letting go; a server that keeps them for less (uvicorn: 5 s) is seen closing it (its
+# eof takes it out of the pool), and a request that still meets one closed meanwhile is sent
+# again on a new connection (see _Upstream._read).
+POOL_IDLE_SECONDS = 30.0
+# After a reply's last event ([DONE]), the end of its body (a chunked answer's terminator) is
+# waited for this long, off the reply's clock, for the connection to be kept.
+DRAIN_SECONDS = 5.0
+
+
+class _Pool:
+    """The idle kept connections to one endpoint (scheme, host, port), on the stream loop.
+
+    A connection comes back only from an answer read to its end, from a server that keeps
+    it (HTTP/1.1, no `Connection: close`); the most recently used goes out first (the least
+    likely to have been closed by the server meanwhile)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.idle: list[_IdleConnection] = []
+
+    def take(self) -> asyncio.Transport | None:
+        while self.idle:
+            transport = self.idle.pop().detach()
+            if transport is not None and not transport.is_closing():
+                return transport
+        return None
+
+    def put(self, transport: asyncio.Transport) -> None:
+        if transport.is_closing() or POOL_MAX_IDLE <= 0:
+            transport.close()
+            return
+        while len(self.idle) >= POOL_MAX_IDLE:
+            self.idle[0].close()  # (the oldest goes)
+        self.idle.append(_IdleConnection(self, transport))
+
+    def drop(self, connection: _IdleConnection) -> None:
+        if connection in self.idle:
+            self.idle.remove(connection)
+
+
+class _IdleConnection(asyncio.Protocol):
+    """A kept connection waiting in its pool: the server closing it (or sending anything,
+    when nothing is owed) takes it out and closes it, and so does its idle time running out."""
+
+    def __init__(self, pool: _Pool, transport: asyncio.Transport) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = transport
+        transport.set_protocol(self)
+        self._timer = pool.loop.call_later(POOL_IDLE_SECONDS, self.close)
+
+    def detach(self) -> asyncio.Transport | None:
+        """The connection, taken for a request (None if it was closed)."""
+        self._timer.cancel()
+        transport, self.transport = self.transport, None
+        return transport
+
+    def close(self) -> None:
+        self.pool.drop(self)
+        transport = self.detach()
+        if transport is not None:
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        self.close()
+
+    def eof_received(self) -> bool:
+        self.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.drop(self)
+        self.detach()
+
+
 class _StreamProtocol(asyncio.Protocol):
     """A model's streamed answer, read as the bytes arrive: the status line and headers, then
     the body (chunked, sized or up to the close) through the SSE reader, each event handed to
@@ -382,8 +474,14 @@ class _StreamProtocol(asyncio.Protocol):
     its transport's pause and resume, a cancel scope and a coroutine per read: three
     quarters of what a token cost the stream loop, which reads every reply of the process."""
 
-    def __init__(self, on_event: Callable[[bytes], bool], idle_timeout: float) -> None:
+    def __init__(
+        self,
+        on_event: Callable[[bytes], bool],
+        idle_timeout: float,
+        pool: _Pool | None = None,
+    ) -> None:
         self.on_event = on_event
+        self.pool = pool  # where the connection goes back to (see release)
         self.idle_timeout = idle_timeout
         self.loop = asyncio.get_running_loop()
         self.head: asyncio.Future = self.loop.create_future()
@@ -391,6 +489,10 @@ class _StreamProtocol(asyncio.Protocol):
         self.status = 0
         self.headers: dict[str, str] = {}
         self.transport: asyncio.Transport | None = None
+        self.received = False  # any byte of the answer came
+        self.complete = False  # the answer was read to its very end
+        self.keep_alive = False  # ... and then the server keeps the connection
+        self._draining = False  # the reply is over; the body's end is still read for the pool
         self._buffer = b""  # the head until it is whole, then an unfinished chunk size line
         self._framing = ""  # "chunked", "length" or "close"
         self._left = 0  # bytes of the current chunk (chunked) or of the body (length)
@@ -407,10 +509,14 @@ class _StreamProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._last_data = self.loop.time()
+        self.received = True
+        if self.complete:
+            self.keep_alive = False  # bytes past the answer's end: the connection is not kept
+            return
         try:
             if not self.head.done():
                 data = self._read_head(data)
-                if not data:
+                if not data and not (self._framing == "length" and self._left <= 0):
                     return
             self._body(data)
         except Exception as exc:  # noqa: BLE001 - ends this stream, never the loop
@@ -439,7 +545,8 @@ class _StreamProtocol(asyncio.Protocol):
                 return b""
             lines = buffer[:end].decode("latin-1").split("\r\n")
             buffer = buffer[end + 4 :]
-            status = int(lines[0].split(" ", 2)[1])
+            version, status = lines[0].split(" ", 2)[:2]
+            status = int(status)
             if 100 <= status < 200:
                 continue  # an informational answer before the real one
             break
@@ -454,6 +561,10 @@ class _StreamProtocol(asyncio.Protocol):
             self._framing, self._left = "length", int(self.headers["content-length"])
         else:
             self._framing = "close"
+        connection = self.headers.get("connection", "").lower()
+        self.keep_alive = (
+            version == "HTTP/1.1" and self._framing != "close" and "close" not in connection
+        )
         encoding = self.headers.get("content-encoding", "identity").lower()
         if encoding in ("gzip", "deflate"):
             self._decoder = zlib.decompressobj(wbits=47)
@@ -468,20 +579,28 @@ class _StreamProtocol(asyncio.Protocol):
         if self._framing == "chunked":
             data = self._dechunk(data)
         elif self._framing == "length":
+            if len(data) > self._left:
+                self.keep_alive = False  # bytes past the answer's end
             data = data[: self._left]
             self._left -= len(data)
-        if self._decoder is not None:
-            data = self._decoder.decompress(data)
-        if data:
-            if self._error_body is not None:
-                self._error_body.append(data)
-            else:
-                for event in self._events.feed(data):
-                    if self.ended.done() or not self.on_event(event):
-                        self._end(None)
-                        return
-        if (self._framing == "length" and self._left <= 0) or self._trailer:
+            self.complete = self._left <= 0
+        if self.ended.done():
+            pass  # the reply is over ([DONE]): the rest of the body is only read through
+        elif self._error_body is not None:
+            if self._decoder is not None:
+                data = self._decoder.decompress(data)
+            self._error_body.append(data)
+        elif data:
+            if self._decoder is not None:
+                data = self._decoder.decompress(data)
+            for event in self._events.feed(data):
+                if not self.on_event(event):
+                    self._end(None)
+                    break
+        if (self.complete or self._trailer) and not self.ended.done():
             self._end(None)
+        if self._draining and self.complete:
+            self._to_pool()
 
     def _dechunk(self, data: bytes) -> bytes:
         if self._buffer:
@@ -491,7 +610,7 @@ class _StreamProtocol(asyncio.Protocol):
             return data
         out = []
         at, size = 0, len(data)
-        while at < size and not self._trailer:
+        while at < size and not self.complete:
             if self._left:
                 take = min(self._left, size - at)
                 out.append(data[at : at + take])
@@ -506,9 +625,13 @@ class _StreamProtocol(asyncio.Protocol):
                 break
             line = data[at:end].strip()
             at = end + 1
-            if line:  # (the empty line ends the chunk before it)
+            if self._trailer:  # after the last chunk: trailer fields, up to an empty line
+                self.complete = not line
+            elif line:  # (the empty line ends the chunk before it)
                 self._left = int(line.split(b";", 1)[0], 16)
                 self._trailer = self._left == 0
+        if at < size:
+            self.keep_alive = False  # bytes past the answer's end
         return b"".join(out)
 
     def _finish_at_eof(self) -> None:
@@ -540,11 +663,44 @@ class _StreamProtocol(asyncio.Protocol):
                 self.ended.set_result(None)
             else:
                 self.ended.set_exception(exc)
-        if self.transport is not None:
-            self.transport.close()
+        if exc is not None and self.transport is not None:
+            self.transport.close()  # (the end of a whole answer waits for `release`)
 
     def error_body(self) -> bytes:
         return b"".join(self._error_body or ())
+
+    def release(self, keep: bool) -> None:
+        """The reader is done with this answer. If it was read to its end (`keep`: the body's
+        or the reply's last event) and the server keeps the connection, the connection goes
+        back to the pool, once the rest of the body (the terminator after a [DONE]) is read;
+        else it is closed, which tells the provider we went (a Stop or a timeout ends the
+        model's work, not just the display)."""
+        transport = self.transport
+        if (
+            not keep
+            or not self.keep_alive
+            or self.pool is None
+            or transport is None
+            or transport.is_closing()
+            or not self.ended.done()
+            or self.ended.cancelled()
+            or self.ended.exception() is not None
+        ):
+            self.close()
+        elif self.complete:
+            self._to_pool()
+        else:
+            self._draining = True
+            self._timer.cancel()
+            self._timer = self.loop.call_later(DRAIN_SECONDS, self.close)
+
+    def _to_pool(self) -> None:
+        self._timer.cancel()
+        transport, self.transport = self.transport, None
+        if self.keep_alive and transport is not None and self.pool is not None:
+            self.pool.put(transport)
+        elif transport is not None:
+            transport.close()
 
     def close(self) -> None:
         self._timer.cancel()
@@ -584,6 +740,7 @@ class _Upstream:
         self.last_text_at = 0.0
         self._lock = threading.Lock()
         self._closed = False
+        self._done = False  # the answer's [DONE] came
         self._task = asyncio.run_coroutine_threadsafe(
             self._read(endpoint, timeout, body), _streams().loop
         )
@@ -595,27 +752,51 @@ class _Upstream:
             await self._read_through_client(endpoint, timeout, body)
             return
         loop = asyncio.get_running_loop()
+        pool = streams.pool(target.key)
+        request = target.request_bytes(body)
         protocol: _StreamProtocol | None = None
+        read_whole = False
 
         def connected() -> _StreamProtocol:
             nonlocal protocol
-            protocol = _StreamProtocol(self._event, timeout)
+            protocol = _StreamProtocol(self._event, timeout, pool)
             return protocol
 
         try:
-            await asyncio.wait_for(
-                loop.create_connection(
-                    connected,
-                    target.host,
-                    target.port,
-                    ssl=target.ssl,
-                    server_hostname=target.host if target.tls else None,
-                ),
-                timeout,
-            )
-            protocol.transport.write(target.request_bytes(body))
-            status = await protocol.head
+            kept = pool.take()
+            while True:
+                if kept is not None:
+                    connected()
+                    kept.set_protocol(protocol)
+                    protocol.connection_made(kept)
+                else:
+                    await asyncio.wait_for(
+                        loop.create_connection(
+                            connected,
+                            target.host,
+                            target.port,
+                            ssl=target.ssl,
+                            server_hostname=target.host if target.tls else None,
+                        ),
+                        timeout,
+                    )
+                protocol.transport.write(request)
+                try:
+                    status = await protocol.head
+                except OSError as exc:
+                    # A kept connection the server let go meanwhile fails (a write error, an
+                    # eof or a reset) before any byte of an answer: the request goes again,
+                    # once, on a new connection. Never once the answer began, nor on silence.
+                    if kept is None or protocol.received or isinstance(exc, TimeoutError):
+                        raise
+                    protocol.close()
+                    protocol = kept = None
+                    continue
+                break
             await protocol.ended
+            # Read to its end: the reply's last event, or the whole body (not a reply that
+            # the caller ended, whose connection must close).
+            read_whole = self._done or protocol.complete
             if not 200 <= status < 300:
                 response = httpx2.Response(
                     status,
@@ -633,10 +814,11 @@ class _Upstream:
             failure = openai.APIConnectionError(message=str(exc), request=self._request())
             self.inbox.put((self, "error", failure))
         finally:
-            # Closing the connection before the answer's end tells the provider we went (a
-            # Stop or a timeout ends the model's work, not just the display).
+            # A connection read to the answer's end is kept for the next request; any other
+            # is closed, which tells the provider we went (a Stop or a timeout ends the
+            # model's work, not just the display).
             if protocol is not None:
-                protocol.close()
+                protocol.release(read_whole)
 
     def _request(self) -> httpx2.Request:
         return httpx2.Request("POST", self._target.url)
@@ -644,6 +826,7 @@ class _Upstream:
     def _event(self, data: bytes) -> bool:
         """One event of the answer; False once the reply has ended."""
         if data.startswith(b"[DONE]"):
+            self._done = True
             return False
         return self._take(json.loads(data))
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import itertools
 import json
+import shutil
 import socket
+import ssl
+import struct
+import subprocess
 import threading
 import time
 
@@ -102,7 +107,7 @@ def model(app):
         server.stop()
 
 
-def _reply(app, first_token: float = 5.0, idle: float = 5.0):
+def _reply(app, first_token: float = 5.0, idle: float = 5.0, should_cancel=None):
     texts: list[str] = []
     with app.app_context():
         result = stream_reply(
@@ -112,6 +117,8 @@ def _reply(app, first_token: float = 5.0, idle: float = 5.0):
             messages=[{"role": "user", "content": "Hi"}],
             on_delta=texts.append,
             timeouts=ReplyTimeouts(first_token=first_token, idle=idle, total=30),
+            should_cancel=(lambda: should_cancel(texts)) if should_cancel else lambda: False,
+            cancel_check_interval=0.01,
         )
     return result, texts
 
@@ -201,3 +208,356 @@ def test_a_proxy_in_the_environment_carries_the_request(app, monkeypatch):
         assert fake.records[0].path == "http://model.invalid/v1/chat/completions"
     finally:
         fake.stop()
+
+
+# --- Kept connections: replies reuse the process's connections to the model server.
+
+
+class _KeepAliveServer:
+    """A model server that keeps its connections, as HTTP/1.1 servers do: every request of a
+    connection is answered in turn with `answer`, in pieces of 64 bytes a few milliseconds
+    apart, the last event and the body's end in one piece (as servers send them). It counts
+    the connections it accepted and notes each request as (connection, request), both from 0.
+
+    `plan(connection, request)` may answer one request otherwise: "close" or "reset" drops
+    the connection without a byte of answer (a kept connection the server let go just as the
+    request came), "half" sends half the answer and closes, "answer-close" answers and closes
+    a moment later (the server's keep-alive running out), "slow" answers 50 ms a piece,
+    "late-end" sends a chunked body's end (`0\\r\\n\\r\\n`) a second after the rest and
+    "no-end" never sends it."""
+
+    def __init__(self, answer: bytes, plan=None, tls: ssl.SSLContext | None = None) -> None:
+        self.answer, self.plan = answer, plan or (lambda connection, request: "answer")
+        self.tls = tls
+        self.connections = 0
+        self.requests: list[tuple[int, int]] = []
+        self.bodies: list[bytes] = []
+        self.client_closed: set[int] = set()  # connections the client closed
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
+    def port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                number = self.connections
+                self.connections += 1
+                self._socks.append(conn)
+            if self.tls is not None:
+                try:
+                    conn = self.tls.wrap_socket(conn, server_side=True)
+                except OSError:
+                    conn.close()
+                    continue
+            threading.Thread(target=self._connection, args=(conn, number), daemon=True).start()
+
+    @staticmethod
+    def _request(conn: socket.socket, buffer: bytes) -> tuple[bytes | None, bytes]:
+        while b"\r\n\r\n" not in buffer:
+            data = conn.recv(65536)
+            if not data:
+                return None, buffer
+            buffer += data
+        head, _, rest = buffer.partition(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":")[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        while len(rest) < length:
+            data = conn.recv(65536)
+            if not data:
+                return None, buffer
+            rest += data
+        return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+    def _connection(self, conn: socket.socket, number: int) -> None:
+        buffer = b""
+        with conn:
+            for index in itertools.count():
+                try:
+                    request, buffer = self._request(conn, buffer)
+                except OSError:
+                    request = None
+                if request is None:
+                    self.client_closed.add(number)
+                    return
+                with self._lock:
+                    self.requests.append((number, index))
+                    self.bodies.append(request.partition(b"\r\n\r\n")[2])
+                action = self.plan(number, index)
+                if action == "reset":
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    return
+                if action == "close":
+                    return
+                answer = self.answer[: len(self.answer) // 2] if action == "half" else self.answer
+                tail = {"half": 0, "late-end": 5, "no-end": 5}.get(action, 64)
+                try:
+                    for at in range(0, len(answer) - tail, 64):
+                        conn.sendall(answer[at : min(at + 64, len(answer) - tail)])
+                        time.sleep(0.05 if action == "slow" else 0.002)
+                    if action == "late-end":
+                        time.sleep(1.0)
+                    if action != "no-end":
+                        conn.sendall(answer[len(answer) - tail :])
+                except OSError:
+                    self.client_closed.add(number)
+                    return
+                if action == "half":
+                    return
+                if action == "answer-close":
+                    time.sleep(0.05)
+                    return
+
+    def stop(self) -> None:
+        self.sock.close()
+        with self._lock:
+            for conn in self._socks:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+CHUNKED = _head("Transfer-Encoding: chunked") + _chunked(_events(), 100)
+SIZED = _head(f"Content-Length: {len(_events())}") + _events()
+
+
+@pytest.fixture
+def kept(app):
+    servers: list[_KeepAliveServer] = []
+
+    def start(answer: bytes = CHUNKED, plan=None, tls=None) -> _KeepAliveServer:
+        server = _KeepAliveServer(answer, plan, tls)
+        servers.append(server)
+        app.config.update(OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key")
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def _idle(server: _KeepAliveServer) -> int:
+    """How many connections to this server wait in the stream loop's pool."""
+    from services.assistant import _streams
+
+    streams = _streams()
+
+    async def count() -> int:
+        pool = streams.pools.get((server.scheme, "127.0.0.1", server.port))
+        return len(pool.idle) if pool is not None else 0
+
+    return asyncio.run_coroutine_threadsafe(count(), streams.loop).result(5)
+
+
+def _until(condition, seconds: float = 3.0) -> bool:
+    give_up = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def _exact(result, texts) -> bool:
+    return (
+        result.content == TEXT
+        and texts == TOKENS
+        and result.usage == USAGE
+        and not result.failed
+        and not result.cut
+        and result.attempts == 1
+    )
+
+
+@pytest.mark.parametrize("answer", [CHUNKED, SIZED], ids=["chunked", "sized"])
+def test_replies_in_a_row_reuse_one_connection(app, kept, answer):
+    server = kept(answer)
+    for _ in range(3):
+        assert _exact(*_reply(app))
+    assert server.connections == 1
+    assert server.requests == [(0, 0), (0, 1), (0, 2)]
+    assert all(json.loads(body)["stream"] is True for body in server.bodies)
+    assert _idle(server) == 1
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _head("Transfer-Encoding: chunked", "Connection: close") + _chunked(_events(), 100),
+        (_head(f"Content-Length: {len(_events())}") + _events()).replace(b"HTTP/1.1", b"HTTP/1.0"),
+    ],
+    ids=["connection-close", "http-1.0"],
+)
+def test_a_server_that_says_close_gets_a_new_connection_each_time(app, kept, answer):
+    # (This server would go on reading the connection: only the client can keep it from
+    # being used again.)
+    server = kept(answer)
+    for _ in range(2):
+        assert _exact(*_reply(app))
+    assert server.connections == 2 and server.requests == [(0, 0), (1, 0)]
+    assert _idle(server) == 0
+
+
+def test_a_kept_connection_the_server_closes_while_idle_leaves_the_pool(app, kept):
+    server = kept(plan=lambda connection, request: "answer-close")
+    assert _exact(*_reply(app))
+    assert _until(lambda: 0 in server.client_closed or _idle(server) == 0)
+    assert _until(lambda: _idle(server) == 0)
+    assert _exact(*_reply(app))
+    assert server.connections == 2 and server.requests == [(0, 0), (1, 0)]
+
+
+@pytest.mark.parametrize("drop", ["close", "reset"])
+def test_a_request_on_a_kept_connection_dropped_unanswered_is_sent_again(app, kept, drop):
+    """The server lets the kept connection go just as the next request comes: the request
+    goes again on a new connection, within the same attempt, and the reply is exact."""
+    server = kept(
+        plan=lambda connection, request: drop if (connection, request) == (0, 1) else "answer"
+    )
+    assert _exact(*_reply(app))
+    assert _exact(*_reply(app))
+    assert server.requests == [(0, 0), (0, 1), (1, 0)] and server.connections == 2
+
+
+def test_a_kept_connection_that_broke_off_mid_answer_is_not_sent_again(app, kept):
+    """Once any of the answer came, the request is never sent again behind the caller's back:
+    the text that came is kept, marked cut."""
+    server = kept(plan=lambda connection, request: "half" if request == 1 else "answer")
+    assert _exact(*_reply(app))
+    result, texts = _reply(app)
+    assert result.cut and not result.failed and texts
+    assert result.content == "".join(texts) and TEXT.startswith(result.content)
+    assert server.requests == [(0, 0), (0, 1)] and server.connections == 1
+
+
+def test_a_cancelled_reply_does_not_give_its_connection_back(app, kept):
+    server = kept(plan=lambda connection, request: "slow" if connection == 0 else "answer")
+    result, texts = _reply(app, should_cancel=lambda texts: bool(texts))
+    assert result.cancelled and TEXT.startswith(result.content) and result.content != TEXT
+    assert _until(lambda: 0 in server.client_closed)  # the provider saw us go
+    assert _idle(server) == 0
+    # The next reply gets a connection of its own, and not a byte of the old answer.
+    assert _exact(*_reply(app))
+    assert server.connections == 2 and server.requests == [(0, 0), (1, 0)]
+
+
+def test_concurrent_replies_are_all_exact_and_their_connections_kept(app, kept):
+    server = kept()
+    results: list = []
+
+    def one() -> None:
+        results.append(_reply(app))
+
+    for _ in range(2):
+        threads = [threading.Thread(target=one) for _ in range(20)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert len(results) == 40 and all(_exact(*result) for result in results)
+    assert len(server.requests) == 40
+    assert server.connections <= 20  # the second round went on the first round's connections
+    assert _idle(server) == server.connections
+
+
+def test_idle_connections_are_capped_and_expire(app, kept, monkeypatch):
+    import services.assistant as assistant
+
+    # (The first answer of each connection is slow: the five replies overlap.)
+    server = kept(plan=lambda connection, request: "slow" if request == 0 else "answer")
+    monkeypatch.setattr(assistant, "POOL_MAX_IDLE", 2)
+    threads = [threading.Thread(target=_reply, args=(app,)) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert server.connections == 5 and _idle(server) == 2
+    assert _until(lambda: len(server.client_closed) == 3)  # the others were closed
+
+    monkeypatch.setattr(assistant, "POOL_IDLE_SECONDS", 0.1)
+    assert _exact(*_reply(app))  # (given back with the short idle time)
+    assert _until(lambda: _idle(server) <= 1)
+    assert _until(lambda: len(server.client_closed) >= 4)
+
+
+@pytest.fixture
+def tls_contexts(tmp_path, monkeypatch):
+    """A server's TLS context with a certificate made for 127.0.0.1, trusted by the client."""
+    import services.assistant as assistant
+
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    monkeypatch.setattr(assistant, "_ssl", client)
+    return server
+
+
+@pytest.mark.parametrize("drop", [None, "close", "reset"])
+def test_kept_tls_connections_are_reused_and_sent_again_when_dropped(app, kept, tls_contexts, drop):
+    """Over TLS (a handshake saved per reply): replies in a row share a connection, and one
+    the server drops unanswered is replaced within the attempt."""
+
+    def plan(connection: int, request: int) -> str:
+        return drop if drop and (connection, request) == (0, 2) else "answer"
+
+    server = kept(plan=plan, tls=tls_contexts)
+    for _ in range(3):
+        assert _exact(*_reply(app))
+    if drop is None:
+        assert server.connections == 1 and server.requests == [(0, 0), (0, 1), (0, 2)]
+    else:
+        assert server.connections == 2
+        assert server.requests == [(0, 0), (0, 1), (0, 2), (1, 0)]
+    assert _idle(server) == 1
+
+
+def test_the_body_end_after_the_last_event_is_read_off_the_replys_clock(app, kept):
+    """The reply ends at its [DONE]; the body's end, coming later, is still read for the
+    connection to be kept."""
+    server = kept(plan=lambda connection, request: "late-end" if request == 0 else "answer")
+    result, texts = _reply(app)
+    assert _exact(result, texts) and result.processing_ms < 800
+    assert _until(lambda: _idle(server) == 1)
+    assert _exact(*_reply(app))
+    assert server.connections == 1 and server.requests == [(0, 0), (0, 1)]
+
+
+def test_a_body_that_does_not_end_after_the_last_event_is_closed(app, kept, monkeypatch):
+    import services.assistant as assistant
+
+    monkeypatch.setattr(assistant, "DRAIN_SECONDS", 0.2)
+    server = kept(plan=lambda connection, request: "no-end" if connection == 0 else "answer")
+    assert _exact(*_reply(app))
+    assert _until(lambda: 0 in server.client_closed) and _idle(server) == 0
+    assert _exact(*_reply(app))
+    assert server.connections == 2 and server.requests == [(0, 0), (1, 0)]
