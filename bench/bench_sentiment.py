@@ -5,19 +5,24 @@ A message escalates when the backend labels it negative. Per language and split:
 (negatives escalated ÷ negatives, the Value column), false escalations (non-negatives
 escalated ÷ non-negatives) and accuracy over the three labels. The `dev` split is the one the
 lexicons and rules were tuned on; the `heldout*` splits were written apart and are only
-reported. Only the newest, `heldout4`, is an honest test: it was written after the rules it
-measures and looked at once, while the misses of `heldout` to `heldout3` were studied and
-rules written for their kinds of failure (their figures flatter the analyser). Targets
-for the offline default: recall ≥ 0.90 and false escalations ≤ 0.05 in each language. The
-`llm` backend is not measured here: the local fake model answers what it is scripted to, so
-its figures would say nothing about a model's judgement (tests cover its batching, JSON and
-fallback); run `flask chats sentiment-eval FILE --backend llm` against a real model.
+reported. The misses of `heldout` to `heldout3` were studied and rules written for their
+kinds of failure, and `heldout4` was read while the learned layer was built (no rule or
+weight was written from it), so their figures flatter the analyser. The honest test is the
+newest split, `heldout5`: written by someone who saw neither the rules, the corpus nor the
+other splits, added after the learned table was frozen, and scored once. The learned layer's
+own cross-validated figures on the training corpus (services/lexicons/corpus, written apart
+from this file) are printed from the table's header. Targets for the offline default:
+recall ≥ 0.90 and false escalations ≤ 0.05 in each language. The `llm` backend is not
+measured here: the local fake model answers what it is scripted to, so its figures would say
+nothing about a model's judgement (tests cover its batching, JSON and fallback); run
+`flask chats sentiment-eval FILE --backend llm` against a real model.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 import time
 from pathlib import Path
 
@@ -45,6 +50,39 @@ def _rows(path: Path) -> list[dict[str, str]]:
     with path.open(encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         return [row for row in reader if (row.get("text") or "").strip()]
+
+
+_TABLE_FIGURE = re.compile(
+    r"^#\s+(\w+): recall ([\d.]+) \((\d+) negatives\), false escalation ([\d.]+) \((\d+) others\)"
+)
+
+
+def _cross_validated() -> list[dict]:
+    """The learned table's figures on its training corpus, out of fold, as training wrote them."""
+    from services.lexicons import learned
+
+    if not learned.TABLE_FILE.exists():
+        return []
+    out = []
+    for line in learned.TABLE_FILE.read_text(encoding="utf-8").splitlines():
+        match = _TABLE_FIGURE.match(line)
+        if match:
+            language, recall, negatives, false, others = match.groups()
+            out.append(
+                result(
+                    f"{language} corpus, cross-validated",
+                    float(recall),
+                    "recall",
+                    detail=(
+                        f"false escalation {false}; {negatives} negatives and {others} others "
+                        "of the training corpus, each scored by a model that did not learn "
+                        "from it (5 folds), at the table's threshold"
+                    ),
+                    false_escalation=float(false),
+                    n=int(negatives) + int(others),
+                )
+            )
+    return out
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -93,6 +131,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 FIGURES[f"sentiment_false_escalation_{language}_{split}"] = round(
                     res.false_escalation, 3
                 )
+    out.extend(_cross_validated())
     seconds = sum(s for s, _ in elapsed.values() if s)
     messages = sum(n for _, n in elapsed.values())
     out.append(

@@ -28,6 +28,7 @@ import openai
 from flask import current_app, has_app_context
 
 from services import lexicons
+from services.lexicons import learned
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,13 @@ def _identifier(languages: tuple[str, ...]):
 
 
 def warm_up() -> None:
-    """Load the language model (one to two seconds) in the background, so that the first
-    reply to a visitor does not wait for it."""
+    """Load the language model (one to two seconds) and the complaint weights in the
+    background, so that the first reply to a visitor does not wait for them."""
 
     def load() -> None:
         with _identifier_lock:
             _identifier(DEFAULT_LANGUAGES)
+        learned.table()
 
     threading.Thread(target=load, name="langid-warm-up", daemon=True).start()
 
@@ -240,10 +242,24 @@ def _only_asks(text: str) -> bool:
 
 
 def offline(text: str, language: str | None = None, threshold: float | None = None) -> Sentiment:
+    """The lexicon's reading of the feeling, and the learned layer's of whether it is a
+    complaint (services/lexicons/learned.py): a complaint is negative whatever its words
+    say ("great product if you like waiting 3 weeks"), and a message the layer clears is at
+    worst neutral ("do refunds go back to the card?"). Its score is then the lexicon's where
+    that agrees, else the layer's confidence on the same scale."""
     threshold = _config("SENTIMENT_THRESHOLD", 0.05) if threshold is None else threshold
     language = language or detect_language(text)
     score = lexicon_score(text or "", language or "en")
-    return Sentiment(label_for(score, threshold), round(score, 4), "lexicon", language)
+    label = label_for(score, threshold)
+    table = learned.table()
+    if table is not None:
+        found = learned.features(text or "", language or "en", score)
+        probability = table.probability(found)
+        if probability >= table.threshold:
+            label, score = NEGATIVE, min(score, -probability)
+        elif label == NEGATIVE:
+            label, score = NEUTRAL, 0.0
+    return Sentiment(label, round(score, 4), "lexicon", language)
 
 
 # ------------------------------------------------------------------ the LLM backend

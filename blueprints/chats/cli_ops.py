@@ -19,6 +19,7 @@ from models.base import utcnow
 from models.chats import Chat, Message
 from services import chats as chat_service
 from services.assistant import is_configured
+from services.lexicons import learned
 from services.sentiment import BACKENDS, LABELS, backend_name, evaluate
 
 
@@ -263,6 +264,71 @@ def sentiment_eval_command(
         click.echo(result.line())
 
 
+@click.command("sentiment-train")
+@click.option(
+    "--corpus",
+    "corpus",
+    type=click.Path(exists=True, file_okay=False),
+    default=str(learned.CORPUS_DIR),
+    show_default=True,
+    help="Directory of labelled TSV files (label, lang, text) to learn from.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    default=str(learned.TABLE_FILE),
+    show_default=True,
+    help="Where the table of weights goes.",
+)
+@click.option(
+    "--max-false-escalation",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.05,
+    show_default=True,
+    help="The threshold is the lowest whose cross-validated false escalations stay under this "
+    "in every language.",
+)
+def sentiment_train_command(corpus: str, out: str, max_false_escalation: float) -> None:
+    """Learn the offline analyser's complaint weights from a labelled corpus: the penalty and
+    the threshold by cross-validation, then the weights from every message."""
+    from pathlib import Path
+
+    from services.sentiment import lexicon_score
+
+    paths = sorted(Path(corpus).glob("*.tsv"))
+    if not paths:
+        raise click.ClickException(f"{corpus} holds no .tsv files to learn from.")
+    try:
+        examples = learned.read_corpus(paths)
+    except learned.TableError as exc:
+        raise click.ClickException(str(exc)) from None
+    counts = {}
+    for example in examples:
+        counts[(example.language, example.label)] = (
+            counts.get((example.language, example.label), 0) + 1
+        )
+    click.echo(
+        f"{len(examples)} messages from {len(paths)} files: "
+        + ", ".join(f"{lang} {label} {n}" for (lang, label), n in sorted(counts.items()))
+    )
+    started = time.perf_counter()
+    training = learned.train(
+        examples,
+        lexicon_score,
+        max_false=max_false_escalation,
+        progress=lambda line: click.echo(f"  {line} ({time.perf_counter() - started:.0f} s)"),
+    )
+    lines = learned.table_lines(training, [p.name for p in paths])
+    Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    learned.table.cache_clear()
+    click.echo(f"wrote {out}: {training.features} features, threshold {training.table.threshold}")
+    for language, figures in training.cross_validated.items():
+        click.echo(
+            f"lang={language} cross-validated recall={figures.recall:.2f} "
+            f"false_escalation={figures.false_escalation:.2f}"
+        )
+
+
 COMMANDS = [
     cleanup_command,
     validate_command,
@@ -270,4 +336,5 @@ COMMANDS = [
     archive_inactive_command,
     export_command,
     sentiment_eval_command,
+    sentiment_train_command,
 ]

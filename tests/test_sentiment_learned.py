@@ -1,0 +1,137 @@
+"""The offline analyser's learned complaint layer: its features (negation marked as VADER
+marks it, contrast, shape), the table it reads, the training command, and what it changes for
+a visitor's message: factual complaints escalate, questions about refunds do not."""
+
+from __future__ import annotations
+
+import pytest
+
+from services import sentiment
+from services.lexicons import learned
+from services.sentiment import NEGATIVE, analyse, lexicon_score
+
+
+def feats(text: str, language: str) -> dict[str, float]:
+    return learned.features(text, language, 0.0)
+
+
+@pytest.mark.parametrize(
+    "text, language, negated, plain",
+    [
+        ("I'm not happy with it", "en", "w:~happy", None),
+        ("it didn't work at all", "en", "w:~work", None),
+        ("no funciona desde el lunes", "es", "w:~funciona", None),
+        ("nao chegou nada ainda", "pt", "w:~chegou", None),  # no accents
+        # A negator's reach ends at punctuation and at "y"/"and": the next word is plain.
+        ("no, funciona bien", "es", None, "w:funciona"),
+        ("not sure and happy to wait", "en", None, "w:happy"),
+    ],
+)
+def test_a_negators_next_words_are_marked_negated(text, language, negated, plain):
+    found = feats(text, language)
+    if negated:
+        assert negated in found
+        assert negated.replace("~", "") not in found
+    if plain:
+        assert plain in found
+        assert "w:~" + plain[2:] not in found
+
+
+def test_features_carry_contrast_shape_and_the_lexicon_score():
+    found = learned.features("The tech was nice but it STILL doesn't work!!! 😡", "en", -0.6)
+    assert ">still" in found and ">nice" not in found  # the clause after "but" is marked
+    assert {"shape:!!", "shape:CAPS", "emoji:-"} <= found.keys()
+    assert found["lex"] == -0.6 and "lex:negative" in found
+    assert "shape:number" in feats("order 12345 arrived", "en")
+    assert "w:<n>" in feats("3 weeks", "en")
+    # Typed with and without accents, stretched or not, a word is the same feature.
+    assert feats("não", "pt").keys() == feats("nao", "pt").keys()
+    assert "w:muuy" in feats("muuuuy mal", "es") and "w:muuy" in feats("muuy mal", "es")
+
+
+def test_a_table_is_read_like_a_lexicon_and_a_bad_line_is_named():
+    table = learned.parse_table(["# comment", "__bias__\t-1", "__threshold__\t0.4", "w:x\t2.5"])
+    assert table.bias == -1 and table.threshold == 0.4 and table.weights == {"w:x": 2.5}
+    assert table.probability({"w:x": 1.0}) > 0.8 > table.probability({})
+    with pytest.raises(learned.TableError, match="learned.tsv:2"):
+        learned.parse_table(["__bias__\t-1", "w:x\tmuch"])
+    with pytest.raises(learned.TableError, match="__threshold__"):
+        learned.parse_table(["__bias__\t-1"])
+
+
+# Written for this test, not taken from the corpus or the evaluation set: complaints that
+# state a fact with no word of feeling, and questions that name the trouble they ask about.
+FACTUAL_COMPLAINTS = [
+    ("three weeks and my parcel is still sitting in some warehouse", "en"),
+    ("you charged my card twice for one order", "en"),
+    ("llevo una semana sin poder entrar en mi cuenta", "es"),
+    ("me cobraron dos veces el mismo mes", "es"),
+    ("já liguei quatro vezes e ninguém resolve", "pt"),
+    ("cancelei em março e continuam cobrando", "pt"),
+]
+NEUTRAL_QUESTIONS = [
+    ("how long does a refund take to reach my card?", "en"),
+    ("can I cancel an order that has not shipped yet?", "en"),
+    ("el reembolso vuelve a la misma tarjeta?", "es"),
+    ("cómo puedo cancelar la suscripción?", "es"),
+    ("se o produto vier com defeito como faço a troca?", "pt"),
+    ("qual o prazo do reembolso?", "pt"),
+]
+
+
+@pytest.mark.parametrize("text, language", FACTUAL_COMPLAINTS)
+def test_a_factual_complaint_escalates(text, language):
+    result = analyse(text, language)
+    assert result.label == NEGATIVE, (text, result)
+    assert result.score < 0
+
+
+@pytest.mark.parametrize("text, language", NEUTRAL_QUESTIONS)
+def test_a_question_about_trouble_does_not_escalate(text, language):
+    assert analyse(text, language).label != NEGATIVE
+
+
+def test_without_a_table_the_lexicon_alone_decides(monkeypatch):
+    text = "llevo una semana sin poder entrar en mi cuenta"
+    monkeypatch.setattr(learned, "table", lambda: None)
+    alone = sentiment.offline(text, "es")
+    assert alone.score == round(lexicon_score(text, "es"), 4)
+
+
+def test_the_train_command_writes_a_table_the_analyser_reads(app, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = ["label\tlang\ttext"]
+    for n in range(12):
+        lines += [
+            f"negative\ten\tthe box {n} arrived broken and nobody answers",
+            f"neutral\ten\twhat time do you open on day {n}?",
+            f"positive\ten\tthanks a lot, order {n} was perfect",
+        ]
+    (corpus / "mine.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "table.tsv"
+    result = app.test_cli_runner().invoke(
+        args=["chats", "sentiment-train", "--corpus", str(corpus), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "36 messages from 1 files" in result.output
+    assert "l2=" in result.output  # progress while it cross-validates
+    assert result.output.strip().splitlines()[-1].startswith("lang=en cross-validated recall=")
+    table = learned.parse_table(out.read_text(encoding="utf-8").splitlines())
+    broken = table.probability(learned.features("the box arrived broken", "en", -0.5))
+    question = table.probability(learned.features("what time do you open?", "en", 0.0))
+    assert broken >= table.threshold > question
+
+
+def test_the_train_command_explains_bad_input(app, tmp_path):
+    runner = app.test_cli_runner()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = runner.invoke(args=["chats", "sentiment-train", "--corpus", str(empty)])
+    assert result.exit_code != 0 and "no .tsv files" in result.output
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.tsv").write_text("label\tlang\ttext\nangry\ten\tgrr\n", encoding="utf-8")
+    result = runner.invoke(args=["chats", "sentiment-train", "--corpus", str(bad)])
+    assert result.exit_code != 0 and "x.tsv:2" in result.output
+    assert "Traceback" not in result.output
