@@ -349,8 +349,9 @@ def test_the_labelled_set_is_balanced_with_at_least_100_messages_a_language():
         labels = [label for label, code, _, _ in rows if code == lang]
         assert len(labels) >= 100
         counts = {label: labels.count(label) for label in ("negative", "neutral", "positive")}
-        # Within 5 % of each other (a held-out split has a few more complaints than others).
-        assert min(counts.values()) >= 0.95 * max(counts.values()), counts
+        # Within 10 % of each other: the newer held-out splits carry a few more complaints
+        # than other messages, since recall is measured on the complaints alone.
+        assert min(counts.values()) >= 0.90 * max(counts.values()), counts
 
 
 def test_the_rules_reach_the_targets_on_their_tuning_part():
