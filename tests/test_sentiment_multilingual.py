@@ -378,13 +378,14 @@ def test_the_offline_default_reaches_the_targets_on_the_whole_set():
         assert result.false_escalation <= 0.05, result.line()
 
 
-def test_on_the_held_out_part_the_offline_default_beats_vader():
-    rows = [(label, lang, text) for label, lang, _, text in _rows("heldout")]
+def test_on_the_held_out_parts_the_offline_default_beats_vader():
+    # Every held-out split together: on one split of 36 messages a single message is 4 %.
+    rows = [(lab, lang, t) for lab, lang, split, t in _rows() if split.startswith("heldout")]
     ours = evaluate(rows, backend="lexicon")
     theirs = evaluate(rows, backend="vader")
-    for lang in ("es", "pt"):
+    for lang in ("en", "es", "pt"):
         assert ours[lang].recall >= theirs[lang].recall + 0.25, (ours[lang], theirs[lang])
-        assert ours[lang].false_escalation <= 0.05
+        assert ours[lang].false_escalation <= 0.05, ours[lang].line()
 
 
 LAST_LINE = re.compile(
