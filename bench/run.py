@@ -170,6 +170,12 @@ def write_results(
     figures = {m["name"]: m["value"] for m in FIGURE_LINE.finditer(summary[0])} if summary else {}
     sources = {m["name"]: m["source"] for m in SOURCE_LINE.finditer(summary[0])} if summary else {}
     for name, outcome in outcomes.items():
+        if outcome.get("figures"):
+            # The benchmark's figures of an earlier run go: a figure it no longer reports
+            # (the newest held-out split moved on) would otherwise stay as if current.
+            for figure in [f for f, source in sources.items() if source.startswith(f"{name} ")]:
+                figures.pop(figure, None)
+                sources.pop(figure, None)
         for figure, value in (outcome.get("figures") or {}).items():
             figures[figure] = _figure_text(value)
             sources[figure] = (
