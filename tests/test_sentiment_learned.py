@@ -135,3 +135,36 @@ def test_the_train_command_explains_bad_input(app, tmp_path):
     result = runner.invoke(args=["chats", "sentiment-train", "--corpus", str(bad)])
     assert result.exit_code != 0 and "x.tsv:2" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_factual_complaint_in_portuguese_escalates_the_chat_with_its_reason(
+    app, db, worker, factory
+):
+    """What an operator sees: the complaint names no feeling, yet the chat is escalated,
+    badged, and its reason and the message's language are shown."""
+    from models.chats import Chat
+    from services import chats
+    from tests.conftest import drain, login
+
+    shop = factory.tenant("Loja")
+    admin = factory.user(shop, role="admin")
+    chat = chats.start_chat(shop.id, visitor_id="visitor-pt")
+    calm = chats.start_chat(shop.id, visitor_id="visitor-pt-2")
+    for each in (chat, calm):
+        each.settings = {**each.settings, "auto_response": False}
+    db.session.commit()
+    chat_id, calm_id = chat.id, calm.id
+    complaint = "cancelei em março e continuam cobrando no meu cartão todo mês"
+    chats.add_message(db.session.get(Chat, chat_id), "visitor", complaint)
+    chats.add_message(db.session.get(Chat, calm_id), "visitor", "qual o prazo do reembolso?")
+    db.session.commit()
+    drain(app)
+    db.session.expire_all()
+    escalated = db.session.get(Chat, chat_id)
+    assert escalated.escalated_at is not None
+    assert escalated.escalation_reason.startswith("negative \u2212")
+    assert db.session.get(Chat, calm_id).escalated_at is None
+
+    page = login(app.test_client(), admin).get(f"/chats/{chat_id}").get_data(as_text=True)
+    assert escalated.escalation_reason in page
+    assert "Portuguese" in page or ">pt<" in page
