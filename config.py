@@ -255,6 +255,9 @@ class Config:
         self.SENTIMENT_LLM_MODEL = _env("SENTIMENT_LLM_MODEL", "")  # empty: OPENAI_MODEL
         self.SENTIMENT_LLM_TIMEOUT = _float("SENTIMENT_LLM_TIMEOUT", 5.0)
         self.SENTIMENT_LLM_BATCH = _int("SENTIMENT_LLM_BATCH", 20)
+        # A complaint table learned from this installation's messages (`flask chats
+        # sentiment-train --out FILE`); empty: the table shipped in services/lexicons.
+        self.SENTIMENT_TABLE = _env("SENTIMENT_TABLE", "")
 
         # Devices: polling, offline detection, alerts.
         self.DEVICES_POLL_INTERVAL = _float("DEVICES_POLL_INTERVAL", 10.0)

@@ -168,3 +168,52 @@ def test_a_factual_complaint_in_portuguese_escalates_the_chat_with_its_reason(
     page = login(app.test_client(), admin).get(f"/chats/{chat_id}").get_data(as_text=True)
     assert escalated.escalation_reason in page
     assert "Portuguese" in page or ">pt<" in page
+
+
+def test_an_installation_can_use_a_table_learned_from_its_own_messages(app, tmp_path, caplog):
+    text = "the lamp is blue"
+    with app.app_context():
+        assert analyse(text, "en").label != NEGATIVE
+        own = tmp_path / "own.tsv"
+        # A table that calls every blue thing a complaint: SENTIMENT_TABLE is what decides.
+        own.write_text("__bias__\t-5\n__threshold__\t0.5\nw:blue\t10\n", encoding="utf-8")
+        app.config["SENTIMENT_TABLE"] = str(own)
+        assert learned.table_path() == own
+        assert analyse(text, "en").label == NEGATIVE
+        # A broken one is logged and the shipped table answers: messages are still analysed.
+        broken = tmp_path / "broken.tsv"
+        broken.write_text("w:blue\tten\n", encoding="utf-8")
+        app.config["SENTIMENT_TABLE"] = str(broken)
+        assert analyse(text, "en").label != NEGATIVE
+        assert "broken.tsv cannot be used" in caplog.text
+        app.config["SENTIMENT_TABLE"] = str(tmp_path / "missing.tsv")
+        assert analyse(text, "en").label != NEGATIVE
+
+
+def test_the_train_command_writes_the_configured_table(app, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = ["label\tlang\ttext"]
+    for n in range(10):
+        lines += [f"negative\ten\tbroken again {n}", f"positive\ten\tthanks {n}, perfect"]
+    (corpus / "c.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    target = tmp_path / "installation.tsv"
+    app.config["SENTIMENT_TABLE"] = str(target)
+    result = app.test_cli_runner().invoke(
+        args=["chats", "sentiment-train", "--corpus", str(corpus)]
+    )
+    assert result.exit_code == 0, result.output
+    assert f"wrote {target}" in result.output
+    assert learned.parse_table(target.read_text(encoding="utf-8").splitlines()).weights
+    result = app.test_cli_runner().invoke(
+        args=[
+            "chats",
+            "sentiment-train",
+            "--corpus",
+            str(corpus),
+            "--out",
+            str(tmp_path / "no" / "t.tsv"),
+        ]
+    )
+    assert result.exit_code != 0 and "cannot write" in result.output
+    assert "Traceback" not in result.output

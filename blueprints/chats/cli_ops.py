@@ -276,9 +276,8 @@ def sentiment_eval_command(
 @click.option(
     "--out",
     type=click.Path(dir_okay=False),
-    default=str(learned.TABLE_FILE),
-    show_default=True,
-    help="Where the table of weights goes.",
+    help="Where the table of weights goes (default: SENTIMENT_TABLE when set, else the "
+    "table shipped in services/lexicons/learned.tsv).",
 )
 @click.option(
     "--max-false-escalation",
@@ -288,7 +287,8 @@ def sentiment_eval_command(
     help="The threshold is the lowest whose cross-validated false escalations stay under this "
     "in every language.",
 )
-def sentiment_train_command(corpus: str, out: str, max_false_escalation: float) -> None:
+@with_appcontext
+def sentiment_train_command(corpus: str, out: str | None, max_false_escalation: float) -> None:
     """Learn the offline analyser's complaint weights from a labelled corpus: the penalty and
     the threshold by cross-validation, then the weights from every message."""
     from pathlib import Path
@@ -319,8 +319,12 @@ def sentiment_train_command(corpus: str, out: str, max_false_escalation: float) 
         progress=lambda line: click.echo(f"  {line} ({time.perf_counter() - started:.0f} s)"),
     )
     lines = learned.table_lines(training, [p.name for p in paths])
-    Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
-    learned.table.cache_clear()
+    out = out or str(learned.table_path())
+    try:
+        Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+    learned._load.cache_clear()
     click.echo(f"wrote {out}: {training.features} features, threshold {training.table.threshold}")
     for language, figures in training.cross_validated.items():
         click.echo(

@@ -16,6 +16,7 @@ sentiment-train` rebuilds the table, with cross-validated figures, in pure Pytho
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import random
 from collections import Counter
@@ -25,6 +26,8 @@ from functools import cache
 from pathlib import Path
 
 from services import lexicons
+
+log = logging.getLogger(__name__)
 
 TABLE_FILE = Path(__file__).with_name("learned.tsv")
 CORPUS_DIR = Path(__file__).with_name("corpus")
@@ -146,12 +149,32 @@ def parse_table(lines: Iterable[str], source: str = "learned.tsv") -> Table:
     return Table(weights, bias, threshold)
 
 
-@cache
+def table_path() -> Path:
+    """SENTIMENT_TABLE when set (a table learned from this installation's own messages),
+    else the table shipped with the code."""
+    from flask import current_app, has_app_context
+
+    configured = current_app.config.get("SENTIMENT_TABLE") if has_app_context() else None
+    return Path(configured) if configured else TABLE_FILE
+
+
 def table() -> Table | None:
-    """The shipped table, or None when there is none (the lexicon alone then decides)."""
-    if not TABLE_FILE.exists():
+    """The table in use, or None when there is none (the lexicon alone then decides)."""
+    return _load(str(table_path()))
+
+
+@cache
+def _load(path: str) -> Table | None:
+    where = Path(path)
+    if where == TABLE_FILE and not where.exists():
         return None
-    return parse_table(TABLE_FILE.read_text(encoding="utf-8").splitlines(), TABLE_FILE.name)
+    try:
+        return parse_table(where.read_text(encoding="utf-8").splitlines(), where.name)
+    except (OSError, UnicodeDecodeError, TableError) as exc:
+        # A bad configured table must not stop the analysis of visitor messages: it is
+        # logged once per process and the shipped table answers.
+        log.error("SENTIMENT_TABLE %s cannot be used (%s); using the shipped table", path, exc)
+        return None if where == TABLE_FILE else _load(str(TABLE_FILE))
 
 
 def complaint_probability(text: str, language: str, lexicon_score: float) -> float | None:
