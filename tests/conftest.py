@@ -269,6 +269,21 @@ def _close_when_sent(app):
     return wrapped
 
 
+def self_signed_certificate(directory) -> tuple:
+    """(certificate, key) files for 127.0.0.1, made by openssl for a test's TLS server."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl to make a certificate")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
 class LiveServer:
     def __init__(self, app, ssl_context=None) -> None:
         self.app = app

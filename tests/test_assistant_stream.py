@@ -7,17 +7,16 @@ import asyncio
 import gzip
 import itertools
 import json
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 
 import pytest
 
 from services.assistant import ReplyTimeouts, _StreamProtocol, stream_reply
+from tests.conftest import self_signed_certificate
 
 TOKENS = ["Hello", " there", ", how", " can I", " help", " you", " to", "day? ", "é✓"]
 TEXT = "".join(TOKENS)
@@ -42,6 +41,28 @@ def _chunked(body: bytes, size: int) -> bytes:
 def _head(*headers: str, status: str = "200 OK") -> bytes:
     lines = [f"HTTP/1.1 {status}", "Content-Type: text/event-stream", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def read_request(conn: socket.socket, buffer: bytes) -> tuple[bytes | None, bytes]:
+    """One HTTP request (head and sized body) from `conn`, and what followed it; None if the
+    client closed first."""
+    while b"\r\n\r\n" not in buffer:
+        data = conn.recv(65536)
+        if not data:
+            return None, buffer
+        buffer += data
+    head, _, rest = buffer.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(rest) < length:
+        data = conn.recv(65536)
+        if not data:
+            return None, buffer
+        rest += data
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
 
 
 class _RawServer:
@@ -69,18 +90,10 @@ class _RawServer:
 
     def _answer(self, conn: socket.socket) -> None:
         with conn:
-            request = b""
-            while b"\r\n\r\n" not in request:
-                request += conn.recv(65536)
-            head, _, body = request.partition(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":")[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            while len(body) < length:
-                body += conn.recv(65536)
-            self.requests.append(head + b"\r\n\r\n" + body)
+            request, _ = read_request(conn, b"")
+            if request is None:
+                return
+            self.requests.append(request)
             for at in range(0, len(self.answer), self.piece):
                 conn.sendall(self.answer[at : at + self.piece])
                 time.sleep(0.002)
@@ -268,32 +281,12 @@ class _KeepAliveServer:
                     continue
             threading.Thread(target=self._connection, args=(conn, number), daemon=True).start()
 
-    @staticmethod
-    def _request(conn: socket.socket, buffer: bytes) -> tuple[bytes | None, bytes]:
-        while b"\r\n\r\n" not in buffer:
-            data = conn.recv(65536)
-            if not data:
-                return None, buffer
-            buffer += data
-        head, _, rest = buffer.partition(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":")[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        while len(rest) < length:
-            data = conn.recv(65536)
-            if not data:
-                return None, buffer
-            rest += data
-        return head + b"\r\n\r\n" + rest[:length], rest[length:]
-
     def _connection(self, conn: socket.socket, number: int) -> None:
         buffer = b""
         with conn:
             for index in itertools.count():
                 try:
-                    request, buffer = self._request(conn, buffer)
+                    request, buffer = read_request(conn, buffer)
                 except OSError:
                     request = None
                 if request is None:
@@ -505,16 +498,7 @@ def tls_contexts(tmp_path, monkeypatch):
     """A server's TLS context with a certificate made for 127.0.0.1, trusted by the client."""
     import services.assistant as assistant
 
-    if shutil.which("openssl") is None:
-        pytest.skip("no openssl to make a certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
     client = ssl.create_default_context(cafile=str(cert))

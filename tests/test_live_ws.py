@@ -289,19 +289,11 @@ def test_tls_served_by_the_app_itself_relays_from_the_socket_thread(app, tmp_pat
     """When the web process terminates TLS itself, the broadcaster cannot write the socket
     without blocking; such a socket is served by its own thread, with the same behaviour."""
     import ssl
-    import subprocess
 
     from services.live import tenant_topic
-    from tests.conftest import LiveServer
+    from tests.conftest import LiveServer, self_signed_certificate
 
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1"],
-        check=True,
-        capture_output=True,
-    )
+    cert, key = self_signed_certificate(tmp_path)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server = LiveServer(app, ssl_context=context).start()
