@@ -96,10 +96,12 @@ def warm_up() -> None:
     """Load the language model (one to two seconds) and the complaint weights in the
     background, so that the first reply to a visitor does not wait for them."""
 
+    table = str(learned.table_path())  # (read here: the thread has no app context)
+
     def load() -> None:
         with _identifier_lock:
             _identifier(DEFAULT_LANGUAGES)
-        learned.table()
+        learned.load_table(table)
 
     threading.Thread(target=load, name="langid-warm-up", daemon=True).start()
 

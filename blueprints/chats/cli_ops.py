@@ -324,7 +324,7 @@ def sentiment_train_command(corpus: str, out: str | None, max_false_escalation: 
         Path(out).write_text("\n".join(lines) + "\n", encoding="utf-8")
     except OSError as exc:
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
-    learned._load.cache_clear()
+    learned.load_table.cache_clear()
     click.echo(f"wrote {out}: {training.features} features, threshold {training.table.threshold}")
     for language, figures in training.cross_validated.items():
         click.echo(

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from flask import current_app, has_app_context
+
 from services import lexicons
 
 log = logging.getLogger(__name__)
@@ -152,19 +154,17 @@ def parse_table(lines: Iterable[str], source: str = "learned.tsv") -> Table:
 def table_path() -> Path:
     """SENTIMENT_TABLE when set (a table learned from this installation's own messages),
     else the table shipped with the code."""
-    from flask import current_app, has_app_context
-
     configured = current_app.config.get("SENTIMENT_TABLE") if has_app_context() else None
     return Path(configured) if configured else TABLE_FILE
 
 
 def table() -> Table | None:
     """The table in use, or None when there is none (the lexicon alone then decides)."""
-    return _load(str(table_path()))
+    return load_table(str(table_path()))
 
 
 @cache
-def _load(path: str) -> Table | None:
+def load_table(path: str) -> Table | None:
     where = Path(path)
     if where == TABLE_FILE and not where.exists():
         return None
@@ -174,14 +174,7 @@ def _load(path: str) -> Table | None:
         # A bad configured table must not stop the analysis of visitor messages: it is
         # logged once per process and the shipped table answers.
         log.error("SENTIMENT_TABLE %s cannot be used (%s); using the shipped table", path, exc)
-        return None if where == TABLE_FILE else _load(str(TABLE_FILE))
-
-
-def complaint_probability(text: str, language: str, lexicon_score: float) -> float | None:
-    current = table()
-    if current is None:
-        return None
-    return current.probability(features(text, language, lexicon_score))
+        return None if where == TABLE_FILE else load_table(str(TABLE_FILE))
 
 
 # ------------------------------------------------------------------ training
