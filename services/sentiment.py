@@ -106,9 +106,24 @@ def warm_up() -> None:
     threading.Thread(target=load, name="langid-warm-up", daemon=True).start()
 
 
+# Markup and links in a message are no words of its language: a pasted tracking URL, or
+# tags a hostile visitor types, made the detector guess Portuguese for "no funciona nada" and
+# the analyser read it as praise. Both read the message without them.
+_MARKUP = re.compile(r"<[^<>]{1,500}>")
+_LINK = re.compile(r"(?:\bhttps?://|\bwww\.)\S+", re.IGNORECASE)
+
+
+def readable(text: str) -> str:
+    """The message as a person reads it: without tags and links."""
+    if "<" not in text and "http" not in text.lower() and "www." not in text.lower():
+        return text
+    return _LINK.sub(" ", _MARKUP.sub(" ", text))
+
+
 def detect_language(text: str, languages: Sequence[str] | None = None) -> str | None:
     """ISO 639-1 code of the message's language among `languages`, or None for a message
     with (almost) no letters."""
+    text = readable(text or "")
     if sum(ch.isalpha() for ch in text or "") < MIN_LETTERS_FOR_LANGUAGE:
         return None
     choices = tuple(languages or configured_languages())
@@ -250,12 +265,13 @@ def offline(text: str, language: str | None = None, threshold: float | None = No
     worst neutral ("do refunds go back to the card?"). Its score is then the lexicon's where
     that agrees, else the layer's confidence on the same scale."""
     threshold = _config("SENTIMENT_THRESHOLD", 0.05) if threshold is None else threshold
+    text = readable(text or "")
     language = language or detect_language(text)
-    score = lexicon_score(text or "", language or "en")
+    score = lexicon_score(text, language or "en")
     label = label_for(score, threshold)
     table = learned.table()
     if table is not None:
-        found = learned.features(text or "", language or "en", score)
+        found = learned.features(text, language or "en", score)
         probability = table.probability(found)
         if probability >= table.threshold:
             label, score = NEGATIVE, min(score, -probability)

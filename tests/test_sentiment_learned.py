@@ -8,7 +8,7 @@ import pytest
 
 from services import sentiment
 from services.lexicons import learned
-from services.sentiment import NEGATIVE, analyse, lexicon_score
+from services.sentiment import NEGATIVE, analyse, detect_language, lexicon_score
 
 
 def feats(text: str, language: str) -> dict[str, float]:
@@ -217,3 +217,17 @@ def test_the_train_command_writes_the_configured_table(app, tmp_path):
     )
     assert result.exit_code != 0 and "cannot write" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(
+    "text, language",
+    [
+        # Markup a visitor pastes (or a hostile one types) is not words of any language.
+        ("<img src=x onerror=\"document.title='pwned'\"> no funciona nada!!!", "es"),
+        ("mi pedido https://tienda.example.com/pedidos/48213?ref=mail no llegó nunca", "es"),
+        ("<b>ainda não chegou</b> o pedido www.loja.example/rastreio/99", "pt"),
+    ],
+)
+def test_markup_and_links_do_not_hide_a_complaint_or_its_language(text, language):
+    assert detect_language(text) == language
+    assert analyse(text).label == NEGATIVE
