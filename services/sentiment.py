@@ -274,7 +274,9 @@ def offline(text: str, language: str | None = None, threshold: float | None = No
         found = learned.features(text, language or "en", score)
         probability = table.probability(found)
         if probability >= table.threshold:
-            label, score = NEGATIVE, min(score, -probability)
+            # The lexicon's own strength where it read a complaint too ("negative −0.62");
+            # else the layer's confidence, which for a clear case is close to −1.
+            label, score = NEGATIVE, (score if label == NEGATIVE else -probability)
         elif label == NEGATIVE:
             label, score = NEUTRAL, 0.0
     return Sentiment(label, round(score, 4), "lexicon", language)

@@ -231,3 +231,11 @@ def test_the_train_command_writes_the_configured_table(app, tmp_path):
 def test_markup_and_links_do_not_hide_a_complaint_or_its_language(text, language):
     assert detect_language(text) == language
     assert analyse(text).label == NEGATIVE
+
+
+def test_an_escalations_score_is_the_lexicons_where_it_read_a_complaint_too():
+    text = "esto es una vergüenza, nadie me contesta"
+    assert analyse(text, "es").score == round(lexicon_score(text, "es"), 4) < 0
+    quiet = "cancelei em março e continuam cobrando no meu cartão todo mês"  # no feeling word
+    assert lexicon_score(quiet, "pt") > -0.05
+    assert analyse(quiet, "pt").score < -0.5
