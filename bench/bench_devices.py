@@ -29,6 +29,23 @@ client's production settings (meters every 1 s) except a short reconnect back-of
   device.updated each), *drop* (10% of the receivers go down: they and their transmitters go
   offline), *restore* (they come back: online again). The same figures, summed over the
   rounds, and the time the polls themselves took.
+- sustained: after the steady state, for --devices-sustained-seconds (8 s, --quick 3; 0
+  skips it), every transmitter's battery (bars and minutes, all above
+  DEVICES_LOW_BATTERY_BARS: no alerts) changes to another value with one set_battery command
+  of the fleet, then one poll, and again, back to back, without waiting for the handlers; then
+  until every handler of the phase's events (and their cascades) has recorded. A change is
+  one device.updated event, committed by the poll or by the meter pump applying the
+  receiver's pushed change (the events table counts both, the committing thread says which;
+  a poll that cannot take the poll lock while the pump applies skips its turn, and a change
+  the next one overwrote before either applied it is lost: a note says so). events/s = the
+  phase's device events ÷ the time from its first change until all handled; the CPU per
+  device event as below, with how many cores were busy; and what set the rate: how long the
+  handlers took after the loop (a backlog, or the loop set the rate), the loop's time in
+  polls (the Shure client's fetch apart) and in the fleet's commands, and the CPU of the
+  bench process and of its polling thread meanwhile (one GIL: near a core, the poll loop is
+  the limit). The dashboard latency is each device's last change of the phase to its card in
+  that state. `FIGURES["device_events_per_s_sustained"]` and
+  `["device_event_cpu_ms_sustained"]`.
 - dashboard: a LiveClient logged in as the tenant's admin has /devices/ open (its signed
   /ws/live socket; production's LIVE_COALESCE_MS). For each device with an event, latency runs
   from just before the commit of the poll transaction that carried its latest event of the
@@ -102,6 +119,7 @@ DEFAULTS = {
     # name: (full run, --quick)
     "receivers": (200, 30),
     "noop_messages": (5000, 1000),
+    "sustained_seconds": (8.0, 3.0),
 }
 # The workers' config and the bench process's poll share these (prod_app passes them to both).
 APP_ENV = {
@@ -114,8 +132,9 @@ APP_ENV = {
     "DEVICES_ALLOWED_NETWORKS": "127.0.0.0/8",
 }
 DEVICE_QUEUE = "devices"
-# Summary figures for RESULTS.md, filled by run(): the steady state's CPU per device event,
-# every process of the run counted (ms).
+# Summary figures for RESULTS.md, filled by run(): the steady state's and the sustained
+# phase's CPU per device event, every process of the run counted (ms), and the sustained
+# phase's device events/s.
 FIGURES: dict[str, float] = {}
 BACKGROUND_SECONDS = 3.0
 FLEET_KEY_ENV = "SWITCHBOARD_BENCH_FLEET_KEY"
@@ -152,6 +171,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.1,
         help="share of receivers dropped and restored (default 0.1)",
+    )
+    group.add_argument(
+        "--devices-sustained-seconds",
+        type=float,
+        help="how long the sustained phase changes batteries and polls back to back "
+        "(default 8; --quick 3; 0 skips it)",
     )
     group.add_argument(
         "--devices-fleet",
@@ -423,8 +448,9 @@ class _Cards:
 
 @contextlib.contextmanager
 def _commit_stamps(stamps: dict):
-    """{event uuid: (time.perf_counter(), time.time()) just before the commit that carries
-    it}, for every commit this process makes meanwhile (the polls)."""
+    """{event uuid: (time.perf_counter(), time.time(), committing thread's name) just before
+    the commit that carries it}, for every commit this process makes meanwhile (the polls, and
+    the meter pump's pushed changes)."""
     from sqlalchemy import event as sa_event
     from sqlalchemy.orm import Session
 
@@ -433,7 +459,7 @@ def _commit_stamps(stamps: dict):
     def before_commit(session) -> None:
         ids = session.info.get(EVENT_IDS)
         if ids:
-            now = (time.perf_counter(), time.time())
+            now = (time.perf_counter(), time.time(), threading.current_thread().name)
             for event_id in ids:
                 stamps.setdefault(event_id, now)
 
@@ -589,6 +615,8 @@ class _Devices:
         until=None,
         provisions: bool = False,
         paused: bool = False,
+        change=None,
+        seconds: float | None = None,
     ) -> dict[str, Any]:
         """Poll (up to `polls` times, until `until(topics)`), then wait for every handler of
         the polls' events and their cascades, then for the dashboard's cards.
@@ -596,26 +624,51 @@ class _Devices:
         `provisions`: the device handlers are done once a device row exists per
         device.discovered event. `paused`: the workers are paused (SIGSTOP) during the polls,
         and the handling is timed from their resumption: the handlers' own rate, without the
-        polls on the CPUs."""
+        polls on the CPUs. `change(k)`: called before the k-th poll (k from 0), makes changes
+        on the fleet and returns how many. `seconds`: poll back to back until that long after
+        the start has passed, whatever `polls` and `until` say."""
         first_id = self.last_event_id()
         initial_rows = self.device_count() if provisions else 0
         stamps: dict = {}
-        poll_seconds, results = 0.0, []
+        poll_seconds, change_seconds, changes, results = 0.0, 0.0, 0, []
         cpu = self.cpu()
         cpu.start()
         start = time.perf_counter()
+        # This process's CPU while it polls, and its polling thread's own: whether the poll
+        # loop (one thread, under the GIL) is what limits a sustained rate.
+        process_cpu, thread_cpu = sum(os.times()[:2]), time.thread_time()
         if paused:
             self.workers.pause()
+        # A timed round's last changes may still be committed after its polls (the meter
+        # pump applies pushed changes): its commits are stamped until all is handled.
+        stamping = contextlib.ExitStack()
+        stamping.enter_context(_commit_stamps(stamps))
         try:
-            with _commit_stamps(stamps):
-                for _ in range(polls):
+            with stamping if seconds is None else contextlib.nullcontext():
+                while True:
+                    if change is not None:
+                        began = time.perf_counter()
+                        changes += change(len(results))
+                        change_seconds += time.perf_counter() - began
                     began = time.perf_counter()
                     results.append(self.poll())
                     poll_seconds += time.perf_counter() - began
-                    if until is None or until(self.progress(first_id)["events"]):
+                    if seconds is not None:
+                        if time.perf_counter() - start >= seconds:
+                            break
+                    elif (
+                        len(results) >= polls
+                        or until is None
+                        or until(self.progress(first_id)["events"])
+                    ):
                         break
+        except BaseException:
+            stamping.close()
+            raise
         finally:
             polled = time.perf_counter()
+            process_cpu = sum(os.times()[:2]) - process_cpu
+            thread_cpu = time.thread_time() - thread_cpu
             if paused:
                 self.workers.resume()
         handling_from = polled if paused else start
@@ -632,7 +685,10 @@ class _Devices:
             return p["results"] >= p["expected"]
 
         timeout = max(60.0, sum(r.events for r in results) / 5)
-        end = wait_until(handled, timeout, 0.1)
+        try:
+            end = wait_until(handled, timeout, 0.1)
+        finally:
+            stamping.close()
         cpu.stop()
         final = self.progress(first_id)
         if end is not None and "devices" not in marks:
@@ -654,12 +710,17 @@ class _Devices:
         wanted: dict[int, tuple[float, tuple]] = {}
         queued: list[float] = []  # commit → its device handler started (worker's clock)
         unstamped = 0
+        committers: Counter = Counter()  # device events by the thread that committed them
         for event_id, topic, pk, api_id, started in self.round_events(first_id):
             if topic == "device.synced":
                 continue
             if pk is None:  # discovered: the handler made the row
                 pk = devices.get(api_id, (None,))[0]
             committed = stamps.get(event_id)
+            if committed is None:
+                committers["another process"] += 1
+            else:
+                committers["meter pump" if committed[2] == "meter pump" else "poll"] += 1
             if pk is None or committed is None:
                 unstamped += 1
                 continue
@@ -688,6 +749,12 @@ class _Devices:
             "name": name,
             "polls": len(results),
             "poll_s": poll_seconds,
+            "change_s": change_seconds,
+            "changes": changes,
+            "loop_s": polled - start,
+            "loop_cpu": process_cpu,
+            "poll_thread_cpu": thread_cpu,
+            "committers": committers,
             "polled_at": polled,
             "started_at": start,
             "paused": paused,
@@ -1112,7 +1179,148 @@ def run(args: argparse.Namespace) -> list[dict]:
                 f"{penv.app.config['EVENTS_BATCH']}",
             )
         )
+
+        sustained_seconds = _size(args, "sustained_seconds")
+        if sustained_seconds > 0:
+            low = penv.app.config["DEVICES_LOW_BATTERY_BARS"]
+            if low >= min(SUSTAINED_BARS):
+                raise BenchError(
+                    f"DEVICES_LOW_BATTERY_BARS={low}: the sustained phase's batteries "
+                    f"({min(SUSTAINED_BARS)}+ bars) would raise alerts"
+                )
+            note(
+                f"sustained: the battery of all {len(transmitters)} transmitters changes before "
+                f"each poll, back to back for {sustained_seconds:g} s"
+            )
+            with _timed_fetch() as fetched:
+                sustained = bench.round(
+                    "sustained",
+                    change=_battery_cycle(fleet, transmitters, changes),
+                    seconds=sustained_seconds,
+                )
+            sustained["fetch_s"] = fetched[0]
+            updated = sustained["topics"]["device.updated"]
+            if updated != sustained["changes"]:
+                note(
+                    f"!! sustained: {updated} device.updated events for {sustained['changes']} "
+                    "battery changes: the next change overwrote some before a poll or a push "
+                    "applied them"
+                )
+            _sustained_rows(sustained, per_event, noop_rate, rows)
+            FIGURES["device_events_per_s_sustained"] = sustained["events"] / sustained["handled_s"]
+            FIGURES["device_event_cpu_ms_sustained"], _ = _cpu_rows(
+                "sustained", [sustained], noop, noop_cpu, rows
+            )
+            if sustained["latencies"]:
+                _latency_rows("sustained", [sustained], rows)
+            else:
+                note("!! sustained: no device card arrived on the dashboard socket")
     return rows
+
+
+@contextlib.contextmanager
+def _timed_fetch():
+    """[seconds] the Shure client's fetch took (the receivers' part of the polls: leases,
+    probes, snapshots), while in the block; the rest of a poll is its database work."""
+    from services.manufacturers.shure import service
+
+    spent = [0.0]
+    fetch = service.fetch
+
+    def timed(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return fetch(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - began
+
+    service.fetch = timed
+    try:
+        yield spent
+    finally:
+        del service.fetch  # the class's method again
+
+
+# The sustained phase's battery bars, in turn for each transmitter: each change differs from
+# the one before (and from a fresh pack's 5 bars), all above DEVICES_LOW_BATTERY_BARS.
+SUSTAINED_BARS = (2, 3, 4)
+
+
+def _battery_cycle(fleet, transmitters: list[tuple[int, int]], changes: list[tuple]):
+    """change(k) for the sustained phase (see _Devices.round): every transmitter gets the
+    next battery of its cycle, in one set_battery command of the fleet, made before the poll
+    (made during it, the next change would overwrite some before a poll or a push carries
+    them); returns how many changed. `changes`: the update round's batteries."""
+    bars = {(index, channel): b for index, channel, b, _ in changes}
+
+    def change(k: int) -> int:
+        items = []
+        for n, key in enumerate(transmitters):
+            was = bars.get(key, 5)
+            now = SUSTAINED_BARS[
+                (SUSTAINED_BARS.index(was) + 1) % len(SUSTAINED_BARS)
+                if was in SUSTAINED_BARS
+                else 0
+            ]
+            bars[key] = now
+            items.append((*key, now, now * 100 + 5 * ((k + n) % 20)))
+        fleet.command("set_battery", items)
+        return len(items)
+
+    return change
+
+
+def _sustained_rows(r: dict, steady_cpu_ms: float, noop_rate: float, rows: list[dict]) -> None:
+    events, seconds = r["events"], r["handled_s"]
+    loop = r["loop_s"]
+    drain = seconds - loop
+    cores = os.cpu_count() or 1
+    busy = r["cpu"].total / r["cpu"].seconds
+    committers = ", ".join(f"{n} by {who}" for who, n in r["committers"].most_common())
+    if drain <= 0.5 + 0.1 * loop:
+        limit = (
+            f"the handlers kept up (all done {drain:.1f} s after the loop): the change-and-poll "
+            f"loop set the rate, {cores - busy:.2f} cores idle"
+        )
+    else:
+        limit = f"the handlers fell behind the loop: its backlog took {drain:.1f} s more"
+    if r["loop_cpu"] / loop >= 0.85:
+        limit += (
+            f"; the bench process was busy {r['loop_cpu'] / loop:.0%} of a core during the "
+            "loop (the poll, the Shure client, the meter pump, the socket reader: one GIL), "
+            "so the poll loop itself limits what is offered"
+        )
+    failed = f"; {r['failed']} handler runs FAILED" if r["failed"] else ""
+    skipped = r["statuses"].count("skipped")
+    if skipped:
+        # poll_service skips its turn when it cannot take the poll lock within PUSH_LOCK_WAIT
+        # (the meter pump holds it while applying pushed changes).
+        skipped = f", {skipped} of them skipped (the poll lock was held)"
+    else:
+        skipped = ""
+    rows.append(
+        result(
+            "sustained: device events",
+            events / seconds,
+            "events/s",
+            ratio=events / seconds / noop_rate,
+            vs="no-op msg/s",
+            detail=(
+                f"{_topics_text(r['topics'])} ({committers}; device.updated from "
+                f"{r['changes']} battery changes) from the first change until all "
+                f"{r['handler_runs']} handler runs (theirs and {r['cascaded']} cascaded "
+                f"events') recorded, {seconds:.1f} s; the loop ran {loop:.1f} s: {r['polls']} "
+                f"polls{skipped} ({r['poll_s'] / loop:.0%} of it; their fetch from the "
+                f"receivers {r['fetch_s'] / loop:.0%}, the rest applying the reports), each "
+                f"after a set_battery of every transmitter ({r['change_s'] / loop:.0%} of it); "
+                "the bench process used "
+                f"{r['loop_cpu'] / loop:.2f} cores meanwhile, its polling thread "
+                f"{r['poll_thread_cpu'] / loop:.2f}; {busy:.2f} of {cores} cores busy over "
+                f"the phase, {r['cpu'].total * 1000 / events:.2f} ms of CPU per device event "
+                f"(steady state {steady_cpu_ms:.2f}); {limit}{failed}"
+            ),
+        )
+    )
 
 
 def _attach(penv: ProdEnv, tenant_id: int, fleet) -> None:
