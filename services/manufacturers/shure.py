@@ -397,7 +397,9 @@ class ReceiverConnection:
                 channel.close_window()
                 states[number] = channel.state()
             else:
-                states[number] = replace(channel, antennas_seen=[], qualities_seen=[]).state()
+                # state() reads the last poll's antenna and quality, never the open window,
+                # so the window is only peeked at: no copy of the channel per look.
+                states[number] = channel.state()
                 peek = merge_antennas(channel.antennas_seen)
                 if peek is not None:
                     states[number]["antenna"] = peek
