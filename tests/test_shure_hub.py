@@ -271,3 +271,25 @@ def test_a_restarted_receiver_comes_back_after_back_off(down_for):
         assert all(online(reports).values())
         status = {s.port: s for s in service.status()}[gone.port]
         assert status.state == "connected" and status.connects == 2
+
+
+def test_a_forked_child_opens_its_own_connections():
+    """A process forked while connected (a worker started from a warm parent) has no hub
+    thread: its copies of the parent's connections count as stopped, new ones work."""
+    with Fleet(2, seed=17) as fleet, shure_service() as service:
+        endpoints = endpoints_of(fleet.endpoints)
+        assert all(online(service.fetch(endpoints, 2.0)).values())
+        pid = os.fork()
+        if pid == 0:  # the child: never back into pytest
+            code = 1
+            try:
+                ok = all(online(service.fetch(endpoints, 2.0)).values())
+                code = 0 if ok and all(s.connects == 1 for s in service.status()) else 2
+                service.shutdown()
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        # The parent's connections were not disturbed by the child.
+        assert all(online(service.fetch(endpoints, 1.0)).values())
+        assert all(s.connects == 1 for s in service.status())

@@ -36,6 +36,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -300,6 +301,14 @@ class _Connectors:
                 log.exception("shure: connecting failed")
 
 
+_HUBS: weakref.WeakSet[_Hub] = weakref.WeakSet()
+
+
+def _hubs_after_fork() -> None:
+    for hub in list(_HUBS):
+        hub._after_fork()
+
+
 class _Hub:
     """The one I/O thread of a ShureService: one selector over every connected receiver
     (and a wake socket), and one heap of the connections' next deadlines. It sleeps until a
@@ -308,6 +317,10 @@ class _Hub:
     connections and ends with the last one."""
 
     def __init__(self) -> None:
+        self._reset()
+        _HUBS.add(self)
+
+    def _reset(self) -> None:
         self.connectors = _Connectors()
         self._lock = threading.Lock()
         # Guarded by _lock:
@@ -421,6 +434,22 @@ class _Hub:
         finally:
             selector.close()
 
+    def _after_fork(self) -> None:
+        """In a forked child: the hub thread did not come along (and a lock may have been
+        held by a thread that did not either). Its connections are the parent's: each is
+        marked stopped, so the service opens its own, and its copy of the socket closed."""
+        members = list(self._members)
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        self._reset()
+        for conn in members:
+            conn._cond = threading.Condition()
+            conn.state = "stopped"
+            if conn._sock is not None:
+                conn._sock.close()
+                conn._sock = None
+
     def _end(self) -> None:
         """The thread ends (lock held): the next call or join starts another, which must
         find none of this one's state."""
@@ -461,6 +490,9 @@ class _Hub:
                 conn._finish()
             except Exception:  # noqa: BLE001
                 log.exception("shure %s: not closed cleanly", conn.label)
+
+
+os.register_at_fork(after_in_child=_hubs_after_fork)
 
 
 # ---------------------------------------------------------------- one receiver
