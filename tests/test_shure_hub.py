@@ -293,3 +293,36 @@ def test_a_forked_child_opens_its_own_connections():
         # The parent's connections were not disturbed by the child.
         assert all(online(service.fetch(endpoints, 1.0)).values())
         assert all(s.connects == 1 for s in service.status())
+
+
+def test_a_receiver_that_reads_nothing_is_dropped_without_blocking_the_others():
+    slow = ShureSettings(
+        meter_rate_ms=1000,
+        silence_timeout=30.0,
+        connect_timeout=0.5,
+        identify_timeout=0.1,
+        backoff_initial=5.0,
+        backoff_max=5.0,
+    )
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)  # taken by the kernel, never read
+    deaf = listener.getsockname()
+    with listener, Fleet(2, seed=18) as fleet, shure_service(slow) as service:
+        endpoints = endpoints_of([deaf, *fleet.endpoints])
+        service.fetch(endpoints, 1.0)
+        conn = service.connection(*deaf)
+        # A small send buffer, so a few kilobytes of unread commands fill it (setting it
+        # from this thread is safe: the kernel serialises socket options).
+        conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 2048)
+        deadline = time.monotonic() + 3.0
+        while "send" not in conn.status().last_error and time.monotonic() < deadline:
+            for _ in range(50):
+                conn.request_probe()  # each one a hello: it was never answered
+            time.sleep(0.01)
+        assert "send timed out" in conn.status().last_error
+        started = time.monotonic()
+        reports = service.fetch(endpoints, 1.0)
+        assert time.monotonic() - started < 1.4
+        assert all(online(reports)[port] for _, port in fleet.endpoints)
