@@ -442,6 +442,8 @@ class _Hub:
         for sock in (self._wake_r, self._wake_w):
             if sock is not None:
                 sock.close()
+        if self._selector is not None:
+            self._selector.close()
         self._reset()
         for conn in members:
             conn._cond = threading.Condition()
@@ -1363,9 +1365,9 @@ class ShureService(ManufacturerService):
         return [conn.status() for conn in conns]
 
     def shutdown(self, release: bool = True) -> None:
-        """Close every connection and wait for their threads (tests, CLI exit). With
-        `release`, other processes may take the receivers over at once; without, only when
-        the leases expire (as when a process dies)."""
+        """Close every connection and wait for their sockets to close and the I/O thread
+        to end (tests, CLI exit). With `release`, other processes may take the receivers
+        over at once; without, only when the leases expire (as when a process dies)."""
         self.pump.stop()
         with self._lock:
             conns = list(self._connections.values())
