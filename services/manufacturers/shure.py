@@ -1,11 +1,16 @@
 """The Shure service: a command-string client for ULX-D, QLX-D, SLX-D and Axient Digital receivers.
 
 Shure receivers push a REP whenever a property changes and a SAMPLE at the meter rate, so the
-client keeps one persistent connection per receiver (host, port), each in its own thread, and a
-cached snapshot of what the receiver said. A poll (`fetch`) never talks to the receivers itself:
-it asks every connection for a fresh round-trip (`< GET DEVICE_ID >`), waits for the answers
-against one shared deadline and builds reports from the snapshots. A receiver that is down,
-slow or hung therefore costs a poll at most its timeout, and never delays the others.
+client keeps one persistent connection per receiver (host, port) and a cached snapshot of what
+the receiver said. One I/O thread per service (the hub) reads every connection and runs their
+deadlines; it sleeps until a receiver speaks or a deadline is due, so hundreds of receivers
+cost one thread, not hundreds of threads waking on a tick. Connecting blocks (name
+resolution, the address check, the TCP connect), so a few connector threads do it.
+
+A poll (`fetch`) never talks to the receivers itself: it asks every connection for a fresh
+round-trip (`< GET DEVICE_ID >`), waits for the answers against one shared deadline and builds
+reports from the snapshots. A receiver that is down, slow or hung therefore costs a poll at
+most its timeout, and never delays the others.
 
 A new connection first asks `< GET MODEL >`: Axient Digital and SLX-D answer with their model,
 ULX-D and QLX-D (which have no MODEL property) with `< REP ERR >` or not at all. Only then does
@@ -20,6 +25,8 @@ seconds close themselves, so endpoints removed from the database don't keep sock
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import math
@@ -29,7 +36,9 @@ import selectors
 import socket
 import threading
 import time
-from collections.abc import Iterable
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -240,6 +249,254 @@ class ConnectionStatus:
     family: str = ""
 
 
+# ---------------------------------------------------------------- the I/O thread
+
+# Threads that open connections at once, at most. Resolving a name, checking its addresses
+# and the TCP connect block - up to connect_timeout for an unplugged receiver - so they run
+# here, never on the hub. Bounded, so a fleet coming up together does not start a thread
+# per receiver; large enough that a few hung connects leave room for the others.
+CONNECTORS = 16
+# A connector thread with nothing to do for this long ends: a settled fleet has none.
+CONNECTOR_IDLE = 2.0
+# One read per ready connection and turn of the hub: a receiver that floods frames gets a
+# slice, then everyone else's turn comes.
+READ_SIZE = 65536
+
+
+class _Connectors:
+    """A small pool of threads for the blocking part of connecting."""
+
+    def __init__(self, limit: int = CONNECTORS, idle: float = CONNECTOR_IDLE) -> None:
+        self.limit, self.idle = limit, idle
+        self._cond = threading.Condition()
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._threads = 0
+        self._waiting = 0  # threads waiting for a job
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._cond:
+            self._jobs.append(job)
+            self._cond.notify()
+            if len(self._jobs) > self._waiting and self._threads < self.limit:
+                self._threads += 1
+                thread = threading.Thread(target=self._work, name="shure connect", daemon=True)
+                thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                deadline = time.monotonic() + self.idle
+                while not self._jobs:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        self._threads -= 1
+                        return
+                    self._waiting += 1
+                    self._cond.wait(remaining)
+                    self._waiting -= 1
+                job = self._jobs.popleft()
+            try:
+                job()
+            except Exception:  # noqa: BLE001 - one bad connect must not end the pool
+                log.exception("shure: connecting failed")
+
+
+_HUBS: weakref.WeakSet[_Hub] = weakref.WeakSet()
+
+
+def _hubs_after_fork() -> None:
+    for hub in list(_HUBS):
+        hub._after_fork()
+
+
+class _Hub:
+    """The one I/O thread of a ShureService: one selector over every connected receiver
+    (and a wake socket), and one heap of the connections' next deadlines. It sleeps until a
+    receiver says something, another thread asks for something (`call`), or a deadline is
+    due - never on a fixed tick, so idle receivers cost nothing. It runs while it has
+    connections and ends with the last one."""
+
+    def __init__(self) -> None:
+        self._reset()
+        _HUBS.add(self)
+
+    def _reset(self) -> None:
+        self.connectors = _Connectors()
+        self._lock = threading.Lock()
+        # Guarded by _lock:
+        self._members: set[ReceiverConnection] = set()
+        self._jobs: deque[tuple[ReceiverConnection, Callable[[], None]]] = deque()
+        self._thread: threading.Thread | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        # Only touched by the hub thread:
+        self._selector: selectors.BaseSelector | None = None
+        self._timers: list[tuple[float, int, ReceiverConnection]] = []
+        self._order = itertools.count()
+
+    # -- any thread
+
+    def join(self, conn: ReceiverConnection) -> None:
+        with self._lock:
+            self._members.add(conn)
+            self._ensure_thread()
+
+    def call(self, conn: ReceiverConnection, job: Callable[[], None]) -> None:
+        """Run `job` (a method of `conn`) on the hub thread, soon."""
+        with self._lock:
+            self._jobs.append((conn, job))
+            self._ensure_thread()
+            try:
+                self._wake_w.send(b"!")  # type: ignore[union-attr]
+            except OSError:  # already woken (buffer full)
+                pass
+
+    def on_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def wait_ended(self, timeout: float) -> None:
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def _ensure_thread(self) -> None:
+        if self._thread is None:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            self._thread = threading.Thread(target=self._run, name="shure hub", daemon=True)
+            self._thread.start()
+
+    # -- the hub thread
+
+    def leave(self, conn: ReceiverConnection) -> None:
+        with self._lock:
+            self._members.discard(conn)
+
+    def watch(self, sock: socket.socket, conn: ReceiverConnection, writing: bool) -> None:
+        assert self._selector is not None
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if writing else 0)
+        try:
+            self._selector.modify(sock, events, conn)
+        except KeyError:
+            self._selector.register(sock, events, conn)
+
+    def unwatch(self, sock: socket.socket) -> None:
+        if self._selector is not None:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+    def schedule(self, conn: ReceiverConnection, when: float) -> None:
+        """Wake `conn` at `when` (the earliest asked for counts; later entries are dropped
+        when they come up, see _run_timers)."""
+        if when < conn._timer_at:
+            conn._timer_at = when
+            heapq.heappush(self._timers, (when, next(self._order), conn))
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        self._selector = selector
+        with self._lock:
+            wake_r = self._wake_r
+        assert wake_r is not None
+        selector.register(wake_r, selectors.EVENT_READ, None)
+        try:
+            while True:
+                timeout = None
+                if self._timers:
+                    timeout = max(0.0, self._timers[0][0] - time.monotonic())
+                for key, mask in selector.select(timeout):
+                    conn = key.data
+                    if conn is None:
+                        try:
+                            while wake_r.recv(4096):
+                                pass
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                    else:
+                        self._dispatch(conn, conn._on_io, mask)
+                self._run_jobs()
+                self._run_timers()
+                with self._lock:
+                    if not self._members and not self._jobs:
+                        self._end()
+                        return
+        except Exception:  # noqa: BLE001 - a bug here: close everything rather than hang
+            log.exception("shure: I/O thread failed")
+            with self._lock:
+                members = list(self._members)
+            for conn in members:
+                self._dispatch(conn, conn._finish)
+            with self._lock:
+                self._end()
+        finally:
+            selector.close()
+
+    def _after_fork(self) -> None:
+        """In a forked child: the hub thread did not come along (and a lock may have been
+        held by a thread that did not either). Its connections are the parent's: each is
+        marked stopped, so the service opens its own, and its copy of the socket closed."""
+        members = list(self._members)
+        for sock in (self._wake_r, self._wake_w):
+            if sock is not None:
+                sock.close()
+        if self._selector is not None:
+            self._selector.close()
+        self._reset()
+        for conn in members:
+            conn._cond = threading.Condition()
+            conn.state = "stopped"
+            if conn._sock is not None:
+                conn._sock.close()
+                conn._sock = None
+
+    def _end(self) -> None:
+        """The thread ends (lock held): the next call or join starts another, which must
+        find none of this one's state."""
+        if self._thread is threading.current_thread():
+            self._thread = None
+            self._selector = None
+            self._timers.clear()
+            for sock in (self._wake_r, self._wake_w):
+                if sock is not None:
+                    sock.close()
+            self._wake_r = self._wake_w = None
+
+    def _run_jobs(self) -> None:
+        with self._lock:
+            jobs = list(self._jobs)
+            self._jobs.clear()
+        for conn, job in jobs:
+            self._dispatch(conn, job)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        due = []
+        while self._timers and self._timers[0][0] <= now:
+            when, _, conn = heapq.heappop(self._timers)
+            if when == conn._timer_at:  # else superseded by an earlier one
+                conn._timer_at = math.inf
+                due.append(conn)
+        for conn in due:
+            self._dispatch(conn, conn._on_timer)
+
+    @staticmethod
+    def _dispatch(conn: ReceiverConnection, job: Callable[..., None], *args: Any) -> None:
+        try:
+            job(*args)
+        except Exception:  # noqa: BLE001 - a bug in one connection ends that one only
+            log.exception("shure %s: connection failed", conn.label)
+            try:
+                conn._finish()
+            except Exception:  # noqa: BLE001
+                log.exception("shure %s: not closed cleanly", conn.label)
+
+
+os.register_at_fork(after_in_child=_hubs_after_fork)
+
+
 # ---------------------------------------------------------------- one receiver
 
 MAX_CHANNELS = 8  # the largest receivers have 4; a hostile "channel 99" makes no state
@@ -251,7 +508,8 @@ ULXD_ONLY_PROPERTIES = frozenset(
 
 
 class ReceiverConnection:
-    """A persistent connection to one receiver, run by its own thread."""
+    """A persistent connection to one receiver, run by its service's I/O thread (the hub;
+    a connection made on its own gets a hub of its own)."""
 
     def __init__(
         self,
@@ -259,6 +517,7 @@ class ReceiverConnection:
         port: int,
         settings: ShureSettings,
         address_problem: netpolicy.AddressCheck | None = None,
+        hub: _Hub | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.settings = settings
@@ -266,12 +525,11 @@ class ReceiverConnection:
         # hands over the app's current one on every poll. Without one, the defaults apply.
         self.address_problem = address_problem or netpolicy.device_checker({})
         self.label = f"{host}:{port}"
+        self._hub = hub or _Hub()
         self._rng = random.Random()
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._started = False
         self._probe_wanted = False
         self._synced = False  # this session's hello was answered
         # This session's GET MODEL: sent at, and answered (by REP MODEL, REP ERR or silence).
@@ -280,8 +538,18 @@ class ReceiverConnection:
         self.family: proto.Family | None = None
         self._ulxd_markers: set[str] = set()  # properties only a ULX-D (not a QLX-D) has
         self.errors = 0  # REP ERR answers
+        # Only touched by the hub thread: the session and the connection's next deadline.
+        self._sock: socket.socket | None = None
+        self._parser: proto.FrameParser | None = None
+        self._outbox = bytearray()
+        self._send_stalled_at: float | None = None
+        self._answered = False  # this session heard anything at all
+        self._keepalive_sent = 0.0
+        self._attempt = 0
+        self._timer_at = math.inf
         # Guarded by _cond:
         self.state = "idle"  # idle | connecting | connected | backoff | stopped
+        self._connecting = False  # a connector thread is opening a socket for it
         self.connects = 0
         self.failures = 0
         self.frames = 0
@@ -292,26 +560,41 @@ class ReceiverConnection:
         self.last_used = time.monotonic()
         self.model = self.firmware = self.device_id = ""
         self.channels: dict[int, ChannelState] = {}
-        # Told of what the receiver pushes (services.meters.MeterPump), from this thread.
+        # Told of what the receiver pushes (services.meters.MeterPump), from the hub thread.
         self.listener: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"shure {self.label}", daemon=True)
 
     # -- used by fetch (any thread)
 
     def start(self) -> None:
-        self._thread.start()
+        if self._started:
+            return
+        self._started = True
+        self._hub.join(self)
+        self._hub.call(self, self._attempt_connect)
 
     def stop(self, wait: float | None = None) -> None:
+        """Close the connection; wait up to `wait` seconds (a connect under way ends within
+        connect_timeout) until its socket is closed."""
         self._stop.set()
-        self._wake()
+        if not self._started:
+            self._set(state="stopped")
+            return
+        self._hub.call(self, self._finish)
         if wait is None:
             wait = self.settings.connect_timeout + 1.0
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout=wait)
+        if wait <= 0 or self._hub.on_thread():
+            return
+        deadline = time.monotonic() + wait
+        with self._cond:
+            while self.state != "stopped" or self._connecting:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._cond.wait(remaining)
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._started and not self._stop.is_set() and self.state != "stopped"
 
     def request_probe(self) -> int:
         """Ask for a round-trip now; returns the failure count to pass to wait_fresh."""
@@ -319,7 +602,8 @@ class ReceiverConnection:
             self.last_used = time.monotonic()
             self._probe_wanted = True
             failures = self.failures
-        self._wake()
+        if self._started:
+            self._hub.call(self, self._on_probe)
         return failures
 
     def wait_fresh(self, since: float, deadline: float, failures_before: int) -> bool:
@@ -397,7 +681,9 @@ class ReceiverConnection:
                 channel.close_window()
                 states[number] = channel.state()
             else:
-                states[number] = replace(channel, antennas_seen=[], qualities_seen=[]).state()
+                # state() reads the last poll's antenna and quality, never the open window,
+                # so the window is only peeked at: no copy of the channel per look.
+                states[number] = channel.state()
                 peek = merge_antennas(channel.antennas_seen)
                 if peek is not None:
                     states[number]["antenna"] = peek
@@ -405,60 +691,35 @@ class ReceiverConnection:
                     states[number]["quality"] = min(channel.qualities_seen)
         return states
 
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"!")
-        except OSError:  # already woken (buffer full) or closed on exit
-            pass
-
     def _set(self, **values: Any) -> None:
         with self._cond:
             for name, value in values.items():
                 setattr(self, name, value)
             self._cond.notify_all()
 
-    # -- the connection thread
+    # -- the hub thread
 
-    def _run(self) -> None:
-        attempt = 0
+    def _idle(self, now: float | None = None) -> bool:
+        return (now or time.monotonic()) - self.last_used > self.settings.idle_timeout
+
+    def _attempt_connect(self) -> None:
+        if self._stop.is_set() or self._idle():
+            self._finish()
+            return
+        with self._cond:
+            self.state = "connecting"
+            self._connecting = True
+            self._cond.notify_all()
+        self._hub.connectors.submit(self._connect_elsewhere)
+
+    def _connect_elsewhere(self) -> None:
+        """In a connector thread: open the socket, hand it (or why not) to the hub."""
+        result: socket.socket | Exception
         try:
-            while not self._stop.is_set():
-                if self._idle():
-                    break
-                self._set(state="connecting")
-                try:
-                    sock = self._connect()
-                except netpolicy.DestinationError as exc:
-                    healthy = False
-                    refused = isinstance(exc, netpolicy.DestinationRefused)
-                    reason = f"{'refused' if refused else 'lookup failed'}: {exc}"
-                    if refused and reason != self.last_error:  # once, not every back-off
-                        log.warning("shure %s: not connecting: %s", self.label, exc)
-                    self._failed(reason)
-                except OSError as exc:
-                    healthy = False
-                    self._failed(f"connect: {exc}")
-                else:
-                    healthy = self._session(sock)
-                if self._stop.is_set() or self._idle():
-                    break
-                attempt = 1 if healthy else attempt + 1
-                delay = backoff_delay(
-                    attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
-                )
-                self._set(state="backoff", next_attempt_at=time.monotonic() + delay)
-                self._stop.wait(delay)
-        except Exception:  # noqa: BLE001 - a bug here must not kill the process's thread pool
-            log.exception("shure %s: connection thread failed", self.label)
-        finally:
-            if self._idle():
-                log.info("shure %s: no poll asked about it for a while; closed", self.label)
-            self._set(state="stopped")
-            self._wake_r.close()
-            self._wake_w.close()
-
-    def _idle(self) -> bool:
-        return time.monotonic() - self.last_used > self.settings.idle_timeout
+            result = self._connect()
+        except Exception as exc:  # noqa: BLE001 - OSError, DestinationError, or a bug: retried
+            result = exc
+        self._hub.call(self, lambda: self._connected(result))
 
     def _connect(self) -> socket.socket:
         """Resolve once, check every address, connect to one of those: a name that starts
@@ -466,84 +727,225 @@ class ReceiverConnection:
         addresses = netpolicy.checked_addresses(self.host, self.port, self.address_problem)
         return netpolicy.connect(addresses, self.port, self.settings.connect_timeout)
 
+    def _connected(self, result: socket.socket | Exception) -> None:
+        with self._cond:
+            self._connecting = False
+            self._cond.notify_all()
+        if isinstance(result, socket.socket):
+            if self._stop.is_set() or self.state == "stopped" or self._idle():
+                result.close()
+                self._finish()
+            else:
+                self._begin_session(result)
+            return
+        if self._stop.is_set() or self.state == "stopped":
+            self._finish()
+            return
+        if isinstance(result, netpolicy.DestinationError):
+            refused = isinstance(result, netpolicy.DestinationRefused)
+            reason = f"{'refused' if refused else 'lookup failed'}: {result}"
+            if refused and reason != self.last_error:  # once, not every back-off
+                log.warning("shure %s: not connecting: %s", self.label, result)
+            self._failed(reason)
+        else:
+            if not isinstance(result, OSError):
+                log.error("shure %s: connecting failed", self.label, exc_info=result)
+            self._failed(f"connect: {result}")
+        self._retry(healthy=False)
+
     def _failed(self, reason: str) -> None:
         log.debug("shure %s: %s", self.label, reason)
         with self._cond:
             self.failures += 1
             self.last_error = reason
             self.state = "backoff"
-            # next_attempt_at is set by the loop; until then, a waiting poll stops waiting
+            # next_attempt_at is set by _retry; until then, a waiting poll stops waiting
             self.next_attempt_at = float("inf")
             self._cond.notify_all()
 
-    def _session(self, sock: socket.socket) -> bool:
-        """Talk to a connected receiver until it goes away; True if it ever answered."""
-        parser = proto.FrameParser()
-        selector = selectors.DefaultSelector()
-        answered = False
-        try:
-            sock.settimeout(self.settings.connect_timeout)
-            now = time.monotonic()
-            with self._cond:
-                self.connects += 1
-                self.last_frame_at = now
-                self._synced = False
-                self._identified = False
-                self._identify_sent_at = now
-                self._probe_wanted = False  # the hello below answers any pending probe
-                self.state = "connected"
-                self._cond.notify_all()
-            # Alone, so that a REP ERR can only be its answer.
-            sock.sendall(proto.format_get("MODEL"))
-            selector.register(sock, selectors.EVENT_READ, "receiver")
-            selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-            keepalive_sent = 0.0
-            while not (self._stop.is_set() or self._idle()):
-                if not self._identified and (
-                    time.monotonic() - (self._identify_sent_at or 0.0)
-                    > self.settings.identify_timeout
-                ):
-                    # Some firmware ignores what it does not know rather than answer REP ERR.
-                    with self._cond:
-                        self._identify(None)
-                    sock.sendall(self._hello())
-                silence = time.monotonic() - self.last_frame_at
-                if silence > self.settings.silence_timeout:
-                    self._failed(f"silent for {silence:.1f} s")
-                    return answered
-                # Half-way to the watchdog, ask something: a receiver that meters nothing
-                # (METER_RATE off or unsupported) still answers a GET.
-                if silence > self.settings.silence_timeout / 2 and keepalive_sent < (
-                    self.last_frame_at
-                ):
-                    keepalive_sent = time.monotonic()
-                    sock.sendall(proto.format_get("DEVICE_ID"))
-                for key, _ in selector.select(timeout=min(0.25, self.settings.silence_timeout)):
-                    if key.data == "wake":
-                        self._drain_wake()
-                        if self._probe_wanted and self._identified:
-                            self._probe_wanted = False
-                            # Until the receiver answered the hello (it may have been hung
-                            # when we connected), ask for everything again.
-                            probe = proto.format_get("DEVICE_ID")
-                            sock.sendall(probe if self._synced else self._hello())
-                        continue
-                    data = sock.recv(4096)
-                    if not data:
-                        self._failed("closed by receiver")
-                        return answered
-                    frames = parser.feed(data)
-                    if frames:
-                        answered = True
-                        if self._apply(frames):
-                            sock.sendall(self._hello())
-            return answered
-        except OSError as exc:
-            self._failed(f"{type(exc).__name__}: {exc}")
-            return answered
-        finally:
-            selector.close()
+    def _retry(self, healthy: bool) -> None:
+        """After a failed connect or a lost session: back off, then connect again."""
+        if self._stop.is_set() or self._idle():
+            self._finish()
+            return
+        self._attempt = 1 if healthy else self._attempt + 1
+        delay = backoff_delay(
+            self._attempt, self.settings.backoff_initial, self.settings.backoff_max, self._rng
+        )
+        self._set(state="backoff", next_attempt_at=time.monotonic() + delay)
+        self._arm()
+
+    def _begin_session(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._parser = proto.FrameParser()
+        self._outbox.clear()
+        self._send_stalled_at = None
+        self._answered = False
+        self._keepalive_sent = 0.0
+        now = time.monotonic()
+        with self._cond:
+            self.connects += 1
+            self.last_frame_at = now
+            self._synced = False
+            self._identified = False
+            self._identify_sent_at = now
+            self._probe_wanted = False  # the hello below answers any pending probe
+            self.state = "connected"
+            self._cond.notify_all()
+        self._hub.watch(sock, self, writing=False)
+        # Alone, so that a REP ERR can only be its answer.
+        self._send(proto.format_get("MODEL"))
+        self._arm()
+
+    def _lost(self, reason: str) -> None:
+        """The session ended badly: count it, close it, back off."""
+        self._failed(reason)
+        answered = self._answered
+        self._close_session()
+        self._retry(healthy=answered)
+
+    def _close_session(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            self._hub.unwatch(sock)
             sock.close()
+        self._parser = None
+        self._outbox.clear()
+        self._send_stalled_at = None
+
+    def _finish(self) -> None:
+        """Stopped (asked to, idle, or a bug): close the socket and leave the hub."""
+        self._close_session()
+        if self.state != "stopped":
+            if self._idle():
+                log.info("shure %s: no poll asked about it for a while; closed", self.label)
+            self._set(state="stopped")
+        self._timer_at = math.inf  # its pending deadline, if any, is dropped when it comes up
+        self._hub.leave(self)
+
+    def _arm(self) -> None:
+        """Schedule the next deadline of the connection's state."""
+        if self._sock is not None:
+            settings = self.settings
+            due = self.last_frame_at + settings.silence_timeout  # the watchdog
+            if self._keepalive_sent < self.last_frame_at:
+                due = min(due, self.last_frame_at + settings.silence_timeout / 2)
+            if not self._identified:
+                due = min(due, (self._identify_sent_at or 0.0) + settings.identify_timeout)
+            if self._send_stalled_at is not None:
+                due = min(due, self._send_stalled_at + settings.connect_timeout)
+            due = min(due, self.last_used + settings.idle_timeout)
+        elif self.state == "backoff":
+            due = self.next_attempt_at
+        else:
+            return
+        self._hub.schedule(self, due)
+
+    def _on_timer(self) -> None:
+        now = time.monotonic()
+        if self._sock is None:
+            if self.state == "backoff":
+                if now >= self.next_attempt_at:
+                    self._attempt_connect()
+                else:
+                    self._arm()
+            return
+        if self._stop.is_set() or self._idle(now):
+            self._finish()
+            return
+        if (
+            self._send_stalled_at is not None
+            and now - self._send_stalled_at >= self.settings.connect_timeout
+        ):
+            self._lost("send timed out (the receiver reads nothing)")
+            return
+        if not self._identified and (
+            now - (self._identify_sent_at or 0.0) >= self.settings.identify_timeout
+        ):
+            # Some firmware ignores what it does not know rather than answer REP ERR.
+            with self._cond:
+                self._identify(None)
+            self._send(self._hello())
+            if self._sock is None:
+                return
+        silence = now - self.last_frame_at
+        if silence >= self.settings.silence_timeout:
+            self._lost(f"silent for {silence:.1f} s")
+            return
+        # Half-way to the watchdog, ask something: a receiver that meters nothing
+        # (METER_RATE off or unsupported) still answers a GET.
+        if silence >= self.settings.silence_timeout / 2 and self._keepalive_sent < (
+            self.last_frame_at
+        ):
+            self._keepalive_sent = now
+            self._send(proto.format_get("DEVICE_ID"))
+            if self._sock is None:
+                return
+        self._arm()
+
+    def _on_probe(self) -> None:
+        if self._sock is None or not self._identified:
+            return  # the hello, once identified, answers it
+        with self._cond:
+            wanted, self._probe_wanted = self._probe_wanted, False
+        if wanted:
+            # Until the receiver answered the hello (it may have been hung when we
+            # connected), ask for everything again.
+            self._send(proto.format_get("DEVICE_ID") if self._synced else self._hello())
+
+    def _on_io(self, mask: int) -> None:
+        if self._sock is not None and mask & selectors.EVENT_WRITE:
+            self._flush()
+        if self._sock is not None and mask & selectors.EVENT_READ:
+            self._read()
+
+    def _read(self) -> None:
+        assert self._sock is not None and self._parser is not None
+        try:
+            data = self._sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(f"{type(exc).__name__}: {exc}")
+            return
+        if not data:
+            self._lost("closed by receiver")
+            return
+        frames = self._parser.feed(data)
+        if frames:
+            self._answered = True
+            if self._apply(frames):
+                self._send(self._hello())
+
+    def _send(self, data: bytes) -> None:
+        """Queue `data` and send what the socket takes now. The socket never blocks the hub:
+        what it does not take waits for it to become writable, and a receiver that reads
+        nothing for connect_timeout is dropped (as a blocking send with that timeout was)."""
+        if self._sock is None:
+            return
+        self._outbox += data
+        self._flush()
+
+    def _flush(self) -> None:
+        sock = self._sock
+        assert sock is not None
+        try:
+            while self._outbox:
+                sent = sock.send(self._outbox)
+                del self._outbox[:sent]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as exc:
+            self._lost(f"{type(exc).__name__}: {exc}")
+            return
+        if self._outbox and self._send_stalled_at is None:
+            self._send_stalled_at = time.monotonic()
+            self._hub.watch(sock, self, writing=True)
+            self._arm()
+        elif not self._outbox and self._send_stalled_at is not None:
+            self._send_stalled_at = None
+            self._hub.watch(sock, self, writing=False)
 
     def _hello(self) -> bytes:
         """What an identified connection asks: everything, then meters on."""
@@ -554,13 +956,6 @@ class ReceiverConnection:
             # Last, so its answer means every answer before it has arrived.
             + proto.format_get("DEVICE_ID")
         )
-
-    def _drain_wake(self) -> None:
-        try:
-            while self._wake_r.recv(256):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
 
     def _channel(self, number: int) -> ChannelState:
         channel = self.channels.get(number)
@@ -720,6 +1115,7 @@ class ShureService(ManufacturerService):
         self.settings = settings or ShureSettings()
         self._connections: dict[tuple[str, int], ReceiverConnection] = {}
         self._lock = threading.Lock()
+        self._hub = _Hub()  # one I/O thread for every connection of this service
         self.address_problem: netpolicy.AddressCheck = netpolicy.device_checker({})
         # Who this service is among every process's: the holder of its receivers' leases.
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{random.getrandbits(32):08x}"
@@ -761,7 +1157,9 @@ class ShureService(ManufacturerService):
         with self._lock:
             conn = self._connections.get(key)
             if conn is None or not conn.alive:
-                conn = ReceiverConnection(host, int(port), self.settings, self.address_problem)
+                conn = ReceiverConnection(
+                    host, int(port), self.settings, self.address_problem, hub=self._hub
+                )
                 conn.listener = self.pump
                 self._connections[key] = conn
                 conn.start()
@@ -803,8 +1201,8 @@ class ShureService(ManufacturerService):
                 waiting.append((conn, location_id, conn.request_probe()))
             else:
                 elsewhere.append((host, port, location_id))
-        # The connections work in parallel in their own threads; one shared deadline bounds
-        # the whole wait, so a hung receiver costs at most `timeout`, once.
+        # The hub talks to every receiver at once; one shared deadline bounds the whole
+        # wait, so a hung receiver costs at most `timeout`, once.
         fresh = [conn.wait_fresh(started, deadline, before) for conn, _, before in waiting]
         reports: list[DeviceReport] = []
         used: set[str] = set()
@@ -967,9 +1365,9 @@ class ShureService(ManufacturerService):
         return [conn.status() for conn in conns]
 
     def shutdown(self, release: bool = True) -> None:
-        """Close every connection and wait for their threads (tests, CLI exit). With
-        `release`, other processes may take the receivers over at once; without, only when
-        the leases expire (as when a process dies)."""
+        """Close every connection and wait for their sockets to close and the I/O thread
+        to end (tests, CLI exit). With `release`, other processes may take the receivers
+        over at once; without, only when the leases expire (as when a process dies)."""
         self.pump.stop()
         with self._lock:
             conns = list(self._connections.values())
@@ -981,10 +1379,12 @@ class ShureService(ManufacturerService):
                 except Exception:  # noqa: BLE001 - Redis away: the lease expires on its own
                     log.warning("shure: lease of %s not released", conn.label)
         for conn in conns:
-            conn._stop.set()
-            conn._wake()
+            conn.stop(wait=0)
         for conn in conns:
             conn.stop()
+        # With its last connection gone the hub thread ends (a connect under way finishes
+        # within connect_timeout).
+        self._hub.wait_ended(self.settings.connect_timeout + 1.0)
 
 
 service = register(ShureService())
