@@ -19,6 +19,7 @@ client's connection pool did: no TCP (and TLS) handshake before each reply's fir
 from __future__ import annotations
 
 import asyncio
+import atexit
 import gc
 import json
 import logging
@@ -108,6 +109,21 @@ def is_configured() -> bool:
 
 _clients: dict[tuple[str, str | None], openai.OpenAI] = {}
 _clients_lock = threading.Lock()
+
+
+@atexit.register
+def _close_clients() -> None:
+    # Their kept-alive connections closed by us rather than by the garbage collector at
+    # exit, which warns of each unclosed socket (a process that served several model
+    # servers, as the tests do, has a client and connections per server).
+    with _clients_lock:
+        clients = list(_clients.values())
+        _clients.clear()
+    for client in clients:
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
 
 
 def _endpoint() -> tuple[str, str | None] | None:
