@@ -43,23 +43,22 @@ run against the same fake server:
   handlers' `worker`, one `assistant` process with a thread per reply (so that only its own
   work limits the ramp) — and a paced model server of its own (tests/fake_openai.PacedOpenAI,
   one asyncio loop in its own process, REPLY_RATE tokens/s per reply on a fixed schedule).
-  The visitors are sockets in a child process (spawned: their frames must not share a GIL
-  with the rest of the benchmark). N visitors send a message each, RAMP_START_RATE a second
-  (over 2 s at least), and each reply lasts until RAMP_OVERLAP_SECONDS after the last one
-  started (250 tokens at least), so that all N stream at once; every delta frame's receipt
-  time is kept. A level passes when the p99 gap between a
-  visitor's consecutive delta frames is ≤ GAP_LIMIT_MS and every reply is exact (frames
-  numbered 1..k in order, their text the model's, `done` naming k frames and all tokens, the
-  saved Message equal to the model's text). By default the handler workers are paused
-  during a level (--chat-ramp-handlers): the web process enqueues each reply as the visitor's
-  message commits, so the replies go on, and what is measured is the assistant process and
-  the relay, not a 2-core machine also running hundreds of messages' handlers in the same two
-  seconds (~40 ms of CPU each); their backlog runs between levels. Levels rise
-  (--chat-levels) until one fails;
-  FIGURES["assistant_concurrent_replies"] is the last that passed. The same gaps are also
-  read from the Redis Stream ids of the frames (when the assistant process added them), so a
-  gap can be told apart from the web process's relay. Before the ramp, TTFD is sampled
-  (direct and through /ws/chat, alternating) while --chat-loaded replies stream.
+  The visitors are sockets in a child process (spawned: their frames must not share a GIL with the
+  rest of the benchmark). N visitors send a message each, RAMP_START_RATE a second (over 2 s at
+  least), and each reply lasts until RAMP_OVERLAP_SECONDS after the last one started (250 tokens
+  at least), so that all N stream at once; every delta frame's receipt time is kept. The web tier
+  is --chat-web-processes gunicorn workers (1; the Procfile's WEB_CONCURRENCY is 2), each with a
+  thread per socket. A level passes when the p99 gap between a visitor's consecutive delta
+  frames is ≤ GAP_LIMIT_MS and every reply is exact (frames numbered 1..k in order, their text the
+  model's, `done` naming k frames and all tokens, the saved Message equal to the model's text). By
+  default the handler workers are paused during a level (--chat-ramp-handlers): the web process
+  enqueues each reply as the visitor's message commits, so the replies go on, and what is measured
+  is the assistant process and the relay, not a 2-core machine also running hundreds of messages'
+  handlers in the same two seconds (~40 ms of CPU each); their backlog runs between levels. Levels
+  rise (--chat-levels) until one fails; FIGURES["assistant_concurrent_replies"] is the last that
+  passed. The same gaps are also read from the Redis Stream ids of the frames (when the assistant
+  process added them), so a gap can be told apart from the web process's relay. Before the ramp,
+  TTFD is sampled (direct and through /ws/chat, alternating) while --chat-loaded replies stream.
 CPU seconds of the web process group, the worker process group and the benchmark process
 (fake server and clients) are read from /proc around the throughput figures.
 """
@@ -179,6 +178,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--chat-web-threads", type=int, default=32, help="gunicorn --threads (default 32)"
+    )
+    group.add_argument(
+        "--chat-web-processes",
+        type=int,
+        default=1,
+        help="gunicorn --workers for the concurrent replies (default 1; the Procfile's "
+        "WEB_CONCURRENCY is 2): each holds a thread per socket; the other figures use one",
     )
     group.add_argument(
         "--chat-levels",
@@ -301,10 +307,13 @@ def _concurrency(args, penv: ProdEnv, site: _Site, fake, levels: list[int]) -> l
     gunicorn with a thread per socket, and the assistant with a thread per reply."""
     loaded, probes = _size(args, "loaded"), _size(args, "probes")
     most = max([*levels, loaded])
+    web_processes = max(1, args.chat_web_processes)
+    # gunicorn hands connections to whichever worker accepts first, not evenly: room for
+    # every socket in each.
     web_threads = most + 64
     assistant_threads = most + 16
     note(
-        f"concurrent replies: gunicorn 1 × {web_threads} threads, `worker` "
+        f"concurrent replies: gunicorn {web_processes} × {web_threads} threads, `worker` "
         f"{args.chat_worker_processes} × {args.chat_worker_threads}, `assistant` 1 × "
         f"{assistant_threads} threads"
     )
@@ -318,7 +327,9 @@ def _concurrency(args, penv: ProdEnv, site: _Site, fake, levels: list[int]) -> l
     model = {"OPENAI_BASE_URL": paced_url}
     try:
         with contextlib.ExitStack() as stack:
-            web = stack.enter_context(web_server(penv, threads=web_threads, wait=False))
+            web = stack.enter_context(
+                web_server(penv, workers=web_processes, threads=web_threads, wait=False)
+            )
             workers = stack.enter_context(
                 dramatiq_workers(
                     penv,
@@ -340,6 +351,7 @@ def _concurrency(args, penv: ProdEnv, site: _Site, fake, levels: list[int]) -> l
             bench = _ChatBench(penv, site, web, workers, assistant, fake)
             bench.paced_url, bench.paced_pid = paced_url, paced.pid
             bench.ramp_paused = args.chat_ramp_handlers == "paused"
+            bench.web_processes = web_processes
             return bench.concurrency(levels, _size(args, "paced_tokens"), loaded, probes)
     finally:
         paced.kill()
@@ -753,6 +765,7 @@ class _ChatBench:
         self.openai = openai.OpenAI(base_url=fake.base_url, api_key="bench-key", max_retries=0)
         self.tag = uuid.uuid4().hex[:6]
         self.ramp_paused = True
+        self.web_processes = 1
 
     # ------------------------------------------------------------ one sample of each kind
 
@@ -1550,7 +1563,8 @@ class _ChatBench:
                 detail=(
                     f"the most replies at {REPLY_RATE:g} tokens/s each with the p99 gap "
                     f"between a visitor's deltas ≤ {GAP_LIMIT_MS:g} ms and every reply exact, "
-                    f"one `assistant` process, the handler workers "
+                    f"one `assistant` process, {self.web_processes} gunicorn web "
+                    f"process{'es' if self.web_processes > 1 else ''}, the handler workers "
                     + (
                         "paused during each level (the web process enqueues each reply "
                         "as the visitor's message commits; their handlers run between "
