@@ -626,7 +626,7 @@ def _device_rows(*where) -> list[SimpleNamespace]:
     the tenant's service each time)."""
     return [
         SimpleNamespace(**row._mapping)
-        for row in db.session.execute(select(Device.__table__).where(*where))
+        for row in db.session.connection().execute(select(Device.__table__).where(*where))
     ]
 
 
