@@ -253,9 +253,10 @@ class ConnectionStatus:
 
 # Threads that open connections at once, at most. Resolving a name, checking its addresses
 # and the TCP connect block - up to connect_timeout for an unplugged receiver - so they run
-# here, never on the hub. Bounded, so a fleet coming up together does not start a thread
-# per receiver; large enough that a few hung connects leave room for the others.
-CONNECTORS = 16
+# here, never on the hub. Enough for every receiver of a large venue at once: with 16, forty
+# switched-off receivers listed first held the live ones past the first poll's timeout (a
+# thread that hangs in connect costs nothing but its stack, and ends CONNECTOR_IDLE after).
+CONNECTORS = 256
 # A connector thread with nothing to do for this long ends: a settled fleet has none.
 CONNECTOR_IDLE = 2.0
 # One read per ready connection and turn of the hub: a receiver that floods frames gets a
