@@ -17,6 +17,7 @@ from models.devices import DeviceEndpoint
 from services import netpolicy
 from services.manufacturers.shure import ShureService, ShureSettings
 from services.manufacturers.simulator import Fleet
+from tests.helpers import wait_for
 
 FAST = ShureSettings(
     meter_rate_ms=1000,
@@ -57,15 +58,6 @@ def shure_service(settings: ShureSettings = FAST):
         yield service
     finally:
         service.shutdown()
-
-
-def wait_until(predicate, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @contextlib.contextmanager
@@ -134,7 +126,7 @@ def flooding_receiver():
 @pytest.fixture(autouse=True)
 def no_shure_threads_before():
     """Other tests' connector threads end on their own within seconds: counted from none."""
-    assert wait_until(lambda: not shure_threads(), 5.0), shure_threads()
+    assert wait_for(lambda: not shure_threads(), 5.0), shure_threads()
 
 
 def test_fifty_receivers_are_served_by_a_handful_of_threads():
@@ -143,7 +135,7 @@ def test_fifty_receivers_are_served_by_a_handful_of_threads():
         assert all(online(service.fetch(endpoints, 3.0)).values())
         assert all(online(service.fetch(endpoints, 1.0)).values())
         # The connector threads go once every receiver is connected; the hub stays.
-        assert wait_until(lambda: len(shure_threads()) == 1, 6.0), shure_threads()
+        assert wait_for(lambda: len(shure_threads()) == 1, 6.0), shure_threads()
         assert all(s.state == "connected" for s in service.status())
 
 
@@ -155,7 +147,7 @@ def test_idle_connections_cost_no_wake_ups():
     with Fleet(20, seed=12) as fleet, shure_service(quiet) as service:
         endpoints = endpoints_of(fleet.endpoints)
         assert all(online(service.fetch(endpoints, 3.0)).values())
-        wait_until(lambda: len(shure_threads()) <= 1, 6.0)  # the connectors have gone
+        wait_for(lambda: len(shure_threads()) <= 1, 6.0)  # the connectors have gone
 
         def switches() -> int:
             total = 0
@@ -242,22 +234,22 @@ def test_shutdown_closes_every_socket_and_ends_the_hub():
             first = service.connection(*fleet.endpoints[0])
             first.stop()
             assert first.status().state == "stopped" and not first.alive
-            assert wait_until(lambda: fleet.receivers[0].client_count == 0, 2.0)
+            assert wait_for(lambda: fleet.receivers[0].client_count == 0, 2.0)
             assert all(r.client_count == 1 for r in fleet.receivers[1:])
         finally:
             service.shutdown()
         assert not [t for t in threading.enumerate() if t.name == "shure hub"]
         assert all(s.state == "stopped" for s in service.status()) or not service.status()
-        assert wait_until(lambda: all(r.client_count == 0 for r in fleet.receivers), 2.0)
-        assert wait_until(lambda: socket_count() == sockets_before, 2.0)
-        assert wait_until(lambda: not shure_threads(), 4.0), shure_threads()
+        assert wait_for(lambda: all(r.client_count == 0 for r in fleet.receivers), 2.0)
+        assert wait_for(lambda: socket_count() == sockets_before, 2.0)
+        assert wait_for(lambda: not shure_threads(), 4.0), shure_threads()
 
         # The service is usable again after a shutdown (tests and the CLI reuse it).
         try:
             assert all(online(service.fetch(endpoints, 2.0)).values())
         finally:
             service.shutdown()
-        assert wait_until(lambda: socket_count() == sockets_before, 2.0)
+        assert wait_for(lambda: socket_count() == sockets_before, 2.0)
 
 
 @pytest.mark.parametrize("down_for", [0.0, 1.0])
@@ -308,8 +300,8 @@ def test_a_forked_child_opens_its_own_connections():
 
 
 def test_a_receiver_that_reads_nothing_is_dropped_without_blocking_the_others():
-    slow = ShureSettings(
-        meter_rate_ms=1000,
+    slow = replace(
+        FAST,
         silence_timeout=30.0,
         connect_timeout=0.5,
         identify_timeout=0.1,
