@@ -105,12 +105,13 @@ class _RawServer:
         self.sock.close()
 
 
-@pytest.fixture
-def model(app):
-    servers: list[_RawServer] = []
+def _model_servers(app, make):
+    """start(...) -> a server made by `make(...)`, configured as the app's model; every one
+    is stopped after the test."""
+    servers = []
 
-    def start(answer: bytes, **kwargs) -> _RawServer:
-        server = _RawServer(answer, **kwargs)
+    def start(*args, **kwargs):
+        server = make(*args, **kwargs)
         servers.append(server)
         app.config.update(OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key")
         return server
@@ -118,6 +119,11 @@ def model(app):
     yield start
     for server in servers:
         server.stop()
+
+
+@pytest.fixture
+def model(app):
+    yield from _model_servers(app, _RawServer)
 
 
 def _reply(app, first_token: float = 5.0, idle: float = 5.0, should_cancel=None):
@@ -336,17 +342,9 @@ SIZED = _head(f"Content-Length: {len(_events())}") + _events()
 
 @pytest.fixture
 def kept(app):
-    servers: list[_KeepAliveServer] = []
-
-    def start(answer: bytes = CHUNKED, plan=None, tls=None) -> _KeepAliveServer:
-        server = _KeepAliveServer(answer, plan, tls)
-        servers.append(server)
-        app.config.update(OPENAI_BASE_URL=server.base_url, OPENAI_API_KEY="test-key")
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from _model_servers(
+        app, lambda answer=CHUNKED, plan=None, tls=None: _KeepAliveServer(answer, plan, tls)
+    )
 
 
 def _idle(server: _KeepAliveServer) -> int:
