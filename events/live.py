@@ -279,9 +279,16 @@ class Subscription:
 class Hub:
     """Fans frames out to this process's subscriptions."""
 
-    def __init__(self, bus: MemoryBus | RedisBus, buffer: int = 2000) -> None:
+    def __init__(
+        self, bus: MemoryBus | RedisBus, buffer: int = 2000, read_interval: float = 0.01
+    ) -> None:
         self.bus = bus
         self.buffer = buffer  # frames a subscription holds before it counts as overflowed
+        # After a read that brought frames, the next one waits this long: an XREAD names
+        # every followed topic, and with hundreds of replies streaming, reading again at
+        # once fetched a frame or two per call, most of the web process's time (and
+        # Redis's) going to the calls themselves.
+        self.read_interval = read_interval
         self._lock = threading.Lock()
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
         # Where the reader is in each topic's stream (None: not known yet, Redis was away),
@@ -293,24 +300,38 @@ class Hub:
         if isinstance(bus, MemoryBus):
             bus.add_listener(self._deliver)
 
-    def subscribe(self, topics: Iterable[str]) -> Subscription:
-        sub = Subscription(frozenset(topics), self, queue.Queue(maxsize=self.buffer))
+    def subscribe(
+        self, topics: Iterable[str], notify: Callable[[], None] | None = None
+    ) -> Subscription:
+        sub = Subscription(frozenset(topics), self, queue.Queue(maxsize=self.buffer), notify=notify)
+        if isinstance(self.bus, MemoryBus):
+            with self._lock:
+                for topic in sub.topics:
+                    self._subs[topic].add(sub)
+            return sub
+        with self._lock:
+            new = [t for t in sub.topics if t not in self._positions]
+        # The stream ends are looked up outside the lock: the reader takes it for every batch,
+        # and a round trip under it (its thread waiting for the GIL among hundreds of socket
+        # threads when many chats start at once) held every live frame of the process back
+        # for up to a second.
+        ends: dict[str, tuple[str | None, int | None]] = {}
+        for topic in new:
+            try:
+                ends[topic] = self.bus.last_position(topic)
+            except Exception as exc:  # noqa: BLE001 - Redis away: found out later
+                # The reader looks the end up once Redis answers and then has the
+                # subscription catch up (it cannot know what it missed meanwhile).
+                log.warning("live bus unreachable subscribing to %s: %s", topic, exc)
+                ends[topic] = (None, None)
         with self._lock:
             for topic in sub.topics:
-                if topic not in self._positions and not isinstance(self.bus, MemoryBus):
+                if topic not in self._positions:
                     # Start from the stream's current end: the caller sends a snapshot next.
-                    try:
-                        position, number = self.bus.last_position(topic)
-                    except Exception as exc:  # noqa: BLE001 - Redis away: found out later
-                        # The reader looks the end up once Redis answers and then has the
-                        # subscription catch up (it cannot know what it missed meanwhile).
-                        log.warning("live bus unreachable subscribing to %s: %s", topic, exc)
-                        position, number = None, None
-                    self._positions[topic] = position
-                    self._numbers[topic] = number
+                    # (A topic another subscriber added meanwhile keeps the reader's place.)
+                    self._positions[topic], self._numbers[topic] = ends.get(topic, (None, None))
                 self._subs[topic].add(sub)
-        if not isinstance(self.bus, MemoryBus):
-            self._ensure_reader()
+        self._ensure_reader()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -340,8 +361,11 @@ class Hub:
     def _deliver(self, topic: str, frame_id: str, data: str) -> None:
         with self._lock:
             subs = list(self._subs.get(topic, ()))
-        if not subs:
-            return
+        if subs:
+            self._fan_out(topic, frame_id, data, subs)
+
+    @staticmethod
+    def _fan_out(topic: str, frame_id: str, data: str, subs: list[Subscription]) -> None:
         try:
             frame = Frame.decode(topic, frame_id, data)
         except (ValueError, TypeError):
@@ -386,22 +410,29 @@ class Hub:
                     everything = list(self._subs)
                 self._mark_behind(everything)
             self._handle(entries)
+            if entries and self.read_interval > 0:
+                self._stop.wait(self.read_interval)
 
     def _handle(self, entries: list[tuple[str, str, str, int | None]]) -> None:
         """Deliver frames read from the bus. A frame whose number is not the one after the
         last seen in its topic means frames were missed (trimmed away before this reader got
         to them, or lost with a Redis restarted empty): that topic's subscribers re-snapshot."""
         gaps = set()
-        for topic, frame_id, data, number in entries:
-            with self._lock:
+        delivered: list[tuple[str, str, str, list[Subscription]]] = []
+        with self._lock:  # once a batch: the lock is shared with every subscribe
+            for topic, frame_id, data, number in entries:
                 if topic not in self._positions:
                     continue  # nobody here follows it any more
                 self._positions[topic] = frame_id
                 last = self._numbers.get(topic)
                 self._numbers[topic] = number
-            if number is not None and last is not None and number != last + 1:
-                gaps.add(topic)
-            self._deliver(topic, frame_id, data)
+                if number is not None and last is not None and number != last + 1:
+                    gaps.add(topic)
+                subs = self._subs.get(topic)
+                if subs:
+                    delivered.append((topic, frame_id, data, list(subs)))
+        for topic, frame_id, data, subs in delivered:
+            self._fan_out(topic, frame_id, data, subs)
         if gaps:
             log.warning("live frames missing on %s: re-snapshot", ", ".join(sorted(gaps)))
             self._mark_behind(gaps)
