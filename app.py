@@ -12,7 +12,7 @@ from flask_login import current_user
 from flask_wtf.csrf import CSRFError
 
 from config import BASE_DIR, INSTANCE_DIR, Config
-from events.fanout import Broadcaster
+from events.fanout import Broadcaster, SocketPump
 from events.live import Hub, MemoryBus, RedisBus
 from extensions import csrf, db, login_manager, migrate, sock
 
@@ -31,7 +31,8 @@ BASE_LIVE_TOPICS: list[str] = ["user:bell"]
 class LiveState:
     bus: Any
     hub: Hub
-    pages: Broadcaster  # writes the pages' (/ws/live) frames; chat sockets read the hub
+    pages: Broadcaster  # writes the pages' (/ws/live) frames
+    chats: SocketPump  # moves the chat sockets' (/ws/chat) frames to them
 
 
 def settle_heap(app: Flask | None = None) -> None:
@@ -143,9 +144,13 @@ def _init_live(app: Flask) -> None:
         )
     else:
         bus = MemoryBus(maxlen=maxlen)
-    hub = Hub(bus, buffer=app.config["LIVE_SUBSCRIPTION_BUFFER"])
+    hub = Hub(
+        bus,
+        buffer=app.config["LIVE_SUBSCRIPTION_BUFFER"],
+        read_interval=app.config["LIVE_READ_INTERVAL_MS"] / 1000,
+    )
     app.extensions["switchboard.live"] = LiveState(
-        bus=bus, hub=hub, pages=Broadcaster(hub, app.config)
+        bus=bus, hub=hub, pages=Broadcaster(hub, app.config), chats=SocketPump()
     )
     from services.kv import init_kv
 

@@ -203,6 +203,12 @@ class Config:
         # stream (chat) or gets a fresh snapshot (pages).
         self.LIVE_SUBSCRIPTION_BUFFER = _int("LIVE_SUBSCRIPTION_BUFFER", 2000)
         self.LIVE_COALESCE_MS = _int("LIVE_COALESCE_MS", 50)
+        # How soon a web process reads the live bus again after a read that brought frames
+        # (the frames of that pause come in one read: fewer, larger reads under load).
+        self.LIVE_READ_INTERVAL_MS = _int("LIVE_READ_INTERVAL_MS", 10)
+        # Bytes a chat socket's client may leave unread before it is cut off (its widget
+        # reconnects and resumes its replies from where it was).
+        self.CHAT_SOCKET_BUFFER_BYTES = _int("CHAT_SOCKET_BUFFER_BYTES", 2 * 1024 * 1024)
         self.LIVE_PING_SECONDS = _int("LIVE_PING_SECONDS", 25)
         self.LIVE_TOKEN_MAX_AGE = _int("LIVE_TOKEN_MAX_AGE", 12 * 3600)
         # Frames larger than this close the socket (1009) instead of being buffered.

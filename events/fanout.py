@@ -27,6 +27,7 @@ the same thing only the newest; appends (keys made by `append_key`) always.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import socket
@@ -288,6 +289,16 @@ class _GuardedSocket:
         return getattr(self._sock, name)
 
 
+def _wait_for_work(signal: threading.Event, lock: threading.Lock, backlogged: set) -> bool:
+    """A sender thread's sleep: until signalled, or 20 ms while some socket is backlogged
+    (its bytes are retried then). Whether one was backlogged when it began."""
+    with lock:
+        pending = bool(backlogged)
+    signal.wait(0.02 if pending else 1.0)
+    signal.clear()
+    return pending
+
+
 class Broadcaster:
     """Writes the live topics' frames to this process's page sockets (see the module doc)."""
 
@@ -354,11 +365,7 @@ class Broadcaster:
     # -- the broadcaster's thread ---------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
-                backlogged = bool(self._backlogged)
-            # A backlogged socket is retried every 20 ms; otherwise sleep until frames come.
-            self._signal.wait(0.02 if backlogged else 1.0)
-            self._signal.clear()
+            backlogged = _wait_for_work(self._signal, self._lock, self._backlogged)
             try:
                 if backlogged:
                     self._flush_backlogged()
@@ -435,6 +442,143 @@ class Broadcaster:
                     done.append(peer)
         with self._lock:
             self._backlogged.difference_update(done)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._signal.set()
+
+
+class QueuedWriter:
+    """Stands in for a chat socket's `ws.sock` (see `SocketPump`): every write, data or
+    control, goes out in order without blocking; what the kernel does not take now waits in
+    a queue that the pump's thread writes as the socket drains. A client that leaves more
+    than `limit` bytes unread, or whose socket fails, is cut off: its socket is shut down, so
+    simple-websocket's reader sees the end and the socket's own thread finishes."""
+
+    def __init__(self, sock: socket.socket, limit: int, on_backlog: Any) -> None:
+        self._sock = sock
+        self.limit = limit
+        self._on_backlog = on_backlog
+        self.lock = threading.Lock()
+        self._queue: deque[memoryview] = deque()
+        self._queued = 0
+        self.dead = False
+
+    def send(self, data: bytes) -> int:
+        backlog = False
+        with self.lock:
+            if self.dead:
+                return len(data)  # the reader is ending the socket; nothing more goes out
+            view = memoryview(data)
+            if not self._queue:
+                try:
+                    sent = self._sock.send(view, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self._cut_off()
+                    return len(data)
+                if sent == len(view):
+                    return len(data)
+                view = view[sent:]
+                backlog = True
+            if self._queued + len(view) > self.limit:
+                log.warning("chat socket cut off: %d bytes unread", self._queued + len(view))
+                self._cut_off()
+                return len(data)
+            self._queue.append(view)
+            self._queued += len(view)
+        if backlog:
+            self._on_backlog(self)
+        return len(data)
+
+    sendall = send
+
+    def flush(self) -> bool:
+        """Write what is queued without blocking; True when nothing is left."""
+        with self.lock:
+            while self._queue and not self.dead:
+                view = self._queue[0]
+                try:
+                    sent = self._sock.send(view, socket.MSG_DONTWAIT)
+                except (BlockingIOError, InterruptedError):
+                    return False
+                except OSError:
+                    self._cut_off()
+                    break
+                self._queued -= sent
+                if sent < len(view):
+                    self._queue[0] = view[sent:]
+                    return False
+                self._queue.popleft()
+            return True
+
+    def _cut_off(self) -> None:  # with self.lock held
+        self.dead = True
+        self._queue.clear()
+        self._queued = 0
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class SocketPump:
+    """One thread per web process that moves frames from the chat sockets' subscriptions to
+    their sockets (/ws/chat, blueprints/live/chat.py).
+
+    A thread per socket used to wait on its own queue: with two hundred replies streaming,
+    every frame the hub delivered woke one of two hundred threads, and the hub's own thread
+    queued for the GIL behind them: frames reached visitors up to a second late while the
+    process used half a core. Here the hub marks a client ready (`ready`, the subscription's
+    `notify`) and this thread calls its `deliver()`, which sends through a `QueuedWriter`
+    and so never blocks on a slow client."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._ready: dict[Any, None] = {}  # clients with frames, in the order they became so
+        self._backlogged: set[QueuedWriter] = set()
+        self._signal = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def ready(self, client: Any) -> None:
+        with self._lock:
+            self._ready[client] = None
+            self._start()
+        self._signal.set()
+
+    def backlogged(self, writer: QueuedWriter) -> None:
+        with self._lock:
+            self._backlogged.add(writer)
+            self._start()
+        self._signal.set()
+
+    def _start(self) -> None:  # with self._lock held
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="chat-pump", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            _wait_for_work(self._signal, self._lock, self._backlogged)
+            with self._lock:
+                ready = list(self._ready)
+                self._ready.clear()
+                writers = list(self._backlogged)
+            for client in ready:
+                try:
+                    client.deliver()
+                except Exception:  # noqa: BLE001 - one socket's failure is not every socket's
+                    log.exception("chat socket delivery failed")
+            if writers:
+                done = [w for w in writers if w.flush()]
+                with self._lock:
+                    self._backlogged.difference_update(done)
+                    # A write queued between its flush and now is not left behind.
+                    self._backlogged.update(w for w in done if w._queue)
 
     def stop(self) -> None:
         self._stop.set()

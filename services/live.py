@@ -86,6 +86,11 @@ def pages():
     return current_app.extensions["switchboard.live"].pages
 
 
+def chat_pump():
+    """This process's mover of the chat sockets' frames (events.fanout.SocketPump)."""
+    return current_app.extensions["switchboard.live"].chats
+
+
 def publish(topic: str, key: str, *, html: str | None = None, json_data: Any = None) -> str:
     return bus().publish(topic, encode(key, html=html, json_data=json_data))
 

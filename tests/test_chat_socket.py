@@ -545,3 +545,79 @@ def test_a_reply_never_overtakes_the_ack_of_its_message(app, factory):
         ("delta", "r42", 2),
     ]
     assert sock.awaiting_ack == set() and sock.held == {}
+
+
+def _chat_pk(app, public_id: str) -> int:
+    return _db(app).session.scalar(select(Chat.id).where(Chat.public_id == uuid.UUID(public_id)))
+
+
+def test_a_visitor_who_stops_reading_holds_up_no_one_else(app, tenant, connect, caplog):
+    """One thread writes every chat socket of a web process. A visitor whose connection
+    stalls (a phone in a tunnel) must not hold up anybody else's reply, and once it has left
+    more than CHAT_SOCKET_BUFFER_BYTES unread it is cut off (its widget reconnects and
+    resumes)."""
+    from services.chat_live import ReplyStream
+
+    app.config["CHAT_DELTA_COALESCE_MS"] = 0  # a frame per delta, published at once
+    app.config["CHAT_SOCKET_BUFFER_BYTES"] = 256 * 1024
+    stalled = connect()
+    stalled.send("session_init")
+    stalled.expect("session")
+    stalled.send("message", content="Tell me everything")
+    stalled_chat = stalled.expect("message")["chat_id"]
+    other = connect()
+    other.send("session_init")
+    other.expect("session")
+    other.send("message", content="Where is my parcel?")
+    other_chat = other.expect("message")["chat_id"]
+    with app.app_context():
+        flood = ReplyStream(tenant.id, _chat_pk(app, stalled_chat), "r-flood")
+        for _ in range(400):  # 12.8 MB, which the stalled visitor never reads
+            flood.delta("x" * 32_000)
+        answer = ReplyStream(tenant.id, _chat_pk(app, other_chat), "r-answer")
+        for n in range(1, 21):
+            answer.delta(f"w{n} ")
+    deltas = [other.expect("delta", reply_id="r-answer", timeout=5) for _ in range(20)]
+    assert "".join(d["text"] for d in deltas) == "".join(f"w{n} " for n in range(1, 21))
+    # What the kernel had taken before the cut reads out, then the connection ends.
+    sock = stalled.ws.sock
+    sock.settimeout(10)
+    received = 0
+    while chunk := sock.recv(1 << 20):
+        received += len(chunk)
+    assert 256 * 1024 < received < 12_800_000
+    assert any("cut off" in r.getMessage() for r in caplog.records)
+
+
+def test_a_chat_served_over_tls_by_the_app_streams_from_its_own_thread(
+    app, worker, upstream, tenant, tmp_path
+):
+    """When the web process terminates TLS itself its sockets cannot be written without
+    blocking: each chat socket then has a pump thread of its own, with the same protocol."""
+    import ssl
+
+    from tests.conftest import LiveServer, self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = LiveServer(app, ssl_context=context).start()
+    upstream.script.reply = "Your parcel left the depot this morning."
+    client = ChatClient.__new__(ChatClient)
+    client.ws = websocket.WebSocket(sslopt={"ca_certs": str(cert)})
+    client.frames = []
+    try:
+        url = server.url.replace("https://", "wss://") + f"/ws/chat?key={tenant.widget_key}"
+        client.ws.connect(url, origin=SITE, timeout=10)
+        client.expect("welcome")
+        client.send("session_init")
+        client.expect("session")
+        client.send("message", content="Where is my parcel?")
+        client.expect("message")
+        deltas, done = client.collect_reply()
+        assert [d["seq"] for d in deltas] == list(range(1, len(deltas) + 1))
+        assert "".join(d["text"] for d in deltas) == upstream.script.reply
+        assert done["message"]["sender"] == "assistant" and not done["cancelled"]
+    finally:
+        client.close()
+        server.stop()

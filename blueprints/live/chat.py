@@ -16,7 +16,10 @@ import json
 import logging
 import queue
 import secrets
+import socket
+import ssl
 import threading
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,13 +32,14 @@ from sqlalchemy.orm import joinedload
 
 from blueprints.live.routes import closes_cleanly, refuse
 from events import on_commit
+from events.fanout import QueuedWriter
 from extensions import db, sock
 from models.accounts import Tenant
 from models.chats import Chat
 from services import chat_live, chats, visitor_identity
 from services.chats import ChatError, chat_topic
 from services.kv import kv
-from services.live import bus, hub
+from services.live import bus, chat_pump, hub
 
 log = logging.getLogger(__name__)
 HISTORY_PAGE = 20
@@ -125,6 +129,22 @@ class ChatSocket:
         self.awaiting_ack: set[int] = set()
         self.held: dict[int, list[dict[str, Any]]] = {}
         self.pump: threading.Thread | None = None
+        # Set when the socket follows a chat (or closes): the pump sleeps until then instead
+        # of looking every few ms (hundreds of open widgets without a chat yet cost a
+        # process thousands of thread wake-ups a second).
+        self.following = threading.Event()
+        # On a plain TCP socket, the process's one SocketPump thread delivers this socket's
+        # frames and every write is queued rather than blocking (events/fanout.py); a TLS
+        # socket (gunicorn serving HTTPS itself) keeps a pump thread of its own.
+        self.catching_up = False
+        self.writer: QueuedWriter | None = None
+        sock = getattr(ws, "sock", None)
+        if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
+            self.chat_pump = chat_pump()
+            self.writer = QueuedWriter(
+                sock, int(self.app.config["CHAT_SOCKET_BUFFER_BYTES"]), self.chat_pump.backlogged
+            )
+            ws.sock = self.writer
         # Who the embedding site says the visitor is (session_init / identify frames).
         self.identity: visitor_identity.Identity | None = None
 
@@ -184,7 +204,8 @@ class ChatSocket:
         while not self.closed.is_set():
             subscription = self.subscription
             if subscription is None:
-                self.closed.wait(0.05)
+                self.following.wait(1.0)
+                self.following.clear()
                 continue
             try:
                 if subscription.overflowed:
@@ -203,6 +224,44 @@ class ChatSocket:
                 log.warning("chat socket could not catch up on chat %s: %s", self.chat_id, exc)
                 subscription.overflowed = True
                 self.closed.wait(1.0)
+
+    def deliver(self) -> None:
+        """Send the frames queued on the subscription (the SocketPump's thread calls this
+        when the hub has put some there); never blocks on the client."""
+        subscription = self.subscription
+        if subscription is None or self.closed.is_set() or self.catching_up:
+            return
+        if subscription.overflowed:
+            # Reading the stream back takes round trips to Redis: not on the pump's thread.
+            self.catching_up = True
+            threading.Thread(
+                target=self._catch_up_apart, args=(subscription,), name="chat-catch-up", daemon=True
+            ).start()
+            return
+        while subscription is self.subscription:
+            try:
+                frame = subscription.frames.get_nowait()
+            except queue.Empty:
+                return
+            if frame.json is None:
+                continue
+            try:
+                self.forward(frame.json)
+            except ConnectionClosed:
+                self.closed.set()
+                return
+
+    def _catch_up_apart(self, subscription) -> None:
+        try:
+            self._catch_up(subscription)
+        except Exception as exc:  # noqa: BLE001 - Redis away mid catch-up: try again
+            log.warning("chat socket could not catch up on chat %s: %s", self.chat_id, exc)
+            subscription.overflowed = True
+            self.closed.wait(1.0)
+        finally:
+            self.catching_up = False
+            if not self.closed.is_set():
+                self.chat_pump.ready(self)
 
     def _catch_up(self, subscription) -> None:
         """This socket fell behind and the hub dropped frames for it: send what it missed from
@@ -236,8 +295,9 @@ class ChatSocket:
             }
         )
         db.session.remove()
-        self.pump = threading.Thread(target=self._pump, name="chat-pump", daemon=True)
-        self.pump.start()
+        if self.writer is None:
+            self.pump = threading.Thread(target=self._pump, name="chat-pump", daemon=True)
+            self.pump.start()
         try:
             while not self.closed.is_set():
                 raw = self.ws.receive(timeout=cfg["LIVE_PING_SECONDS"])
@@ -251,6 +311,7 @@ class ChatSocket:
             pass
         finally:
             self.closed.set()
+            self.following.set()
             if self.subscription is not None:
                 self.subscription.close()
             db.session.remove()
@@ -383,12 +444,15 @@ class ChatSocket:
         old = self.subscription
         # Subscribed before the old one closes and before anything is read: nothing falls in
         # a gap.
-        self.subscription = hub().subscribe([topic]) if topic is not None else None
+        notify = partial(self.chat_pump.ready, self) if self.writer is not None else None
+        self.subscription = hub().subscribe([topic], notify) if topic is not None else None
         if old is not None:
             old.close()
         self.chat_id = chat.id if chat is not None else None
         self.chat_public_id = str(chat.public_id) if chat is not None else None
         self.sent_seq, self.done_replies, self.sent_messages = {}, set(), set()
+        if self.subscription is not None:
+            self.following.set()
         return topic
 
     def _attach(self, chat: Chat, resume: dict[str, Any]) -> None:
