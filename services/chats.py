@@ -269,8 +269,10 @@ def add_message(
         bump, params["new_title"] = _BUMP_CHAT_TITLE, _title_from(content)
     db.session.execute(bump, params, execution_options={"synchronize_session": False})
     db.session.expire(chat, ["last_activity", "message_count", "title"])
-    if sender == "visitor":
-        publish_unread_after_commit(chat.tenant_id, chat.id)
+    # The operators' unread counts and rows for a visitor's message are pushed by the
+    # message.created handler (tasks.chats.publish_message): per operator, a count query
+    # and two renders, which in the web process held the visitor's socket thread (and,
+    # with hundreds of chats starting, the whole process).
     return message
 
 

@@ -113,6 +113,8 @@ def publish_message(event: Event) -> None:
     if event.action == "created" and message.sender == "assistant" and message.in_response_to_id:
         return
     chat_live.publish_message(message, updated=event.action == "updated")
+    if event.action == "created" and message.sender == "visitor":
+        chats.publish_unread_after_commit(message.tenant_id, message.chat_id)
 
 
 @handler(
