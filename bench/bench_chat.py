@@ -66,10 +66,13 @@ CPU seconds of the web process group, the worker process group and the benchmark
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
 import logging
 import os
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -79,6 +82,7 @@ from pathlib import Path
 import dramatiq
 from dramatiq.middleware import Middleware
 
+from bench.bench_fanout import ANCILLARY_BYTES, READ_BYTES, SO_TIMESTAMPNS, frame_header
 from bench.common import (
     BenchError,
     CpuMeter,
@@ -527,6 +531,138 @@ def _in_threads(count: int, target: Callable[[int], None], name: str) -> None:
 # ---------------------------------------------------------------- paced rounds (a child)
 
 
+class _PacedReader:
+    """Sends each paced visitor's message at its time and reads every socket's frames on one
+    thread (a selector over non-blocking sockets; the frames spoken in a few lines, as the
+    fanout bench's clients do). Each read carries the kernel's receive timestamp
+    (SO_TIMESTAMPNS): a thread per socket, as this used to be, put hundreds of threads on
+    one GIL, and frames waited there to be timestamped: the gaps and the first-delta times
+    measured were partly the bench's own."""
+
+    def __init__(self, sockets, runs, begin: float, spread: float, tag: str, tokens: int):
+        import websocket
+
+        self.abnf = websocket.ABNF
+        self.runs = runs
+        self.count = len(runs)
+        self.begin, self.spread, self.tag, self.tokens = begin, spread, tag, tokens
+        # perf_counter of a CLOCK_REALTIME instant: receipt stamps become perf_counter times.
+        self.offset = time.perf_counter() - time.time()
+        self.socks = []
+        for visitor in sockets:
+            sock = visitor.client.ws.sock
+            sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.setblocking(False)
+            self.socks.append(sock)
+        self.buffers = [bytearray() for _ in runs]
+        self.reply_ids: list[str | None] = [None] * self.count
+        self.seen = [collections.Counter() for _ in runs]
+
+    def _send(self, i: int, data: bytes) -> None:
+        sock = self.socks[i]
+        sock.setblocking(True)  # a frame of a few dozen bytes: the kernel takes it at once
+        try:
+            sock.sendall(data)
+        finally:
+            sock.setblocking(False)
+
+    def run(self, deadline: float) -> None:
+        import selectors
+
+        selector = selectors.DefaultSelector()
+        for i, sock in enumerate(self.socks):
+            selector.register(sock, selectors.EVENT_READ, i)
+        next_send, pending = 0, self.count
+        try:
+            while pending:
+                now = time.perf_counter()
+                while next_send < self.count and now >= self.begin + (
+                    next_send * self.spread / self.count
+                ):
+                    i = next_send
+                    self.runs[i]["sent"] = time.perf_counter()
+                    text = json.dumps(
+                        {
+                            "type": "message",
+                            "content": f"Tell me everything ({self.tag}-{i}) [{self.tokens}]",
+                        }
+                    )
+                    self._send(i, self.abnf.create_frame(text, self.abnf.OPCODE_TEXT).format())
+                    next_send += 1
+                if time.monotonic() > deadline:
+                    late = [i for i, r in enumerate(self.runs) if r["done"] is None]
+                    i = late[0]
+                    raise BenchError(
+                        f"paced reply {i} incomplete ({len(self.runs[i]['seqs'])} deltas; "
+                        f"frames read: "
+                        f"{', '.join(f'{k} ×{n}' for k, n in self.seen[i].items()) or 'none'}"
+                        f"; acked message {self.runs[i]['mid']}); {len(late)} incomplete"
+                    )
+                wait = 0.05
+                if next_send < self.count:
+                    due = self.begin + next_send * self.spread / self.count
+                    wait = max(0.0, min(wait, due - time.perf_counter()))
+                for key, _events in selector.select(wait):
+                    pending -= self._readable(key.data)
+        finally:
+            selector.close()
+
+    def _readable(self, i: int) -> int:
+        """Read what socket i has; how many replies it finished (0 or 1)."""
+        sock, finished = self.socks[i], 0
+        while True:
+            try:
+                data, ancillary, _flags, _addr = sock.recvmsg(READ_BYTES, ANCILLARY_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return finished
+            if not data:
+                raise BenchError(f"paced visitor {i}: the server closed the socket")
+            received = time.time_ns()
+            for level, kind, value in ancillary:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+                    sec, nsec = struct.unpack_from("qq", value)
+                    received = sec * 1_000_000_000 + nsec
+            at = received / 1e9 + self.offset
+            buffer = self.buffers[i]
+            buffer += data
+            while (header := frame_header(buffer)) is not None:
+                first, _second, size, start = header
+                payload = bytes(buffer[start : start + size])
+                del buffer[: start + size]
+                opcode = first & 0x0F
+                if opcode == 0x9:  # ping: answer it
+                    self._send(i, self.abnf.create_frame(payload, self.abnf.OPCODE_PONG).format())
+                elif opcode == 0x8:
+                    raise BenchError(f"paced visitor {i}: the server closed the socket")
+                elif opcode == 0x1 and first & 0x80:
+                    finished += self._frame(i, at, json.loads(payload))
+                elif opcode != 0xA:
+                    raise BenchError(f"paced visitor {i}: unexpected frame (opcode {opcode})")
+
+    def _frame(self, i: int, at: float, frame: dict) -> int:
+        run = self.runs[i]
+        kind = frame.get("type")
+        self.seen[i][
+            f"{kind}/{frame.get('reply_id') or (frame.get('message') or {}).get('id')}"
+        ] += 1
+        if kind == "error":
+            raise BenchError(f"the chat socket answered an error: {frame}")
+        if kind == "message" and (frame.get("message") or {}).get("sender") == "visitor":
+            run["mid"] = frame["message"]["id"]
+            self.reply_ids[i] = f"r{run['mid']}"
+        elif self.reply_ids[i] is None or frame.get("reply_id") != self.reply_ids[i]:
+            return 0
+        elif kind == "delta":
+            run["times"].append(at)
+            run["seqs"].append(frame["seq"])
+            run["texts"].append(frame["text"])
+            run["chunks"].append(frame.get("chunks"))
+        elif kind == "done" and run["done"] is None:
+            run["done"] = frame
+            return 1
+        return 0
+
+
 def _paced_round_child(conn, params: dict) -> None:
     """Runs in a process of its own (multiprocessing, spawn): hundreds of sockets reading
     thousands of frames a second must not share a GIL with the fake model server, or the
@@ -573,48 +709,17 @@ def _paced_round(
         for _ in range(count)
     ]
 
-    def chat(i: int) -> None:
-        visitor, run = sockets[i], runs[i]
-        time.sleep(max(0.0, begin + i * spread / count - time.perf_counter()))
-        run["sent"] = time.perf_counter()
-        visitor.client.send("message", content=f"Tell me everything ({tag}-{i}) [{tokens}]")
-        reply_id = None
-        deadline = time.monotonic() + stream_seconds + 60
-        while run["done"] is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise BenchError(f"paced reply {i} incomplete ({len(run['seqs'])} deltas)")
-            got = visitor.recv(remaining)
-            if got is None:
-                continue
-            at, _wall, frame = got
-            kind = frame.get("type")
-            if kind == "error":
-                raise BenchError(f"the chat socket answered an error: {frame}")
-            if kind == "message" and (frame.get("message") or {}).get("sender") == "visitor":
-                run["mid"] = frame["message"]["id"]
-                reply_id = f"r{run['mid']}"
-            elif reply_id is None or frame.get("reply_id") != reply_id:
-                continue
-            elif kind == "delta":
-                run["times"].append(at)
-                run["seqs"].append(frame["seq"])
-                run["texts"].append(frame["text"])
-                run["chunks"].append(frame.get("chunks"))
-            elif kind == "done":
-                run["done"] = frame
-
+    reader = _PacedReader(sockets, runs, begin, spread, tag, tokens)
     errors: list[BaseException] = []
 
-    def guarded(i: int) -> None:
+    def read() -> None:
         try:
-            chat(i)
+            reader.run(time.monotonic() + stream_seconds + 60)
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=guarded, args=(i,), daemon=True) for i in range(count)]
-    for thread in threads:
-        thread.start()
+    thread = threading.Thread(target=read, name="paced-reader", daemon=True)
+    thread.start()
     direct: list[float] = []
     through: list[float] = []
     if probes:
@@ -631,8 +736,7 @@ def _paced_round(
             visitors.close()
             client.close()
         probing = (probing_from, time.perf_counter())
-    for thread in threads:
-        thread.join()
+    thread.join()
     for visitor in sockets:
         if visitor is not None:
             visitor.close()

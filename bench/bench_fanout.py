@@ -295,6 +295,24 @@ def _parse(text: str) -> _Parsed:
     return SNAPSHOT_MARK in text, marks
 
 
+def frame_header(buffer: bytearray) -> tuple[int, int, int, int] | None:
+    """The first two bytes, payload size and payload offset of the WebSocket frame at the
+    start of `buffer`, once all of it has arrived; None until then."""
+    if len(buffer) < 2:
+        return None
+    first, second = buffer[0], buffer[1]
+    size, offset = second & 0x7F, 2
+    if size == 126:
+        if len(buffer) < 4:
+            return None
+        size, offset = int.from_bytes(buffer[2:4], "big"), 4
+    elif size == 127:
+        if len(buffer) < 10:
+            return None
+        size, offset = int.from_bytes(buffer[2:10], "big"), 10
+    return (first, second, size, offset) if len(buffer) >= offset + size else None
+
+
 class _Socket:
     """One browser tab's /ws/live socket over a non-blocking socket that the event loop's
     selector watches. The protocol is spoken here in a few lines (RFC 6455 framing, RFC 7692
@@ -415,22 +433,11 @@ class _Socket:
         buffer += data
         if not self.upgraded and not self._upgrade():
             return
-        while len(buffer) >= 2:
-            first, second = buffer[0], buffer[1]
-            size, offset = second & 0x7F, 2
-            if size == 126:
-                if len(buffer) < 4:
-                    return
-                size, offset = int.from_bytes(buffer[2:4], "big"), 4
-            elif size == 127:
-                if len(buffer) < 10:
-                    return
-                size, offset = int.from_bytes(buffer[2:10], "big"), 10
+        while (header := frame_header(buffer)) is not None:
+            first, second, size, offset = header
             if second & 0x80:
                 self._fail("protocol error: a masked frame from the server")
                 self.abort()
-                return
-            if len(buffer) < offset + size:
                 return
             payload = bytes(buffer[offset : offset + size])
             del buffer[: offset + size]
