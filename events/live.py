@@ -279,15 +279,18 @@ class Subscription:
 class Hub:
     """Fans frames out to this process's subscriptions."""
 
+    BUSY_READ = 32  # frames in one read that make the next wait `read_interval`
+
     def __init__(
         self, bus: MemoryBus | RedisBus, buffer: int = 2000, read_interval: float = 0.01
     ) -> None:
         self.bus = bus
         self.buffer = buffer  # frames a subscription holds before it counts as overflowed
-        # After a read that brought frames, the next one waits this long: an XREAD names
-        # every followed topic, and with hundreds of replies streaming, reading again at
-        # once fetched a frame or two per call, most of the web process's time (and
-        # Redis's) going to the calls themselves.
+        # After a read that brought many frames, the next one waits this long: an XREAD
+        # names every followed topic, and with hundreds of replies streaming, reading again
+        # at once fetched a few frames per call, most of the web process's time (and
+        # Redis's) going to the calls themselves. A read of a few frames is followed at
+        # once: a visitor's first delta comes right after the typing frame.
         self.read_interval = read_interval
         self._lock = threading.Lock()
         self._subs: dict[str, set[Subscription]] = defaultdict(set)
@@ -410,7 +413,7 @@ class Hub:
                     everything = list(self._subs)
                 self._mark_behind(everything)
             self._handle(entries)
-            if entries and self.read_interval > 0:
+            if len(entries) >= self.BUSY_READ and self.read_interval > 0:
                 self._stop.wait(self.read_interval)
 
     def _handle(self, entries: list[tuple[str, str, str, int | None]]) -> None:
