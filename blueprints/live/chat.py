@@ -1,7 +1,9 @@
 """/ws/chat: the embeddable widget's socket. JSON frames both ways (see the README).
 
-One thread reads the visitor's frames; a second pumps the chat topic's frames to the socket.
-Every write goes through one lock (flask-sock's send is not thread-safe). A reply stream is
+The socket's own thread reads the visitor's frames; the chat topic's frames are written by
+the process's one SocketPump thread (events/fanout.py) through a queue that never blocks, or,
+on a TLS socket, by a pump thread of the socket's own. Every write goes through one lock
+(flask-sock's send is not thread-safe). A reply stream is
 only ever sent to a socket that owns the chat: the widget's visitor (signed visitor token) or
 a logged-in user of the chat's tenant who started it.
 
