@@ -203,8 +203,8 @@ class Config:
         # stream (chat) or gets a fresh snapshot (pages).
         self.LIVE_SUBSCRIPTION_BUFFER = _int("LIVE_SUBSCRIPTION_BUFFER", 2000)
         self.LIVE_COALESCE_MS = _int("LIVE_COALESCE_MS", 50)
-        # How soon a web process reads the live bus again after a read that brought frames
-        # (the frames of that pause come in one read: fewer, larger reads under load).
+        # How soon a web process reads the live bus again after a read that brought many
+        # frames (events.live.Hub.BUSY_READ): under load, fewer and larger reads.
         self.LIVE_READ_INTERVAL_MS = _int("LIVE_READ_INTERVAL_MS", 10)
         # Bytes a chat socket's client may leave unread before it is cut off (its widget
         # reconnects and resumes its replies from where it was).
