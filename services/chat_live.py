@@ -252,6 +252,13 @@ class ReplyStream:
         self.text: list[str] = []
         self._sent_chunks = 0  # texts already in a frame
         self._last_html = 0.0
+        # The console's copy of the text so far, kept escaped for HTML and then for JSON as
+        # it grows: escaping the whole text again every HTML_REFRESH_SECONDS is work that
+        # grows with the reply, for every reply streaming. (Both escapes work character by
+        # character, so the pieces' escapes add up to the whole's.)
+        self._console_json = ""
+        self._console_chunks = 0
+        self._console_ends: tuple[str, str] | None = None
         self.publish_failed = False
         self.bus = bus()
         window = float(current_app.config.get("CHAT_DELTA_COALESCE_MS", 30)) / 1000
@@ -271,6 +278,13 @@ class ReplyStream:
             self.bus.publish(self.topic, encode(key, **frame))
         except Exception as exc:  # noqa: BLE001 - the reply goes on; see the class doc
             self.failed_to_publish(exc)
+
+    def _console_slot(self) -> tuple[str, str]:
+        """The JSON string of the console's streaming slot, cut where its text goes."""
+        mark = "\x00"
+        whole = json.dumps(self._slot(f'<div class="msg msg-assistant streaming">{mark}</div>'))
+        head, _, tail = whole.partition(json.dumps(mark)[1:-1])
+        return head, tail
 
     def _slot(self, inner: str) -> str:
         return f'<div id="chat-{self.chat_id}-streaming" hx-swap-oob="innerHTML">{inner}</div>'
@@ -319,19 +333,23 @@ class ReplyStream:
             self._sent_chunks = chunks = self.chunks
             self.seq += 1
             seq = self.seq
-            console_text = None
+            console = None
             now = time.monotonic()
             if now - self._last_html >= HTML_REFRESH_SECONDS:
                 # The console shows the text so far (coalesced per socket); the widget appends.
                 self._last_html = now
-                console_text = "".join(self.text[:chunks])
+                grown = "".join(self.text[self._console_chunks : chunks])
+                self._console_chunks = chunks
+                self._console_json += json.dumps(str(escape(grown)))[1:-1]
+                console = self._console_json
         # The frame as events.live.encode writes it, from parts encoded once per reply: a
         # json.dumps of the nested dicts costs as much as the rest of the frame's way out.
         html = ""
-        if console_text is not None:
-            body = escape(console_text)
-            slot = self._slot(f'<div class="msg msg-assistant streaming">{body}</div>')
-            html = f',"html":{json.dumps(slot)}'
+        if console is not None:
+            if self._console_ends is None:
+                self._console_ends = self._console_slot()
+            head, tail = self._console_ends
+            html = f',"html":{head}{console}{tail}'
         data = (
             f'{{"key":"delta-{self._key_id}-{seq}"{html},"json":{{"type":"delta",'
             f'"reply_id":{self._reply_json},"seq":{seq},"chunks":{chunks},'

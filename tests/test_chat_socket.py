@@ -621,3 +621,41 @@ def test_a_chat_served_over_tls_by_the_app_streams_from_its_own_thread(
     finally:
         client.close()
         server.stop()
+
+
+def test_the_consoles_streaming_copy_is_the_whole_text_so_far_escaped(app, tenant, connect):
+    """The console's slot is built piece by piece as the reply grows; each copy must still be
+    the whole text so far, escaped, whatever the model wrote."""
+    import json
+
+    from markupsafe import escape
+
+    from services.chat_live import ReplyStream
+    from services.chats import chat_topic
+
+    app.config["CHAT_DELTA_COALESCE_MS"] = 0
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Hi")
+    public_id = client.expect("message")["chat_id"]
+    pieces = ['<script>alert("x")</script> ', "&amp; 'q' ", "😀\n", "</div><b>", "ünï \\ end"]
+    with app.app_context():
+        chat_pk = _chat_pk(app, public_id)
+        stream = ReplyStream(tenant.id, chat_pk, "r-console")
+        for piece in pieces:
+            stream._last_html = 0.0  # a console copy with every frame
+            stream.delta(piece)
+        bus = app.extensions["switchboard.live"].bus
+        frames = [
+            json.loads(data) for _t, _i, data in bus.read({chat_topic(tenant.id, chat_pk): "0-0"})
+        ]
+    copies = [f["html"] for f in frames if (f.get("json") or {}).get("type") == "delta"]
+    assert len(copies) == len(pieces)
+    for n, html in enumerate(copies, start=1):
+        text = escape("".join(pieces[:n]))
+        assert html == (
+            f'<div id="chat-{chat_pk}-streaming" hx-swap-oob="innerHTML">'
+            f'<div class="msg msg-assistant streaming">{text}</div></div>'
+        )
+    assert "<script>" not in "".join(copies)
