@@ -119,7 +119,17 @@ def test_times_are_shown_in_the_browsers_zone(site):
 def test_chart_bars_answer_hover_with_their_value(site):
     context, page = _signed_in(site, "demo", viewport={"width": 390, "height": 844})
     try:
+        frames: list = []
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda data: frames.append(data)))
         page.goto(site["url"] + "/metrics/dashboard?days=30")
+        # The live socket's snapshot replaces the chart: an element found before it came is
+        # gone from the page by the time it is hovered.
+        for _ in range(200):
+            if frames:
+                break
+            page.wait_for_timeout(50)
+        assert frames, "the page's live socket sent no snapshot"
+        page.wait_for_timeout(50)  # and htmx has swapped it in
         chart = page.locator('svg[aria-label="Chats per day"]')
         expect(chart).to_be_visible()
         assert chart.locator("text.tick").count() >= 2
