@@ -18,15 +18,11 @@ from services import netpolicy
 from services.manufacturers.shure import ShureService, ShureSettings
 from services.manufacturers.simulator import Fleet
 from tests.helpers import wait_for
+from tests.test_shure_families import FAST as FAMILIES_FAST
 
-FAST = ShureSettings(
-    meter_rate_ms=1000,
-    silence_timeout=3.0,
-    connect_timeout=3.0,
-    backoff_initial=0.1,
-    backoff_max=0.3,
-    identify_timeout=0.3,
-)
+# The families' fast settings, metering once a second (these tests count wake-ups and CPU)
+# and with room for a loaded machine's connects.
+FAST = replace(FAMILIES_FAST, meter_rate_ms=1000, silence_timeout=3.0, connect_timeout=3.0)
 
 
 def shure_threads() -> list[threading.Thread]:
