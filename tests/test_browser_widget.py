@@ -133,3 +133,61 @@ def test_widget_on_an_origin_not_allowed_says_so(app, db, live_server, shop):
         expect(page.locator("#switchboard-chat .note.error")).to_have_text(
             "Chat is not available on this site."
         )
+
+
+def test_operator_watches_a_phone_visitor_live(
+    app, db, worker, live_server, upstream, shop, factory
+):
+    """A visitor on a phone writes something hostile; the operator, on the inbox and then in
+    the chat, sees the new chat, the unread count, the visitor's words as text and the reply
+    as it streams, without reloading."""
+    from tests.browser import login_page
+    from tests.conftest import PASSWORD
+
+    operator = factory.user(shop, role="agent")
+    hostile = '<img src=x onerror="window.pwned=1">Where is my bread?'
+    with host_site(live_server.url, shop.widget_key) as site, chromium() as browser:
+        _allow(db, shop, site)
+        console = login_page(browser, live_server.url, operator.email, PASSWORD)
+        frames: list = []
+        console.on("websocket", lambda ws: ws.on("framereceived", lambda data: frames.append(data)))
+        console.goto(live_server.url + "/chats/")
+        while not frames:  # the inbox's live snapshot: from here on it follows the tenant
+            console.wait_for_timeout(50)
+
+        phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+        phone.set_default_timeout(15_000)
+        phone.goto(site + "/")
+        phone.locator("#switchboard-chat .launcher").click()
+        box = phone.locator("#switchboard-chat textarea")
+        box.fill(hostile)
+        box.press("Enter")
+        expect(phone.locator("#switchboard-chat .msg.visitor")).to_have_text(hostile)
+        width = phone.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        assert width[0] <= width[1]  # the open widget fits the phone
+
+        # The inbox: the new chat's row and the unread count arrive by themselves.
+        row = console.locator("tr[id^=chat-row-]").first
+        expect(row).to_contain_text("Where is my bread?")
+        expect(console.locator("#chats-unread")).to_have_text("1")
+        # The inbox was empty when it loaded: the table shows itself, the empty note goes.
+        expect(row).to_be_visible()
+        expect(console.locator("#chat-list .empty")).to_be_hidden()
+        row.locator("a").click()
+        expect(console.locator(".msg.msg-visitor .msg-body")).to_have_text(hostile)
+        expect(console.locator(".msg.msg-assistant").last).to_contain_text(REPLY)
+
+        # A second question while the operator watches: message and reply stream in.
+        box.fill("And on Sunday?")
+        box.press("Enter")
+        expect(console.locator(".msg.msg-visitor .msg-body").last).to_have_text("And on Sunday?")
+        streaming = console.locator(".streaming-slot .msg-assistant.streaming")
+        expect(streaming).to_contain_text("Our shop")
+        expect(console.locator(".msg.msg-assistant")).to_have_count(2)
+        expect(console.locator(".msg.msg-assistant").last).to_contain_text(REPLY)
+        expect(phone.locator("#switchboard-chat .msg.assistant")).to_have_count(2)
+        expect(phone.locator("#switchboard-chat .msg.assistant").last).to_have_text(REPLY)
+        # Nothing the visitor wrote ran, on either side.
+        assert phone.evaluate("window.pwned") is None
+        assert console.evaluate("window.pwned") is None
+        assert console.locator(".msg-visitor img").count() == 0
