@@ -52,7 +52,7 @@ class _Limiter:
 class MemoryKV(_Limiter):
     def __init__(self) -> None:
         super().__init__(MemoryStorage())
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # claim_and_mark holds it around claim
         self._flags: dict[str, float] = {}
 
     def set_flag(self, key: str, ttl: float) -> None:
@@ -82,6 +82,28 @@ class MemoryKV(_Limiter):
     def has_flags(self, keys: list[str]) -> list[bool]:
         return [self.has_flag(key) for key in keys]
 
+    def claim_and_mark(self, key: str, ttl: float, mark: str, mark_ttl: float) -> bool | None:
+        """claim(key, ttl); when that succeeds, also set the flag `mark` and say whether it
+        was set before (True / False). None when the claim failed (`mark` untouched)."""
+        with self._lock:
+            if not self.claim(key, ttl):
+                return None
+            was = self.has_flag(mark)
+            self.set_flag(mark, mark_ttl)
+            return was
+
+
+# 0: not claimed; 1: claimed, the mark was not set; 2: claimed, the mark was set already.
+_CLAIM_AND_MARK = """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
+  return 0
+end
+if redis.call('SET', KEYS[2], '1', 'PX', ARGV[2], 'GET') then
+  return 2
+end
+return 1
+"""
+
 
 class RedisKV(_Limiter):
     def __init__(self, url: str, prefix: str) -> None:
@@ -92,6 +114,7 @@ class RedisKV(_Limiter):
         super().__init__(storage)
         self.redis = redis.Redis.from_url(url, **options)
         self.prefix = prefix
+        self._claim_and_mark = None
 
     def set_flag(self, key: str, ttl: float) -> None:
         self.redis.set(self.prefix + "flag:" + key, "1", px=max(1, int(ttl * 1000)))
@@ -103,6 +126,16 @@ class RedisKV(_Limiter):
 
     def has_flag(self, key: str) -> bool:
         return bool(self.redis.exists(self.prefix + "flag:" + key))
+
+    def claim_and_mark(self, key: str, ttl: float, mark: str, mark_ttl: float) -> bool | None:
+        """As MemoryKV.claim_and_mark, in one round trip: a reply's start waits for it."""
+        if self._claim_and_mark is None:
+            self._claim_and_mark = self.redis.register_script(_CLAIM_AND_MARK)
+        outcome = self._claim_and_mark(
+            keys=[self.prefix + "flag:" + key, self.prefix + "flag:" + mark],
+            args=[max(1, int(ttl * 1000)), max(1, int(mark_ttl * 1000))],
+        )
+        return None if outcome == 0 else outcome == 2
 
     def has_flags(self, keys: list[str]) -> list[bool]:
         """Which of the flags are set, in one round trip."""

@@ -193,13 +193,14 @@ def generate_reply(message_id: int) -> None:
     if already or not chats.should_auto_reply(chat):
         return
     lease = ReplyLease(chats.reply_claim_key(message.id), cfg["CHAT_REPLY_LEASE_SECONDS"])
-    if not lease.claim():
-        return  # another generate_reply (started by the web process or the event) has it
     started_key = chats.reply_started_key(message.id)
-    # A reply begun by a process that died: its deltas are partly on the visitor's screen, so
-    # this one streams none and sends the finished message (which replaces them).
-    resumed = kv().has_flag(started_key)
-    kv().set_flag(started_key, ttl=cfg["CHAT_REPLY_RESUME_WINDOW"])
+    # The claim, and the mark that a reply is being written, in one round trip. Marked
+    # already: a reply begun by a process that died, whose deltas are partly on the
+    # visitor's screen, so this one streams none and sends the finished message (which
+    # replaces them).
+    resumed = lease.claim(started_key, cfg["CHAT_REPLY_RESUME_WINDOW"])
+    if resumed is None:
+        return  # another generate_reply (started by the web process or the event) has it
     reply_id = chat_live.reply_id_for(message.id)
     history = chats.recent_history(chat.id, cfg.get("CHAT_HISTORY_MESSAGES", 50))
     # What the reply needs, read now: the commit below expires these objects, and touching
@@ -423,8 +424,10 @@ class ReplyLease:
         self._ended = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def claim(self) -> bool:
-        return self.store.claim(self.key, self.seconds)
+    def claim(self, mark: str, mark_seconds: float) -> bool | None:
+        """Take the lease and set the flag `mark`: None when another writer holds the lease,
+        else whether `mark` was set before."""
+        return self.store.claim_and_mark(self.key, self.seconds, mark, mark_seconds)
 
     def keep(self) -> None:
         self._thread = threading.Thread(target=self._renew, name="reply-lease", daemon=True)
