@@ -322,7 +322,7 @@ class Broadcaster:
             for topic in peer.topics:
                 entry = self._topics.get(topic)
                 if entry is None:
-                    sub = self.hub.subscribe([topic])
+                    sub = self.hub.subscribe([topic], watch=True)
                     sub.notify = self._signal.set
                     entry = self._topics[topic] = (sub, set())
                 entry[1].add(peer)

@@ -109,6 +109,16 @@ class MemoryBus:
     def ping(self) -> bool:
         return True
 
+    # One process: every topic counts as watched (see RedisBus.watch), nothing is skipped.
+    def watch(self, topics: Iterable[str], seconds: float = 0) -> list[str]:
+        return []
+
+    def watched(self, topics: Iterable[str]) -> tuple[set[str], int]:
+        return set(topics), 0
+
+    def watch_generation(self) -> int:
+        return 0
+
 
 # Each frame carries its number in its topic (field "n"), counted in Redis in the same step
 # as the XADD: a reader that sees a number other than the one after the last it saw knows it
@@ -125,6 +135,43 @@ def _number_of(fields: dict) -> int | None:
         return int(raw) if raw is not None else None
     except ValueError:
         return None
+
+
+# Page topics watched by an open page: a sorted set of topic -> when its registration runs
+# out (Redis's clock, ms), and a counter raised whenever a topic nobody watched gets a
+# watcher. Returns the topics that had no live registration.
+_WATCH = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local lapsed = {}
+for i, topic in ipairs(ARGV) do
+  if i > 1 then
+    local until_ms = tonumber(redis.call('ZSCORE', KEYS[1], topic))
+    if not until_ms or until_ms < ms then
+      table.insert(lapsed, topic)
+    end
+    redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[1]), topic)
+  end
+end
+if #lapsed > 0 then
+  redis.call('INCR', KEYS[2])
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - 60000)
+end
+return lapsed
+"""
+
+_WATCHED = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local out = {tonumber(redis.call('GET', KEYS[2]) or '0')}
+for i, topic in ipairs(ARGV) do
+  local until_ms = tonumber(redis.call('ZSCORE', KEYS[1], topic))
+  if until_ms and until_ms >= ms then
+    table.insert(out, topic)
+  end
+end
+return out
+"""
 
 
 class PipelinedScript:
@@ -177,6 +224,8 @@ class RedisBus:
         self.maxlen = maxlen
         self._xadd_numbered = self.redis.register_script(_XADD_NUMBERED)
         self._xadd_many = PipelinedScript(self.redis, _XADD_NUMBERED)
+        self._watch_script = self.redis.register_script(_WATCH)
+        self._watched_script = self.redis.register_script(_WATCHED)
 
     def _key(self, topic: str) -> str:
         return self.prefix + topic
@@ -235,6 +284,34 @@ class RedisBus:
     def ping(self) -> bool:
         return bool(self.redis.ping())
 
+    # -- which page topics an open page watches ----------------------------------------
+    # A page's frames (a device card, a feed row) are rendered for the page's socket only;
+    # the page takes a snapshot whenever it connects. A worker need not render them for a
+    # topic no page watches, and with no dashboard open most of a device event's rendering
+    # was for nobody. Web processes register the topics of their open pages here before
+    # the page's snapshot (Hub.subscribe(watch=True)) and renew them while it stays open.
+
+    def _watch_keys(self) -> list[str]:
+        return [self.prefix + "-watched", self.prefix + "-watched-gen"]
+
+    def watch(self, topics: Iterable[str], seconds: float) -> list[str]:
+        """Register `topics` as watched for `seconds`; those that had no live registration
+        (nobody watched them, or Redis lost it), whose frames may have been skipped."""
+        topics = list(topics)
+        if not topics:
+            return []
+        lapsed = self._watch_script(keys=self._watch_keys(), args=[int(seconds * 1000), *topics])
+        return [t.decode() if isinstance(t, bytes) else t for t in lapsed]
+
+    def watched(self, topics: Iterable[str]) -> tuple[set[str], int]:
+        """Which of `topics` some open page watches now, and the watch generation (raised
+        whenever a topic gains its first watcher) to give to `watch_generation` later."""
+        out = self._watched_script(keys=self._watch_keys(), args=list(topics))
+        return {t.decode() if isinstance(t, bytes) else t for t in out[1:]}, int(out[0])
+
+    def watch_generation(self) -> int:
+        return int(self.redis.get(self._watch_keys()[1]) or 0)
+
 
 @dataclass(eq=False)
 class Subscription:
@@ -245,6 +322,8 @@ class Subscription:
     overflowed: bool = False
     # Called after each frame is put (or dropped): wakes a reader that serves many queues.
     notify: Callable[[], None] | None = None
+    # A page's topics, registered as watched while it is open (Hub.subscribe(watch=True)).
+    watched: bool = False
 
     def put(self, frame: Frame) -> None:
         try:
@@ -300,18 +379,39 @@ class Hub:
         self._numbers: dict[str, int | None] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # The topics of this process's open pages (watch=True subscriptions, counted), when
+        # each was last registered with the bus, and when the reader renews them all next.
+        self._watched: dict[str, int] = {}
+        self._registered: dict[str, float] = {}
+        self._renew_at = 0.0
         if isinstance(bus, MemoryBus):
             bus.add_listener(self._deliver)
 
+    # A page topic's registration (RedisBus.watch) lasts WATCH_SECONDS and is renewed every
+    # WATCH_RENEW_SECONDS while a page here shows it.
+    WATCH_SECONDS = 30.0
+    WATCH_RENEW_SECONDS = 10.0
+
     def subscribe(
-        self, topics: Iterable[str], notify: Callable[[], None] | None = None
+        self,
+        topics: Iterable[str],
+        notify: Callable[[], None] | None = None,
+        *,
+        watch: bool = False,
     ) -> Subscription:
+        """Follow `topics` from their current end. `watch`: they are a page's, which takes
+        its snapshot after this returns: they are registered as watched first, so a worker
+        that skips rendering a frame nobody watched has committed before the snapshot reads
+        (or learns after its commit that a page came, and renders it then)."""
         sub = Subscription(frozenset(topics), self, queue.Queue(maxsize=self.buffer), notify=notify)
+        sub.watched = watch
         if isinstance(self.bus, MemoryBus):
             with self._lock:
                 for topic in sub.topics:
                     self._subs[topic].add(sub)
             return sub
+        if watch:
+            self._register(sub.topics)
         with self._lock:
             new = [t for t in sub.topics if t not in self._positions]
         # The stream ends are looked up outside the lock: the reader takes it for every batch,
@@ -337,8 +437,60 @@ class Hub:
         self._ensure_reader()
         return sub
 
+    def _register(self, topics: Iterable[str]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for topic in topics:
+                self._watched[topic] = self._watched.get(topic, 0) + 1
+            # Registered here a moment ago (renewed by the reader since): no round trip.
+            due = [
+                t
+                for t in topics
+                if now - self._registered.get(t, -1e9) > self.WATCH_RENEW_SECONDS / 2
+            ]
+        if not due:
+            return
+        try:
+            self.bus.watch(due, self.WATCH_SECONDS)
+        except Exception as exc:  # noqa: BLE001 - Redis away: nothing is published either
+            log.warning("live bus unreachable registering %s: %s", ", ".join(due), exc)
+            return
+        with self._lock:
+            for topic in due:
+                self._registered[topic] = now
+
+    def _renew_watches(self) -> None:
+        """Renew this process's page topics (from the reader, every WATCH_RENEW_SECONDS).
+        One whose registration had lapsed (Redis lost it, or this process stalled past it)
+        may have had frames skipped: its pages take a new snapshot."""
+        now = time.monotonic()
+        if now < self._renew_at:
+            return
+        self._renew_at = now + self.WATCH_RENEW_SECONDS
+        with self._lock:
+            topics = list(self._watched)
+        if not topics:
+            return
+        lapsed = self.bus.watch(topics, self.WATCH_SECONDS)
+        with self._lock:
+            for topic in topics:
+                if topic in self._watched:
+                    self._registered[topic] = now
+        if lapsed:
+            log.warning("live watch lapsed on %s: re-snapshot", ", ".join(sorted(lapsed)))
+            self._mark_behind(lapsed)
+
     def unsubscribe(self, sub: Subscription) -> None:
         with self._lock:
+            if sub.watched:
+                sub.watched = False  # counted once, however often it is closed
+                for topic in sub.topics:
+                    left = self._watched.get(topic, 0) - 1
+                    if left > 0:
+                        self._watched[topic] = left
+                    else:
+                        self._watched.pop(topic, None)
+                        self._registered.pop(topic, None)
             for topic in sub.topics:
                 subs = self._subs.get(topic)
                 if subs is not None:
@@ -391,6 +543,7 @@ class Hub:
         while not self._stop.is_set():
             try:
                 self._resolve_positions()
+                self._renew_watches()
                 with self._lock:
                     positions = {t: p for t, p in self._positions.items() if p is not None}
                 if not positions:
@@ -402,6 +555,7 @@ class Hub:
             except Exception as exc:  # noqa: BLE001 - Redis away: keep positions, retry
                 log.warning("live bus read failed (%s); retrying in %.1fs", exc, backoff)
                 failed = True
+                self._renew_at = 0.0  # first thing once Redis answers: it may be empty
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10)
                 continue

@@ -7,6 +7,7 @@ topics of that user's tenant.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -126,6 +127,57 @@ def publish_after_commit(topic: str, key: str, *, html: str | None = None, json_
 _RENDERS = "live.renders"
 
 
+def publish_if_watched(frames: list[tuple[str, str, Callable[[], str]]]) -> None:
+    """Publish after the commit, as publish_after_commit, each frame (topic, key, render) of
+    a *page* topic that some open page watches; `render()` (its html) runs only for those.
+    For the work just before a transaction commits (events.outbox.before_commit).
+
+    A page takes a snapshot whenever its socket connects, and registers its topics as
+    watched before that (Hub.subscribe(watch=True)), so a frame nobody watches is work for
+    nobody: with no dashboard open, most of a device event's rendering was. Should a page
+    start watching after this check, its snapshot may have read the database before this
+    commit: after the commit the watch generation says whether any topic gained a watcher
+    meanwhile, and the frames skipped for those topics are rendered and published then
+    (from the committed rows). Redis unreachable: everything is rendered, as before.
+
+    Not for topics read otherwise than by a page's socket: a widget's chat topic is read
+    back from its stream on reconnect."""
+    if not frames:
+        return
+    topics = {topic for topic, _key, _render in frames}
+    try:
+        watched, generation = bus().watched(topics)
+    except Exception as exc:  # noqa: BLE001 - unsure: render them all
+        log.warning("watched topics not read (%s): rendering every frame", exc)
+        watched, generation = topics, None
+    skipped = []
+    with fragments():
+        for topic, key, render in frames:
+            if topic in watched:
+                publish_after_commit(topic, key, html=render())
+            else:
+                skipped.append((topic, key, render))
+    if skipped:
+        on_commit(functools.partial(_publish_late, skipped, generation))
+
+
+def _publish_late(skipped: list[tuple[str, str, Callable[[], str]]], generation: int) -> None:
+    """After the commit of frames skipped as unwatched: those of topics a page began
+    watching since the check (its snapshot may have missed the commit), rendered now."""
+    try:
+        if bus().watch_generation() == generation:
+            return  # no topic gained a watcher: nobody can have missed these
+        watched, _ = bus().watched({topic for topic, _key, _render in skipped})
+        if not watched:
+            return
+        with fragments():
+            for topic, key, render in skipped:
+                if topic in watched:
+                    publish(topic, key, html=render())
+    except Exception:  # noqa: BLE001 - best effort, as any live frame: the page's next
+        log.exception("late live frames not published")  # snapshot heals it
+
+
 def publish_fragment_after_commit(
     topic: str, key: str, template: str, *, replaces: bool = False, **context: Any
 ) -> None:
@@ -152,10 +204,12 @@ def publish_fragment_after_commit(
         def render_all() -> None:
             if cache.get(_RENDERS) is pending:
                 del cache[_RENDERS]  # anything published after this starts anew
-            with fragments():
-                for (frame_topic, frame_key, _), (name, kwargs) in pending.items():
-                    html = render_fragment(name, **kwargs)
-                    publish_after_commit(frame_topic, frame_key, html=html)
+            publish_if_watched(
+                [
+                    (frame_topic, frame_key, functools.partial(render_fragment, name, **kwargs))
+                    for (frame_topic, frame_key, _), (name, kwargs) in pending.items()
+                ]
+            )
 
         before_commit(render_all)
     # Appends keep their place (and each its own entry); a replacing frame moves to the end.

@@ -10,6 +10,7 @@ to matching webhooks.
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -26,9 +27,8 @@ from models.base import utcnow
 from models.devices import ActivityLog, Device, DeviceReading, Location, Manufacturer
 from services import devices as device_service
 from services.live import (
-    fragments,
-    publish_after_commit,
     publish_fragment_after_commit,
+    publish_if_watched,
     render_fragment,
     tenant_topic,
 )
@@ -69,9 +69,9 @@ def log_activity(
 
     The rows of a batch of events are written together just before it commits, with one
     Core executemany (their ids drawn from the sequence first on PostgreSQL, RETURNING
-    elsewhere), and each is rendered once, whatever the number of topics it goes to; one
-    query per topic finds the rows the pages drop for them. Outside a batch the same
-    happens for the one row."""
+    elsewhere). Each is rendered once, whatever the number of topics it goes to, and only
+    if an open page shows one of them; one query per watched topic finds the rows the pages
+    drop for them. Outside a batch the same happens for the one row."""
     row = {
         "tenant_id": event.tenant_id,
         "activity_type": activity_type,
@@ -132,28 +132,38 @@ def _write_activity(rows: list[dict[str, Any]]) -> None:
                 table.c.id, sort_by_parameter_order=True
             )
         ids = conn.execute(stmt, rows).scalars().all()
-    published = []
+    frames = []
     wanted: dict[tuple[int, str], list[int]] = {}
+    # Rendered (and the rows the pages drop, found) only for topics an open page watches
+    # (publish_if_watched): once per row and once per topic.
+    htmls: dict[int, str] = {}
+    drops: dict[tuple[int, str], dict[int, int]] = {}
+
+    def render(shown: SimpleNamespace, name: str) -> str:
+        html = htmls.get(shown.id)
+        if html is None:
+            html = htmls[shown.id] = render_fragment(
+                "devices/_activity_push.html", a=shown, drop_id=None
+            )
+        key = (shown.tenant_id, name)
+        if key not in drops:
+            drops[key] = device_service.activity_drops(key[0], key[1], wanted[key])
+        drop = drops[key].get(shown.id)
+        # The fragment as it renders with drop_id: the row that leaves the page.
+        return html + (f'<li id="activity-{drop}" hx-swap-oob="delete"></li>' if drop else "")
+
     for row, row_id in zip(rows, ids, strict=True):
         shown = SimpleNamespace(id=row_id, **row)
-        topics = device_service.activity_topics(row["activity_type"])
-        published.append((shown, topics))
-        for name in topics:
+        for name in device_service.activity_topics(row["activity_type"]):
             wanted.setdefault((row["tenant_id"], name), []).append(row_id)
-    drops = {
-        key: device_service.activity_drops(key[0], key[1], row_ids)
-        for key, row_ids in wanted.items()
-    }
-    with fragments():
-        for shown, topics in published:
-            html = render_fragment("devices/_activity_push.html", a=shown, drop_id=None)
-            for name in topics:
-                drop = drops[(shown.tenant_id, name)].get(shown.id)
-                # The fragment as it renders with drop_id: the row that leaves the page.
-                extra = f'<li id="activity-{drop}" hx-swap-oob="delete"></li>' if drop else ""
-                publish_after_commit(
-                    tenant_topic(shown.tenant_id, name), f"activity-{shown.id}", html=html + extra
+            frames.append(
+                (
+                    tenant_topic(row["tenant_id"], name),
+                    f"activity-{row_id}",
+                    functools.partial(render, shown, name),
                 )
+            )
+    publish_if_watched(frames)
 
 
 def _next_activity_ids():

@@ -96,7 +96,7 @@ def test_a_batch_logs_every_event_and_shows_the_card_as_the_batch_left_it(app, d
     from services.live import hub, tenant_topic
 
     tenant, device = mic
-    with hub().subscribe([tenant_topic(tenant.id, "devices")]) as board:
+    with hub().subscribe([tenant_topic(tenant.id, "devices")], watch=True) as board:
         _updated(tenant.id, 4, 240)
         _updated(tenant.id, 3, 180)  # same commit: one batch, one transaction
         db.session.commit()

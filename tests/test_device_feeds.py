@@ -99,7 +99,10 @@ def test_live_rows_go_only_to_pages_they_match_and_keep_the_list_its_size(app, d
         tenant_topic(tenant.id, "activity"),
         tenant_topic(tenant.id, "activity-type-status"),
     )
-    with hub().subscribe([main]) as main_page, hub().subscribe([status]) as status_page:
+    with (
+        hub().subscribe([main], watch=True) as main_page,
+        hub().subscribe([status], watch=True) as status_page,
+    ):
         emit(
             "device.synced",
             tenant_id=tenant.id,

@@ -98,7 +98,7 @@ def test_a_pushed_change_reaches_an_open_page_long_before_the_poll(app, db, stag
     polls = count(db, ServiceSyncLog, ServiceSyncLog.tenant_id == tenant.id)
     device_id = mic(db, tenant.id, 2).id
     with app.app_context():
-        sub = hub().subscribe([tenant_topic(tenant.id, "devices")])
+        sub = hub().subscribe([tenant_topic(tenant.id, "devices")], watch=True)
     started = time.monotonic()
     receiver.set_battery(2, 1, 42)  # the receiver pushes REP 2 BATT_BARS / BATT_RUN_TIME
     card = None

@@ -34,7 +34,7 @@ def test_event_is_handled_and_published_through_redis(prod_app, prod_worker, pro
 
     tenant = prod_factory.tenant()
     hub = prod_app.extensions["switchboard.live"].hub
-    with prod_app.app_context(), hub.subscribe([f"t{tenant.id}:feed"]) as sub:
+    with prod_app.app_context(), hub.subscribe([f"t{tenant.id}:feed"], watch=True) as sub:
         emit("test.counted", tenant_id=tenant.id, payload={"n": 10, "label": "via redis"})
         db.session.commit()
         assert wait_for(lambda: _count(db, ActivityLog, ActivityLog.summary == "counted 10") == 1)
@@ -75,7 +75,7 @@ def test_handlers_run_in_a_separate_worker_process(prod_app, prod_factory, tmp_p
     try:
         tenant = prod_factory.tenant()
         hub = prod_app.extensions["switchboard.live"].hub
-        with prod_app.app_context(), hub.subscribe([f"t{tenant.id}:feed"]) as sub:
+        with prod_app.app_context(), hub.subscribe([f"t{tenant.id}:feed"], watch=True) as sub:
             for n in range(5):
                 emit("test.counted", tenant_id=tenant.id, payload={"n": 100 + n})
             db.session.commit()

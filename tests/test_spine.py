@@ -108,8 +108,8 @@ def test_model_change_publishes_a_feed_fragment_to_its_tenant(app, db, worker, f
     hub = app.extensions["switchboard.live"].hub
     tenant_a, tenant_b = factory.tenant(), factory.tenant()
     with (
-        hub.subscribe([f"t{tenant_a.id}:feed"]) as sub_a,
-        hub.subscribe([f"t{tenant_b.id}:feed"]) as sub_b,
+        hub.subscribe([f"t{tenant_a.id}:feed"], watch=True) as sub_a,
+        hub.subscribe([f"t{tenant_b.id}:feed"], watch=True) as sub_b,
     ):
         db.session.add(Agent(tenant_id=tenant_a.id, name="Frontdesk"))
         db.session.commit()

@@ -135,7 +135,7 @@ def register_live_routes(app: Flask) -> None:
 def _relay_by_thread(ws, topics: list[str], user) -> None:
     """Serve one socket from its own thread (a socket the broadcaster cannot write to)."""
     window = current_app.config["LIVE_COALESCE_MS"] / 1000
-    subscription = hub().subscribe(topics)
+    subscription = hub().subscribe(topics, watch=True)
     try:
         ws.send(_snapshot(topics, user))
         while ws.connected:

@@ -10,7 +10,7 @@ from flask_login import current_user, login_required
 from blueprints import render
 from blueprints.metrics import bp
 from services import metrics
-from services.live import publish, render_fragment, snapshot, tenant_topic
+from services.live import bus, publish, render_fragment, snapshot, tenant_topic
 
 DEFAULT_ALLOWED_NETWORKS = "127.0.0.1/32,::1/128"
 
@@ -50,9 +50,17 @@ def live_html(tenant_id: int, days: int) -> str:
 def publish_metrics(tenant_id: int) -> None:
     """Replace the counters and charts on the tenant's open Metrics pages, one frame per
     range (each page listens to its own range's topic), under one key so they coalesce."""
-    for days in metrics.RANGES:
-        topic = tenant_topic(tenant_id, metrics_topic_name(days))
-        publish(topic, "metrics", html=live_html(tenant_id, days))
+    topics = {days: tenant_topic(tenant_id, metrics_topic_name(days)) for days in metrics.RANGES}
+    # Only the ranges some open page shows (see services.live.publish_if_watched). This runs
+    # after the counters' commit and reads them afresh, and a page registers its topic
+    # before its snapshot reads them: one that comes after this check reads at least this.
+    try:
+        watched, _generation = bus().watched(topics.values())
+    except Exception:  # noqa: BLE001 - unsure: render them all
+        watched = set(topics.values())
+    for days, topic in topics.items():
+        if topic in watched:
+            publish(topic, "metrics", html=live_html(tenant_id, days))
 
 
 @snapshot("metrics")
