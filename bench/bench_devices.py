@@ -805,12 +805,12 @@ def _cpu_rows(
     noop_cpu: CpuMeter,
     rows: list[dict],
     background: CpuMeter | None = None,
-) -> tuple[float, float | None]:
+) -> tuple[float, float | None, float]:
     """CPU per device event, every process of the run counted, next to the no-op actor's CPU
     per message: whether the events/s figure is bound by the CPUs, and by whose. With
     `background` (the same processes measured while no poll ran), also net of what they use
     anyway in that time (live meters, pushed levels, other work on the machine's postgres):
-    (per event, net per event)."""
+    (per event, net per event, per event less the fleet and the measuring client)."""
     events = sum(r["events"] for r in rounds)
     used: Counter = Counter()
     seconds = 0.0
@@ -837,9 +837,27 @@ def _cpu_rows(
             detail=(
                 f"{total:.1f} CPU-s over {seconds:.1f} s ({total / seconds:.2f} of {cores} "
                 f"cores busy) for {events} device events, cascades and all their handlers "
-                f"included; ms per event by process: {breakdown} (bench: the poll, the Shure "
-                "client and the dashboard socket's reader; postgres and redis-server: every "
-                "process of those names on the machine)"
+                f"included; ms per event by process: {breakdown} (bench: the poll and the "
+                "Shure client; client: the dashboard socket's reader, a thread of the bench "
+                "process; postgres and redis-server: every process of those names on the "
+                "machine)"
+            ),
+        )
+    )
+    own = total - used.get("fleet", 0.0) - used.get("client", 0.0)
+    own_per_event = own * 1000 / events
+    rows.append(
+        result(
+            f"{label}: CPU per device event, Switchboard's processes",
+            own_per_event,
+            "ms",
+            ratio=own_per_event / per_message,
+            vs="no-op message's CPU",
+            detail=(
+                "the same, less the simulated receivers (fleet) and the dashboard client that "
+                "measures the cards (client): in a deployment those are Shure hardware and a "
+                "browser elsewhere, and the rest is what Switchboard's machine spends: "
+                f"{own:.1f} CPU-s over {seconds:.1f} s ({own / seconds:.2f} cores)"
             ),
         )
     )
@@ -883,7 +901,7 @@ def _cpu_rows(
                 ),
             )
         )
-    return per_event, net
+    return per_event, net, own_per_event
 
 
 def _latency_rows(label: str, rounds: list[dict], rows: list[dict]) -> None:
@@ -1040,6 +1058,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         workers = stack.enter_context(dramatiq_workers(penv, processes=procs, threads=threads))
         _attach(penv, user.tenant_id, fleet)
 
+        reader: dict[str, tuple[str, int]] = {}  # the dashboard client's thread, once open
+
         def cpu_meter() -> CpuMeter:
             return CpuMeter(
                 workers=workers.proc.pid,
@@ -1048,6 +1068,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 web=web.proc.pid,
                 redis="redis-server",
                 **({"fleet": fleet.proc.pid} if hasattr(fleet, "proc") else {}),
+                **reader,
             )
 
         noop_cpu = cpu_meter()
@@ -1071,6 +1092,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         live.login(user.email, user.password)
         if 'id="device-grid"' not in live.subscribe("/devices/", on_frame=cards.on_frame):
             raise BenchError("the devices dashboard's snapshot has no grid")
+        reader["client"] = ("thread", live.reader_ident())
         bench = _Devices(penv, workers, user.tenant_id, fleet, cards, cpu_meter)
 
         # Discovery.
@@ -1157,7 +1179,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         if steady[-1]["topics"]["device.online"] < down:
             note(f"!! only {steady[-1]['topics']['device.online']} of {down} devices back online")
         _throughput_rows("steady state", steady, noop_rate, rows)
-        per_event, net = _cpu_rows("steady state", steady, noop, noop_cpu, rows, background)
+        per_event, net, _own = _cpu_rows("steady state", steady, noop, noop_cpu, rows, background)
         FIGURES["device_event_cpu_ms"] = per_event
         if net is not None:
             FIGURES["device_event_cpu_net_ms"] = net
@@ -1208,9 +1230,11 @@ def run(args: argparse.Namespace) -> list[dict]:
                 )
             _sustained_rows(sustained, per_event, noop_rate, rows)
             FIGURES["device_events_per_s_sustained"] = sustained["events"] / sustained["handled_s"]
-            FIGURES["device_event_cpu_ms_sustained"], _ = _cpu_rows(
-                "sustained", [sustained], noop, noop_cpu, rows
-            )
+            (
+                FIGURES["device_event_cpu_ms_sustained"],
+                _,
+                FIGURES["device_event_cpu_ms_sustained_own"],
+            ) = _cpu_rows("sustained", [sustained], noop, noop_cpu, rows)
             if sustained["latencies"]:
                 _latency_rows("sustained", [sustained], rows)
             else:

@@ -661,6 +661,12 @@ class LiveClient:
             if self._on_frame is not None:
                 self._on_frame(received, text)
 
+    def reader_ident(self) -> int:
+        """The reader thread's ident (for CpuMeter's ("thread", ident))."""
+        if self._thread is None or self._thread.ident is None:
+            raise BenchError("the live client is not reading")
+        return self._thread.ident
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until predicate() holds, re-checking whenever a frame arrives."""
         deadline = time.monotonic() + timeout
@@ -1032,23 +1038,45 @@ def _live_processes() -> Iterator[tuple[str, int, float]]:
             continue
 
 
+def _thread_cpu_seconds(ident: int) -> float:
+    """CPU seconds used so far by a live thread of this process (0 once it has ended)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+    except (OSError, ProcessLookupError):
+        return 0.0
+
+
 class CpuMeter:
     """CPU seconds used between start() and stop() by named sets of processes.
 
     Each name maps to a process group (an int: its pgid, as start_process makes one per
     command), to every process of one command name (a str such as "postgres" or
     "redis-server": a local server and its connections, which may serve others on the
-    machine too), or to "self" (this process, all its threads)."""
+    machine too), to "self" (this process, all its threads but those named apart), or to
+    ("thread", ident): one thread of this process (a measuring client that lives in the
+    bench process, counted apart from what it measures)."""
 
-    def __init__(self, **who: int | str) -> None:
+    def __init__(self, **who: int | str | tuple[str, int]) -> None:
         self.who = who
         self.used: dict[str, float] = {}
         self.seconds = 0.0
 
     def read(self) -> dict[str, float]:
         times = os.times()
-        found = {name: times.user + times.system for name, key in self.who.items() if key == "self"}
-        others = {name: key for name, key in self.who.items() if key != "self"}
+        threads = {
+            name: _thread_cpu_seconds(key[1])
+            for name, key in self.who.items()
+            if isinstance(key, tuple) and key[0] == "thread"
+        }
+        apart = sum(threads.values())
+        found = {
+            name: times.user + times.system - apart
+            for name, key in self.who.items()
+            if key == "self"
+        }
+        found.update(threads)
+        others = {name: key for name, key in self.who.items() if isinstance(key, int | str)}
+        others = {name: key for name, key in others.items() if key != "self"}
         found.update(dict.fromkeys(others, 0.0))
         for comm, pgid, seconds in _live_processes():
             for name, key in others.items():
