@@ -23,8 +23,8 @@ inflate the latencies (how late the loop handled reads is reported, as is the be
 
 Frames are published straight onto the live bus (the app's RedisBus, what
 `services.live.publish` calls) on the tenant's "devices" topic by a thread paced at 200
-frames/s for 10 s (--quick 3 s). Each frame is a real rendered device card
-(`devices/_card_push.html`, ~900 bytes) with its own key and element id, so coalescing never
+frames/s for 10 s (--quick 3 s). Each frame is a real rendered device card (`device_card`
+of `devices/_card.html`, ~900 bytes) with its own key and element id, so coalescing never
 merges two, and a `data-fo="run:seq:stamp"` attribute (stamp: CLOCK_REALTIME ns just before
 the XADD). Latency is publish → kernel receipt, for every frame at every client.
 
@@ -199,7 +199,7 @@ def _seed_tenant(penv: ProdEnv, users: int, devices: int = 24) -> _Tenant:
     from models.accounts import Tenant
     from models.devices import Device, Location, Manufacturer
     from services.accounts import create_user
-    from services.live import render_fragment
+    from services.live import fragments, render_macro
 
     tag = uuid.uuid4().hex[:6]
     with penv.app.app_context():
@@ -241,7 +241,8 @@ def _seed_tenant(penv: ProdEnv, users: int, devices: int = 24) -> _Tenant:
             device = db.session.scalars(
                 db.select(Device).where(Device.tenant_id == tenant.id).order_by(Device.id)
             ).first()
-            card = render_fragment("devices/_card_push.html", d=device)
+            with fragments():
+                card = render_macro("devices/_card.html", "device_card", d=device, oob=True)
             head, tail = card.split(f'id="device-card-{device.id}"', 1)
             return _Tenant(tenant.id, emails, head, tail)
         finally:

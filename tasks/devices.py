@@ -190,9 +190,11 @@ def publish_device(device: Device) -> None:
     publish_fragment_after_commit(
         tenant_topic(device.tenant_id, "devices"),
         f"device-{device.id}",
-        "devices/_card_push.html",
+        "devices/_card.html",
+        macro="device_card",
         replaces=True,
         d=device,
+        oob=True,
     )
 
 
