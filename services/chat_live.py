@@ -16,8 +16,8 @@ from events.fanout import append_key
 from events.live import RedisBus, encode
 from extensions import db
 from models.chats import Chat, Message
-from services.chats import chat_topic, is_row_id, row_facts
-from services.live import bus, fragments, publish, render_fragment, tenant_topic
+from services.chats import chat_topic, is_row_id, row_facts, view_counts
+from services.live import bus, fragments, publish, render_fragment, tenant_topic, user_topic
 from services.rendering import markdown_to_safe_html
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,31 @@ def publish_chat_row(chat: Chat, *, created: bool = False) -> None:
     facts = row_facts([chat.id])
     with fragments():
         frames = chat_row_frames(chat, facts, created=created)
+    bus().publish_many(frames)
+
+
+def publish_view_counts(tenant_id: int, user_ids: set[int]) -> None:
+    """After a chat is added or changes hands: the counts of the chat list's views on every
+    open list (All, Unassigned), and Mine on the lists of the users it was or is assigned to."""
+    users = sorted(user_ids)
+    counts = view_counts(tenant_id, users[0] if users else 0)
+    with fragments():
+        frames = [
+            (
+                tenant_topic(tenant_id, "chats"),
+                encode(
+                    "view-counts",
+                    html=render_fragment(
+                        "chats/_view_counts.html",
+                        counts={"all": counts["all"], "unassigned": counts["unassigned"]},
+                    ),
+                ),
+            )
+        ]
+        for user_id in users:
+            mine = (counts if user_id == users[0] else view_counts(tenant_id, user_id))["mine"]
+            html = render_fragment("chats/_view_counts.html", counts={"mine": mine})
+            frames.append((user_topic(tenant_id, user_id, "inbox"), encode("view-mine", html=html)))
     bus().publish_many(frames)
 
 

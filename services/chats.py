@@ -643,6 +643,19 @@ def row_facts(chat_ids: list[int]) -> dict[int, RowFacts]:
 # ------------------------------------------------------------------ assignment and unread
 
 
+def view_counts(tenant_id: int, user_id: int) -> dict[str, int]:
+    """The chat list's views as the user sees them: All, Mine (assigned to the user) and
+    Unassigned, counted in one statement."""
+    row = db.session.execute(
+        select(
+            func.count(),
+            func.count().filter(Chat.assignee_id == user_id),
+            func.count().filter(Chat.assignee_id.is_(None)),
+        ).where(Chat.tenant_id == tenant_id)
+    ).one()
+    return {"all": row[0], "mine": row[1], "unassigned": row[2]}
+
+
 def assign(chat: Chat, assignee_id: int | None) -> None:
     """Make a user of the chat's tenant (or no one) its assignee. The caller checked the
     user's tenant; the change is audited by the chat's `updated` event."""

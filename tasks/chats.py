@@ -127,8 +127,16 @@ def publish_message(event: Event) -> None:
 )
 def publish_chat_row(event: Event) -> None:
     chat = db.session.get(Chat, event.entity_id)
-    if chat is not None:
-        chat_live.publish_chat_row(chat, created=event.action == "created")
+    if chat is None:
+        return
+    chat_live.publish_chat_row(chat, created=event.action == "created")
+    # The list's view counts change when a chat is added or changes hands.
+    handed = (event.payload.get("changes") or {}).get("assignee_id")
+    if event.action == "created":
+        chat_live.publish_view_counts(chat.tenant_id, {chat.assignee_id} - {None})
+    elif isinstance(handed, list) and len(handed) == 2:
+        users = {u for u in handed if isinstance(u, int)}
+        chat_live.publish_view_counts(chat.tenant_id, users)
 
 
 Reply = aliased(Message)

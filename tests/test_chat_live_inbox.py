@@ -21,6 +21,7 @@ from sqlalchemy import select
 from events.fanout import Broadcaster, Wire, coalesce
 from events.live import Frame
 from models.chats import Chat, Message
+from services import chats
 from tests.browser import chromium, login_page
 from tests.chat_client import ChatClient
 from tests.conftest import PASSWORD
@@ -255,16 +256,28 @@ def test_chat_list_row_updates_live(
         ops.goto(f"{live_server.url}/chats/")
         ops.locator("#live").wait_for(state="attached")
         ops.wait_for_timeout(300)
+        counts = {v: ops.locator(f"#view-count-{v}") for v in ("all", "mine", "unassigned")}
+        expect(counts["all"]).to_have_text("0")
         visitor = _visitor_page(browser, site)
         _say(visitor, VISITOR_LINES[0])
         chat = _the_chat(db)
         row = ops.locator(f"#chat-row-{chat.id}")
         expect(row).to_contain_text(VISITOR_LINES[0][:20])  # its title
+        # The views' counts follow without a reload: a new chat, nobody's yet.
+        expect(counts["all"]).to_have_text("1")
+        expect(counts["unassigned"]).to_have_text("1")
+        expect(counts["mine"]).to_have_text("0")
         _say(visitor, VISITOR_LINES[1])
         expect(visitor.locator("#switchboard-chat .msg.assistant")).to_have_count(2)
         expect(row.locator("td.message-count")).to_have_text("4")
         expect(row.locator("td.last-message")).to_contain_text("Thanks for telling us")
         expect(row.locator(".badge-sentiment-negative")).to_have_count(1)
+        # A lead hands the chat to this operator (elsewhere): Mine and Unassigned follow.
+        chats.assign(db.session.get(Chat, chat.id), operator.id)
+        db.session.commit()
+        expect(counts["mine"]).to_have_text("1")
+        expect(counts["unassigned"]).to_have_text("0")
+        expect(counts["all"]).to_have_text("1")
 
 
 # ------------------------------------------------------------------ timeouts that fit streaming

@@ -137,9 +137,11 @@ def test_mine_unassigned_and_all_views_with_their_counts(app, client, factory):
     assert ids("unassigned") == {nobody}
     assert ids("bogus") == {mine, theirs, nobody}
     html = client.get("/chats/?view=mine").get_data(as_text=True)
-    assert re.search(r"Mine\s*<span class=\"view-count\">1</span>", html)
-    assert re.search(r"Unassigned\s*<span class=\"view-count\">1</span>", html)
-    assert re.search(r"All\s*<span class=\"view-count\">3</span>", html)
+    assert re.search(r"Mine\s*<span class=\"view-count\" id=\"view-count-mine\">1</span>", html)
+    assert re.search(
+        r"Unassigned\s*<span class=\"view-count\" id=\"view-count-unassigned\">1</span>", html
+    )
+    assert re.search(r"All\s*<span class=\"view-count\" id=\"view-count-all\">3</span>", html)
     # The pager keeps the view.
     also_mine = _chat(app, tenant.id, "mine too", assignee_id=me.id)
     app.config["LIST_PAGE_SIZE"] = 1

@@ -113,15 +113,7 @@ def index():
         .select_from(Chat)
         .where(Chat.tenant_id == current_user.tenant_id, Chat.escalated_at.is_not(None))
     )
-    view_counts = {
-        view: db.session.scalar(
-            select(func.count())
-            .select_from(Chat)
-            .where(Chat.tenant_id == current_user.tenant_id)
-            .where(*([] if view == "all" else [_view_clause(view)]))
-        )
-        for view in VIEWS
-    }
+    view_counts = chats.view_counts(current_user.tenant_id, current_user.id)
     return render(
         "chats/index.html",
         "chats/_rows.html",
@@ -181,7 +173,9 @@ def chats_snapshot(tenant_id: int, user) -> str:
 def inbox_snapshot(tenant_id: int, user) -> str:
     # A page that reconnects may have missed count frames: it gets the count as it is now.
     count = chats.unread_chat_count(tenant_id, user.id)
-    return render_fragment("chats/_nav_count.html", count=count, oob=True)
+    return render_fragment("chats/_nav_count.html", count=count, oob=True) + render_fragment(
+        "chats/_view_counts.html", counts=chats.view_counts(tenant_id, user.id)
+    )
 
 
 def _operators():
