@@ -154,6 +154,47 @@ def test_cancel_stops_the_upstream_call(app, worker, upstream, connect):
         assert 0 < len(saved.content) < len(upstream.script.reply)
 
 
+def test_deltas_that_arrive_while_a_reconnect_is_resumed_are_not_lost(
+    app, worker, upstream, connect, monkeypatch
+):
+    """The reply goes on streaming while the reconnected socket sends its session and replays
+    the stream: the deltas published meanwhile must neither go out before the session frame
+    nor make the replay skip the ones before them."""
+    from services import chats as chat_service
+
+    upstream.script.reply = " ".join(f"t{i}" for i in range(60))
+    upstream.script.chunk_delay = 0.03
+    first = connect()
+    token = first.welcome["visitor_token"]
+    first.send("session_init")
+    first.expect("session")
+    first.send("message", content="Stream please")
+    chat_id = first.expect("message")["chat_id"]
+    seen = [first.expect("delta") for _ in range(3)]
+    reply_id = seen[-1]["reply_id"]
+    first.close()
+
+    # The session's history is read slowly (a busy database): live deltas come meanwhile.
+    read_history = chat_service.recent_messages
+
+    def slow_history(*args, **kwargs):
+        time.sleep(0.3)
+        return read_history(*args, **kwargs)
+
+    monkeypatch.setattr(chat_service, "recent_messages", slow_history)
+    again = connect(visitor=token)
+    again.send("session_init", chat_id=chat_id, resume={reply_id: seen[-1]["seq"]})
+    assert again.expect("session")["chat_id"] == chat_id
+    early = [f for f in again.frames if f.get("type") == "delta"]
+    assert early == []  # nothing of the reply went out before the session
+    rest, done = again.collect_reply()
+    assert rest, "the reply ended before the reconnect"
+    seqs = [d["seq"] for d in seen] + [d["seq"] for d in rest]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert "".join(d["text"] for d in seen + rest) == upstream.script.reply
+    assert done["message"]["html"].startswith("<p>t0 t1")
+
+
 def test_reconnect_resumes_without_duplicates_or_gaps(app, worker, upstream, connect):
     upstream.script.reply = " ".join(f"t{i}" for i in range(60))
     upstream.script.chunk_delay = 0.03

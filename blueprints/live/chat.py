@@ -139,6 +139,9 @@ class ChatSocket:
         # frames and every write is queued rather than blocking (events/fanout.py); a TLS
         # socket (gunicorn serving HTTPS itself) keeps a pump thread of its own.
         self.catching_up = False
+        # Set while a resumed session is sent (_attach): live frames wait in the subscription
+        # until the session and the replay of the stream are out, in order.
+        self.attaching = False
         self.writer: QueuedWriter | None = None
         sock = getattr(ws, "sock", None)
         if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
@@ -205,7 +208,7 @@ class ChatSocket:
     def _pump(self) -> None:
         while not self.closed.is_set():
             subscription = self.subscription
-            if subscription is None:
+            if subscription is None or self.attaching:
                 self.following.wait(1.0)
                 self.following.clear()
                 continue
@@ -231,7 +234,7 @@ class ChatSocket:
         """Send the frames queued on the subscription (the SocketPump's thread calls this
         when the hub has put some there); never blocks on the client."""
         subscription = self.subscription
-        if subscription is None or self.closed.is_set() or self.catching_up:
+        if subscription is None or self.closed.is_set() or self.catching_up or self.attaching:
             return
         if subscription.overflowed:
             # Reading the stream back takes round trips to Redis: not on the pump's thread.
@@ -458,6 +461,19 @@ class ChatSocket:
         return topic
 
     def _attach(self, chat: Chat, resume: dict[str, Any]) -> None:
+        # A live delta forwarded while this runs would go out before the session frame, and
+        # would raise the reply's position past frames the replay then skips: a reconnecting
+        # widget lost a delta that way. Live frames wait until the replay is sent.
+        self.attaching = True
+        try:
+            self._attach_held(chat, resume)
+        finally:
+            self.attaching = False
+            self.following.set()
+            if self.writer is not None:
+                self.chat_pump.ready(self)
+
+    def _attach_held(self, chat: Chat, resume: dict[str, Any]) -> None:
         topic = self._subscribe(chat)
         # Only positions of this chat's replies: a bare cancel stops one of them.
         self.sent_seq = {
