@@ -161,7 +161,9 @@ def publish_if_watched(frames: list[tuple[str, str, Callable[[], str]]]) -> None
         on_commit(functools.partial(_publish_late, skipped, generation))
 
 
-def _publish_late(skipped: list[tuple[str, str, Callable[[], str]]], generation: int) -> None:
+def _publish_late(
+    skipped: list[tuple[str, str, Callable[[], str]]], generation: int | None
+) -> None:
     """After the commit of frames skipped as unwatched: those of topics a page began
     watching since the check (its snapshot may have missed the commit), rendered now."""
     try:

@@ -154,6 +154,22 @@ def test_cancel_stops_the_upstream_call(app, worker, upstream, connect):
         assert 0 < len(saved.content) < len(upstream.script.reply)
 
 
+def _drop_mid_reply(upstream, connect, deltas: int) -> tuple[str, str, list[dict]]:
+    """A visitor asks for a long streamed reply and their connection drops after `deltas`
+    deltas: their visitor token, the chat's id and the deltas they saw."""
+    upstream.script.reply = " ".join(f"t{i}" for i in range(60))
+    upstream.script.chunk_delay = 0.03
+    first = connect()
+    token = first.welcome["visitor_token"]
+    first.send("session_init")
+    first.expect("session")
+    first.send("message", content="Stream please")
+    chat_id = first.expect("message")["chat_id"]  # the first message creates the chat
+    seen = [first.expect("delta") for _ in range(deltas)]
+    first.close()  # the visitor's connection drops mid-stream
+    return token, chat_id, seen
+
+
 def test_deltas_that_arrive_while_a_reconnect_is_resumed_are_not_lost(
     app, worker, upstream, connect, monkeypatch
 ):
@@ -162,17 +178,8 @@ def test_deltas_that_arrive_while_a_reconnect_is_resumed_are_not_lost(
     nor make the replay skip the ones before them."""
     from services import chats as chat_service
 
-    upstream.script.reply = " ".join(f"t{i}" for i in range(60))
-    upstream.script.chunk_delay = 0.03
-    first = connect()
-    token = first.welcome["visitor_token"]
-    first.send("session_init")
-    first.expect("session")
-    first.send("message", content="Stream please")
-    chat_id = first.expect("message")["chat_id"]
-    seen = [first.expect("delta") for _ in range(3)]
+    token, chat_id, seen = _drop_mid_reply(upstream, connect, deltas=3)
     reply_id = seen[-1]["reply_id"]
-    first.close()
 
     # The session's history is read slowly (a busy database): live deltas come meanwhile.
     read_history = chat_service.recent_messages
@@ -196,17 +203,8 @@ def test_deltas_that_arrive_while_a_reconnect_is_resumed_are_not_lost(
 
 
 def test_reconnect_resumes_without_duplicates_or_gaps(app, worker, upstream, connect):
-    upstream.script.reply = " ".join(f"t{i}" for i in range(60))
-    upstream.script.chunk_delay = 0.03
-    first = connect()
-    token = first.welcome["visitor_token"]
-    first.send("session_init")
-    first.expect("session")
-    first.send("message", content="Stream please")
-    chat_id = first.expect("message")["chat_id"]  # the first message creates the chat
-    seen = [first.expect("delta") for _ in range(5)]
+    token, chat_id, seen = _drop_mid_reply(upstream, connect, deltas=5)
     reply_id = seen[-1]["reply_id"]
-    first.close()  # the visitor's connection drops mid-stream
 
     again = connect(visitor=token)
     again.send("session_init", chat_id=chat_id, resume={reply_id: seen[-1]["seq"]})
