@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,7 @@ def create_app(config: object | None = None) -> Flask:
             db.session.registry.clear()
 
     _sqlite_pragmas()
+    _ping_idle_connections(app)
     migrate.init_app(
         app, db, directory=str(BASE_DIR / "migrations"), render_as_batch=True, compare_type=True
     )
@@ -134,6 +136,43 @@ def _sqlite_pragmas() -> None:
             cursor.close()
 
     _sqlite_pragmas.installed = True
+
+
+def _ping_idle_connections(app: Flask) -> None:
+    """Ping a pooled connection before use only when it has sat idle for
+    DATABASE_PING_IDLE_SECONDS (SQLAlchemy's pool_pre_ping pings at every checkout: a round
+    trip on the way to every page, handler batch and chat reply, for a connection used a
+    moment ago). A failed ping replaces the connection and marks every older one of the pool
+    for replacement, as pool_pre_ping does, so the app recovers from a database restart by
+    itself; only a use within that many seconds of the connection's last one goes unpinged,
+    and fails like any statement that meets a database gone away (the error handlers answer
+    503, a task is retried)."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import InvalidatePoolError
+
+    idle = float(app.config.get("DATABASE_PING_IDLE_SECONDS", 2.0))
+    with app.app_context():
+        engines = [e for e in db.engines.values() if e.dialect.name != "sqlite"]
+    for engine in engines:
+        dialect = engine.dialect
+
+        def checked_in(dbapi_connection, record) -> None:
+            if dbapi_connection is not None:
+                record.info["idle_since"] = (id(dbapi_connection), time.monotonic())
+
+        def checked_out(dbapi_connection, record, proxy, dialect=dialect) -> None:
+            stamp = record.info.pop("idle_since", None)
+            if stamp is None or stamp[0] != id(dbapi_connection):
+                return  # a new connection: just made
+            if time.monotonic() - stamp[1] < idle:
+                return
+            try:
+                dialect.do_ping(dbapi_connection)
+            except Exception as exc:  # noqa: BLE001 - any failure: the connection is unusable
+                raise InvalidatePoolError(f"ping failed: {type(exc).__name__}") from exc
+
+        event.listen(engine, "checkin", checked_in)
+        event.listen(engine, "checkout", checked_out)
 
 
 def _init_live(app: Flask) -> None:
@@ -388,7 +427,8 @@ def _register_hooks(app: Flask) -> None:
     @app.errorhandler(InterfaceError)
     def database_unavailable(error):
         # The database went away (restart, failover, network): say so and let the client
-        # retry; pool_pre_ping replaces the dead connections once it is back.
+        # retry; the ping of idle connections (_ping_idle_connections) replaces the dead
+        # connections once it is back.
         logging.getLogger("switchboard").warning(
             "database unavailable: %s", str(error).splitlines()[0][:200]
         )

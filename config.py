@@ -140,11 +140,13 @@ class Config:
         # Connections per process. Size it for the threads that use the database at once
         # (web request threads; a worker's threads); WebSockets hold none while they wait.
         self.SQLALCHEMY_ENGINE_OPTIONS = {
-            "pool_pre_ping": True,
+            # Pinged before use only after DATABASE_PING_IDLE_SECONDS idle (app.py).
+            "pool_pre_ping": False,
             "pool_size": _int("DATABASE_POOL_SIZE", 10),
             "max_overflow": _int("DATABASE_MAX_OVERFLOW", 20),
             "pool_timeout": _float("DATABASE_POOL_TIMEOUT", 30.0),
         }
+        self.DATABASE_PING_IDLE_SECONDS = _float("DATABASE_PING_IDLE_SECONDS", 2.0)
         self.SESSION_COOKIE_HTTPONLY = True
         self.SESSION_COOKIE_SAMESITE = "Lax"
         # Secure cookies unless debugging; `make run` (plain http on 127.0.0.1) sets it to 0.
