@@ -82,6 +82,11 @@ class MemoryKV(_Limiter):
     def has_flags(self, keys: list[str]) -> list[bool]:
         return [self.has_flag(key) for key in keys]
 
+    def set_flags(self, keys: list[str], ttl: float) -> None:
+        with self._lock:
+            for key in keys:
+                self.set_flag(key, ttl)
+
     def claim_and_mark(self, key: str, ttl: float, mark: str, mark_ttl: float) -> bool | None:
         """claim(key, ttl); when that succeeds, also set the flag `mark` and say whether it
         was set before (True / False). None when the claim failed (`mark` untouched)."""
@@ -136,6 +141,16 @@ class RedisKV(_Limiter):
             args=[max(1, int(ttl * 1000)), max(1, int(mark_ttl * 1000))],
         )
         return None if outcome == 0 else outcome == 2
+
+    def set_flags(self, keys: list[str], ttl: float) -> None:
+        """set_flag for each key, in one round trip."""
+        if not keys:
+            return
+        ms = max(1, int(ttl * 1000))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.set(self.prefix + "flag:" + key, "1", px=ms)
+            pipe.execute()
 
     def has_flags(self, keys: list[str]) -> list[bool]:
         """Which of the flags are set, in one round trip."""

@@ -39,3 +39,28 @@ def test_one_writer_claims_and_learns_whether_a_reply_was_begun(store):
     assert store.claim_and_mark("claim:1", 0.3, "started:1", 60) is True
     # Another message's reply is not affected.
     assert store.claim_and_mark("claim:2", 0.3, "started:2", 60) is False
+
+
+def test_a_reply_longer_than_its_lease_keeps_it_until_released(store, monkeypatch):
+    """One thread renews every reply's lease of a process: a reply that streams for longer
+    than its lease must keep it (else the sweep would start a second writer), a lease added
+    while the thread sleeps on longer ones must be renewed in time, and a released one must
+    not be renewed again."""
+    import tasks.chats
+    from tasks.chats import ReplyLease
+
+    monkeypatch.setattr(tasks.chats, "kv", lambda: store)
+    long = ReplyLease("claim:long", 30.0)
+    assert long.claim("started:long", 60) is False
+    long.keep()  # the keeper now sleeps 10 s between rounds
+    short = ReplyLease("claim:short", 0.6)
+    assert short.claim("started:short", 60) is False
+    short.keep()
+    time.sleep(1.5)  # over twice the short lease
+    assert store.claim_and_mark("claim:short", 0.6, "started:short", 60) is None  # still held
+    short.release()
+    long.release()
+    time.sleep(0.01)  # (a released lease runs out in a millisecond)
+    assert store.claim_and_mark("claim:short", 0.6, "started:short", 60) is True
+    time.sleep(0.8)  # the released lease was not renewed by the keeper meanwhile
+    assert store.claim_and_mark("claim:short", 0.6, "started:short", 60) is True
