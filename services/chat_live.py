@@ -223,7 +223,7 @@ class _DeltaFlusher:
             for stream in streams:
                 stream.send_lock.acquire()
                 locked.append(stream)
-            frames = [f for f in (s.take_frame() for s in streams) if f is not None]
+            frames = [f for s in streams for f in s.take_frames()]
             if frames:
                 try:
                     self.publish([(topic, data) for _s, topic, data in frames])
@@ -292,6 +292,7 @@ class ReplyStream:
         self._reply_json = json.dumps(reply_id)
         self._key_id = self._reply_json[1:-1]  # as json.dumps writes it inside the key
         self.send_lock = threading.Lock()  # taking a frame and publishing it
+        self._typing: str | None = None  # the typing frame, until the flusher sends it
 
     def failed_to_publish(self, exc: Exception) -> None:
         if not self.publish_failed:
@@ -315,11 +316,20 @@ class ReplyStream:
         return f'<div id="chat-{self.chat_id}-streaming" hx-swap-oob="innerHTML">{inner}</div>'
 
     def start(self) -> None:
-        self._publish(
+        typing = encode(
             f"typing-{self.reply_id}",
             html=self._slot('<p class="typing">Assistant is typing…</p>'),
             json_data={"type": "typing", "from": "assistant", "reply_id": self.reply_id},
         )
+        if self._flusher is None:
+            self._publish_encoded(self.topic, typing)
+            return
+        # Published by the flusher's thread, ahead of the reply's first delta in the same
+        # round trip: the reply's own thread goes on to ask the model meanwhile (an XADD
+        # waited for here was most of a millisecond on the way to the first delta).
+        with self._lock:
+            self._typing = typing
+        self._flusher.mark(self, urgent=True)
 
     def delta(self, text: str) -> None:
         with self._lock:
@@ -338,15 +348,25 @@ class ReplyStream:
     def send_now(self) -> None:
         """Publish what is pending of this reply now, in the caller's thread."""
         with self.send_lock:
-            frame = self.take_frame()
-            if frame is not None:
-                self._publish_encoded(frame[1], frame[2])
+            for _stream, topic, data in self.take_frames():
+                self._publish_encoded(topic, data)
 
     def _publish_encoded(self, topic: str, data: str) -> None:
         try:
             self.bus.publish(topic, data)
         except Exception as exc:  # noqa: BLE001 - the reply goes on; see the class doc
             self.failed_to_publish(exc)
+
+    def take_frames(self) -> list[tuple[ReplyStream, str, str]]:
+        """The frames to publish next, in order: the typing frame if start() left it to the
+        flusher, then the next delta frame. The caller holds `send_lock` and publishes them."""
+        with self._lock:
+            typing, self._typing = self._typing, None
+        frames = [(self, self.topic, typing)] if typing is not None else []
+        frame = self.take_frame()
+        if frame is not None:
+            frames.append(frame)
+        return frames
 
     def take_frame(self) -> tuple[ReplyStream, str, str] | None:
         """The next delta frame (the texts not yet in one), numbered; None when there are
@@ -410,8 +430,7 @@ class ReplyStream:
                 row_frames = chat_row_frames(chat, facts)
         message_data = message_json(message) if message is not None else None
         with self.send_lock:
-            frame = self.take_frame()
-            frames = [(frame[1], frame[2])] if frame is not None else []
+            frames = [(topic, data) for _stream, topic, data in self.take_frames()]
             done = {
                 "type": "done",
                 "reply_id": self.reply_id,

@@ -479,6 +479,38 @@ def test_a_socket_that_falls_behind_catches_up_without_gaps(app, tenant, connect
         client.expect("delta", timeout=0.5)
 
 
+def test_typing_comes_before_the_first_delta_and_a_resumed_reply_still_shows_it(
+    app, tenant, connect
+):
+    """start() leaves the typing frame to the flusher's thread (the reply's own thread goes
+    on to ask the model): it must still reach the widget ahead of the reply's text, and a
+    resumed (quiet) reply, which streams no deltas, must still show that it is typing."""
+    from services.chat_live import ReplyStream
+
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content="Are you there?")
+    public_id = client.expect("message")["chat_id"]
+    with app.app_context():
+        chat = _db(app).session.scalar(select(Chat).where(Chat.public_id == uuid.UUID(public_id)))
+        quiet = ReplyStream(tenant.id, chat.id, "r-quiet", quiet=True)
+        quiet.start()
+        quiet.delta("never streamed")
+        stream = ReplyStream(tenant.id, chat.id, "r-typing")
+        stream.start()
+        stream.delta("Here ")  # at once: likely the same flusher round as the typing frame
+        stream.delta("I am.")
+    text = ""
+    while text != "Here I am.":
+        text += client.expect("delta", reply_id="r-typing")["text"]
+    seen = [(f["type"], f.get("reply_id")) for f in client.frames if f.get("reply_id")]
+    deltas = len(seen) - 2
+    assert seen == [("typing", "r-quiet"), ("typing", "r-typing")] + [("delta", "r-typing")] * (
+        deltas
+    ), seen
+
+
 def test_the_reply_starts_once_though_socket_and_event_both_start_it(
     app, worker, upstream, connect
 ):
