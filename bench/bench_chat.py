@@ -115,7 +115,9 @@ DEFAULTS = {
 }
 REPLY_RATE = 50.0  # tokens a second, each reply (issue 23)
 GAP_LIMIT_MS = 150.0  # p99 gap between a visitor's deltas for a level to pass
-ADDED_UNDER_LOAD_MS = 20.0  # issue 23: added TTFD p50 with 100 replies streaming
+# Issue 23: the added TTFD stays under this at p50 (samples one at a time, as the issue's
+# "today 16-26 ms p50" were taken); its p99 with --chat-loaded replies streaming is reported.
+TARGET_ADDED_23_MS = 20.0
 PROBE_REPLY = "Your order ships today."
 # The ramp's visitors arrive at this rate, and each reply goes on this long after the last
 # one started, so that a level's replies all stream at once. (All of them within 2 s, the
@@ -124,7 +126,7 @@ PROBE_REPLY = "Your order ships today."
 RAMP_START_RATE = 50.0
 RAMP_OVERLAP_SECONDS = 3.0
 # The figures bench/run.py's summary prints (filled by run()).
-FIGURES: dict[str, float | int | None] = {"assistant_concurrent_replies": None}
+FIGURES: dict[str, float | int] = {}
 ORIGIN = "http://shop.bench.example"
 SHORT_REPLY = "Thanks for asking! Orders usually ship within two working days of payment."
 TARGET_ADDED_MS = 5.0  # issue 4: added TTFD under 5 ms at p50
@@ -241,6 +243,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if chats > args.chat_web_threads - 4:
         raise BenchError(f"{chats} sockets need more than --chat-web-threads (each holds one)")
     rows: list[dict] = []
+    FIGURES.clear()  # a run without the ramp (--chat-levels "") reports no concurrent replies
     # The app's logging set-up shows every HTTP request the openai client makes at INFO.
     for name in ("httpx", "httpx2"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -1038,17 +1041,20 @@ class _ChatBench:
                 )
             )
             added50, added99 = s["p50"] - d["p50"], s["p99"] - d["p99"]
-            verdict = "meets" if added50 < TARGET_ADDED_MS else "misses"
+            FIGURES["chat_added_ttfd_p50_ms"] = added50
+            verdict = "meets" if added50 < TARGET_ADDED_23_MS else "misses"
+            verdict4 = "meets" if added50 < TARGET_ADDED_MS else "misses"
             rows.append(
                 result(
                     "added TTFD p50",
                     added50,
                     "ms",
-                    ratio=added50 / TARGET_ADDED_MS,
-                    vs=f"target {TARGET_ADDED_MS:g} ms",
+                    ratio=added50 / TARGET_ADDED_23_MS,
+                    vs=f"target {TARGET_ADDED_23_MS:g} ms",
                     detail=(
-                        f"Switchboard p50 − direct p50; issue 4's target: under "
-                        f"{TARGET_ADDED_MS:g} ms at p50 — {verdict} it. Consists of: message "
+                        f"Switchboard p50 − direct p50; issue 23's target: under "
+                        f"{TARGET_ADDED_23_MS:g} ms at p50 — {verdict} it (issue 4's, under "
+                        f"{TARGET_ADDED_MS:g} ms: {verdict4} it). Consists of: message "
                         "save, its commit, the web process sending `generate_reply`, its "
                         "queue wait, its reads, the model request, bus publish, relay to the "
                         "socket (stage rows below)"
@@ -1569,7 +1575,7 @@ class _ChatBench:
         under = self._paced(loaded, long_tokens, probes)
         d, t = summarize(under["direct"]), summarize(under["through"])
         added50, added99 = t["p50"] - d["p50"], t["p99"] - d["p99"]
-        verdict = "meets" if added50 < ADDED_UNDER_LOAD_MS else "misses"
+        FIGURES[f"chat_added_ttfd_p99_ms_{loaded}_streaming"] = added99
         cpu = under["cpu_meter"]
         context = (
             f"{probes} samples of each kind, alternating, while {loaded} replies stream at "
@@ -1583,10 +1589,8 @@ class _ChatBench:
                 f"added TTFD p50, {loaded} replies streaming",
                 added50,
                 "ms",
-                ratio=added50 / ADDED_UNDER_LOAD_MS,
-                vs=f"target {ADDED_UNDER_LOAD_MS:g} ms",
-                detail=f"through p50 − direct p50; issue 23's target: under "
-                f"{ADDED_UNDER_LOAD_MS:g} ms — {verdict} it. {context}",
+                detail=f"through p50 − direct p50 (issue 23's {TARGET_ADDED_23_MS:g} ms target "
+                f"is for the p50 without this load, above). {context}",
             )
         )
         rows.append(
@@ -1594,7 +1598,7 @@ class _ChatBench:
                 f"added TTFD p99, {loaded} replies streaming",
                 added99,
                 "ms",
-                detail="through p99 − direct p99 (same samples)",
+                detail="through p99 − direct p99 (same samples): issue 23 asks for it reported",
             )
         )
         return rows
