@@ -324,12 +324,15 @@ class ReplyStream:
         if self._flusher is None:
             self._publish_encoded(self.topic, typing)
             return
-        # Published by the flusher's thread, ahead of the reply's first delta in the same
-        # round trip: the reply's own thread goes on to ask the model meanwhile (an XADD
-        # waited for here was most of a millisecond on the way to the first delta).
+        # Published by the flusher's thread with its next round (at the latest with the
+        # reply's first delta, ahead of it): the reply's own thread goes on to ask the model
+        # meanwhile (an XADD waited for here was most of a millisecond on the way to the
+        # first delta). Not urgent: an urgent round ends every streaming reply's window
+        # early, and with hundreds streaming and dozens starting a second, a round per start
+        # for a typing dot cut their deltas into more, smaller frames.
         with self._lock:
             self._typing = typing
-        self._flusher.mark(self, urgent=True)
+        self._flusher.mark(self)
 
     def delta(self, text: str) -> None:
         with self._lock:
