@@ -16,8 +16,8 @@ run against the same fake server:
   and each new socket waits 0.3 s after `session_init` before its first message.
   *added* = Switchboard − direct, at p50 and p99 of each side.
 - the added time, stage by stage, from timestamps taken outside the app's code: the visitor
-  Message's created_at (web process), the Redis Stream ids (Redis's ms clock) of the reply's
-  `typing` and first `delta` frames on the live bus, and when the fake server received the
+  Message's created_at (web process), the Redis Stream id (Redis's ms clock) of the reply's
+  first `delta` frame on the live bus, and when the fake server received the
   model request. This module is also loaded into the workers (EXTRA_ACTOR_MODULES), where a
   middleware records, for `generate_reply`'s messages (sent by the web process right after
   its commit), when each was enqueued (Dramatiq's message_timestamp, ms) and when a worker
@@ -1133,10 +1133,11 @@ class _ChatBench:
             "only as a fallback)",
         ),
         ("queue wait: assistant", "until the `assistant` process starts generate_reply"),
-        ("generate_reply set-up", "its one read, the claim, history, commit, typing frame's XADD"),
         (
-            "worker → model request",
-            "the process's shared OpenAI client: connection (kept alive), request",
+            "generate_reply → model request",
+            "its one read, the claim, history, commit, then the request through the process's "
+            "shared OpenAI client (connection kept alive); the typing frame goes out with the "
+            "delta flusher's next round meanwhile, so it marks no stage",
         ),
         (
             "model → delta published",
@@ -1181,9 +1182,7 @@ class _ChatBench:
                 key = prefix + chat_topic(self.site.tenant_id, chat_id)
                 for frame_id, fields in redis.xrange(key):
                     frame_key = json.loads(fields.get(b"d") or b"{}").get("key", "")
-                    if frame_key.startswith("typing-r") or (
-                        frame_key.startswith("delta-r") and frame_key.endswith("-1")
-                    ):
+                    if frame_key.startswith("delta-r") and frame_key.endswith("-1"):
                         published[frame_key] = int(frame_id.decode().split("-")[0]) / 1000
         # Stamped in the workers by _StampStarts: "enqueued started" per actor:argument.
         starts = {
@@ -1200,7 +1199,6 @@ class _ChatBench:
                 created[mid].timestamp() if mid in created else None,
                 starts.get(f"t_generate_reply:{mid}", (None, None))[0],
                 starts.get(f"t_generate_reply:{mid}", (None, None))[1],
-                published.get(f"typing-r{mid}"),
                 arrivals.get(f"Where is my order? ({x['marker']})"),
                 published.get(f"delta-r{mid}-1"),
                 x["first_delta_wall"],
