@@ -869,7 +869,11 @@ def _git_commit() -> str:
     commit = _run(["git", "rev-parse", "--short=12", "HEAD"])
     if not commit:
         return "unknown"
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"])
+    # The results file itself is what a run writes: a run after another is no less the
+    # commit's for it.
+    dirty = _run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/RESULTS.md"]
+    )
     return commit + (" + uncommitted changes" if dirty else "")
 
 
