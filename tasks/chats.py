@@ -460,15 +460,19 @@ class _LeaseKeeper:
         self._leases: dict[str, float] = {}  # key -> seconds
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._interval = float("inf")
+        self._due: float | None = None  # when the next renewal is due (monotonic)
         self._thread: threading.Thread | None = None
 
     def hold(self, key: str, seconds: float) -> None:
+        # The claim has just set the lease's time: its first renewal is due in a third of
+        # it, not now (a renewal at every start put a round trip, and the interpreter lock,
+        # beside the reply's set-up whenever the process had no other reply).
+        due = time.monotonic() + seconds / 3
         with self._lock:
             self._leases[key] = seconds
-            if seconds / 3 < self._interval:
-                self._interval = seconds / 3
-                self._wake.set()  # a shorter lease than the thread sleeps for
+            if self._due is None or due < self._due:
+                self._due = due
+                self._wake.set()  # sooner than the thread sleeps for
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="reply-leases", daemon=True)
                 self._thread.start()
@@ -480,14 +484,17 @@ class _LeaseKeeper:
     def _run(self) -> None:
         while True:
             with self._lock:
-                interval = self._interval
-            self._wake.wait(interval if interval != float("inf") else None)
-            self._wake.clear()
+                wait = None if self._due is None else self._due - time.monotonic()
+            if wait is None or wait > 0:
+                self._wake.wait(wait)
+                self._wake.clear()
+                continue
             with self._lock:
                 by_seconds: dict[float, list[str]] = {}
                 for key, seconds in self._leases.items():
                     by_seconds.setdefault(seconds, []).append(key)
-                self._interval = min(by_seconds, default=float("inf")) / 3
+                shortest = min(by_seconds, default=None)
+                self._due = None if shortest is None else time.monotonic() + shortest / 3
             for seconds, keys in by_seconds.items():
                 try:
                     self.store.set_flags(keys, ttl=seconds)
