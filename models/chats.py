@@ -145,6 +145,9 @@ class Message(Tracked, db.Model):
         ),
         Index("ix_messages_chat_created", "chat_id", "created_at", "id"),
         Index("ix_messages_tenant_sentiment", "tenant_id", "sentiment_label"),
+        # A visitor message's reply is found by it at every reply's start and save, and the
+        # foreign key's ON DELETE SET NULL looks up a deleted message's replies the same way.
+        Index("ix_messages_in_response_to", "in_response_to_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
