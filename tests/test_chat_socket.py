@@ -69,6 +69,15 @@ def _db(app):
     return db
 
 
+def _open_chat(connect, content: str):
+    """A new visitor whose first message has started a chat: (client, the chat's public id)."""
+    client = connect()
+    client.send("session_init")
+    client.expect("session")
+    client.send("message", content=content)
+    return client, client.expect("message")["chat_id"]
+
+
 def test_streamed_reply_arrives_in_order_and_is_saved(app, worker, upstream, connect):
     upstream.script.reply = "Orders ship within two working days from our warehouse."
     client = connect()
@@ -487,17 +496,13 @@ def test_typing_comes_before_the_first_delta_and_a_resumed_reply_still_shows_it(
     resumed (quiet) reply, which streams no deltas, must still show that it is typing."""
     from services.chat_live import ReplyStream
 
-    client = connect()
-    client.send("session_init")
-    client.expect("session")
-    client.send("message", content="Are you there?")
-    public_id = client.expect("message")["chat_id"]
+    client, public_id = _open_chat(connect, "Are you there?")
     with app.app_context():
-        chat = _db(app).session.scalar(select(Chat).where(Chat.public_id == uuid.UUID(public_id)))
-        quiet = ReplyStream(tenant.id, chat.id, "r-quiet", quiet=True)
+        chat_pk = _chat_pk(app, public_id)
+        quiet = ReplyStream(tenant.id, chat_pk, "r-quiet", quiet=True)
         quiet.start()
         quiet.delta("never streamed")
-        stream = ReplyStream(tenant.id, chat.id, "r-typing")
+        stream = ReplyStream(tenant.id, chat_pk, "r-typing")
         stream.start()
         stream.delta("Here ")  # at once: likely the same flusher round as the typing frame
         stream.delta("I am.")
@@ -631,16 +636,8 @@ def test_a_visitor_who_stops_reading_holds_up_no_one_else(app, tenant, connect, 
 
     app.config["CHAT_DELTA_COALESCE_MS"] = 0  # a frame per delta, published at once
     app.config["CHAT_SOCKET_BUFFER_BYTES"] = 256 * 1024
-    stalled = connect()
-    stalled.send("session_init")
-    stalled.expect("session")
-    stalled.send("message", content="Tell me everything")
-    stalled_chat = stalled.expect("message")["chat_id"]
-    other = connect()
-    other.send("session_init")
-    other.expect("session")
-    other.send("message", content="Where is my parcel?")
-    other_chat = other.expect("message")["chat_id"]
+    stalled, stalled_chat = _open_chat(connect, "Tell me everything")
+    other, other_chat = _open_chat(connect, "Where is my parcel?")
     with app.app_context():
         flood = ReplyStream(tenant.id, _chat_pk(app, stalled_chat), "r-flood")
         for _ in range(400):  # 12.8 MB, which the stalled visitor never reads
