@@ -191,3 +191,45 @@ def test_operator_watches_a_phone_visitor_live(
         assert phone.evaluate("window.pwned") is None
         assert console.evaluate("window.pwned") is None
         assert console.locator(".msg-visitor img").count() == 0
+
+
+def test_both_sides_see_the_assistant_typing_while_the_model_is_slow_to_start(
+    app, db, worker, live_server, upstream, shop, factory
+):
+    """The typing frame goes out with the reply's first round of frames, not from the reply's
+    own thread: while the model has not said a word, the visitor on a phone and the operator
+    watching the chat must still see that the assistant is typing, and then the reply."""
+    from tests.browser import login_page
+    from tests.conftest import PASSWORD
+
+    upstream.script.stall_seconds = 2.0  # the model's first byte comes late
+    operator = factory.user(shop, role="agent")
+    with host_site(live_server.url, shop.widget_key) as site, chromium() as browser:
+        _allow(db, shop, site)
+        phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+        phone.set_default_timeout(15_000)
+        phone.goto(site + "/")
+        phone.locator("#switchboard-chat .launcher").click()
+        box = phone.locator("#switchboard-chat textarea")
+        box.fill("Is the rye bread in?")
+        box.press("Enter")
+        typing = phone.locator("#switchboard-chat .note", has_text="Assistant is typing")
+        expect(typing).to_be_visible(timeout=1_500)  # well before the model answers
+        assert phone.locator("#switchboard-chat .msg.assistant").count() == 0
+        expect(phone.locator("#switchboard-chat .msg.assistant")).to_have_text(REPLY)
+        expect(typing).to_have_count(0)
+
+        # The operator opens the chat and watches the next question.
+        console = login_page(browser, live_server.url, operator.email, PASSWORD)
+        chat_id = db.session.scalar(select(Message.chat_id).order_by(Message.id.desc()))
+        console.goto(f"{live_server.url}/chats/{chat_id}")
+        expect(console.locator(".msg.msg-assistant")).to_have_count(1)
+        console.wait_for_timeout(500)  # the page's live socket follows the chat
+        box.fill("And the sourdough?")
+        box.press("Enter")
+        slot = console.locator(".streaming-slot")
+        expect(slot).to_contain_text("Assistant is typing", timeout=1_500)
+        expect(typing).to_be_visible(timeout=1_500)
+        expect(console.locator(".msg.msg-assistant")).to_have_count(2)
+        expect(console.locator(".msg.msg-assistant").last).to_contain_text(REPLY)
+        expect(phone.locator("#switchboard-chat .msg.assistant")).to_have_count(2)
