@@ -320,13 +320,17 @@ def messages_before(chat_id: int, before_id: int, limit: int) -> list[Message]:
 
 
 def should_auto_reply(chat: Chat) -> bool:
-    settings = chat.settings or {}
+    agent = db.session.get(Agent, chat.agent_id) if chat.agent_id else None
+    return auto_reply_allowed(chat.settings, chat.status, agent.is_active if agent else None)
+
+
+def auto_reply_allowed(settings: dict | None, status: str, agent_active: bool | None) -> bool:
+    """Whether the assistant answers in a chat with these settings and status, whose agent
+    is active (True), inactive (False) or missing (None)."""
+    settings = settings or {}
     if not settings.get("auto_response", True) or settings.get("human_takeover"):
         return False
-    if chat.status != "active":
-        return False
-    agent = db.session.get(Agent, chat.agent_id) if chat.agent_id else None
-    return agent is not None and agent.is_active
+    return status == "active" and bool(agent_active)
 
 
 def set_takeover(chat: Chat, on: bool, user_id: int | None = None) -> None:
@@ -452,14 +456,15 @@ def apply_sentiment(message: Message, sentiment: Sentiment) -> None:
         chat.agent_settings = {**(chat.agent_settings or {}), "tone": tone, "response_style": style}
 
 
-def reply_tone(chat: Chat, message: Message) -> str | None:
-    """The tone of the reply to `message`, decided from that message itself: the background
-    analysis usually has not stored its sentiment yet when the reply starts, so the offline
-    lexicon (well under a millisecond) reads it here. A neutral message keeps the chat's tone."""
+def reply_tone(agent_settings: dict | None, message: Any, language: str | None) -> str | None:
+    """The tone of the reply to `message` (anything with its sender, content and
+    sentiment_label), decided from that message itself: the background analysis usually has
+    not stored its sentiment yet when the reply starts, so the offline lexicon (well under a
+    millisecond) reads it here, in `language`. A neutral message keeps the chat's tone."""
     label = message.sentiment_label
     if label is None and message.sender == "visitor":
-        label = offline(message.content, message.language).label
-    return TONE_FOR_SENTIMENT.get(label) or (chat.agent_settings or {}).get("tone")
+        label = offline(message.content, language).label
+    return TONE_FOR_SENTIMENT.get(label) or (agent_settings or {}).get("tone")
 
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
