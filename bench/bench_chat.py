@@ -380,15 +380,21 @@ def _process_cpu(pid: int) -> float:
 class _StampStarts(Middleware):
     """When each message on the reply path was enqueued (Dramatiq's message_timestamp) and
     when a worker started it, into a Redis hash: the two queue waits, seen from outside the
-    app's code. One HSET per such message is all it adds."""
+    app's code. The start is noted in memory and written once the message is done, so the
+    HSET's round trip is not counted in the stage it measures (it was, at about 0.5 ms)."""
 
     def __init__(self) -> None:
         self.redis = None
+        self.started: dict[str, float] = {}
 
     def before_process_message(self, broker, message) -> None:
-        if message.actor_name not in STAMPED_ACTORS or not message.args:
+        if message.actor_name in STAMPED_ACTORS and message.args:
+            self.started[message.message_id] = time.time()
+
+    def after_process_message(self, broker, message, *, result=None, exception=None) -> None:
+        started = self.started.pop(message.message_id, None)
+        if started is None:
             return
-        started = time.time()
         if self.redis is None:
             import redis
 
@@ -398,6 +404,8 @@ class _StampStarts(Middleware):
             f"{message.actor_name}:{message.args[0]}",
             f"{message.message_timestamp / 1000} {started}",
         )
+
+    after_skip_message = after_process_message
 
 
 if os.environ.get("SWITCHBOARD_BENCH_CHAT_STAMPS") == "1":
