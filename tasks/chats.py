@@ -215,9 +215,17 @@ _REPLY_START = union_all(
 def _reply_start(message_id: int, history_limit: int):
     """The reply's start row (None when the message is gone) and the prompt's history, oldest
     first, as (sender, content)."""
-    rows = db.session.execute(
-        _REPLY_START, {"message_id": message_id, "limit": history_limit}
-    ).all()
+    params = {"message_id": message_id, "limit": history_limit}
+    if db.session().in_transaction():  # (a caller's open transaction is simply used)
+        rows = db.session.execute(_REPLY_START, params).all()
+    else:
+        # In autocommit and outside the session: no BEGIN and no COMMIT to wait for on the
+        # way to the first delta, none of the session's bookkeeping, and the connection is
+        # back in the pool before the model is asked. (The reply is saved in a transaction
+        # of its own at the end.)
+        with db.engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+            rows = conn.execute(_REPLY_START, params).all()
     head = next((row for row in rows if row.part == 0), None)
     earlier = sorted((row for row in rows if row.part == 1), key=lambda r: (r.created_at, r.id))
     return head, [(row.sender, row.content) for row in earlier]
@@ -241,11 +249,6 @@ _reply_ends = threading.BoundedSemaphore(REPLY_ENDS_AT_ONCE)
 def generate_reply(message_id: int) -> None:
     """Stream the assistant's reply to a visitor message, then save it (idempotent)."""
     cfg = current_app.config
-    # Its reads need no transaction of their own: in autocommit there is no BEGIN and no
-    # COMMIT to wait for on the way to the first delta. (The reply is saved in a transaction
-    # of its own at the end, on a connection checked out afresh.)
-    if not db.session().in_transaction():  # (a caller's open transaction is simply used)
-        db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
     # One statement for what the reply needs to start (each round trip counts: the visitor
     # waits for the first delta, and the message's other handlers are busy meanwhile).
     start, history = _reply_start(message_id, cfg.get("CHAT_HISTORY_MESSAGES", 50))
@@ -280,7 +283,8 @@ def generate_reply(message_id: int) -> None:
             language,
         ),
     }
-    db.session.commit()  # the connection goes back to the pool while the model talks
+    if db.session().in_transaction():
+        db.session.commit()  # a caller's: its connection goes back while the model talks
 
     lease.keep()
     try:
