@@ -241,6 +241,12 @@ class Config:
         # A reply's tokens that come within this many ms of each other go out as one live
         # frame (its first text goes at once); 0 sends every token as a frame of its own.
         self.CHAT_DELTA_COALESCE_MS = _float("CHAT_DELTA_COALESCE_MS", 30.0)
+        # The events of a visitor message that starts a reply (sentiment, escalation, the
+        # operators' live view, metrics, audit) go to their handlers this many ms after its
+        # commit, once the reply has started, instead of competing with its start for the
+        # cores. 0 sends them at once (the default in embedded mode, where one process does
+        # everything and the tests wait for the queues).
+        self.CHAT_EVENTS_DELAY_MS = _float("CHAT_EVENTS_DELAY_MS", 0.0 if self.EMBEDDED else 20.0)
         # A reply being written holds a lease (seconds) its process renews; a reply whose
         # lease ran out (the process died) is started again by a sweep run this often
         # (seconds; 0 turns it off), for visitor messages up to CHAT_REPLY_RESUME_WINDOW

@@ -6,7 +6,17 @@ Background jobs take the same path: `enqueue(task_name, *args)` writes one in th
 transaction, and it runs (at least once) after the commit.
 """
 
-from events.outbox import emit, enqueue, on_commit
+from events.outbox import delay_events, emit, enqueue, on_commit
 from events.registry import Event, handler, periodic, registry, task
 
-__all__ = ["Event", "emit", "enqueue", "handler", "on_commit", "periodic", "registry", "task"]
+__all__ = [
+    "Event",
+    "delay_events",
+    "emit",
+    "enqueue",
+    "handler",
+    "on_commit",
+    "periodic",
+    "registry",
+    "task",
+]

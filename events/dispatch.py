@@ -14,7 +14,12 @@ row done when it has finished. A job dispatched and not done after its own redel
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
+import os
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -230,6 +235,50 @@ def dispatch_new(app: Flask, event_ids: Sequence[uuid.UUID]) -> None:
         with db.engine.begin() as conn:
             _mark(conn, failed, "pending")
             _mark(conn, empty, "done")
+
+
+class _LaterDispatches:
+    """The commits' events that delay_events() holds back, each sent by dispatch_new when
+    it is due, by one thread per process."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._due: list[tuple[float, int, Flask, Sequence[uuid.UUID]]] = []
+        self._order = itertools.count()
+        self._wake = threading.Condition()
+        thread = threading.Thread(target=self._run, name="events-later", daemon=True)
+        thread.start()
+
+    def add(self, app: Flask, event_ids: Sequence[uuid.UUID], delay: float) -> None:
+        with self._wake:
+            heapq.heappush(self._due, (time.monotonic() + delay, next(self._order), app, event_ids))
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._wake.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, app, event_ids = heapq.heappop(self._due)
+            try:
+                with app.app_context():
+                    dispatch_new(app, event_ids)
+            except Exception:  # noqa: BLE001 - the relay delivers what is still pending
+                log.exception("delayed dispatch failed; events stay pending for the relay")
+
+
+_later: _LaterDispatches | None = None
+_later_lock = threading.Lock()
+
+
+def dispatch_later(app: Flask, event_ids: Sequence[uuid.UUID], delay: float) -> None:
+    """dispatch_new(app, event_ids) in `delay` seconds, off the caller's thread."""
+    global _later
+    with _later_lock:
+        if _later is None or _later.pid != os.getpid():  # (a forked worker starts its own)
+            _later = _LaterDispatches()
+        later = _later
+    later.add(app, list(event_ids), delay)
 
 
 def relay(app: Flask, *, limit: int | None = None, min_age_seconds: float = 1.0) -> RelayReport:

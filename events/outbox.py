@@ -46,6 +46,7 @@ COMMITTED = "sb_committed_work"
 SAVEPOINT_MARKS = "sb_savepoint_marks"
 DEFERRED = "sb_outbox_deferred_rows"
 DEFER_MODE = "sb_outbox_defer"
+DISPATCH_DELAY = "sb_dispatch_delay"
 
 
 def to_primitive(value: Any) -> Any:
@@ -284,6 +285,20 @@ def on_commit(
     session.info.setdefault(AFTER_COMMIT, []).append((fn, before_events))
 
 
+def delay_events(seconds: float, session: Session | None = None) -> None:
+    """Send the current transaction's events to their handlers `seconds` after it commits,
+    from a thread of this process, instead of at once; its jobs and before-events callbacks
+    still go at once. For a commit whose job someone is waiting for (a visitor, for the
+    reply): the events' handlers then run after the job has started rather than beside it,
+    sharing the cores with it. A process that dies meanwhile leaves the events pending for
+    the relay, as one that dies just after any commit does. (A transaction with after-events
+    callbacks sends them at once: those callbacks wait for them.)"""
+    from extensions import db
+
+    session = _in_transaction(session or db.session())
+    session.info[DISPATCH_DELAY] = max(seconds, session.info.get(DISPATCH_DELAY, 0.0))
+
+
 def before_commit(fn: Callable[[], None], session: Session | None = None) -> None:
     """Run `fn` inside the current transaction just before it commits, after a flush of
     everything pending (so new rows have their ids), and never if it rolls back.
@@ -370,12 +385,13 @@ def _after_commit(session: Session) -> None:
     event_ids = session.info.pop(EVENT_IDS, None)
     callbacks = session.info.pop(AFTER_COMMIT, None)
     jobs = session.info.pop(JOBS, None)
+    delay = session.info.pop(DISPATCH_DELAY, 0.0)
     if event_ids or callbacks:
-        session.info[COMMITTED] = (event_ids, callbacks, jobs)
+        session.info[COMMITTED] = (event_ids, callbacks, jobs, delay)
 
 
 def _run_committed_work(session: Session) -> None:
-    event_ids, callbacks, jobs = session.info.pop(COMMITTED)
+    event_ids, callbacks, jobs, delay = session.info.pop(COMMITTED)
     callbacks = callbacks or ()
     if jobs and has_app_context():
         from events.dispatch import send_new_jobs
@@ -384,17 +400,22 @@ def _run_committed_work(session: Session) -> None:
         if unsent:  # pending for the relay: not to be claimed as sent
             event_ids = [event_id for event_id in event_ids if event_id not in unsent]
     _run_callbacks(fn for fn, before_events in callbacks if before_events)
+    after_events = [fn for fn, before_events in callbacks if not before_events]
     if event_ids and has_app_context():
-        from events.dispatch import dispatch_new
+        from events.dispatch import dispatch_later, dispatch_new
 
+        app = current_app._get_current_object()
         try:
-            dispatch_new(current_app._get_current_object(), event_ids)
+            if delay > 0 and not after_events:
+                dispatch_later(app, event_ids, delay)
+            else:
+                dispatch_new(app, event_ids)
         except Exception:  # noqa: BLE001 - the commit stands; the relay delivers later
             log.exception("dispatch after commit failed; events stay pending for the relay")
     with contextlib.ExitStack() as scopes:
         for scope in _callback_scopes:
             scopes.enter_context(scope())
-        _run_callbacks(fn for fn, before_events in callbacks if not before_events)
+        _run_callbacks(after_events)
 
 
 # Context managers wrapped around a commit's (after-events) callbacks, e.g. one that gathers
@@ -447,6 +468,7 @@ def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
         session.info.pop(AT_COMMIT, None)
         session.info.pop(SAVEPOINT_MARKS, None)
         session.info.pop(COMMITTED, None)
+        session.info.pop(DISPATCH_DELAY, None)
 
 
 def _keep_old_value(target, value, oldvalue, initiator):

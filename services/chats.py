@@ -17,7 +17,7 @@ from flask import current_app
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from events import emit, enqueue, on_commit
+from events import delay_events, emit, enqueue, on_commit
 from extensions import db
 from models.base import utcnow
 from models.chats import INTERRUPTIONS, Agent, Chat, ChatRead, Message
@@ -821,6 +821,9 @@ def start_reply_now(message_id: int) -> None:
     send. The handler stays for messages saved elsewhere; when both start a reply, the claim
     in generate_reply lets one of them stream."""
     enqueue("generate_reply", message_id)
+    delay_ms = current_app.config.get("CHAT_EVENTS_DELAY_MS", 0.0)
+    if delay_ms > 0:
+        delay_events(delay_ms / 1000)
 
     def mark_queued() -> None:
         # Runs after the job's send, off the reply's path: the fallback handler, which may

@@ -229,3 +229,44 @@ def test_more_committers_than_pooled_connections_do_not_stall(
         assert {status for _, status in rows} == {"dispatched"}
     finally:
         shut_down_app(app, redis_url)
+
+
+def test_a_visitor_messages_events_wait_until_its_reply_has_gone_out(prod_app, prod_factory):
+    """The reply's job goes to the assistant at the commit; the message's events (sentiment,
+    the operators' view, metrics, audit) go CHAT_EVENTS_DELAY_MS later, once the reply has
+    started, and none is lost."""
+    import time
+
+    from extensions import db
+    from models.chats import Agent
+    from services import chats
+
+    prod_app.config["CHAT_EVENTS_DELAY_MS"] = 400
+    tenant = prod_factory.tenant()
+    broker = prod_app.extensions["switchboard.tasks"].broker
+    namespace = prod_app.config["DRAMATIQ_NAMESPACE"]
+    with prod_app.app_context():
+        db.session.add(Agent(tenant_id=tenant.id, name="Helper", is_default=True))
+        db.session.commit()
+        chat = chats.start_chat(tenant.id, visitor_id="visitor-delay")
+        db.session.commit()
+        before = broker.client.llen(f"{namespace}:chats")  # (the chat's own events)
+        message = chats.add_message(chat, "visitor", "Where is my order?")
+        chats.start_reply_now(message.id)
+        db.session.commit()
+        committed = time.monotonic()
+
+        def created_status() -> str:
+            db.session.rollback()
+            return db.session.scalar(
+                select(OutboxEvent.status).where(
+                    OutboxEvent.topic == "message.created", OutboxEvent.entity_id == message.id
+                )
+            )
+
+        assert broker.client.llen(f"{namespace}:assistant") == 1  # the reply: at once
+        assert created_status() == "pending"
+        assert broker.client.llen(f"{namespace}:chats") == before
+        assert wait_for(lambda: created_status() == "dispatched", timeout=10, interval=0.02)
+        assert time.monotonic() - committed >= 0.35
+        assert broker.client.llen(f"{namespace}:chats") > before  # its handlers' message
