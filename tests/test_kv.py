@@ -64,3 +64,18 @@ def test_a_reply_longer_than_its_lease_keeps_it_until_released(store, monkeypatc
     assert store.claim_and_mark("claim:short", 0.6, "started:short", 60) is True
     time.sleep(0.8)  # the released lease was not renewed by the keeper meanwhile
     assert store.claim_and_mark("claim:short", 0.6, "started:short", 60) is True
+
+
+def test_receiver_leases_asked_for_together_are_each_taken_renewed_or_refused(store):
+    import uuid
+
+    from services.meters import Leases
+
+    leases = Leases(store)
+    mine, theirs, free = (f"shure:10.9.{uuid.uuid4().hex[:6]}:{n}" for n in range(3))
+    assert leases.hold(theirs, "other-process", 5.0)
+    assert leases.hold(mine, "this-process", 0.3)
+    assert leases.hold_many([mine, theirs, free], "this-process", 5.0) == [True, False, True]
+    time.sleep(0.4)  # the first ttl (0.3 s) would have run out: the renewal extended it
+    assert leases.hold(mine, "other-process", 5.0) is False
+    assert leases.hold_many([], "this-process", 5.0) == []

@@ -1194,10 +1194,11 @@ class ShureService(ManufacturerService):
         deadline = started + max(0.0, float(timeout))
         waiting = []
         elsewhere = []  # receivers another process owns: read from its shared snapshot
-        for host, port, tenant_id, location_id in targets:
+        owned = self._own_many([(host, port) for host, port, _, _ in targets])
+        for (host, port, tenant_id, location_id), mine in zip(targets, owned, strict=True):
             if tenant_id is not None:
                 self.pump.serve(host, port, tenant_id, location_id)
-            if self._own(host, port):
+            if mine:
                 conn = self.connection(host, port)
                 waiting.append((conn, location_id, conn.request_probe()))
             else:
@@ -1220,18 +1221,26 @@ class ShureService(ManufacturerService):
     def _lease_key(host: str, port: int) -> str:
         return f"{SERVICE_CODE}:{host}:{port}"
 
-    def _own(self, host: str, port: int) -> bool:
-        """Whether this process holds (or now takes) the receiver's lease."""
-        if self.leases is None:
-            return True
-        key = self._lease_key(host, port)
+    def _own_many(self, receivers: list[tuple[str, int]]) -> list[bool]:
+        """Whether this process holds (or now takes) each receiver's lease, asked for all of
+        them in one round trip."""
+        if self.leases is None or not receivers:
+            return [True] * len(receivers)
+        keys = [self._lease_key(host, port) for host, port in receivers]
         try:
-            if self.leases.hold(key, self.owner, self.settings.lease_seconds):
-                return True
-        except Exception as exc:  # noqa: BLE001 - Redis away: watch the receiver regardless
+            held = self.leases.hold_many(keys, self.owner, self.settings.lease_seconds)
+        except Exception as exc:  # noqa: BLE001 - Redis away: watch the receivers regardless
             # A second connection to a receiver for a while beats polls that see nothing.
-            log.warning("shure %s:%s: lease not checked (%s); connecting", host, port, exc)
-            return True
+            log.warning("shure: leases not checked (%s); connecting", exc)
+            return [True] * len(receivers)
+        for (host, port), mine in zip(receivers, held, strict=True):
+            if not mine:
+                self._let_go(host, port)
+        return held
+
+    def _let_go(self, host: str, port: int) -> None:
+        """Another process owns the receiver: close ours, and ask the owner to keep its own."""
+        key = self._lease_key(host, port)
         with self._lock:
             lost = self._connections.pop((host, int(port)), None)
         if lost is not None:  # taken over while this process was stalled: let it go
@@ -1240,7 +1249,6 @@ class ShureService(ManufacturerService):
             self.pump.forget(host, int(port))
         # The owner keeps its connection open while polls anywhere ask about it.
         self.leases.put("want:" + key, "1", self.settings.idle_timeout)
-        return False
 
     def _shared_snapshot(self, host: str, port: int, deadline: float) -> ReceiverSnapshot:
         """The owner's view of a receiver, once it is recent enough to count as an answer."""
@@ -1305,7 +1313,7 @@ class ShureService(ManufacturerService):
         )
         for (address, conn, _), (held, wanted) in zip(alive, outcomes, strict=True):
             if not held:
-                self._own(*address)  # closes it
+                self._own_many([address])  # closes it (unless the lease came back)
             elif wanted:
                 conn.last_used = time.monotonic()
 
