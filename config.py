@@ -245,7 +245,8 @@ class Config:
         # operators' live view, metrics, audit) go to their handlers this many ms after its
         # commit, once the reply has started, instead of competing with its start for the
         # cores. 0 sends them at once (the default in embedded mode, where one process does
-        # everything and the tests wait for the queues).
+        # everything and the tests wait for the queues). Keep it well under a second: the
+        # relay sends what has been pending for a second itself.
         self.CHAT_EVENTS_DELAY_MS = _float("CHAT_EVENTS_DELAY_MS", 0.0 if self.EMBEDDED else 20.0)
         # A reply being written holds a lease (seconds) its process renews; a reply whose
         # lease ran out (the process died) is started again by a sweep run this often

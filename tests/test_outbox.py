@@ -127,37 +127,3 @@ def test_on_commit_work_runs_before_or_after_the_commits_events_are_sent(db, fac
     db.session.commit()
     # A reply someone waits for goes out before the handlers' messages; the rest after them.
     assert statuses == [("before", "pending"), ("after", "dispatched")]
-
-
-def test_delayed_events_go_out_after_the_delay_and_a_rollback_forgets_it(db, factory, worker):
-    import time
-
-    from events import delay_events
-    from tests.helpers import wait_for
-
-    tenant = factory.tenant()
-
-    def status_of(agent_id: int) -> str:
-        with db.engine.connect() as conn:
-            return conn.execute(
-                select(OutboxEvent.status).where(
-                    OutboxEvent.topic == "agent.created", OutboxEvent.entity_id == agent_id
-                )
-            ).scalar_one()
-
-    later = Agent(tenant_id=tenant.id, name="Later")
-    db.session.add(later)
-    delay_events(0.4)
-    db.session.commit()
-    committed = time.monotonic()
-    assert status_of(later.id) == "pending"  # held back, not lost
-    assert wait_for(lambda: status_of(later.id) != "pending", timeout=5, interval=0.02)
-    assert time.monotonic() - committed >= 0.35
-
-    db.session.add(Agent(tenant_id=tenant.id, name="Dropped"))
-    delay_events(5)
-    db.session.rollback()
-    now = Agent(tenant_id=tenant.id, name="Now")
-    db.session.add(now)
-    db.session.commit()
-    assert status_of(now.id) == "dispatched"  # the rolled-back delay went with its transaction

@@ -241,7 +241,7 @@ def test_a_visitor_messages_events_wait_until_its_reply_has_gone_out(prod_app, p
     from models.chats import Agent
     from services import chats
 
-    prod_app.config["CHAT_EVENTS_DELAY_MS"] = 400
+    prod_app.config["CHAT_EVENTS_DELAY_MS"] = 600
     tenant = prod_factory.tenant()
     broker = prod_app.extensions["switchboard.tasks"].broker
     namespace = prod_app.config["DRAMATIQ_NAMESPACE"]
@@ -268,5 +268,26 @@ def test_a_visitor_messages_events_wait_until_its_reply_has_gone_out(prod_app, p
         assert created_status() == "pending"
         assert broker.client.llen(f"{namespace}:chats") == before
         assert wait_for(lambda: created_status() == "dispatched", timeout=10, interval=0.02)
-        assert time.monotonic() - committed >= 0.35
+        assert time.monotonic() - committed >= 0.55
         assert broker.client.llen(f"{namespace}:chats") > before  # its handlers' message
+
+
+def test_a_rolled_back_delay_is_forgotten(prod_app, prod_factory):
+    from events import delay_events
+    from extensions import db
+    from models.chats import Agent
+
+    tenant = prod_factory.tenant()
+    with prod_app.app_context():
+        db.session.add(Agent(tenant_id=tenant.id, name="Dropped"))
+        delay_events(5)
+        db.session.rollback()
+        now = Agent(tenant_id=tenant.id, name="Now")
+        db.session.add(now)
+        db.session.commit()
+        status = db.session.scalar(
+            select(OutboxEvent.status).where(
+                OutboxEvent.topic == "agent.created", OutboxEvent.entity_id == now.id
+            )
+        )
+        assert status == "dispatched"  # sent by its own commit: the delay went with the rollback
