@@ -135,15 +135,18 @@ def test_widget_on_an_origin_not_allowed_says_so(app, db, live_server, shop):
         )
 
 
+@pytest.mark.parametrize("events_delay_ms", [0, 250], ids=["events-at-once", "events-delayed"])
 def test_operator_watches_a_phone_visitor_live(
-    app, db, worker, live_server, upstream, shop, factory
+    app, db, worker, live_server, upstream, shop, factory, events_delay_ms
 ):
     """A visitor on a phone writes something hostile; the operator, on the inbox and then in
     the chat, sees the new chat, the unread count, the visitor's words as text and the reply
-    as it streams, without reloading."""
+    as it streams, without reloading. The same when the message's events are held back until
+    the reply has started (CHAT_EVENTS_DELAY_MS, 20 ms in production; longer here)."""
     from tests.browser import login_page
     from tests.conftest import PASSWORD
 
+    app.config["CHAT_EVENTS_DELAY_MS"] = events_delay_ms
     operator = factory.user(shop, role="agent")
     hostile = '<img src=x onerror="window.pwned=1">Where is my bread?'
     with host_site(live_server.url, shop.widget_key) as site, chromium() as browser:
