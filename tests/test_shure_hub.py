@@ -273,6 +273,42 @@ def test_a_restarted_receiver_comes_back_after_back_off(down_for):
         assert status.state == "connected" and status.connects == 2
 
 
+def test_a_poll_is_not_answered_by_an_attempt_that_began_before_it():
+    """A receiver that comes back while a reconnect attempt (begun while it was down) is
+    still under way: the poll that asks after it comes back waits for the next attempt,
+    instead of reporting the receiver offline because that older attempt failed."""
+    with Fleet(1, seed=18) as fleet, shure_service() as service:
+        endpoints = endpoints_of(fleet.endpoints)
+        (receiver,) = fleet.receivers
+        assert all(online(service.fetch(endpoints, 2.0)).values())
+        receiver.drop()
+        assert not any(online(service.fetch(endpoints, timeout=1.0)).values())
+
+        # The next attempt stalls in its address check (a slow resolver, say) and fails.
+        allowed = service.address_problem
+        entered, release = threading.Event(), threading.Event()
+
+        def stalling(address):
+            if not release.is_set():
+                entered.set()
+                release.wait(5.0)
+                return "the receiver was down when this attempt began"
+            return allowed(address)
+
+        service.address_problem = stalling
+        conn = service.connection(*fleet.endpoints[0])
+        assert entered.wait(3.0)
+        receiver.restore()
+        asked_at = conn.last_used
+        polled: list = []
+        poll = threading.Thread(target=lambda: polled.extend(service.fetch(endpoints, 3.0)))
+        poll.start()
+        assert wait_for(lambda: conn.last_used > asked_at, 2.0)  # the poll is waiting
+        release.set()  # only now does the older attempt fail
+        poll.join(5.0)
+        assert online(polled) == {receiver.port: True}
+
+
 def test_a_forked_child_opens_its_own_connections():
     """A process forked while connected (a worker started from a warm parent) has no hub
     thread: its copies of the parent's connections count as stopped, new ones work."""

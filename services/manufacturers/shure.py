@@ -553,6 +553,11 @@ class ReceiverConnection:
         self._connecting = False  # a connector thread is opening a socket for it
         self.connects = 0
         self.failures = 0
+        # When the attempt (or session) behind the last failure began: a poll is answered
+        # "down" only by a failure that began after it asked, not by an attempt under way
+        # from before the receiver came back.
+        self.failed_attempt_began = 0.0
+        self._attempt_began = 0.0
         self.frames = 0
         self.last_error = ""
         self.next_attempt_at = 0.0
@@ -597,17 +602,15 @@ class ReceiverConnection:
     def alive(self) -> bool:
         return self._started and not self._stop.is_set() and self.state != "stopped"
 
-    def request_probe(self) -> int:
-        """Ask for a round-trip now; returns the failure count to pass to wait_fresh."""
+    def request_probe(self) -> None:
+        """Ask for a round-trip now."""
         with self._cond:
             self.last_used = time.monotonic()
             self._probe_wanted = True
-            failures = self.failures
         if self._started:
             self._hub.call(self, self._on_probe)
-        return failures
 
-    def wait_fresh(self, since: float, deadline: float, failures_before: int) -> bool:
+    def wait_fresh(self, since: float, deadline: float) -> bool:
         """Wait until the receiver answered after `since`; False when it can't before the
         deadline (down, refused, hung)."""
         with self._cond:
@@ -617,7 +620,7 @@ class ReceiverConnection:
                 if self.state == "stopped":
                     return False
                 if self.state == "backoff" and (
-                    self.failures > failures_before or self.next_attempt_at >= deadline
+                    self.failed_attempt_began >= since or self.next_attempt_at >= deadline
                 ):
                     return False
                 remaining = deadline - time.monotonic()
@@ -710,6 +713,7 @@ class ReceiverConnection:
         with self._cond:
             self.state = "connecting"
             self._connecting = True
+            self._attempt_began = time.monotonic()
             self._cond.notify_all()
         self._hub.connectors.submit(self._connect_elsewhere)
 
@@ -747,22 +751,24 @@ class ReceiverConnection:
             reason = f"{'refused' if refused else 'lookup failed'}: {result}"
             if refused and reason != self.last_error:  # once, not every back-off
                 log.warning("shure %s: not connecting: %s", self.label, result)
-            self._failed(reason)
+            self._failed(reason, began=self._attempt_began)
         else:
             if not isinstance(result, OSError):
                 log.error("shure %s: connecting failed", self.label, exc_info=result)
-            self._failed(f"connect: {result}")
+            self._failed(f"connect: {result}", began=self._attempt_began)
         self._retry(healthy=False)
 
-    def _failed(self, reason: str) -> None:
+    def _failed(self, reason: str, began: float | None = None) -> None:
+        """Count a failure of the attempt that began at `began` (a lost session: now)."""
         log.debug("shure %s: %s", self.label, reason)
         with self._cond:
             self.failures += 1
+            self.failed_attempt_began = time.monotonic() if began is None else began
             self.last_error = reason
             self.state = "backoff"
-            # next_attempt_at is set by _retry; until then, a waiting poll stops waiting
-            self.next_attempt_at = float("inf")
-            self._cond.notify_all()
+            # Not scheduled yet: _retry (or _finish) right after this sets the next attempt
+            # and wakes the waiting polls, which then know whether it comes in time.
+            self.next_attempt_at = 0.0
 
     def _retry(self, healthy: bool) -> None:
         """After a failed connect or a lost session: back off, then connect again."""
@@ -1200,15 +1206,16 @@ class ShureService(ManufacturerService):
                 self.pump.serve(host, port, tenant_id, location_id)
             if mine:
                 conn = self.connection(host, port)
-                waiting.append((conn, location_id, conn.request_probe()))
+                conn.request_probe()
+                waiting.append((conn, location_id))
             else:
                 elsewhere.append((host, port, location_id))
         # The hub talks to every receiver at once; one shared deadline bounds the whole
         # wait, so a hung receiver costs at most `timeout`, once.
-        fresh = [conn.wait_fresh(started, deadline, before) for conn, _, before in waiting]
+        fresh = [conn.wait_fresh(started, deadline) for conn, _ in waiting]
         reports: list[DeviceReport] = []
         used: set[str] = set()
-        for (conn, location_id, _), ok in zip(waiting, fresh, strict=True):
+        for (conn, location_id), ok in zip(waiting, fresh, strict=True):
             reports.extend(self.reports_for(conn.snapshot(ok), location_id, used))
         for host, port, location_id in elsewhere:
             snap = self._shared_snapshot(host, port, deadline)
