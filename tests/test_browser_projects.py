@@ -8,8 +8,10 @@ import pytest
 from playwright.sync_api import expect
 
 from models.projects import Project
+from services import projects
+from services.live import publish, render_fragment, tenant_topic
 from tests.browser import chromium, login_page
-from tests.conftest import PASSWORD
+from tests.conftest import PASSWORD, drain
 from tests.fake_openai import FakeOpenAI, Script
 
 pytestmark = pytest.mark.browser
@@ -59,3 +61,37 @@ def test_generation_moves_to_completed_without_a_reload(
         page.wait_for_url(f"{live_server.url}/projects/{project.id}")
         expect(page.locator(".exports li").first).to_contain_text("zip")
         expect(page.locator(".exports li a:has-text('Download')").first).to_be_visible()
+
+
+def test_a_late_created_frame_does_not_show_a_generation_twice(
+    app, db, worker, live_server, factory
+):
+    """The page's snapshot already shows a generation when the frame announcing it arrives
+    (its handler ran late, on a busy machine): the card is shown once, not twice."""
+    user = factory.user(factory.tenant("Makers"), email="maker@example.com")
+    project = Project(tenant_id=user.tenant_id, name="Todo API")
+    db.session.add(project)
+    db.session.commit()
+    generated = projects.start_generation(project, "A Flask todo API")
+    db.session.commit()
+    drain(app)  # its own `created` frame went out before the page opened
+    with chromium() as browser:
+        page = login_page(browser, live_server.url, user.email, PASSWORD)
+        frames: list = []
+        page.on("websocket", lambda ws: ws.on("framereceived", lambda data: frames.append(data)))
+        page.goto(f"{live_server.url}/projects/{project.id}")
+        while not frames:  # the live snapshot: from here on the page follows the project
+            page.wait_for_timeout(50)
+        cards = page.locator(f"article#generation-{generated.id}")
+        expect(cards).to_have_count(1)
+        generated.status = "generating"
+        db.session.commit()
+        html = render_fragment(
+            "projects/_live_push.html",
+            item=projects.generation_panel(generated),
+            project_id=project.id,
+            created=True,
+        )
+        publish(tenant_topic(project.tenant_id, f"project:{project.id}"), "late", html=html)
+        expect(cards.first.locator(".badge")).to_have_text("generating")
+        expect(cards).to_have_count(1)
