@@ -328,6 +328,9 @@ class _Hub:
         self._members: set[ReceiverConnection] = set()
         self._jobs: deque[tuple[ReceiverConnection, Callable[[], None]]] = deque()
         self._thread: threading.Thread | None = None
+        # The thread that ended last: it is still finishing (closing its selector) after it
+        # has let go of the hub's state, and a shutdown waits for that too.
+        self._ended: threading.Thread | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         # Only touched by the hub thread:
@@ -356,7 +359,8 @@ class _Hub:
         return threading.current_thread() is self._thread
 
     def wait_ended(self, timeout: float) -> None:
-        thread = self._thread
+        with self._lock:
+            thread = self._thread or self._ended
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 
@@ -457,7 +461,7 @@ class _Hub:
         """The thread ends (lock held): the next call or join starts another, which must
         find none of this one's state."""
         if self._thread is threading.current_thread():
-            self._thread = None
+            self._ended, self._thread = self._thread, None
             self._selector = None
             self._timers.clear()
             for sock in (self._wake_r, self._wake_w):
