@@ -210,7 +210,9 @@ def test_a_flooding_receiver_does_not_starve_the_others():
         for _ in range(5):
             started = time.monotonic()
             reports = service.fetch(endpoints, timeout=1.0)
-            assert time.monotonic() - started < 1.4
+            # Bounded by its 1 s timeout (with room for a loaded machine), however fast the
+            # flood comes; a starved hub shows as the others offline.
+            assert time.monotonic() - started < 3.0
             assert all(online(reports)[port] for _, port in fleet.endpoints), online(reports)
             time.sleep(0.1)
         status = {s.port: s for s in service.status()}
