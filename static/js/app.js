@@ -27,8 +27,8 @@
   document.addEventListener("htmx:ws:before:message:incoming", function (event) {
     var message = event.detail && event.detail.message;
     var data = message && message.data;
-    if (typeof data !== "string" || data.indexOf("hx-swap-oob") === -1) return;
-    if (!/hx-swap-oob="(afterbegin|beforeend|beforebegin|afterend)/.test(data)) return;
+    // Most frames replace what they name: only an insertion is parsed here.
+    if (typeof data !== "string" || !/hx-swap-oob="(after|before)/.test(data)) return;
     var template = document.createElement("template");
     template.innerHTML = data;
     template.content.querySelectorAll("[hx-swap-oob]").forEach(function (container) {
