@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Collection
 from typing import Any
 
 from flask import current_app
@@ -130,20 +131,26 @@ def publish_view_counts(tenant_id: int, user_ids: set[int]) -> None:
     bus().publish_many(frames)
 
 
-def chat_row_frames(chat: Chat, facts: dict, *, created: bool = False) -> list[tuple[str, str]]:
-    """The frames of a chat's list row and of its page's header, as (topic, data)."""
-    html = render_fragment("chats/_row_push.html", chat=chat, created=created, row_facts=facts)
-    # A new chat's row is an append: no later update of the row may merge it away.
-    key = append_key(f"chat-row-{chat.id}") if created else f"chat-row-{chat.id}"
-    # The chat's own page refreshes its header (status, count, satisfaction, summary).
-    header = render_fragment("chats/_header.html", chat=chat, oob=True)
-    return [
-        (tenant_topic(chat.tenant_id, "chats"), encode(key, html=html)),
-        (
-            chat_topic(chat.tenant_id, chat.id),
-            encode(f"chat-header-{chat.id}", html=header, json_data=status_json(chat)),
-        ),
-    ]
+def chat_row_frames(
+    chat: Chat, facts: dict, *, created: bool = False, topics: Collection[str] | None = None
+) -> list[tuple[str, str]]:
+    """The frames of a chat's list row and of its page's header, as (topic, data); with
+    `topics`, only the frames of those topics are rendered."""
+    frames = []
+    rows = tenant_topic(chat.tenant_id, "chats")
+    if topics is None or rows in topics:
+        html = render_fragment("chats/_row_push.html", chat=chat, created=created, row_facts=facts)
+        # A new chat's row is an append: no later update of the row may merge it away.
+        key = append_key(f"chat-row-{chat.id}") if created else f"chat-row-{chat.id}"
+        frames.append((rows, encode(key, html=html)))
+    page = chat_topic(chat.tenant_id, chat.id)
+    if topics is None or page in topics:
+        # The chat's own page refreshes its header (status, count, satisfaction, summary).
+        header = render_fragment("chats/_header.html", chat=chat, oob=True)
+        frames.append(
+            (page, encode(f"chat-header-{chat.id}", html=header, json_data=status_json(chat)))
+        )
+    return frames
 
 
 # RedisBus's numbered XADD (events/live.py), for many frames in one call: KEYS are each
@@ -269,6 +276,7 @@ class ReplyStream:
 
     def __init__(self, tenant_id: int, chat_id: int, reply_id: str, *, quiet: bool = False) -> None:
         self.topic = chat_topic(tenant_id, chat_id)
+        self.tenant_id = tenant_id
         self.chat_id = chat_id
         self.reply_id = reply_id
         self.quiet = quiet
@@ -311,6 +319,21 @@ class ReplyStream:
         whole = json.dumps(self._slot(f'<div class="msg msg-assistant streaming">{mark}</div>'))
         head, _, tail = whole.partition(json.dumps(mark)[1:-1])
         return head, tail
+
+    def _pages_watching(self) -> set[str]:
+        """Which of the pages a reply's end changes (the chat's own, the chat list) some
+        operator has open. Most replies end with none open, and reading the row's facts and
+        rendering the fragments for nobody was a quarter of what a reply cost this process
+        (bench/RESULTS.md, seventh stop). Asked after the reply's commit: a page that
+        registers later (Hub.subscribe(watch=True)) takes its snapshot later, from the
+        database, with the reply in it. Redis unreachable: rendered for both."""
+        topics = {self.topic, tenant_topic(self.tenant_id, "chats")}
+        try:
+            watched, _generation = self.bus.watched(topics)
+        except Exception as exc:  # noqa: BLE001 - unsure: render them all
+            log.warning("reply %s: watched pages not read (%s)", self.reply_id, exc)
+            return topics
+        return watched
 
     def _slot(self, inner: str) -> str:
         return f'<div id="chat-{self.chat_id}-streaming" hx-swap-oob="innerHTML">{inner}</div>'
@@ -416,21 +439,25 @@ class ReplyStream:
         # The chat's list row and header change too (its count and last message): read
         # first, then every fragment rendered in one scope and every frame sent in one
         # round trip, the reply's last text first (`done` follows every delta on the topic).
+        pages = self._pages_watching()
         chat, facts = None, {}
-        if message is not None:
+        if message is not None and pages:
             try:
                 chat = db.session.get(Chat, message.chat_id)
-                facts = row_facts([chat.id]) if chat is not None else {}
+                rows = tenant_topic(self.tenant_id, "chats")
+                facts = row_facts([chat.id]) if chat is not None and rows in pages else {}
             except Exception as exc:  # noqa: BLE001 - the next snapshot shows the row
                 log.warning("reply %s: chat row not published: %s", self.reply_id, exc)
                 chat = None
-        html = self._slot("")
+        # The console's copy (the streaming slot emptied, the saved message added) is for
+        # a page that shows the chat; the widget reads the JSON.
+        html = self._slot("") if self.topic in pages else None
         row_frames: list[tuple[str, str]] = []
         with fragments():
-            if message is not None:
+            if html is not None and message is not None:
                 html += render_fragment("chats/_message_push.html", m=message, replace=False)
             if chat is not None:
-                row_frames = chat_row_frames(chat, facts)
+                row_frames = chat_row_frames(chat, facts, topics=pages)
         message_data = message_json(message) if message is not None else None
         with self.send_lock:
             frames = [(topic, data) for _stream, topic, data in self.take_frames()]
