@@ -458,6 +458,24 @@ def _ms(seconds: float) -> float:
     return seconds * 1000
 
 
+def _gap_phases(replies: list[dict], spread: float) -> str:
+    """The p99 gap in each phase of a round: while visitors still arrive (their chats and
+    replies start), while every reply streams, and once the first reply has ended (the
+    others are saved and their last frames sent): which of these is short of CPU."""
+    ends = [r["last"] - r["first"] + r["gap_at"][0] for r in replies if r["gap_at"]]
+    first_end = min(ends, default=float("inf"))
+    phases: dict[str, list[float]] = {"arriving": [], "streaming": [], "ending": []}
+    for r in replies:
+        for gap, at in zip(r["gaps"], r["gap_at"], strict=True):
+            phase = "arriving" if at < spread else "streaming" if at < first_end else "ending"
+            phases[phase].append(gap)
+    return ", ".join(
+        f"{name} p99 {summarize(gaps)['p99']:.0f} ms ({len(gaps)} gaps)"
+        for name, gaps in phases.items()
+        if gaps
+    )
+
+
 def _stats_text(st: dict) -> str:
     return (
         f"p50 {st['p50']:.1f} ms, p99 {st['p99']:.1f} ms, min {st['min']:.1f}, max {st['max']:.1f}"
@@ -785,6 +803,8 @@ def _paced_round(
                 "worst": (worst[0] * 1000, worst[1] - begin),
                 "ttfd": (times[0] - run["sent"]) * 1000 if times else None,
                 "gaps": [(b - a) * 1000 for a, b in zip(times, times[1:], strict=False)],
+                # when each gap began, seconds after the first message (for the phases)
+                "gap_at": [a - begin for a in times[:-1]],
                 "frames": len(seqs),
                 "exact": exact,
                 "mid": run["mid"],
@@ -1481,6 +1501,7 @@ class _ChatBench:
         out["exact"] = sum(1 for r in replies if r["exact"])
         out["saved"] = self._saved_replies([r["mid"] for r in replies], reply)
         out["frames"] = sum(r["frames"] for r in replies)
+        out["phases"] = _gap_phases(replies, spread)
         out["ttfd"] = summarize([r["ttfd"] for r in replies if r["ttfd"] is not None])
         out["model_cpu"] = _process_cpu(self.paced_pid) - paced_cpu
         out["bus_gap"] = self._bus_gaps([r["mid"] for r in replies])
@@ -1661,7 +1682,8 @@ class _ChatBench:
                         f"{out['exact']}/{count} replies exact (frames 1..k in order, "
                         f"text and `done` the model's), {out['saved']}/{count} saved "
                         f"Messages equal; longest gaps {out['worst']} (after the first "
-                        f"message); the same replies' gaps as their frames entered Redis "
+                        f"message); by phase {out['phases']}; the same replies' gaps as their "
+                        f"frames entered Redis "
                         f"(stream ids, whole ms): {out['bus_gap']['text']}; sockets opened "
                         f"in {out['open_seconds']:.1f} s; "
                         f"CPU {cpu.text()}, visitors' process {out['cpu']:.1f} CPU-s, paced "
