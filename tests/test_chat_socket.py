@@ -727,3 +727,44 @@ def test_the_consoles_streaming_copy_is_the_whole_text_so_far_escaped(app, tenan
             f'<div class="msg msg-assistant streaming">{text}</div></div>'
         )
     assert "<script>" not in "".join(copies)
+
+
+def test_a_crowd_arriving_at_once_is_answered_in_full(app, worker, upstream, connect):
+    """A web process handles a few visitor messages at a time (MESSAGES_AT_ONCE) and the
+    rest wait their turn: a crowd sending together, and messages refused on the way
+    (a visitor over the rate limit), still leave every one saved, acknowledged and answered."""
+    from blueprints.live.chat import MESSAGES_AT_ONCE
+
+    # One visitor may send one message a minute; the crowd all comes from this test's address.
+    app.config.update(
+        CHAT_RATE_LIMIT_PER_MINUTE=1,
+        CHAT_NEW_CHATS_PER_IP_PER_HOUR=1000,
+        CHAT_MESSAGES_PER_IP_PER_MINUTE=1000,
+    )
+    upstream.script.reply = "Yes, we are open today."
+    pushy = connect()
+    pushy.send("session_init")
+    pushy.expect("session")
+    pushy.send("message", content="first")
+    pushy.expect("message")
+    for n in range(2 * MESSAGES_AT_ONCE):  # each refused inside the limited section
+        pushy.send("message", content=f"again {n}")
+        assert pushy.expect("error")["code"] == "rate_limited"
+    crowd = [connect() for _ in range(3 * MESSAGES_AT_ONCE)]
+    for client in crowd:
+        client.send("session_init")
+        client.expect("session")
+    for n, client in enumerate(crowd):
+        client.send("message", content=f"Are you open today? ({n})")
+    for n, client in enumerate(crowd):
+        ack = client.expect("message", timeout=20)
+        assert ack["message"]["html"] == f"Are you open today? ({n})"
+        _deltas, done = client.collect_reply(timeout=30)
+        assert done["message"]["html"].strip() == "<p>Yes, we are open today.</p>"
+    with app.app_context():
+        replies = (
+            _db(app)
+            .session.scalars(select(Message.content).where(Message.sender == "assistant"))
+            .all()
+        )
+    assert len(replies) == 1 + len(crowd)

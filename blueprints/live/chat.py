@@ -108,6 +108,15 @@ def widget_origin_allowed(tenant: Tenant) -> bool:
     return origin in allowed
 
 
+# How many visitor messages a process handles at once. Each is a few milliseconds of Python
+# (the rate limits, the chat's and the message's rows, the reply's job), and a crowd arriving
+# set a dozen and more of them going together: every one of those threads queued for the
+# interpreter lock beside the one thread that sends all chat sockets their frames, and
+# streaming replies stalled in bursts. A thread waiting here does not compete for the lock.
+MESSAGES_AT_ONCE = 6
+_saving = threading.BoundedSemaphore(MESSAGES_AT_ONCE)
+
+
 class ChatSocket:
     def __init__(self, ws, tenant: Tenant, user_id: int | None, visitor_id: str | None) -> None:
         self.ws = ws
@@ -523,6 +532,10 @@ class ChatSocket:
             self.forward(body)
 
     def on_message(self, frame: dict[str, Any]) -> None:
+        with _saving:
+            self._on_message(frame)
+
+    def _on_message(self, frame: dict[str, Any]) -> None:
         chat = self._chat()
         content = chats.clean_visitor_text(frame.get("content"))
         if chat is not None and chat.status == "archived":
