@@ -10,11 +10,11 @@ import pytest
 from sqlalchemy import select
 
 from models.chats import Chat, Message
-from tests.chat_client import ChatClient
-from tests.conftest import PASSWORD, Factory, LiveServer, shut_down_app
+from tests.conftest import PASSWORD, Factory
 from tests.fake_openai import FakeOpenAI, Script
 from tests.helpers import Browserless, receive_until
-from tests.test_chat_faults import REPLY, SITE, _prod_chat_app
+from tests.test_chat_faults import REPLY, _prod_chat_app, chat_stack
+from tests.test_chat_socket import _open_chat
 
 
 @pytest.fixture
@@ -26,8 +26,6 @@ def upstream():
 
 @pytest.fixture
 def console_env(tmp_path, pg_database_url, private_redis, upstream):
-    import dramatiq
-
     from extensions import db
     from models.accounts import Tenant
 
@@ -36,25 +34,8 @@ def console_env(tmp_path, pg_database_url, private_redis, upstream):
         tenant = db.session.scalar(select(Tenant).where(Tenant.widget_key == key))
         db.session.expunge(tenant)
     operator = Factory(app).user(tenant, role="agent", email="operator@shop.example")
-    server = LiveServer(app).start()
-    worker = dramatiq.Worker(app.extensions["switchboard.tasks"].broker, worker_threads=3)
-    worker.start()
-    clients: list[ChatClient] = []
-
-    def connect() -> ChatClient:
-        client = ChatClient(server.url, key, SITE)
-        clients.append(client)
-        return client
-
-    yield app, server, operator, connect
-    for client in clients:
-        try:
-            client.close()
-        except Exception:  # noqa: BLE001 - the server may have closed it already
-            pass
-    worker.stop()
-    server.stop()
-    shut_down_app(app)
+    with chat_stack(app, key) as (server, connect):
+        yield app, server, operator, connect
 
 
 def _frames(app, topic: str) -> list[dict]:
@@ -74,11 +55,7 @@ def test_an_operator_who_opens_the_chat_mid_reply_sees_it_end_live(console_env, 
     the chat and the chat list meanwhile. Both pages show the reply's end without a reload."""
     app, server, operator, connect = console_env
     upstream.script.tokens_per_second = 20  # 41 tokens: two seconds of reply
-    visitor = connect()
-    visitor.send("session_init")
-    visitor.expect("session")
-    visitor.send("message", content="Tell me everything.")
-    visitor.expect("message")
+    visitor, _chat_id = _open_chat(connect, "Tell me everything.")
     first = visitor.expect("delta")  # the reply is streaming
     assert first["seq"] == 1
     pk = _chat_pk(app)
@@ -113,11 +90,7 @@ def test_a_reply_nobody_watches_renders_nothing_for_the_console(console_env):
     from services.live import tenant_topic
 
     app, _server, operator, connect = console_env
-    visitor = connect()
-    visitor.send("session_init")
-    visitor.expect("session")
-    visitor.send("message", content="Hello?")
-    visitor.expect("message")
+    visitor, _chat_id = _open_chat(connect, "Hello?")
     visitor.collect_reply()
     pk = _chat_pk(app)
     topic, rows = chat_topic(operator.tenant_id, pk), tenant_topic(operator.tenant_id, "chats")
@@ -157,3 +130,58 @@ def test_a_reply_nobody_watches_renders_nothing_for_the_console(console_env):
         assert [f["key"] for f in on_list] == [f"chat-row-{pk}"]
     finally:
         page.close()
+
+
+@pytest.mark.browser
+def test_in_a_browser_over_redis_the_operator_sees_replies_end_watched_or_not(
+    console_env, upstream
+):
+    """Chromium, over the Redis bus: a phone visitor's first reply ends with no operator
+    looking (no console fragments rendered); the operator opens the chat afterwards and sees
+    it; a second, hostile question while the operator watches streams in and ends as the
+    saved message, once, with the streaming copy gone."""
+    from playwright.sync_api import expect
+
+    from extensions import db
+    from models.accounts import Tenant
+    from tests.browser import chromium, login_page
+    from tests.test_browser_widget import host_site
+
+    app, server, operator, _connect = console_env
+    upstream.script.tokens_per_second = 20  # two seconds a reply
+    with app.app_context():
+        tenant = db.session.get(Tenant, operator.tenant_id)
+        key = tenant.widget_key
+    with host_site(server.url, key) as site, chromium() as browser:
+        with app.app_context():
+            db.session.get(Tenant, operator.tenant_id).allowed_origins = site
+            db.session.commit()
+        phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+        phone.set_default_timeout(15_000)
+        phone.goto(site + "/")
+        phone.locator("#switchboard-chat .launcher").click()
+        box = phone.locator("#switchboard-chat textarea")
+        box.fill("Hello there")
+        box.press("Enter")
+        expect(phone.locator("#switchboard-chat .msg.assistant")).to_have_text(REPLY)
+
+        console = login_page(browser, server.url, operator.email, PASSWORD)
+        console.goto(server.url + f"/chats/{_chat_pk(app)}")
+        expect(console.locator(".msg.msg-assistant")).to_have_count(1)
+        expect(console.locator(".msg.msg-assistant")).to_contain_text("word39.")
+
+        box.fill('<img src=x onerror="window.pwned=1">And again?')
+        box.press("Enter")
+        expect(console.locator(".msg.msg-visitor .msg-body").last).to_have_text(
+            '<img src=x onerror="window.pwned=1">And again?'
+        )
+        streaming = console.locator(".streaming-slot .msg-assistant.streaming")
+        expect(streaming).to_contain_text("word0")
+        expect(console.locator(".msg.msg-assistant:not(.streaming)")).to_have_count(2)
+        expect(console.locator(".msg.msg-assistant:not(.streaming)").last).to_contain_text(
+            "word39."
+        )
+        expect(streaming).to_have_count(0)
+        expect(phone.locator("#switchboard-chat .msg.assistant")).to_have_count(2)
+        assert console.evaluate("window.pwned") is None
+        assert phone.evaluate("window.pwned") is None

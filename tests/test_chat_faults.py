@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,30 +86,40 @@ def _relay_until(app, predicate, timeout: float) -> bool:
     return wait_for(tick, timeout=timeout, interval=0.3)
 
 
-@pytest.fixture
-def chat_env(tmp_path, pg_database_url, private_redis, upstream):
+@contextmanager
+def chat_stack(app, key: str, origin: str = SITE) -> Iterator[tuple[LiveServer, Callable]]:
+    """A production-mode chat app served live with a Dramatiq worker beside it, and a way
+    to open widget sockets from `origin`; all of it closed after."""
     import dramatiq
 
-    app, key = _prod_chat_app(tmp_path, pg_database_url, private_redis, upstream)
     server = LiveServer(app).start()
     worker = dramatiq.Worker(app.extensions["switchboard.tasks"].broker, worker_threads=3)
     worker.start()
     clients: list[ChatClient] = []
 
     def connect(visitor: str | None = None) -> ChatClient:
-        client = ChatClient(server.url, key, SITE, visitor=visitor)
+        client = ChatClient(server.url, key, origin, visitor=visitor)
         clients.append(client)
         return client
 
-    yield app, connect, private_redis
-    for client in clients:
-        try:
-            client.close()
-        except Exception:  # noqa: BLE001 - the server may have closed it already
-            pass
-    worker.stop()
-    server.stop()
-    shut_down_app(app)
+    try:
+        yield server, connect
+    finally:
+        for client in clients:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - the server may have closed it already
+                pass
+        worker.stop()
+        server.stop()
+        shut_down_app(app)
+
+
+@pytest.fixture
+def chat_env(tmp_path, pg_database_url, private_redis, upstream):
+    app, key = _prod_chat_app(tmp_path, pg_database_url, private_redis, upstream)
+    with chat_stack(app, key) as (_server, connect):
+        yield app, connect, private_redis
 
 
 # ---------------------------------------------------------------- Redis down as a visitor writes
