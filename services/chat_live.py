@@ -18,7 +18,15 @@ from events.live import RedisBus, encode
 from extensions import db
 from models.chats import Chat, Message
 from services.chats import chat_topic, is_row_id, row_facts, view_counts
-from services.live import bus, fragments, publish, render_fragment, tenant_topic, user_topic
+from services.live import (
+    bus,
+    fragments,
+    publish,
+    render_fragment,
+    tenant_topic,
+    user_topic,
+    watched_topics,
+)
 from services.rendering import markdown_to_safe_html
 
 log = logging.getLogger(__name__)
@@ -327,12 +335,7 @@ class ReplyStream:
         (bench/RESULTS.md, seventh stop). Asked after the reply's commit: a page that
         registers later (Hub.subscribe(watch=True)) takes its snapshot later, from the
         database, with the reply in it. Redis unreachable: rendered for both."""
-        topics = {self.topic, tenant_topic(self.tenant_id, "chats")}
-        try:
-            watched, _generation = self.bus.watched(topics)
-        except Exception as exc:  # noqa: BLE001 - unsure: render them all
-            log.warning("reply %s: watched pages not read (%s)", self.reply_id, exc)
-            return topics
+        watched, _generation = watched_topics({self.topic, tenant_topic(self.tenant_id, "chats")})
         return watched
 
     def _slot(self, inner: str) -> str:

@@ -127,6 +127,17 @@ def publish_after_commit(topic: str, key: str, *, html: str | None = None, json_
 _RENDERS = "live.renders"
 
 
+def watched_topics(topics: set[str]) -> tuple[set[str], int | None]:
+    """Which of these page topics some open page watches (Hub.subscribe(watch=True)), and
+    the watch generation (see RedisBus.watched); Redis unreachable: all of them, as nobody
+    can say they are unwatched, and no generation."""
+    try:
+        return bus().watched(topics)
+    except Exception as exc:  # noqa: BLE001 - unsure: render them all
+        log.warning("watched topics not read (%s): rendering every frame", exc)
+        return topics, None
+
+
 def publish_if_watched(frames: list[tuple[str, str, Callable[[], str]]]) -> None:
     """Publish after the commit, as publish_after_commit, each frame (topic, key, render) of
     a *page* topic that some open page watches; `render()` (its html) runs only for those.
@@ -144,12 +155,7 @@ def publish_if_watched(frames: list[tuple[str, str, Callable[[], str]]]) -> None
     back from its stream on reconnect."""
     if not frames:
         return
-    topics = {topic for topic, _key, _render in frames}
-    try:
-        watched, generation = bus().watched(topics)
-    except Exception as exc:  # noqa: BLE001 - unsure: render them all
-        log.warning("watched topics not read (%s): rendering every frame", exc)
-        watched, generation = topics, None
+    watched, generation = watched_topics({topic for topic, _key, _render in frames})
     skipped = []
     with fragments():
         for topic, key, render in frames:
