@@ -28,15 +28,11 @@ the same thing only the newest; appends (keys made by `append_key`) always.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import logging
-import os
 import queue
 import socket
 import ssl
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -46,57 +42,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from events.live import Frame, Hub, Subscription
+from events.nowait import send_nowait
 
 log = logging.getLogger(__name__)
 
 _TEXT_FIN = 0x81
 _RSV1 = 0x40
-
-
-def _libc_send() -> Any:
-    """libc's send(2) through ctypes.PyDLL, which keeps the GIL across the call."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        send = ctypes.PyDLL(None, use_errno=True).send
-    except (OSError, AttributeError):
-        return None
-    send.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_int]
-    send.restype = ctypes.c_ssize_t
-    return send
-
-
-_SEND = _libc_send()
-_SEND_FLAGS = socket.MSG_DONTWAIT | getattr(socket, "MSG_NOSIGNAL", 0)
-
-
-def send_nowait(sock: socket.socket, data: bytes | memoryview) -> int:
-    """socket.send(data, MSG_DONTWAIT), without letting go of the GIL.
-
-    A sender thread writes to hundreds of sockets in a round. socket.send releases the GIL
-    around every call, and while other threads have work (a visitor's message being
-    saved, a page being rendered) each release sends the sender to the back of the queue
-    for the lock, up to the switch interval (5 ms) a time: rounds that needed milliseconds
-    of CPU took hundreds of milliseconds (bench/RESULTS.md). A non-blocking send never
-    waits, so holding the GIL through it costs the other threads microseconds.
-
-    Raises as socket.send does: BlockingIOError when the socket takes nothing now,
-    InterruptedError, or OSError (a closed or reset socket)."""
-    if _SEND is None:
-        return sock.send(data, socket.MSG_DONTWAIT)
-    if type(data) is not bytes:
-        view = memoryview(data)
-        whole = view.obj
-        data = whole if type(whole) is bytes and len(whole) == view.nbytes else view.tobytes()
-    sent = _SEND(sock.fileno(), data, len(data), _SEND_FLAGS)
-    if sent >= 0:
-        return sent
-    code = ctypes.get_errno()
-    if code in (errno.EAGAIN, errno.EWOULDBLOCK):
-        raise BlockingIOError(code, os.strerror(code))
-    if code == errno.EINTR:
-        raise InterruptedError(code, os.strerror(code))
-    raise OSError(code, os.strerror(code))
 
 
 @dataclass(frozen=True)

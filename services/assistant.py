@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -39,6 +40,8 @@ from urllib.parse import urlsplit
 import httpx2
 import openai
 from flask import current_app
+
+from events.nowait import NowaitSocket
 
 log = logging.getLogger(__name__)
 
@@ -729,6 +732,34 @@ class _StreamProtocol(asyncio.Protocol):
                 future.cancel()
 
 
+async def _open_connection(
+    loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.Protocol], target: _Target
+) -> tuple[asyncio.Transport, asyncio.Protocol]:
+    """loop.create_connection to the target, on a socket whose reads keep the GIL
+    (events.nowait.NowaitSocket): the stream loop reads hundreds of model streams, and
+    after every read that let go of the GIL it queued behind the replies' own threads."""
+    infos = await loop.getaddrinfo(target.host, target.port, type=socket.SOCK_STREAM)
+    failure: OSError | None = None
+    for family, kind, proto, _name, address in infos:
+        sock = NowaitSocket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            return await loop.create_connection(
+                factory,
+                sock=sock,
+                ssl=target.ssl,
+                server_hostname=target.host if target.tls else None,
+            )
+        except OSError as exc:
+            sock.close()
+            failure = exc
+        except BaseException:
+            sock.close()
+            raise
+    raise failure or OSError(f"no address for {target.host}:{target.port}")
+
+
 class _Upstream:
     """One streamed request, read on the process's stream loop, so the caller can keep its
     own clock: a silent model cannot hold it past a deadline or a visitor's Stop.
@@ -786,16 +817,7 @@ class _Upstream:
                     kept.set_protocol(protocol)
                     protocol.connection_made(kept)
                 else:
-                    await asyncio.wait_for(
-                        loop.create_connection(
-                            connected,
-                            target.host,
-                            target.port,
-                            ssl=target.ssl,
-                            server_hostname=target.host if target.tls else None,
-                        ),
-                        timeout,
-                    )
+                    await asyncio.wait_for(_open_connection(loop, connected, target), timeout)
                 protocol.transport.write(request)
                 try:
                     status = await protocol.head

@@ -1,15 +1,18 @@
-"""The senders' non-blocking socket writes (events.fanout.send_nowait): the same bytes and
-errors as socket.send, without handing the GIL to other threads at every write."""
+"""Non-blocking socket calls that keep the GIL (events.nowait): the senders' writes and the
+assistant's stream reads give the same bytes and errors as the socket's own methods,
+without handing the interpreter to other threads at every call."""
 
 from __future__ import annotations
 
+import select
 import socket
 import sys
 import threading
 
 import pytest
 
-from events.fanout import QueuedWriter, send_nowait
+from events.fanout import QueuedWriter
+from events.nowait import NowaitSocket, send_nowait
 
 
 @pytest.fixture
@@ -115,3 +118,62 @@ def test_queued_writer_keeps_order_across_a_backlog(pair):
         b.settimeout(5)
         received += b.recv(1 << 20)
     assert received == b"".join(parts)
+
+
+@pytest.fixture
+def nowait_pair():
+    a, b = socket.socketpair()
+    reader = NowaitSocket(a.family, a.type, a.proto, fileno=a.detach())
+    reader.setblocking(False)
+    yield reader, b
+    reader.close()
+    b.close()
+
+
+def test_nowait_reads_give_what_was_sent_then_the_end(nowait_pair):
+    reader, b = nowait_pair
+    with pytest.raises(BlockingIOError):
+        reader.recv(1024)  # nothing yet
+    payload = bytes(range(256)) * 1000
+    writer = threading.Thread(target=b.sendall, args=(payload,))
+    writer.start()
+    got = b""
+    while len(got) < len(payload):
+        try:
+            got += reader.recv(100_000)
+        except BlockingIOError:
+            select.select([reader], [], [], 5)
+    writer.join(10)
+    assert got == payload
+    b.sendall(b"\x00into\x00")
+    buffer = bytearray(64)
+    view = memoryview(buffer)
+    assert reader.recv_into(view[10:], 4) == 4
+    assert bytes(buffer[10:14]) == b"\x00int"
+    assert reader.recv_into(buffer) == 2
+    assert bytes(buffer[:2]) == b"o\x00"
+    b.close()
+    assert reader.recv(1024) == b""  # the peer's end
+
+
+def test_nowait_reads_do_not_hand_the_interpreter_to_other_threads(nowait_pair):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the GIL-holding recv is Linux's")
+    reader, b = nowait_pair
+    b.sendall(b"x" * 200)
+    go = threading.Event()
+    ran = threading.Event()
+    thread = threading.Thread(target=lambda: (go.wait(), ran.set()))
+    thread.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)
+    try:
+        go.set()
+        got = b"".join(reader.recv(1) for _ in range(200))
+        ran_during_reads = ran.is_set()
+    finally:
+        sys.setswitchinterval(interval)
+        go.set()
+        thread.join(10)
+    assert not ran_during_reads
+    assert got == b"x" * 200
