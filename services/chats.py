@@ -168,17 +168,6 @@ def _wait_text(seconds: int) -> str:
     return f"{-(-seconds // 60)} minutes"
 
 
-def _refuse_if_limited(key: str, limit: int, window: int, scope: str, message: str) -> None:
-    decision = kv().hit(key, limit, window)
-    if not decision.allowed:
-        raise ChatError(
-            "rate_limited",
-            f"{message} Try again in {_wait_text(decision.retry_after)}.",
-            retry_after=decision.retry_after,
-            scope=scope,
-        )
-
-
 def check_visitor_message_limits(
     tenant_id: int, client_ip: str, sender_key: str, *, starts_chat: bool
 ) -> None:
@@ -187,38 +176,54 @@ def check_visitor_message_limits(
     A new socket is a new visitor, so the per-visitor limit alone resets with every socket:
     the client address and the widget key are limited too. Checked from the narrowest key to
     the widest, so a message one limit refuses is not counted against the wider ones (an
-    address over its own limit does not use up its widget's ceiling for everyone else).
+    address over its own limit does not use up its widget's ceiling for everyone else); all
+    in one round trip to Redis (kv().hit_all).
     """
     cfg = current_app.config
-    _refuse_if_limited(
-        f"chat-sender:{sender_key}",
-        cfg["CHAT_RATE_LIMIT_PER_MINUTE"],
-        60,
-        "visitor",
-        "You are sending messages too fast.",
-    )
-    _refuse_if_limited(
-        f"chat-ip-messages:t{tenant_id}:{client_ip}",
-        cfg["CHAT_MESSAGES_PER_IP_PER_MINUTE"],
-        60,
-        "ip",
-        "Too many messages from your network.",
-    )
+    limits = [
+        (
+            f"chat-sender:{sender_key}",
+            cfg["CHAT_RATE_LIMIT_PER_MINUTE"],
+            60,
+            "visitor",
+            "You are sending messages too fast.",
+        ),
+        (
+            f"chat-ip-messages:t{tenant_id}:{client_ip}",
+            cfg["CHAT_MESSAGES_PER_IP_PER_MINUTE"],
+            60,
+            "ip",
+            "Too many messages from your network.",
+        ),
+    ]
     if starts_chat:
-        _refuse_if_limited(
-            f"chat-ip-new-chats:t{tenant_id}:{client_ip}",
-            cfg["CHAT_NEW_CHATS_PER_IP_PER_HOUR"],
-            3600,
-            "ip_new_chats",
-            "Too many new conversations from your network.",
+        limits.append(
+            (
+                f"chat-ip-new-chats:t{tenant_id}:{client_ip}",
+                cfg["CHAT_NEW_CHATS_PER_IP_PER_HOUR"],
+                3600,
+                "ip_new_chats",
+                "Too many new conversations from your network.",
+            )
         )
-    _refuse_if_limited(
-        f"chat-widget-messages:t{tenant_id}",
-        cfg["CHAT_MESSAGES_PER_WIDGET_PER_MINUTE"],
-        60,
-        "widget",
-        "This chat is very busy right now.",
+    limits.append(
+        (
+            f"chat-widget-messages:t{tenant_id}",
+            cfg["CHAT_MESSAGES_PER_WIDGET_PER_MINUTE"],
+            60,
+            "widget",
+            "This chat is very busy right now.",
+        )
     )
+    index, decision = kv().hit_all([(key, limit, window) for key, limit, window, _, _ in limits])
+    if index is not None:
+        _key, _limit, _window, scope, message = limits[index]
+        raise ChatError(
+            "rate_limited",
+            f"{message} Try again in {_wait_text(decision.retry_after)}.",
+            retry_after=decision.retry_after,
+            scope=scope,
+        )
 
 
 # A message's bump of its chat, built once (see _latest): activity time, count, and the title

@@ -79,3 +79,47 @@ def test_receiver_leases_asked_for_together_are_each_taken_renewed_or_refused(st
     time.sleep(0.4)  # the first ttl (0.3 s) would have run out: the renewal extended it
     assert leases.hold(mine, "other-process", 5.0) is False
     assert leases.hold_many([], "this-process", 5.0) == []
+
+
+def test_limits_checked_together_stop_at_the_first_used_up_and_count_only_those_before(store):
+    """A visitor's message passes its limits narrowest first, in one call: the first one used
+    up refuses it, with how long to wait, and the wider ones after it are not counted (an
+    address over its own limit must not use up its widget's ceiling for everyone else)."""
+    checks = [("sender:a", 2, 60), ("ip:1", 3, 60), ("widget", 10, 60)]
+    assert store.hit_all(checks) == (None, store.hit_all([])[1])
+    assert store.hit_all(checks)[0] is None
+    index, decision = store.hit_all(checks)  # the sender's third message in a minute
+    assert index == 0 and not decision.allowed
+    assert 58 <= decision.retry_after <= 60
+    # Another visitor behind the same address: its own limit is fresh, the address has one
+    # message left (the refused one above was not counted against it), then none.
+    other = [("sender:b", 2, 60), ("ip:1", 3, 60), ("widget", 10, 60)]
+    assert store.hit_all(other)[0] is None
+    index, decision = store.hit_all(other)
+    assert index == 1 and not decision.allowed
+    # The widget counted the three messages that got through, not the two refused: seven
+    # more from elsewhere, then the eighth is refused by the widget's limit.
+    for n in range(7):
+        assert store.hit_all([(f"sender:c{n}", 2, 60), ("widget", 10, 60)])[0] is None
+    index, _ = store.hit_all([("sender:d", 2, 60), ("widget", 10, 60)])
+    assert index == 1
+    # hit() reads the same counts: the address is used up for it too, the widget as well.
+    assert not store.hit("ip:1", 3, 60).allowed
+    assert not store.hit("widget", 10, 60).allowed
+    assert store.hit("sender:e", 2, 60).allowed
+
+
+def test_a_limit_frees_up_as_its_hits_leave_the_window(store):
+    assert store.hit_all([("burst", 2, 1)])[0] is None
+    assert store.hit_all([("burst", 2, 1)])[0] is None
+    index, decision = store.hit_all([("burst", 2, 1)])
+    assert index == 0 and decision.retry_after == 1
+    time.sleep(1.1)
+    assert store.hit_all([("burst", 2, 1)])[0] is None
+
+
+def test_limits_are_not_checked_while_redis_is_away():
+    """As a single limit: with Redis unreachable, messages get through (unthrottled) rather
+    than every chat failing until it is back."""
+    store = RedisKV("redis://127.0.0.1:1/0", redis_prefix())
+    assert store.hit_all([("sender:a", 1, 60), ("widget", 1, 60)]) == (None, store.hit("x", 1, 60))
