@@ -543,3 +543,33 @@ def test_a_body_that_does_not_end_after_the_last_event_is_closed(app, kept, monk
     assert _until(lambda: 0 in server.client_closed) and _idle(server) == 0
     assert _exact(*_reply(app))
     assert server.connections == 2 and server.requests == [(0, 0), (1, 0)]
+
+
+def test_a_host_whose_first_address_refuses_is_reached_at_the_next(app, model, monkeypatch):
+    """The model's host by name, resolving to an address where nothing listens before the
+    one that answers (as `localhost` may give ::1 first): the reply comes from the second,
+    through the stream loop's own connect (services.assistant._open_connection)."""
+    import services.assistant as assistant
+
+    server = model(CHUNKED)
+    port = server.sock.getsockname()[1]
+    closed = socket.create_server(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now: a refused connection
+    loop = assistant._streams().loop
+    real = loop.getaddrinfo
+
+    async def resolve(host, port_, *args, **kwargs):
+        if host == "model.test":
+            return [
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", dead_port)),
+                (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", port)),
+            ]
+        return await real(host, port_, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", resolve)
+    app.config.update(OPENAI_BASE_URL=f"http://model.test:{port}/v1")
+    result, texts = _reply(app)
+    assert not result.failed, result.error
+    assert result.content == TEXT and texts == TOKENS
+    assert len(server.requests) == 1
