@@ -72,6 +72,20 @@ _buffers = threading.local()
 _RECV_BUFFER = 256 * 1024  # asyncio's largest read
 
 
+def recv_nowait(sock: socket.socket, size: int) -> bytes:
+    """sock.recv(size) on a non-blocking socket, keeping the GIL: what is there now (b"" at
+    the peer's end). Raises as socket.recv does: BlockingIOError when nothing is, OSError."""
+    if _RECV is None:
+        return sock.recv(size)
+    buffer = getattr(_buffers, "buffer", None)
+    if buffer is None:
+        buffer = _buffers.buffer = ctypes.create_string_buffer(_RECV_BUFFER)
+    got = _RECV(sock.fileno(), buffer, min(size, _RECV_BUFFER), _RECV_FLAGS)
+    if got < 0:
+        _raise_errno()
+    return ctypes.string_at(buffer, got)
+
+
 class NowaitSocket(socket.socket):
     """A socket whose recv and recv_into keep the GIL, for a non-blocking socket read by an
     event loop (asyncio calls them only when the socket is readable, and a loop that reads
@@ -82,13 +96,7 @@ class NowaitSocket(socket.socket):
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if _RECV is None or flags or self.gettimeout() != 0.0:
             return super().recv(bufsize, flags)
-        buffer = getattr(_buffers, "buffer", None)
-        if buffer is None:
-            buffer = _buffers.buffer = ctypes.create_string_buffer(_RECV_BUFFER)
-        got = _RECV(self.fileno(), buffer, min(bufsize, _RECV_BUFFER), _RECV_FLAGS)
-        if got < 0:
-            _raise_errno()
-        return ctypes.string_at(buffer, got)
+        return recv_nowait(self, bufsize)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         view = memoryview(buffer)

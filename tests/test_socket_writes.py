@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from events.fanout import QueuedWriter
-from events.nowait import NowaitSocket, send_nowait
+from events.nowait import NowaitSocket, recv_nowait, send_nowait
 
 
 @pytest.fixture
@@ -177,3 +177,15 @@ def test_nowait_reads_do_not_hand_the_interpreter_to_other_threads(nowait_pair):
         thread.join(10)
     assert not ran_during_reads
     assert got == b"x" * 200
+
+
+def test_recv_nowait_reads_a_plain_socket_without_waiting(pair):
+    a, b = pair
+    a.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        recv_nowait(a, 100)
+    b.sendall(b"REP 1 BATT_CHARGE 080\r\n> < REP 2")
+    assert recv_nowait(a, 10) == b"REP 1 BATT"
+    assert recv_nowait(a, 1000) == b"_CHARGE 080\r\n> < REP 2"
+    b.close()
+    assert recv_nowait(a, 100) == b""

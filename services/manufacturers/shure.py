@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from events.nowait import recv_nowait, send_nowait
 from services import netpolicy
 from services.devices import DeviceReport, ManufacturerService, register
 from services.manufacturers import shure_protocol as proto
@@ -914,7 +915,7 @@ class ReceiverConnection:
     def _read(self) -> None:
         assert self._sock is not None and self._parser is not None
         try:
-            data = self._sock.recv(READ_SIZE)
+            data = recv_nowait(self._sock, READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -943,7 +944,7 @@ class ReceiverConnection:
         assert sock is not None
         try:
             while self._outbox:
-                sent = sock.send(self._outbox)
+                sent = send_nowait(sock, self._outbox)
                 del self._outbox[:sent]
         except (BlockingIOError, InterruptedError):
             pass
