@@ -1,7 +1,8 @@
 """Non-blocking socket calls that keep the GIL.
 
 CPython releases the GIL around every socket call, even one that cannot block. A thread
-that serves hundreds of sockets in a round (the web's senders, the assistant's stream loop)
+that serves hundreds of sockets in a round (the web's senders, the assistant's stream loop,
+the Shure receivers' hub)
 then gives the interpreter away at every call while other threads have work, and waits up to
 the switch interval (5 ms) to get it back: rounds that needed milliseconds of CPU took
 hundreds of milliseconds (bench/RESULTS.md, eighth stop). libc's send(2) and recv(2) called
