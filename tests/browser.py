@@ -57,3 +57,25 @@ def login_page(browser, base_url: str, email: str, password: str):
     page.click("button[type=submit]")
     page.wait_for_url(base_url + "/")
     return page
+
+
+WIDGET = "#switchboard-chat "
+PHONE = {"width": 390, "height": 844}
+
+
+def widget_page(browser, site: str, *, phone: bool = False):
+    """A visitor's page of the embedding site at `site`, the chat widget opened (at a
+    phone's width when `phone`)."""
+    context = browser.new_context(viewport=PHONE) if phone else browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(site + "/")
+    page.locator(WIDGET + ".launcher").click()
+    return page
+
+
+def say(page, text: str) -> None:
+    """The visitor types `text` into the widget and sends it with Enter."""
+    box = page.locator(WIDGET + "textarea")
+    box.fill(text)
+    box.press("Enter")

@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 from sqlalchemy import select
 
 from models.chats import Chat, Message
-from tests.browser import chromium
+from tests.browser import chromium, say, widget_page
 from tests.fake_openai import FakeOpenAI, Script
 from tests.test_browser_widget import _allow, host_site, shop  # noqa: F401 - fixtures
 
@@ -29,19 +29,6 @@ def upstream(app):
     app.config.update(OPENAI_BASE_URL=fake.base_url, OPENAI_API_KEY="test-key")
     yield fake
     fake.stop()
-
-
-def _open_widget(browser, site: str):
-    page = browser.new_context().new_page()
-    page.set_default_timeout(15_000)
-    page.goto(site + "/")
-    page.locator(W + ".launcher").click()
-    return page
-
-
-def _say(page, text: str) -> None:
-    page.locator(W + "textarea").fill(text)
-    page.locator(W + "textarea").press("Enter")
 
 
 def _saved(db, sender: str) -> list[Message]:
@@ -71,8 +58,8 @@ def test_ending_the_chat_keeps_the_transcript_and_asks_for_a_rating_once(
 ):
     with host_site(live_server.url, shop.widget_key) as site, chromium() as browser:
         _allow(db, shop, site)
-        page = _open_widget(browser, site)
-        _say(page, "When are you open?")
+        page = widget_page(browser, site)
+        say(page, "When are you open?")
         expect(page.locator(W + ".msg.assistant")).to_have_text(SHORT)
         page.locator(W + ".head button", has_text="End chat").click()
         # The conversation stays, with the rating under it.
@@ -91,7 +78,7 @@ def test_ending_the_chat_keeps_the_transcript_and_asks_for_a_rating_once(
         expect(page.locator(W + ".rate")).to_be_hidden()
 
         # Writing again starts a new chat, visibly; the old one is not silently re-opened.
-        _say(page, "One more question")
+        say(page, "One more question")
         expect(page.locator(W + ".note.divider")).to_have_text("New conversation")
         expect(page.locator(W + ".msg.assistant")).to_have_count(2)
         expect(page.locator(W + ".msg.visitor")).to_have_text(
@@ -141,7 +128,7 @@ def test_a_message_typed_while_connecting_is_sent_once_connected(
         )
         page.goto(site + "/")
         page.locator(W + ".launcher").click()
-        _say(page, "Are you there?")  # before the session is up
+        say(page, "Are you there?")  # before the session is up
         expect(page.locator(W + ".note", has_text="Reconnecting")).to_have_count(0)
         expect(page.locator(W + ".msg.assistant")).to_have_text(SHORT)
         expect(page.locator(W + ".msg.visitor")).to_have_text("Are you there?")
@@ -190,7 +177,7 @@ def test_a_reply_that_finished_while_disconnected_shows_once_without_a_stop_butt
         page.add_init_script(CONTROLLED_SOCKETS)
         page.goto(site + "/")
         page.locator(W + ".launcher").click()
-        _say(page, "Tell me a long story")
+        say(page, "Tell me a long story")
         reply = page.locator(W + ".msg.assistant").last
         expect(reply).to_contain_text("word3")
         expect(page.locator(W + ".stop")).to_be_visible()
@@ -214,8 +201,8 @@ def test_a_stopped_reply_is_saved_and_shown_as_stopped(
 ):
     with host_site(live_server.url, shop.widget_key) as site, chromium() as browser:
         _allow(db, shop, site)
-        page = _open_widget(browser, site)
-        _say(page, "Tell me a long story")
+        page = widget_page(browser, site)
+        say(page, "Tell me a long story")
         reply = page.locator(W + ".msg.assistant").last
         expect(reply).to_contain_text("word3")
         page.locator(W + ".stop").click()

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from models.accounts import Tenant
 from models.chats import Agent, Message
-from tests.browser import chromium
+from tests.browser import chromium, say, widget_page
 from tests.fake_openai import FakeOpenAI, Script
 
 pytestmark = pytest.mark.browser
@@ -158,13 +158,8 @@ def test_operator_watches_a_phone_visitor_live(
         while not frames:  # the inbox's live snapshot: from here on it follows the tenant
             console.wait_for_timeout(50)
 
-        phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
-        phone.set_default_timeout(15_000)
-        phone.goto(site + "/")
-        phone.locator("#switchboard-chat .launcher").click()
-        box = phone.locator("#switchboard-chat textarea")
-        box.fill(hostile)
-        box.press("Enter")
+        phone = widget_page(browser, site, phone=True)
+        say(phone, hostile)
         expect(phone.locator("#switchboard-chat .msg.visitor")).to_have_text(hostile)
         width = phone.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
         assert width[0] <= width[1]  # the open widget fits the phone
@@ -181,8 +176,7 @@ def test_operator_watches_a_phone_visitor_live(
         expect(console.locator(".msg.msg-assistant").last).to_contain_text(REPLY)
 
         # A second question while the operator watches: message and reply stream in.
-        box.fill("And on Sunday?")
-        box.press("Enter")
+        say(phone, "And on Sunday?")
         expect(console.locator(".msg.msg-visitor .msg-body").last).to_have_text("And on Sunday?")
         streaming = console.locator(".streaming-slot .msg-assistant.streaming")
         expect(streaming).to_contain_text("Our shop")
@@ -209,13 +203,8 @@ def test_both_sides_see_the_assistant_typing_while_the_model_is_slow_to_start(
     operator = factory.user(shop, role="agent")
     with host_site(live_server.url, shop.widget_key) as site, chromium() as browser:
         _allow(db, shop, site)
-        phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
-        phone.set_default_timeout(15_000)
-        phone.goto(site + "/")
-        phone.locator("#switchboard-chat .launcher").click()
-        box = phone.locator("#switchboard-chat textarea")
-        box.fill("Is the rye bread in?")
-        box.press("Enter")
+        phone = widget_page(browser, site, phone=True)
+        say(phone, "Is the rye bread in?")
         typing = phone.locator("#switchboard-chat .note", has_text="Assistant is typing")
         expect(typing).to_be_visible(timeout=1_500)  # well before the model answers
         assert phone.locator("#switchboard-chat .msg.assistant").count() == 0
@@ -228,8 +217,7 @@ def test_both_sides_see_the_assistant_typing_while_the_model_is_slow_to_start(
         console.goto(f"{live_server.url}/chats/{chat_id}")
         expect(console.locator(".msg.msg-assistant")).to_have_count(1)
         console.wait_for_timeout(500)  # the page's live socket follows the chat
-        box.fill("And the sourdough?")
-        box.press("Enter")
+        say(phone, "And the sourdough?")
         slot = console.locator(".streaming-slot")
         expect(slot).to_contain_text("Assistant is typing", timeout=1_500)
         expect(typing).to_be_visible(timeout=1_500)

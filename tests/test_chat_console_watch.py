@@ -144,7 +144,7 @@ def test_in_a_browser_over_redis_the_operator_sees_replies_end_watched_or_not(
 
     from extensions import db
     from models.accounts import Tenant
-    from tests.browser import chromium, login_page
+    from tests.browser import chromium, login_page, say, widget_page
     from tests.test_browser_widget import host_site
 
     app, server, operator, _connect = console_env
@@ -156,13 +156,8 @@ def test_in_a_browser_over_redis_the_operator_sees_replies_end_watched_or_not(
         with app.app_context():
             db.session.get(Tenant, operator.tenant_id).allowed_origins = site
             db.session.commit()
-        phone = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
-        phone.set_default_timeout(15_000)
-        phone.goto(site + "/")
-        phone.locator("#switchboard-chat .launcher").click()
-        box = phone.locator("#switchboard-chat textarea")
-        box.fill("Hello there")
-        box.press("Enter")
+        phone = widget_page(browser, site, phone=True)
+        say(phone, "Hello there")
         expect(phone.locator("#switchboard-chat .msg.assistant")).to_have_text(REPLY)
 
         console = login_page(browser, server.url, operator.email, PASSWORD)
@@ -170,8 +165,7 @@ def test_in_a_browser_over_redis_the_operator_sees_replies_end_watched_or_not(
         expect(console.locator(".msg.msg-assistant")).to_have_count(1)
         expect(console.locator(".msg.msg-assistant")).to_contain_text("word39.")
 
-        box.fill('<img src=x onerror="window.pwned=1">And again?')
-        box.press("Enter")
+        say(phone, '<img src=x onerror="window.pwned=1">And again?')
         expect(console.locator(".msg.msg-visitor .msg-body").last).to_have_text(
             '<img src=x onerror="window.pwned=1">And again?'
         )

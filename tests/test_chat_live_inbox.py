@@ -22,7 +22,7 @@ from events.fanout import Broadcaster, Wire, coalesce
 from events.live import Frame
 from models.chats import Chat, Message
 from services import chats
-from tests.browser import chromium, login_page
+from tests.browser import chromium, login_page, say, widget_page
 from tests.chat_client import ChatClient
 from tests.conftest import PASSWORD
 from tests.fake_openai import FakeOpenAI, Script
@@ -147,18 +147,8 @@ def operator(factory, shop):  # noqa: F811
     return factory.user(shop, role="agent", email="ops@bakery.example")
 
 
-def _visitor_page(browser, site: str):
-    page = browser.new_context().new_page()
-    page.set_default_timeout(15_000)
-    page.goto(site + "/")
-    page.locator("#switchboard-chat .launcher").click()
-    return page
-
-
 def _say(page, text: str) -> None:
-    box = page.locator("#switchboard-chat textarea")
-    box.fill(text)
-    box.press("Enter")
+    say(page, text)
     expect(page.locator("#switchboard-chat .msg.visitor", has_text=text)).to_have_count(1)
 
 
@@ -185,7 +175,7 @@ def test_operator_sees_every_visitor_message_and_the_count_live(
 ):
     with host_site(live_server.url, shop.widget_key) as site, chromium() as browser:
         _allow(db, shop, site)
-        visitor = _visitor_page(browser, site)
+        visitor = widget_page(browser, site)
         _say(visitor, VISITOR_LINES[0])
         chat = _the_chat(db)
         ops = login_page(browser, live_server.url, operator.email, PASSWORD)
@@ -223,7 +213,7 @@ def test_operator_sees_the_visitor_typing(
 ):
     with host_site(live_server.url, shop.widget_key) as site, chromium() as browser:
         _allow(db, shop, site)
-        visitor = _visitor_page(browser, site)
+        visitor = widget_page(browser, site)
         _say(visitor, VISITOR_LINES[0])
         chat = _the_chat(db)
         ops = login_page(browser, live_server.url, operator.email, PASSWORD)
@@ -258,7 +248,7 @@ def test_chat_list_row_updates_live(
         ops.wait_for_timeout(300)
         counts = {v: ops.locator(f"#view-count-{v}") for v in ("all", "mine", "unassigned")}
         expect(counts["all"]).to_have_text("0")
-        visitor = _visitor_page(browser, site)
+        visitor = widget_page(browser, site)
         _say(visitor, VISITOR_LINES[0])
         chat = _the_chat(db)
         row = ops.locator(f"#chat-row-{chat.id}")

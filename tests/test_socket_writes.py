@@ -36,6 +36,25 @@ def _read_all(sock: socket.socket) -> bytes:
         out += chunk
 
 
+def _another_thread_ran_during(calls):
+    """(whether a thread made runnable just before `calls` ran before they ended, their
+    result), with a switch interval long enough that only a released GIL would let it."""
+    go = threading.Event()
+    ran = threading.Event()
+    thread = threading.Thread(target=lambda: (go.wait(), ran.set()))
+    thread.start()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)
+    try:
+        go.set()  # the other thread may now run whenever this one lets go of the GIL
+        result = calls()
+        return ran.is_set(), result
+    finally:
+        sys.setswitchinterval(interval)
+        go.set()
+        thread.join(10)
+
+
 def test_bytes_and_slices_arrive_as_sent(pair):
     a, b = pair
     data = b"\x81\x05hello" + bytes(range(256)) * 4
@@ -79,27 +98,8 @@ def test_writes_do_not_hand_the_interpreter_to_other_threads(pair):
     if not sys.platform.startswith("linux"):
         pytest.skip("the GIL-holding send is Linux's")
     a, b = pair
-    go = threading.Event()
-    ran = threading.Event()
-
-    def other() -> None:
-        go.wait()
-        ran.set()
-
-    thread = threading.Thread(target=other)
-    thread.start()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(5.0)
-    try:
-        go.set()  # the other thread may now run whenever this one lets go of the GIL
-        for _ in range(200):
-            send_nowait(a, b"frame")
-        ran_during_writes = ran.is_set()
-    finally:
-        sys.setswitchinterval(interval)
-        go.set()
-        thread.join(10)
-    assert not ran_during_writes
+    ran, _ = _another_thread_ran_during(lambda: [send_nowait(a, b"frame") for _ in range(200)])
+    assert not ran
     assert _read_all(b) == b"frame" * 200
 
 
@@ -161,21 +161,8 @@ def test_nowait_reads_do_not_hand_the_interpreter_to_other_threads(nowait_pair):
         pytest.skip("the GIL-holding recv is Linux's")
     reader, b = nowait_pair
     b.sendall(b"x" * 200)
-    go = threading.Event()
-    ran = threading.Event()
-    thread = threading.Thread(target=lambda: (go.wait(), ran.set()))
-    thread.start()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(5.0)
-    try:
-        go.set()
-        got = b"".join(reader.recv(1) for _ in range(200))
-        ran_during_reads = ran.is_set()
-    finally:
-        sys.setswitchinterval(interval)
-        go.set()
-        thread.join(10)
-    assert not ran_during_reads
+    ran, got = _another_thread_ran_during(lambda: b"".join(reader.recv(1) for _ in range(200)))
+    assert not ran
     assert got == b"x" * 200
 
 
