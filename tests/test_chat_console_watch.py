@@ -43,6 +43,23 @@ def _frames(app, topic: str) -> list[dict]:
     return [json.loads(fields[b"d"]) for _id, fields in bus.redis.xrange(bus._key(topic))]
 
 
+def _settle(app, *topics: str, quiet: float = 0.6, most: float = 15.0) -> None:
+    """Wait until the topics have had no new frame for `quiet` seconds: the handlers of
+    what came before (the visitor message's sentiment badge updates the chat's header) are
+    done and cannot land among the frames a test counts."""
+    import time
+
+    bus = app.extensions["switchboard.live"].bus
+    lengths, since, give_up = None, time.monotonic(), time.monotonic() + most
+    while time.monotonic() < give_up:
+        now = [bus.redis.xlen(bus._key(topic)) for topic in topics]
+        if now != lengths:
+            lengths, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.05)
+
+
 def _chat_pk(app) -> int:
     from extensions import db
 
@@ -95,6 +112,7 @@ def test_a_reply_nobody_watches_renders_nothing_for_the_console(console_env):
     pk = _chat_pk(app)
     topic, rows = chat_topic(operator.tenant_id, pk), tenant_topic(operator.tenant_id, "chats")
     hub = app.extensions["switchboard.live"].hub
+    _settle(app, topic, rows)
 
     def end_a_reply(reply_id: str, text: str) -> tuple[list[dict], list[dict]]:
         with app.app_context():
