@@ -46,6 +46,7 @@ COMMITTED = "sb_committed_work"
 SAVEPOINT_MARKS = "sb_savepoint_marks"
 DEFERRED = "sb_outbox_deferred_rows"
 DEFER_MODE = "sb_outbox_defer"
+UNTIL_COMMIT = "until commit"
 DISPATCH_DELAY = "sb_dispatch_delay"
 
 
@@ -150,6 +151,12 @@ def _after_flush(session: Session, flush_context: Any) -> None:
         if isinstance(obj, Tracked):
             payload = {"label": obj.feed_label(), "fields": _snapshot(obj)}
             rows.append(_row(obj, "deleted", payload, actor))
+    if session.info.get(DEFER_MODE) == UNTIL_COMMIT:
+        if rows:
+            _in_transaction(session)
+            session.info.setdefault(DEFERRED, []).extend(rows)
+            session.info.setdefault(EVENT_IDS, []).extend(row["event_id"] for row in rows)
+        return
     write_deferred(session)
     if not rows:
         return
@@ -196,12 +203,17 @@ def emit(
 
 
 @contextlib.contextmanager
-def deferred_emits(session: Session | None = None):
-    """Within it, `emit()` keeps its rows aside and writes them all with one executemany of
-    a Core INSERT: at the next flush or commit of the outermost transaction, or when
-    `write_deferred()` is called. For code that emits many events per transaction and reads
-    none of them back before it commits (a poll: fifty per commit), where an ORM object per
-    row cost more CPU than everything else the poll does with the event.
+def deferred_emits(session: Session | None = None, *, until_commit: bool = False):
+    """Within it, `emit()` and `enqueue()` keep their rows aside and write them all with one
+    executemany of a Core INSERT: at the next flush or commit of the outermost transaction,
+    or when `write_deferred()` is called. For code that emits many events per transaction
+    and reads none of them back before it commits (a poll: fifty per commit), where an ORM
+    object per row cost more CPU than everything else the poll does with the event.
+
+    `until_commit`: the rows, those of tracked models' changes included, are written at the
+    commit only, together: for a transaction on someone's way to an answer (a visitor's
+    message: its message.created row and its reply's job row are one round trip, not one
+    each at the flush that gave the message its id and at the commit).
 
     A rollback drops them as it drops ORM-added rows, a savepoint's rollback only those
     emitted inside it."""
@@ -209,17 +221,21 @@ def deferred_emits(session: Session | None = None):
 
     session = session or db.session()
     outer = session.info.get(DEFER_MODE)
-    session.info[DEFER_MODE] = True
+    session.info[DEFER_MODE] = UNTIL_COMMIT if until_commit or outer == UNTIL_COMMIT else True
     try:
         yield session
     finally:
         if not outer:
             session.info.pop(DEFER_MODE, None)
+        else:
+            session.info[DEFER_MODE] = outer
 
 
 def write_deferred(session: Session) -> None:
     """Write the rows `deferred_emits()` kept aside. Only outside savepoints: a row written
     inside one would go with its rollback although it was emitted before it."""
+    if session.info.get(DEFER_MODE) == UNTIL_COMMIT:
+        return
     if session.info.get(DEFERRED) and not session.in_nested_transaction():
         rows = session.info.pop(DEFERRED)
         session.connection().execute(OutboxEvent.__table__.insert(), rows)
@@ -246,19 +262,26 @@ def enqueue(name: str, *args: Any, session: Session | None = None) -> uuid.UUID:
         raise ValueError(f"no task is registered as {name!r}")
     session = _in_transaction(session or db.session())
     arguments = to_primitive(list(args))
-    row = OutboxEvent(
-        event_id=uuid.uuid4(),
-        topic=job_topic(name),
-        tenant_id=None,  # not a tenant's event: no feed row, no webhooks
-        payload={"args": arguments},
-        status="pending",
-        attempts=0,
-        created_at=utcnow(),
-    )
-    session.add(row)
-    session.info.setdefault(EVENT_IDS, []).append(row.event_id)
-    session.info.setdefault(JOBS, []).append((row.event_id, name, arguments))
-    return row.event_id
+    values = {
+        "event_id": uuid.uuid4(),
+        "topic": job_topic(name),
+        "entity": None,
+        "entity_id": None,
+        "tenant_id": None,  # not a tenant's event: no feed row, no webhooks
+        "actor_user_id": None,
+        "actor_ip": None,
+        "payload": {"args": arguments},
+        "status": "pending",
+        "attempts": 0,
+        "created_at": utcnow(),
+    }
+    if session.info.get(DEFER_MODE):
+        session.info.setdefault(DEFERRED, []).append(values)
+    else:
+        session.add(OutboxEvent(**values))
+    session.info.setdefault(EVENT_IDS, []).append(values["event_id"])
+    session.info.setdefault(JOBS, []).append((values["event_id"], name, arguments))
+    return values["event_id"]
 
 
 JOB_TOPIC_PREFIX = "job:"
@@ -366,6 +389,10 @@ def prepare_commit(session: Session) -> None:
 
 def _before_commit(session: Session) -> None:
     if not session.in_nested_transaction():
+        if session.info.get(DEFER_MODE) == UNTIL_COMMIT:
+            # The commit's own flush comes after this: the rows it makes are written by it.
+            session.flush()
+            session.info[DEFER_MODE] = True
         prepare_commit(session)
         write_deferred(session)
         work = session.info.pop(AT_COMMIT, None)

@@ -768,3 +768,37 @@ def test_a_crowd_arriving_at_once_is_answered_in_full(app, worker, upstream, con
             .all()
         )
     assert len(replies) == 1 + len(crowd)
+
+
+def test_a_visitor_message_writes_its_event_and_its_reply_job_in_one_insert(app, connect):
+    """Each round trip before the commit delays the reply's first delta: the message's
+    message.created row and its reply's job row reach the outbox in one INSERT."""
+    from sqlalchemy import event
+
+    from models.events import OutboxEvent
+
+    client, _chat_id = _open_chat(connect, "First question")
+    db = _db(app)
+    with app.app_context():
+        engine = db.engine
+    inserts: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO OUTBOX"):
+            inserts.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        client.send("message", content="Second question")
+        ack = client.expect("message")
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(inserts) == 1, inserts
+    message_id = ack["message"]["id"]
+    with app.app_context():
+        rows = db.session.scalars(select(OutboxEvent).order_by(OutboxEvent.id)).all()
+        created = [r for r in rows if r.topic == "message.created" and r.entity_id == message_id]
+        jobs = [r for r in rows if r.topic == "job:generate_reply"]
+        assert len(created) == 1
+        assert created[0].payload["fields"]["content"] == "Second question"
+        assert [j.payload["args"] for j in jobs][-1] == [message_id]

@@ -127,3 +127,61 @@ def test_on_commit_work_runs_before_or_after_the_commits_events_are_sent(db, fac
     db.session.commit()
     # A reply someone waits for goes out before the handlers' messages; the rest after them.
     assert statuses == [("before", "pending"), ("after", "dispatched")]
+
+
+def test_rows_kept_until_the_commit_are_written_by_it_together(db, factory):
+    """deferred_emits(until_commit=True): a flush writes no outbox row; the commit writes
+    them all in one INSERT, those of changes only its own flush sees included."""
+    from sqlalchemy import event
+
+    from events import emit, enqueue
+    from events.outbox import deferred_emits
+
+    tenant = factory.tenant()
+    before = len(_events(db))
+    inserts: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO OUTBOX"):
+            inserts.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        with deferred_emits(until_commit=True):
+            agent = Agent(tenant_id=tenant.id, name="Deferred")
+            db.session.add(agent)
+            db.session.flush()
+            emit("test.deferred", tenant_id=tenant.id, payload={"agent": agent.id})
+            enqueue("generate_reply", 12345)
+            db.session.flush()
+            assert inserts == []
+            agent.name = "Renamed"  # flushed by the commit itself
+            db.session.commit()
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+    assert len(inserts) == 1
+    new = _events(db)[before:]
+    assert sorted(e.topic for e in new) == [
+        "agent.created",
+        "agent.updated",
+        "job:generate_reply",
+        "test.deferred",
+    ]
+    assert [e.payload for e in new if e.topic == "job:generate_reply"] == [{"args": [12345]}]
+
+
+def test_rows_kept_until_the_commit_go_with_a_rollback(db, factory):
+    from events import emit
+    from events.outbox import deferred_emits
+
+    tenant = factory.tenant()
+    before = len(_events(db))
+    with deferred_emits(until_commit=True):
+        db.session.add(Agent(tenant_id=tenant.id, name="Never"))
+        db.session.flush()
+        emit("test.never", tenant_id=tenant.id)
+        db.session.rollback()
+        db.session.add(Agent(tenant_id=tenant.id, name="Kept"))
+        db.session.commit()
+    new = _events(db)[before:]
+    assert [(e.topic, e.payload["fields"]["name"]) for e in new] == [("agent.created", "Kept")]

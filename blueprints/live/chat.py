@@ -35,6 +35,7 @@ from sqlalchemy.orm import joinedload
 from blueprints.live.routes import closes_cleanly, refuse
 from events import on_commit
 from events.fanout import QueuedWriter
+from events.outbox import deferred_emits
 from extensions import db, sock
 from models.accounts import Tenant
 from models.chats import Chat
@@ -568,6 +569,11 @@ class ChatSocket:
         self._save_message(chat, content, frame)
 
     def _save_message(self, chat: Chat, content: str, frame: dict[str, Any]) -> None:
+        # The message's event row and its reply's job row go with the commit, in one INSERT.
+        with deferred_emits(until_commit=True):
+            self._save_message_now(chat, content, frame)
+
+    def _save_message_now(self, chat: Chat, content: str, frame: dict[str, Any]) -> None:
         message = chats.add_message(chat, "visitor", content)
         client_id = frame.get("client_id")
         if not (isinstance(client_id, str) and len(client_id) <= 128):
