@@ -11,7 +11,8 @@ at least once per worker timeout (heartbeats, maintenance and messages requeued 
 own scripts keep working as before). Tokens are hints, never the messages themselves: a token
 with no message behind it costs one empty fetch. A token is one of WAKE_TOKENS_KEPT names, so
 the set never holds more than that however busy the queue, and a process adds at most one per
-queue every WAKE_AGAIN_AFTER_S, so a burst of sends costs one extra command, not one each.
+queue every WAKE_AGAIN_AFTER_S, so a burst of sends costs one extra command, not one each. The
+token goes in the same round trip as the message (do_enqueue), not after its reply.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import time
 import redis
 from dramatiq.broker import MessageProxy
 from dramatiq.brokers.redis import RedisBroker, _RedisConsumer
-from dramatiq.common import compute_backoff
+from dramatiq.common import compute_backoff, current_millis
 from dramatiq.errors import ConnectionClosed
 from dramatiq.message import Message
 from dramatiq.middleware import Middleware
@@ -53,21 +54,46 @@ class WakingRedisBroker(RedisBroker):
     def wake_key(self, queue_name: str) -> str:
         return f"{self.namespace}:{queue_name}.wake"
 
-    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
-        sent = super().enqueue(message, delay=delay)
+    def do_enqueue(self, queue_name: str, redis_message_id: str, data: bytes):
+        """Dramatiq's enqueue (its `dispatch` script, as RedisBroker.enqueue calls it), sent in
+        one round trip with the queue's wake-up token: the token after the message, so the
+        consumer it wakes finds the message. Sent one after the other, the token waited for
+        the script's reply, and the consumer for the token (a visitor's reply starts a round
+        trip sooner)."""
+        script = self.scripts["dispatch"]
+        args = [
+            "enqueue",
+            current_millis(),
+            queue_name,
+            self.broker_id,
+            self.heartbeat_timeout,
+            self.dead_message_ttl,
+            self._should_do_maintenance("enqueue"),
+            self._max_unpack_size(),
+            redis_message_id,
+            data,
+        ]
         now = time.monotonic()
-        if now - self._woken.get(sent.queue_name, -1.0) < WAKE_AGAIN_AFTER_S:
+        if now - self._woken.get(queue_name, -1.0) < WAKE_AGAIN_AFTER_S:
             # A token went out for this queue a moment ago: whoever it woke is fetching now
             # and finds this message too, or fetches again within its first back-off step.
-            return sent
-        self._woken[sent.queue_name] = now
-        try:
-            token = random.randrange(WAKE_TOKENS_KEPT)
-            self.client.execute_command("ZADD", self.wake_key(sent.queue_name), 0, token)
-        except redis.RedisError:
+            return script(keys=[self.namespace], args=args)
+        self._woken[queue_name] = now
+        pipe = self.client.pipeline(transaction=False)
+        pipe.execute_command("EVALSHA", script.sha, 1, self.namespace, *args)
+        pipe.execute_command(
+            "ZADD", self.wake_key(queue_name), 0, random.randrange(WAKE_TOKENS_KEPT)
+        )
+        stored, woken = pipe.execute(raise_on_error=False)
+        if isinstance(woken, redis.RedisError):
             # The message is stored; without the token it is found by the next poll.
-            self.logger.warning("could not push a wake-up token for %s", sent.queue_name)
-        return sent
+            self.logger.warning("could not push a wake-up token for %s", queue_name)
+        if isinstance(stored, redis.exceptions.NoScriptError):
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): the script object loads it.
+            return script(keys=[self.namespace], args=args)
+        if isinstance(stored, Exception):
+            raise stored
+        return stored
 
     def wait_for_work(self, queue_name: str, timeout_ms: int) -> None:
         """Block until a token arrives for the queue or timeout_ms pass."""

@@ -104,3 +104,66 @@ def test_a_consumer_with_full_prefetch_leaves_the_token_to_others(broker):
     busy.ack(first)
     busy.close()
     idle.close()
+
+
+class _CountingConnection(redis.Connection):
+    """A real connection that counts its writes: one per round trip."""
+
+    writes = 0
+
+    def send_packed_command(self, command, check_health=True):
+        type(self).writes += 1
+        return super().send_packed_command(command, check_health)
+
+
+def test_a_message_and_its_wake_up_token_go_in_one_round_trip(broker, redis_url):
+    """A visitor's reply starts when the assistant's consumer wakes: the token must not
+    wait for the enqueue's reply before it is sent."""
+    import time
+
+    pool = redis.ConnectionPool.from_url(redis_url, connection_class=_CountingConnection)
+    counting = WakingRedisBroker(
+        client=redis.Redis(connection_pool=pool), namespace=broker.namespace
+    )
+    counting.declare_queue(QUEUE)
+    try:
+        counting.enqueue(_message(1))  # loads the scripts
+        time.sleep(0.01)
+        before = _CountingConnection.writes
+        counting.enqueue(_message(2))
+        assert _CountingConnection.writes - before == 1
+        assert counting.client.zcard(counting.wake_key(QUEUE)) >= 1
+        consumer = counting.consume(QUEUE, prefetch=10, timeout=100)
+        received = []
+        while len(received) < 2:
+            proxy = next(consumer)
+            if proxy is None:
+                break
+            received.append(proxy.args[0])
+            consumer.ack(proxy)
+        assert sorted(received) == [1, 2]
+        consumer.close()
+    finally:
+        pool.disconnect()
+
+
+def test_a_message_is_stored_after_redis_forgot_its_scripts(broker):
+    """SCRIPT FLUSH (or a Redis restart) between two enqueues: the message still arrives and
+    still wakes a waiting consumer."""
+    import time
+
+    broker.enqueue(_message(1))
+    consumer = _backed_off_consumer(broker)
+    first = next(consumer)
+    assert first is not None and first.args[0] == 1
+    consumer.ack(first)
+    broker.client.script_flush()
+    time.sleep(0.01)
+    consumer.misses = 30  # waits for a token again
+    received: list[int] = []
+    thread = _next_message_in_thread(consumer, received)
+    thread.join(timeout=0.3)
+    broker.enqueue(_message(2))
+    thread.join(timeout=10)
+    assert received == [2]
+    consumer.close()
