@@ -802,3 +802,18 @@ def test_a_visitor_message_writes_its_event_and_its_reply_job_in_one_insert(app,
         assert len(created) == 1
         assert created[0].payload["fields"]["content"] == "Second question"
         assert [j.payload["args"] for j in jobs][-1] == [message_id]
+
+
+def test_a_visitor_who_leaves_stops_being_followed(app, connect):
+    """Every widget socket follows its chat's topic; one that closed must stop, or a web
+    process serving visitor after visitor reads (and relays to nobody) ever more topics."""
+    hub = app.extensions["switchboard.live"].hub
+    before = hub.subscriber_count()
+    clients = [_open_chat(connect, f"Question {n}")[0] for n in range(5)]
+    assert hub.subscriber_count() == before + 5
+    for client in clients:
+        client.close()
+    deadline = time.monotonic() + 10
+    while hub.subscriber_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hub.subscriber_count() == before
