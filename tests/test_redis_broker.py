@@ -41,6 +41,22 @@ def _backed_off_consumer(broker, prefetch: int = 1):
     return consumer
 
 
+def _take_all(broker, count: int) -> list[int]:
+    """Up to `count` messages' first arguments, each acked, until the queue looks empty."""
+    consumer = broker.consume(QUEUE, prefetch=10, timeout=100)
+    received: list[int] = []
+    try:
+        while len(received) < count:
+            proxy = next(consumer)
+            if proxy is None:
+                break
+            received.append(proxy.args[0])
+            consumer.ack(proxy)
+    finally:
+        consumer.close()
+    return received
+
+
 def _next_message_in_thread(consumer, received: list, tries: int = 5) -> threading.Thread:
     def take() -> None:
         for _ in range(tries):
@@ -74,16 +90,7 @@ def test_a_busy_queue_keeps_few_tokens_and_every_message(broker):
         broker.enqueue(_message(n))
     assert 1 <= broker.client.zcard(broker.wake_key(QUEUE)) <= WAKE_TOKENS_KEPT
 
-    consumer = broker.consume(QUEUE, prefetch=10, timeout=100)
-    received = []
-    while len(received) < 100:
-        proxy = next(consumer)
-        if proxy is None:
-            break
-        received.append(proxy.args[0])
-        consumer.ack(proxy)
-    assert sorted(received) == list(range(100))
-    consumer.close()
+    assert sorted(_take_all(broker, 100)) == list(range(100))
 
 
 def test_a_consumer_with_full_prefetch_leaves_the_token_to_others(broker):
@@ -133,16 +140,7 @@ def test_a_message_and_its_wake_up_token_go_in_one_round_trip(broker, redis_url)
         counting.enqueue(_message(2))
         assert _CountingConnection.writes - before == 1
         assert counting.client.zcard(counting.wake_key(QUEUE)) >= 1
-        consumer = counting.consume(QUEUE, prefetch=10, timeout=100)
-        received = []
-        while len(received) < 2:
-            proxy = next(consumer)
-            if proxy is None:
-                break
-            received.append(proxy.args[0])
-            consumer.ack(proxy)
-        assert sorted(received) == [1, 2]
-        consumer.close()
+        assert sorted(_take_all(counting, 2)) == [1, 2]
     finally:
         pool.disconnect()
 
