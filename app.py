@@ -314,8 +314,9 @@ def _register_hooks(app: Flask) -> None:
     from services.rendering import markdown_to_safe_html
 
     app.jinja_env.filters["markdown"] = markdown_to_safe_html
-    from services.devices import audio_percent, rf_percent
+    from services.devices import audio_percent, card_state, rf_percent
 
+    app.jinja_env.filters["card_state"] = card_state
     app.jinja_env.filters["rf_percent"] = rf_percent
     app.jinja_env.filters["audio_percent"] = audio_percent
     from services.charts import as_utc

@@ -152,3 +152,35 @@ def test_a_device_event_is_one_message_for_all_its_handlers(app):
     members = {spec.name for spec in registry.group_members("devices")}
     assert {"device_updated", "live_feed", "metrics.count"} <= members
     assert "chat_sentiment" not in members  # message.created never comes to the devices group
+
+
+def test_a_card_shows_what_the_state_reports_and_nothing_it_does_not(app, db, mic):
+    """The card reads a state with every key filled in (services.devices.card_state): a
+    key the receiver never reported must read as absent, not as a value."""
+    from services.live import render_macro
+
+    _, device = mic
+    device.state = {}
+    bare = render_macro("devices/_card.html", "device_card", d=device)
+    assert 'class="battery"' not in bare and "Interference" not in bare
+    assert "Locked:" not in bare and "G/C" not in bare
+    device.state = {
+        "battery_bars": 2,
+        "battery_minutes": 125,
+        "interference": True,
+        "tx_lock": "power",
+        "group_channel": "3,12",
+        "channel_name": "Lectern <A>",
+    }
+    full = render_macro("devices/_card.html", "device_card", d=device)
+    assert 'title="2 of 5 bars"' in full and "2h 05m" in full
+    assert "Interference detected" in full and "Locked: power" in full and "G/C 3,12" in full
+    assert "Lectern &lt;A&gt;" in full
+    assert device.state == {
+        "battery_bars": 2,
+        "battery_minutes": 125,
+        "interference": True,
+        "tx_lock": "power",
+        "group_channel": "3,12",
+        "channel_name": "Lectern <A>",
+    }  # the device's own state is not filled in
