@@ -174,6 +174,44 @@ def test_parser_survives_split_frames_and_garbage():
     assert len(parser._buffer) <= proto.MAX_FRAME
 
 
+class _WalkingParser(proto.FrameParser):
+    """The parser with only the byte-by-byte scan: what the regex shortcut must agree with."""
+
+    _scan = staticmethod(proto.FrameParser._walk)
+
+
+def test_the_parsers_shortcuts_read_hostile_streams_as_the_full_scan_does():
+    """Random streams thick with the bytes that matter (<, >, braces, line ends, Unicode
+    spaces, long runs) give the same frames and the same garbage count with the shortcuts
+    (a regex search for the frame's end, str.split for a frame without braces) as without."""
+    # fmt: off
+    words = [
+        b"<", b"<", b">", b">", b"{", b"}", b"REP", b"REP", b"SAMPLE", b"GET", b"SET", b"ERR",
+        b"1", b"07", b"123", b"ALL", b"AX", b"CHAN_NAME", b"BATT_BARS", b"004", b"\x00", b"\xff",
+        b"x" * 70, b"y" * 600, b"< REP 1 BATT_BARS 004 >", b"< SAMPLE 2 ALL XB 085 092 >",
+    ]
+    gaps = [b" ", b" ", b" ", b"", b"\t", b"\r", b"\n", b"\xc2\xa0", b"\xe2\x80\x83", b"\x1c"]
+    # fmt: on
+    rng = random.Random(23)
+    for _ in range(1500):
+        stream = b"".join(rng.choice(words) + rng.choice(gaps) for _ in range(rng.randint(1, 40)))
+        results = []
+        for parser in (proto.FrameParser(), _WalkingParser()):
+            frames, pos = [], 0
+            while pos < len(stream):
+                step = rng.randint(1, 40)
+                frames += parser.feed(stream[pos : pos + step])
+                pos += step
+            results.append((frames, parser.garbage_bytes, bytes(parser._buffer)))
+        assert results[0] == results[1], stream
+        for body in stream.decode("utf-8", "replace").split("<"):
+            assert proto._tokens(body) == proto._braced_tokens(body), body
+        for frame in results[0][0]:  # whatever was read, str.split read it as _TOKEN does
+            assert frame.kind in {*proto.KINDS, "ERR"}
+    for body in ("REP 1 BATT_BARS 004", " SAMPLE\u00a02 ALL\u2003AX 1 2 ", "REP\x1c1 X", "a}b c"):
+        assert proto._tokens(body) == proto._braced_tokens(body), body
+
+
 def test_levels_are_bucketed_with_hysteresis_and_backoff_is_capped_and_jittered():
     rf = LevelBucket()
     assert rf.add(-65) == -70

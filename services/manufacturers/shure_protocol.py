@@ -46,6 +46,9 @@ AUDIO_OFFSET = 50
 _TOKEN = re.compile(r"\{([^{}]*)\}|([^\s{}]+)")
 _ASCII_NUMBER = re.compile(r"[0-9]{1,7}")
 _CHANNEL = re.compile(r"[0-9]{1,2}")  # ASCII: "\d" would take other scripts' digits
+_KEY = re.compile(r"[A-Z][A-Z0-9_]*")
+# The bytes that end or complicate a frame: its end, a cut-off frame, a brace, a line end.
+_FRAME_STOP = re.compile(rb"[<>{\r\n]")
 
 
 @dataclass(frozen=True)
@@ -119,13 +122,27 @@ def format_meter_rate(milliseconds: int, channel: int = 0) -> bytes:
 # ---------------------------------------------------------------- parsing
 
 
-def parse_frame(body: str) -> Frame | None:
-    """The text between `<` and `>`; None when it is not a frame we understand."""
+def _braced_tokens(body: str) -> list[str]:
+    """The frame's words, a braced string being one word."""
     tokens = []
     for match in _TOKEN.finditer(body):
         braced_text, word = match.groups()
         # Padding belongs to the transport, not to the value.
         tokens.append(braced_text.strip() if braced_text is not None else word)
+    return tokens
+
+
+def _tokens(body: str) -> list[str]:
+    """_braced_tokens(body), with str.split for the usual frame that has no brace: the same
+    words (both split at Unicode whitespace), in a third of the time."""
+    if "{" in body or "}" in body:
+        return _braced_tokens(body)
+    return body.split()
+
+
+def parse_frame(body: str) -> Frame | None:
+    """The text between `<` and `>`; None when it is not a frame we understand."""
+    tokens = _tokens(body)
     if not tokens or tokens[0] not in KINDS:
         return None
     kind, rest = tokens[0], tokens[1:]
@@ -135,7 +152,7 @@ def parse_frame(body: str) -> Frame | None:
     if rest and _CHANNEL.fullmatch(rest[0]):
         channel = int(rest[0])
         rest = rest[1:]
-    if not rest or not re.fullmatch(r"[A-Z][A-Z0-9_]*", rest[0]):
+    if not rest or not _KEY.fullmatch(rest[0]):
         return None
     return Frame(kind=kind, key=rest[0], channel=channel, values=tuple(rest[1:]))
 
@@ -185,7 +202,20 @@ class FrameParser:
     @staticmethod
     def _scan(buf: bytearray, start: int) -> tuple[int | None, int | None]:
         """(end, None) for a frame ending at `end`; (None, resume) for a broken one;
-        (None, None) when the frame is not complete yet."""
+        (None, None) when the frame is not complete yet.
+
+        Most frames hold no brace: when the first byte that matters is their `>`, one regex
+        search (in C) finds it; the byte-by-byte walk, which understands braces and broken
+        frames, is for the rest. A receiver's stream is mostly meter samples and REP lines,
+        and the walk cost several microseconds a frame in Python."""
+        stop = _FRAME_STOP.search(buf, start + 1, min(len(buf), start + MAX_FRAME))
+        if stop is not None and buf[stop.start()] == 0x3E:
+            return stop.start(), None
+        return FrameParser._walk(buf, start)
+
+    @staticmethod
+    def _walk(buf: bytearray, start: int) -> tuple[int | None, int | None]:
+        """_scan's answer, a byte at a time."""
         brace = None
         i = start + 1
         limit = min(len(buf), start + MAX_FRAME)
