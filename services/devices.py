@@ -571,19 +571,7 @@ def _apply_reports(tenant_id: int, service_code: str, reports: list[DeviceReport
 
     def commit_batch() -> None:
         nonlocal events
-        if applied:
-            # One executemany of plain table UPDATEs: no record-change events (the device.*
-            # events describe these changes), and a device deleted meanwhile is no error. In
-            # id order, the order a handler batch's flush locks rows in.
-            applied.sort(key=lambda row: row["device_pk"])
-            db.session.execute(_APPLY_REPORT, applied)
-            applied.clear()
-        if answered:
-            db.session.execute(
-                update(Device).where(Device.id.in_(answered)).values(missed_polls=0, last_seen=now),
-                execution_options={"synchronize_session": False},
-            )
-            answered.clear()
+        _write_applied(applied, answered, now)
         if found_again:
             db.session.execute(
                 update(DiscoveredDevice)
@@ -672,12 +660,41 @@ def _switched_off(device: Any) -> DeviceReport:
     )
 
 
+# A changed device's row, marked seen in the same UPDATE: the "seen" UPDATE of the batch
+# covers only the devices that answered without a change (two UPDATEs of a row are two new
+# versions of it, with their index entries; a device event's share was about 40 µs).
 _APPLY_REPORT = (
     Device.__table__.update()
     .where(Device.__table__.c.id == bindparam("device_pk"))
     .values({name: bindparam(name) for name in (*REPORTED_FIELDS, "state", "is_online")})
-    .values(state_version=bindparam("state_version"))
+    .values(
+        state_version=bindparam("state_version"),
+        missed_polls=0,
+        last_seen=bindparam("seen_at"),
+    )
 )
+
+
+def _write_applied(applied: list[dict[str, Any]], answered: list[int], now) -> None:
+    """The changed devices' rows (marked seen), then the seen mark of the devices that
+    answered unchanged. Both lists are emptied."""
+    if applied:
+        # One executemany of plain table UPDATEs: no record-change events (the device.*
+        # events describe these changes), and a device deleted meanwhile is no error. In
+        # id order, the order a handler batch's flush locks rows in.
+        applied.sort(key=lambda row: row["device_pk"])
+        for row in applied:
+            row["seen_at"] = now
+        db.session.execute(_APPLY_REPORT, applied)
+        written = {row["device_pk"] for row in applied}
+        answered[:] = [pk for pk in answered if pk not in written]
+        applied.clear()
+    if answered:
+        db.session.execute(
+            update(Device).where(Device.id.in_(answered)).values(missed_polls=0, last_seen=now),
+            execution_options={"synchronize_session": False},
+        )
+        answered.clear()
 
 
 def _provision(tenant_id: int, manufacturer_id: int, report: DeviceReport, now) -> Device:
@@ -969,15 +986,6 @@ def apply_pushed_reports(
                 events += _apply_report(
                     tenant_id, service_code, device, _switched_off(device), applied
                 )
-        if applied:
-            applied.sort(key=lambda row: row["device_pk"])
-            db.session.execute(_APPLY_REPORT, applied)
-        if answered:
-            db.session.execute(
-                update(Device)
-                .where(Device.id.in_(answered))
-                .values(missed_polls=0, last_seen=utcnow()),
-                execution_options={"synchronize_session": False},
-            )
+        _write_applied(applied, answered, utcnow())
         db.session.commit()
         return events

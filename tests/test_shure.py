@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import func, select
@@ -463,6 +464,53 @@ def test_meter_jitter_creates_no_updates_but_battery_does(app, db, worker, venue
     assert count_topic(db, "device.battery_low") == 1
     mic = devices_of(db, tenant.id)[f"{receiver.device_id}/ch1"]
     assert (mic.state["battery_bars"], mic.state["battery_minutes"]) == (1, 40)
+
+
+def test_a_poll_writes_a_changed_devices_row_once_and_marks_every_answer_seen(
+    app, db, worker, venue, fleet
+):
+    """A changed device's row takes its new state and its "seen" mark in one UPDATE (two
+    would be two row versions); the devices that answered unchanged are marked seen too."""
+    from sqlalchemy import event, update
+
+    from extensions import db as ext_db
+
+    tenant, _, _ = venue
+    poll(app, db, tenant.id)
+    time.sleep(0.5)
+    poll(app, db, tenant.id)  # the first levels: from here on only the battery changes
+    long_ago = datetime(2026, 1, 1, tzinfo=UTC)
+    db.session.execute(
+        update(Device)
+        .where(Device.tenant_id == tenant.id)
+        .values(missed_polls=1, last_seen=long_ago)
+    )
+    db.session.commit()
+    receiver = fleet.receivers[1]
+    receiver.set_battery(1, 3, 140)
+    mic_id = devices_of(db, tenant.id)[f"{receiver.device_id}/ch1"].id
+
+    writes: list[int] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany):
+        if not statement.startswith("UPDATE devices"):
+            return
+        for params in parameters if executemany else [parameters]:
+            values = params.values() if isinstance(params, dict) else params
+            writes.extend(v for v in values if v == mic_id and not isinstance(v, bool))
+
+    event.listen(ext_db.engine, "before_cursor_execute", count)
+    try:
+        poll(app, db, tenant.id)
+    finally:
+        event.remove(ext_db.engine, "before_cursor_execute", count)
+    devices = devices_of(db, tenant.id)
+    mic = devices[f"{receiver.device_id}/ch1"]
+    assert (mic.state["battery_bars"], mic.state["battery_minutes"]) == (3, 140)
+    assert len(writes) == 1  # its new state and its seen mark, together
+    assert all(d.missed_polls == 0 for d in devices.values() if d.is_online)
+    seen = [d.last_seen for d in devices.values() if d.is_online]
+    assert seen and all(at is not None and at.replace(tzinfo=UTC) > long_ago for at in seen)
 
 
 # ---------------------------------------------------------------- fleet
