@@ -41,6 +41,7 @@ EVENT_IDS = "sb_outbox_event_ids"
 JOBS = "sb_outbox_jobs"
 AFTER_COMMIT = "sb_after_commit"
 BEFORE_COMMIT = "sb_before_commit"
+BEFORE_COMMIT_LAST = "sb_before_commit_last"
 AT_COMMIT = "sb_at_commit"
 COMMITTED = "sb_committed_work"
 SAVEPOINT_MARKS = "sb_savepoint_marks"
@@ -322,17 +323,23 @@ def delay_events(seconds: float, session: Session | None = None) -> None:
     session.info[DISPATCH_DELAY] = max(seconds, session.info.get(DISPATCH_DELAY, 0.0))
 
 
-def before_commit(fn: Callable[[], None], session: Session | None = None) -> None:
+def before_commit(
+    fn: Callable[[], None], session: Session | None = None, *, last: bool = False
+) -> None:
     """Run `fn` inside the current transaction just before it commits, after a flush of
     everything pending (so new rows have their ids), and never if it rolls back.
 
     For work that needs ids but need not hold up the handler: a handler that adds a row
     and renders it at once must flush for the id, a round trip per row; deferred to here,
-    one flush writes all the rows of a batch of events in a statement or two."""
+    one flush writes all the rows of a batch of events in a statement or two.
+
+    `last`: after every other before-commit callback, those they register included. For a
+    write that locks rows other transactions also write (shared counters): the lock is then
+    held for the commit only, not while the rest of the work is done."""
     from extensions import db
 
     session = _in_transaction(session or db.session())
-    session.info.setdefault(BEFORE_COMMIT, []).append(fn)
+    session.info.setdefault(BEFORE_COMMIT_LAST if last else BEFORE_COMMIT, []).append(fn)
 
 
 def at_commit(fn: Callable[[], None], session: Session | None = None) -> None:
@@ -380,10 +387,15 @@ def _in_transaction(session: Session) -> Session:
 def prepare_commit(session: Session) -> None:
     """Flush and run the before-commit work (the commit does it too; call it first to have
     its errors raised where they can still be handled)."""
-    while session.info.get(BEFORE_COMMIT):
+    while True:
+        if session.info.get(BEFORE_COMMIT):
+            key = BEFORE_COMMIT
+        elif session.info.get(BEFORE_COMMIT_LAST):
+            key = BEFORE_COMMIT_LAST
+        else:
+            return
         session.flush()
-        callbacks = session.info.pop(BEFORE_COMMIT)
-        for fn in callbacks:
+        for fn in session.info.pop(key):
             fn()
 
 
@@ -468,7 +480,15 @@ def _after_transaction_create(session: Session, transaction: Any) -> None:
         marks = session.info.setdefault(SAVEPOINT_MARKS, {})
         marks[transaction] = {
             key: len(session.info.get(key, ()))
-            for key in (EVENT_IDS, AFTER_COMMIT, BEFORE_COMMIT, AT_COMMIT, JOBS, DEFERRED)
+            for key in (
+                EVENT_IDS,
+                AFTER_COMMIT,
+                BEFORE_COMMIT,
+                BEFORE_COMMIT_LAST,
+                AT_COMMIT,
+                JOBS,
+                DEFERRED,
+            )
         }
 
 
@@ -492,6 +512,7 @@ def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
         session.info.pop(JOBS, None)
         session.info.pop(AFTER_COMMIT, None)
         session.info.pop(BEFORE_COMMIT, None)
+        session.info.pop(BEFORE_COMMIT_LAST, None)
         session.info.pop(AT_COMMIT, None)
         session.info.pop(SAVEPOINT_MARKS, None)
         session.info.pop(COMMITTED, None)

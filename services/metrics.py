@@ -114,11 +114,15 @@ def add_counts(counts: Iterable[Count]) -> None:
         pending = cache[_BATCH_SUMS] = {}
 
         def write() -> None:
-            # Taken out first: a count added after this ran (by another before-commit
-            # callback) starts a new sum with a callback of its own.
+            # Taken out first: a count added after this ran starts a new sum with a
+            # callback of its own.
             _write_sums(cache.pop(_BATCH_SUMS, None) or {})
 
-        before_commit(write, session)
+        # Last before the commit, after the batch's rows and renders: the upsert locks
+        # counter rows that every batch of the tenant's events adds to, and taken earlier
+        # it made the other worker's batch wait out this one's rendering (at a fleet's
+        # sustained load, 16 ms a batch: 1.1 s of lock waits in an 8 s run).
+        before_commit(write, session, last=True)
     for key, value in sums.items():
         pending[key] = pending.get(key, 0.0) + value
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from models.chats import Agent
@@ -106,6 +107,36 @@ def test_before_commit_work_sees_ids_and_goes_with_a_rolled_back_savepoint(db, f
     db.session.rollback()
     db.session.commit()
     assert len(seen) == 2
+
+
+def test_last_before_commit_work_runs_after_all_the_rest_and_goes_with_a_savepoint(db, factory):
+    from events.outbox import before_commit, prepare_commit
+
+    tenant = factory.tenant()
+    seen: list[str] = []
+    before_commit(lambda: seen.append("counts"), last=True)
+    before_commit(lambda: (seen.append("rows"), before_commit(lambda: seen.append("renders"))))
+    savepoint = db.session.begin_nested()
+    before_commit(lambda: seen.append("dropped"), last=True)
+    savepoint.rollback()
+    db.session.add(Agent(tenant_id=tenant.id, name="Kept"))
+    db.session.commit()
+    # After the other callbacks, and after those they registered.
+    assert seen == ["rows", "renders", "counts"]
+    db.session.add(Agent(tenant_id=tenant.id, name="Rolled back"))
+    before_commit(lambda: seen.append("rolled back"), last=True)
+    db.session.rollback()
+    db.session.commit()
+    assert seen == ["rows", "renders", "counts"]
+
+    # Its errors are raised where prepare_commit is called, as the others' are.
+    def fail() -> None:
+        raise RuntimeError("counter write failed")
+
+    before_commit(fail, last=True)
+    with pytest.raises(RuntimeError):
+        prepare_commit(db.session)
+    db.session.rollback()
 
 
 def test_on_commit_work_runs_before_or_after_the_commits_events_are_sent(db, factory, worker):
