@@ -71,6 +71,10 @@ class HandlerSpec:
     # Topics the patterns match that the handler has nothing to do with: no message, no
     # record, no transaction for them (e.g. `*.updated` minus the device.* lifecycle events).
     exclude: tuple[str, ...] = ()
+    # Runs after the group's other handlers of the event, just before the commit: for a
+    # handler that writes rows every transaction of the tenant also writes (shared counters),
+    # whose locks would otherwise be held while the other handlers work.
+    last: bool = False
 
     def matches(self, topic: str) -> bool:
         return any(fnmatch.fnmatchcase(topic, pattern) for pattern in self.topics) and not any(
@@ -129,7 +133,9 @@ class Registry:
 
     @lru_cache(maxsize=4096)  # noqa: B019 - the registry lives as long as the process
     def handler_names_for(self, topic: str) -> tuple[str, ...]:
-        return tuple(name for name, spec in self.handlers.items() if spec.matches(topic))
+        """In the order they run: as registered, those marked `last` after the others."""
+        names = [name for name, spec in self.handlers.items() if spec.matches(topic)]
+        return tuple(sorted(names, key=lambda name: self.handlers[name].last))
 
     @lru_cache(maxsize=8192)  # noqa: B019 - the registry lives as long as the process
     def queue_of(self, name: str, topic: str) -> str:

@@ -31,6 +31,7 @@ GENERATION_TOPICS = {
     *GENERATION_TOPICS,
     name="metrics.count",
     queue="metrics",
+    last=True,  # its upsert locks the tenant's counters until the commit
 )
 def count_event(event: Event) -> None:
     if event.tenant_id is None:

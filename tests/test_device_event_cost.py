@@ -138,16 +138,16 @@ def test_a_redelivered_batch_changes_nothing(app, db, worker, mic):
 def test_a_device_event_is_one_message_for_all_its_handlers(app):
     """The feed, webhook and metrics handlers of a device event run in the devices group
     (one message, one transaction per batch); the same handlers keep their own groups for
-    other topics."""
+    topics no route names."""
     from events.registry import registry
 
     for topic in ("device.updated", "device.online", "device.offline", "device.discovered"):
         names = registry.handler_names_for(topic)
         assert {"live_feed", "webhooks.fanout", "metrics.count"} <= set(names)
         assert registry.groups_for(names, topic) == ["devices"]
-    chat = registry.handler_names_for("message.created")
-    assert len(registry.groups_for(chat, "message.created")) > 1
-    assert registry.queue_of("live_feed", "message.created") == "events"
+    project = registry.handler_names_for("project.generation_completed")
+    assert len(registry.groups_for(project, "project.generation_completed")) > 1
+    assert registry.queue_of("live_feed", "project.generation_completed") == "events"
     # The devices actor is sized for what the route brings it.
     members = {spec.name for spec in registry.group_members("devices")}
     assert {"device_updated", "live_feed", "metrics.count"} <= members
@@ -213,3 +213,19 @@ def test_a_batch_adds_to_the_shared_counters_last(app, db, worker, mic):
     writes = [s for txn, s in statements if txn == batch and s.startswith(("INSERT", "UPDATE"))]
     assert "INSERT INTO activity_logs" in writes and "INSERT INTO device_readings" in writes
     assert writes[-1] == "INSERT INTO metric_counters", writes
+
+
+def test_a_chats_events_are_one_message_each_with_the_counters_last(app):
+    """A visitor's message is one spine message for all its handlers (tasks/chats.py routes
+    message.* and chat.* to the chats group), and the counters' upsert, whose row locks every
+    message of the tenant contends for, runs after the other handlers."""
+    from events.registry import registry
+
+    for topic in ("message.created", "message.updated", "chat.created", "chat.updated"):
+        names = registry.handler_names_for(topic)
+        assert registry.groups_for(names, topic) == ["chats"], topic
+    created = registry.handler_names_for("message.created")
+    assert {"live_feed", "audit.record", "chat_sentiment", "chat_live_messages"} <= set(created)
+    assert created[-1] == "metrics.count"
+    members = {spec.name for spec in registry.group_members("chats")}
+    assert {"audit.record", "metrics.count", "live_feed"} <= members
