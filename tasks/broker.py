@@ -270,6 +270,10 @@ class TakeTurns:
         self._cond.notify_all()
 
 
+# (event id, handler name) → what it raised in the batch attempt of this delivery.
+_Raised = dict[tuple[int, str], Exception]
+
+
 class HandlersFailed(Exception):
     """Some handlers of a group failed and will be retried with the message."""
 
@@ -278,13 +282,18 @@ def _run_group(group: str, event_pks: int | list[int]) -> None:
     """Run every handler of `group` that wants these events and has no result yet.
 
     A message carries one event id, or a list of them (the events of one commit, see
-    events.dispatch._send)."""
+    events.dispatch._send). One event takes the batch's way too: its handlers in one
+    transaction with one INSERT of their records and no savepoints (a visitor's message has
+    seven handlers in the chats group: seven INSERTs and six savepoints the other way). Only
+    when a handler raises are the events run one by one, with a savepoint per handler; the
+    handler that raised is not run again in this delivery (that was its try)."""
+    if isinstance(event_pks, int):
+        event_pks = [event_pks]
     turns = tasks_state().sqlite_turns
     with turns if turns is not None else contextlib.nullcontext(), handler_transaction():
-        if isinstance(event_pks, int):
-            _run_group_in_transaction(group, event_pks)
-        elif not _run_batch_in_transaction(group, event_pks):
-            _run_each(group, event_pks)
+        raised = _run_batch_in_transaction(group, event_pks)
+        if raised is not None:
+            _run_each(group, event_pks, raised)
 
 
 def _wanted(group: str, topic: str) -> list[HandlerSpec]:
@@ -295,11 +304,11 @@ def _wanted(group: str, topic: str) -> list[HandlerSpec]:
     ]  # fmt: skip
 
 
-def _run_group_in_transaction(group: str, event_pk: int) -> None:
+def _run_group_in_transaction(group: str, event_pk: int, raised: _Raised | None = None) -> None:
     """One event: each handler's effect and its (event, handler) record are written
     together, in a savepoint when another handler's effect precedes it, and one commit makes
     them all durable (or none: the message is then retried and every handler runs again, as
-    none recorded a result)."""
+    none recorded a result). A handler in `raised` already had this delivery's try."""
     session = db.session
     row = _load_event(session, event_pk)
     if row is None:
@@ -311,7 +320,11 @@ def _run_group_in_transaction(group: str, event_pk: int) -> None:
     failed = []
     nested = False
     for spec in _wanted(group, event.topic):
-        outcome = _run_in(session, spec, event, retries, nested)
+        exc = (raised or {}).get((event.id, spec.name))
+        if exc is not None:
+            outcome = _after_try(session, spec, event, retries, exc)
+        else:
+            outcome = _run_in(session, spec, event, retries, nested)
         if outcome == _RETRY:
             failed.append(spec.name)
         elif outcome != _SKIPPED:
@@ -321,39 +334,56 @@ def _run_group_in_transaction(group: str, event_pk: int) -> None:
         raise HandlersFailed(f"event {event_pk}: {', '.join(failed)} will be retried")
 
 
-def _run_each(group: str, event_pks: list[int]) -> None:
+def _after_try(session, spec: HandlerSpec, event: Event, retries: int, exc: Exception) -> str:
+    """What _run_in does after a handler raised, for one that raised in this delivery's
+    batch (whose work the batch's rollback undid): retried with the message, or given up
+    on and recorded as failed."""
+    if retries < spec.max_retries:
+        log.warning(
+            "handler %s failed on event %s (try %s): %r", spec.name, event.id, retries + 1, exc
+        )
+        return _RETRY
+    log.error("handler %s gave up on event %s", spec.name, event.id, exc_info=exc)
+    if not _record(session, event.id, spec.name, "failed", repr(exc)[:2000]):
+        return _SKIPPED  # another delivery recorded a result meanwhile
+    return _GAVE_UP
+
+
+def _run_each(group: str, event_pks: list[int], raised: _Raised | None = None) -> None:
     """A batch one of whose handlers failed: each event on its own, as above, so the
     others' work is kept and only the failing handlers are retried (with the message; the
     rest have their records by then and are skipped)."""
     failures = []
     for event_pk in event_pks:
         try:
-            _run_group_in_transaction(group, event_pk)
+            _run_group_in_transaction(group, event_pk, raised)
         except HandlersFailed as exc:
             failures.append(str(exc))
     if failures:
         raise HandlersFailed("; ".join(failures))
 
 
-def _run_batch_in_transaction(group: str, event_pks: list[int]) -> bool:
+def _run_batch_in_transaction(group: str, event_pks: list[int]) -> _Raised | None:
     """Many events in one transaction, no savepoints: one read of the events, one INSERT
     of every (event, handler) record (those already recorded by another delivery come back
     as conflicts and are skipped), the handlers one after the other, one commit.
 
     That is what makes a poll's fifty events cost about one event's round trips rather
     than fifty. Any handler raising undoes the whole batch (nothing of it is committed) and
-    returns False: the caller then runs the events one by one with the usual per-handler
-    savepoints, retries and give-ups."""
+    returns which handler of which event raised, and what (empty when it was not a handler
+    but a preload or the deferred work): the caller then runs the events one by one with the
+    usual per-handler savepoints, retries and give-ups. None: committed."""
     session = db.session
     rows = _load_events(session, event_pks)
     events = [Event.from_row(row) for row in rows]
     runs = [(event, spec) for event in events for spec in _wanted(group, event.topic)]
     if not runs:
         session.rollback()
-        return True
+        return None
     fresh = _record_many(session, [(event.id, spec.name) for event, spec in runs])
     runs = [(event, spec) for event, spec in runs if (event.id, spec.name) in fresh]
     session.info[BATCH_CACHE] = {}
+    running: tuple[int, str] | None = None
     try:
         preloads: dict[Any, list[Event]] = {}
         for event, spec in runs:
@@ -362,7 +392,9 @@ def _run_batch_in_transaction(group: str, event_pks: list[int]) -> bool:
         for preload, its_events in preloads.items():
             preload(its_events)
         for event, spec in runs:
+            running = (event.id, spec.name)
             spec.fn(event)
+        running = None
         prepare_commit(session)  # one flush for the batch, then the work deferred to it
     except Exception as exc:  # noqa: BLE001 - the events are run one by one instead
         session.info.pop(BATCH_CACHE, None)
@@ -373,10 +405,10 @@ def _run_batch_in_transaction(group: str, event_pks: list[int]) -> bool:
             len(events),
             exc,
         )
-        return False
+        return {running: exc} if running is not None else {}
     session.info.pop(BATCH_CACHE, None)
     session.commit()
-    return True
+    return None
 
 
 def _load_events(session, event_pks: list[int]) -> list:

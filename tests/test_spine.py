@@ -221,9 +221,84 @@ def test_a_failing_handler_in_a_batch_keeps_the_others_work(app, db, worker, fac
             select(ProcessedEvent.status).where(ProcessedEvent.handler == "test_flaky")
         ).all()
         assert records == ["ok"] * 5
-        # The batch stopped at 3 and was undone; then each on its own (3 failing again);
-        # the message's retry ran only the one without a record.
-        assert calls == [0, 1, 2, 3] + [0, 1, 2, 3, 4] + [3]
+        # The batch stopped at 3 and was undone; then each on its own but 3, whose raise
+        # was its try; each retry of the message ran only the one without a record (once
+        # more failing, then done): three tries of max_retries=2, one per delivery.
+        assert calls == [0, 1, 2, 3] + [0, 1, 2, 4] + [3] + [3]
     finally:
         registry.handlers.pop("test_flaky", None)
+        registry.handler_names_for.cache_clear()
+
+
+def test_one_events_handlers_share_one_record_insert_and_no_savepoint(app, db, worker, factory):
+    """A commit with one event (a visitor's message) runs its group's handlers as a batch
+    does: one INSERT of their records, no savepoint per handler. A handler that raises then
+    gets the one-by-one way, and is not run a second time in the same delivery."""
+    from sqlalchemy import event as sa_event
+
+    from events.registry import HandlerSpec
+    from extensions import db as ext_db
+
+    calls: list[str] = []
+
+    def make(name: str, fails: bool = False):
+        def run(event):
+            calls.append(name)
+            if fails:
+                raise RuntimeError(f"{name} failed")
+            db.session.add(
+                ActivityLog(tenant_id=event.tenant_id, activity_type="test", summary=name)
+            )
+
+        return HandlerSpec(
+            name=name, fn=run, topics=("test.single",), queue="events", max_retries=0
+        )
+
+    specs = [make("test_one"), make("test_two"), make("test_three")]
+    for spec in specs:
+        registry.add_handler(spec)
+    statements: list[tuple[int, str]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append(
+            (id(conn.get_transaction()), statement.split(" ")[0] + " " + statement.split(" ")[2])
+        )
+
+    try:
+        tenant = factory.tenant()
+        emit("test.single", tenant_id=tenant.id)
+        db.session.commit()
+        sa_event.listen(ext_db.engine, "before_cursor_execute", record)
+        try:
+            drain(app)
+        finally:
+            sa_event.remove(ext_db.engine, "before_cursor_execute", record)
+        ran = next(txn for txn, s in statements if s == "INSERT processed_events")
+        its = [s for txn, s in statements if txn == ran]
+        assert its.count("INSERT processed_events") == 1, its
+        assert not any(s.startswith(("SAVEPOINT", "RELEASE")) for s in its), its
+        assert sorted(calls) == ["test_one", "test_three", "test_two"]
+
+        # One handler raising: the others' work is kept, and it had one try (max_retries=0).
+        calls.clear()
+        registry.handlers["test_two"] = make("test_two", fails=True)
+        registry.handler_names_for.cache_clear()
+        emit("test.single", tenant_id=tenant.id)
+        db.session.commit()
+        drain(app)
+        assert calls.count("test_two") == 1 and calls.count("test_one") == 2
+        second = db.session.scalar(select(func.max(OutboxEvent.id)))
+        results = dict(
+            db.session.execute(
+                select(ProcessedEvent.handler, ProcessedEvent.status).where(
+                    ProcessedEvent.event_id == second, ProcessedEvent.handler.like("test_%")
+                )
+            ).all()
+        )
+        assert results == {"test_one": "ok", "test_two": "failed", "test_three": "ok"}
+        assert _count(db, ActivityLog, ActivityLog.summary == "test_one") == 2
+        assert _count(db, ActivityLog, ActivityLog.summary == "test_two") == 1
+    finally:
+        for spec in specs:
+            registry.handlers.pop(spec.name, None)
         registry.handler_names_for.cache_clear()
