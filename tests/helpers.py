@@ -280,3 +280,29 @@ def handlers_only(app):
         yield state
     finally:
         state.stop()
+
+
+@contextlib.contextmanager
+def statements_run():
+    """The SQL statements the app's engine runs meanwhile, each as (its transaction's
+    identity, its text): the embedded worker's threads run statements side by side."""
+    from sqlalchemy import event
+
+    from extensions import db
+
+    statements: list[tuple[int, str]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        statements.append((id(conn.get_transaction()), statement))
+
+    event.listen(db.engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(db.engine, "before_cursor_execute", record)
+
+
+def transaction_running(statements: list[tuple[int, str]], prefix: str) -> list[str]:
+    """The statements of the first transaction that ran one starting with `prefix`."""
+    txn = next(txn for txn, text in statements if text.startswith(prefix))
+    return [text for t, text in statements if t == txn]

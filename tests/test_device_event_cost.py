@@ -184,27 +184,16 @@ def test_a_batch_adds_to_the_shared_counters_last(app, db, worker, mic):
     """The counters every batch of a tenant's events adds to are locked by the upsert until
     the commit: it comes after the batch's other writes, so a second worker's batch of the
     same tenant waits for a commit, not for this batch's rendering too."""
-    from sqlalchemy import event
-
-    from extensions import db as ext_db
+    from tests.helpers import statements_run, transaction_running
 
     tenant, _ = mic
-    statements: list[tuple[int, str]] = []
-
-    def record(conn, cursor, statement, parameters, context, executemany):
-        # By transaction: the embedded worker's other threads run statements meanwhile.
-        statements.append((id(conn.get_transaction()), statement.split("(")[0].strip()))
-
     _updated(tenant.id, 4, 240)
     _updated(tenant.id, 3, 180)
     db.session.commit()
-    event.listen(ext_db.engine, "before_cursor_execute", record)
-    try:
+    with statements_run() as statements:
         drain(app)
-    finally:
-        event.remove(ext_db.engine, "before_cursor_execute", record)
-    batch = next(txn for txn, s in statements if s == "INSERT INTO metric_counters")
-    writes = [s for txn, s in statements if txn == batch and s.startswith(("INSERT", "UPDATE"))]
+    batch = transaction_running(statements, "INSERT INTO metric_counters")
+    writes = [s.split("(")[0].strip() for s in batch if s.startswith(("INSERT", "UPDATE"))]
     assert "INSERT INTO activity_logs" in writes and "INSERT INTO device_readings" in writes
     assert writes[-1] == "INSERT INTO metric_counters", writes
 
